@@ -1,0 +1,47 @@
+"""The `minillm` command.
+
+    minillm --help
+    minillm pretrain --model mini_deepseekv3              # tiny preset, built-in sample data, CPU-friendly
+    accelerate launch --config_file accelerate_configs/ddp.yaml cli/main.py pretrain --model mini_llama3 ...
+
+Each command group lives in its own module (`cli/<group>.py`) exposing `register(app)`; heavy imports (torch,
+transformers) happen inside the commands so `minillm --help` stays fast. Errors the user can fix are raised as
+`minillm.errors.UserError` and printed here as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script path (`accelerate launch cli/main.py ...`) from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import typer  # noqa: E402
+
+from cli import data, evaluate, export, info, serve, train  # noqa: E402
+from minillm.errors import UserError  # noqa: E402
+
+app = typer.Typer(
+    name="minillm",
+    help="Train small reproductions of Llama 3, DeepSeek-V3 and Qwen3-Next: tokenizer, data, pretrain, SFT, "
+    "chat, serve, eval, export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for module in (data, train, serve, evaluate, export, info):
+    module.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, turning `UserError` into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

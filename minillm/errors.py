@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad path, a bad option, a mismatched data file) is raised as `UserError`. The CLI
+prints its message as one line on stderr and exits with code 2 — no traceback. Library callers can catch it like
+any other exception.
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input; its message is one line that says what is wrong and where."""

@@ -1,0 +1,1 @@
+"""The model zoo. Each architecture registers itself here (see `registry.py`)."""
