@@ -1,0 +1,38 @@
+"""Shared building blocks of the model zoo.
+
+- `norm`: RMSNorm (and its zero-centered Qwen3-Next variant)
+- `rope`: rotary embeddings (partial rotary, rotate-half and interleaved layouts)
+- `attention`: causal SDPA with GQA, padding, KV cache and packed-document masks
+- `mlp`: SwiGLU feed-forward
+- `loss`: chunked cross-entropy through the output head
+- `moe`: routed experts with grouped matmuls (used by the two MoE models)
+"""
+
+from minillm.models.layers.attention import (
+    build_attention_mask,
+    document_ids_from_position_ids,
+    has_document_restarts,
+    position_ids_from_cu_seqlens,
+    sdpa_attention,
+)
+from minillm.models.layers.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy, shift_targets
+from minillm.models.layers.mlp import SwiGLUMLP
+from minillm.models.layers.norm import RMSNorm
+from minillm.models.layers.rope import RotaryEmbedding, apply_rotary, rotate_half
+
+__all__ = [
+    "IGNORE_INDEX",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLUMLP",
+    "apply_rotary",
+    "build_attention_mask",
+    "causal_lm_loss",
+    "chunked_cross_entropy",
+    "document_ids_from_position_ids",
+    "has_document_restarts",
+    "position_ids_from_cu_seqlens",
+    "rotate_half",
+    "sdpa_attention",
+    "shift_targets",
+]

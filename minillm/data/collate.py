@@ -1,0 +1,72 @@
+"""Collators: turn a list of dataset items into a training batch, padded (with a mask) or packed (with positions).
+
+- `PaddedCollator(pad_id)`: right-pads each row to the longest in the batch; `attention_mask` is 1 on real tokens,
+  labels are -100 on padding. For pretraining windows (all the same length) it just stacks.
+- `PackedCollator()`: rows that already hold several conversations (from `SFTDataset` built with `--pack`). The
+  model derives document boundaries from `position_ids` restarting at 0, so there is no attention mask. Rows
+  shorter than the longest are padded with one more "document" (positions 0.., labels -100), which nothing
+  attends across. `return_cu_seqlens=True` adds the flattened cumulative lengths (`cu_seqlens`, int32) and
+  `max_seqlen`, the form varlen attention kernels take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _pad_stack(rows: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)  # (B, L)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+class PaddedCollator:
+    """Right padding to the batch's longest row: input_ids (pad_id), labels (-100), attention_mask (1 = real)."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(item["input_ids"]) for item in items)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = [item["input_ids"] for item in items]
+        labels = [item.get("labels", item["input_ids"]) for item in items]
+        mask = [torch.ones(len(x), dtype=torch.long) for x in ids]
+        return {
+            "input_ids": _pad_stack(ids, length, self.pad_id),  # (B, L)
+            "labels": _pad_stack(labels, length, -100),  # (B, L)
+            "attention_mask": _pad_stack(mask, length, 0),  # (B, L)
+        }
+
+
+class PackedCollator:
+    """Packed rows: input_ids, labels, position_ids (restarting per conversation); no attention mask."""
+
+    def __init__(self, pad_id: int = 0, return_cu_seqlens: bool = False) -> None:
+        self.pad_id = pad_id
+        self.return_cu_seqlens = return_cu_seqlens
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(item["input_ids"]) for item in items)
+        positions = []
+        for item in items:
+            pos = item.get("position_ids")
+            if pos is None:
+                pos = torch.arange(len(item["input_ids"]))
+            pad = length - len(pos)
+            positions.append(torch.cat([pos, torch.arange(pad)]) if pad else pos)  # padding: its own document
+        batch = {
+            "input_ids": _pad_stack([item["input_ids"] for item in items], length, self.pad_id),  # (B, L)
+            "labels": _pad_stack([item["labels"] for item in items], length, -100),  # (B, L)
+            "position_ids": torch.stack(positions).long(),  # (B, L)
+        }
+        if self.return_cu_seqlens:
+            flat = batch["position_ids"].reshape(-1)  # (B*L,)
+            starts = torch.nonzero(flat == 0).flatten()
+            cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+            batch["cu_seqlens"] = cu
+            batch["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+        return batch

@@ -1,0 +1,98 @@
+"""Manifests and safe output directories shared by the pretraining and SFT data builders.
+
+Every built data directory holds a `manifest.json` that says what is inside (format, dtype, vocabulary size,
+tokenizer fingerprint, counts, source files). Readers check it before trusting the binary files, and
+`check_shards_match` checks it against the tokenizer and model the trainer uses, so ids from another tokenizer
+never silently train a model.
+
+Output is written to a hidden temporary directory beside the target and renamed into place at the end: a failed
+or interrupted build leaves nothing behind, and an existing directory is replaced only when it is our own data
+(it has a manifest) and the caller asked to overwrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from minillm.errors import UserError
+
+PRETRAIN_FORMAT = "minillm-pretrain-shards"
+SFT_FORMAT = "minillm-sft"
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65,536), else uint32: half the disk and page cache for 32k vocabularies."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` when the block finishes without error."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"{out}: already exists; choose another --out or pass --overwrite")
+        if not (out / "manifest.json").is_file():
+            raise UserError(
+                f"{out}: exists and is not a minillm data directory (no manifest.json); refusing to replace it"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / "data")
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_manifest(directory: str | Path, expected_format: str | tuple[str, ...]) -> dict:
+    """Load and sanity-check `directory/manifest.json`; errors name the directory and the problem."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not directory.is_dir():
+        raise UserError(f"{directory}: data directory does not exist")
+    if not path.is_file():
+        raise UserError(f"{directory}: no manifest.json (build it with `minillm data ...`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    expected = (expected_format,) if isinstance(expected_format, str) else expected_format
+    if manifest.get("format") not in expected:
+        raise UserError(
+            f"{path}: format is {manifest.get('format')!r}, expected {' or '.join(map(repr, expected))}"
+        )
+    manifest["directory"] = str(directory)  # in memory only: lets checks name the files
+    return manifest
+
+
+def check_file_tokens(path: Path, expected_tokens: int, dtype: np.dtype) -> None:
+    """The file must hold exactly the number of tokens the manifest says (catches truncated copies)."""
+    if not path.is_file():
+        raise UserError(f"{path}: listed in the manifest but missing")
+    size = path.stat().st_size
+    if size != expected_tokens * dtype.itemsize:
+        raise UserError(
+            f"{path}: manifest says {expected_tokens} tokens ({expected_tokens * dtype.itemsize} bytes of {dtype.name}) "
+            f"but the file has {size} bytes"
+        )

@@ -1,0 +1,385 @@
+"""SFT data: chat rows in three formats -> templated, tokenized, label-masked rows (optionally packed).
+
+    build_sft_dataset(["chats.jsonl"], "data/sft", max_seq_len=512, pack=True)
+    ds = SFTDataset("data/sft")      # ds[i] -> {"input_ids", "labels"[, "position_ids"]}: LongTensors
+
+Notable choices:
+- Formats are recognised per row: `messages` (role/content, roles system/user/assistant, optional
+  `reasoning_content` on assistant turns), ShareGPT `conversations` (from/value; human/gpt/system), Alpaca
+  (`instruction`, optional `input` and `system`, `output`).
+- The tokenizer's chat template renders the conversation and, through its `{% generation %}` markers, says which
+  tokens are assistant output (`return_assistant_tokens_mask`): labels are the token ids there (assistant content
+  and its closing `<|im_end|>`, so the model learns to stop) and -100 everywhere else.
+- A conversation longer than `max_seq_len` is cut after the last assistant turn that still fits
+  (`truncation="turn"`), or dropped (`"drop"`); one whose first answer does not fit is always dropped. Invalid rows
+  (bad JSON, unknown role, empty assistant turn, no assistant turn, ...) are skipped and counted; the first reasons
+  are kept for the summary.
+- On disk: `input_ids.bin` (uint16/uint32), `loss_mask.bin` (uint8, 1 where the label is the token),
+  `row_offsets.npy` (row boundaries in the flat stream) and `seq_offsets.npy` (conversation boundaries; equal to
+  the row boundaries unless packed). Packed rows hold several conversations (best-fit-decreasing, see
+  `packing.py`); their `position_ids` restart at 0 at every conversation and are derived from `seq_offsets`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from minillm.data.manifest import (
+    FORMAT_VERSION,
+    SFT_FORMAT,
+    atomic_output_dir,
+    read_manifest,
+    token_dtype,
+    write_json,
+)
+from minillm.data.packing import pack_best_fit_decreasing, padding_ratio
+from minillm.data.sources import iter_rows, resolve_inputs
+from minillm.errors import UserError
+
+TRUNCATION_MODES = ("turn", "drop")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
+MAX_REASONS = 5
+TEMPLATE_CHUNK = 2000  # conversations per apply_chat_template call
+
+
+class InvalidRow(ValueError):
+    """A chat row that cannot be used; the message says why, `kind` names the reason for counting."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind or message
+
+
+def _text(value, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRow(f"{what} is {type(value).__name__}, not a string", "content not a string")
+    return value
+
+
+def parse_conversation(row) -> list[dict]:
+    """Turn one row (messages / ShareGPT / Alpaca) into a list of {"role", "content"[, "reasoning_content"]}."""
+    if not isinstance(row, dict):
+        raise InvalidRow(f"row is {type(row).__name__}, not an object", "not a chat row")
+    if "messages" in row or "conversations" in row:
+        sharegpt = "messages" not in row
+        turns = row["conversations"] if sharegpt else row["messages"]
+        if not isinstance(turns, (list, tuple)) or not turns:
+            raise InvalidRow("'messages'/'conversations' is not a non-empty list")
+        messages = []
+        for k, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise InvalidRow(f"turn {k} is not an object", "turn not an object")
+            if sharegpt or ("from" in turn and "role" not in turn):
+                raw_role, content = turn.get("from"), turn.get("value")
+                role = SHAREGPT_ROLES.get(str(raw_role).lower()) if raw_role is not None else None
+            else:
+                raw_role, content = turn.get("role"), turn.get("content")
+                role = raw_role if raw_role in ("system", "user", "assistant") else None
+            if role is None:
+                raise InvalidRow(f"unknown role {raw_role!r} in turn {k}", "unknown role")
+            message = {"role": role, "content": _text(content, f"turn {k} content")}
+            if role == "assistant" and turn.get("reasoning_content"):
+                message["reasoning_content"] = _text(turn["reasoning_content"], f"turn {k} reasoning_content")
+            messages.append(message)
+    elif "instruction" in row and "output" in row:
+        user = _text(row["instruction"], "instruction")
+        extra = _text(row.get("input"), "input")
+        if extra.strip():
+            user = f"{user}\n\n{extra}" if user.strip() else extra
+        messages = []
+        if row.get("system"):
+            messages.append({"role": "system", "content": _text(row["system"], "system")})
+        messages += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _text(row["output"], "output")},
+        ]
+    else:
+        keys = ", ".join(map(str, row)) or "none"
+        raise InvalidRow(
+            f"not a chat row (expected messages, conversations or instruction/output; fields: {keys})",
+            "not a chat row",
+        )
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise InvalidRow(f"empty assistant turn {k}", "empty assistant turn")
+    while messages and messages[-1]["role"] != "assistant":  # trailing prompts without answers teach nothing
+        messages.pop()
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InvalidRow("no assistant turn")
+    return messages
+
+
+def _turn_cut(mask: list[int], limit: int) -> int:
+    """The largest index <= limit right after an assistant segment (its closing <|im_end|>), or 0 if none."""
+    best = 0
+    for i in range(1, min(limit, len(mask)) + 1):
+        if mask[i - 1] and (i == len(mask) or not mask[i]):
+            best = i
+    return best
+
+
+def tokenize_conversations(
+    tokenizer, conversations: list[list[dict]], max_seq_len: int, truncation: str = "turn"
+):
+    """Template and tokenize; return (list of (ids, mask) kept, Counter of outcomes)."""
+    stats: Counter = Counter()
+    kept = []
+    for start in range(0, len(conversations), TEMPLATE_CHUNK):
+        chunk = conversations[start : start + TEMPLATE_CHUNK]
+        out = tokenizer.apply_chat_template(
+            chunk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True):
+            if len(ids) > max_seq_len:
+                cut = _turn_cut(mask, max_seq_len) if truncation == "turn" else 0
+                if cut == 0:
+                    stats["dropped_too_long"] += 1
+                    continue
+                ids, mask = ids[:cut], mask[:cut]
+                stats["truncated"] += 1
+            if not any(mask):
+                stats["dropped_no_labels"] += 1
+                continue
+            kept.append((ids, mask))
+    return kept, stats
+
+
+def build_sft_dataset(
+    inputs: list[str] | str,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    max_seq_len: int = 512,
+    pack: bool = False,
+    truncation: str = "turn",
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_manifest: dict | None = None,
+) -> dict:
+    """Build an SFT data directory from chat files (or an HF dataset name); return the manifest (with summary)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from minillm.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    if truncation not in TRUNCATION_MODES:
+        raise UserError(f"--truncation {truncation!r} must be one of {', '.join(TRUNCATION_MODES)}")
+    if max_seq_len < 8:
+        raise UserError(f"--max-seq-len {max_seq_len} is too small (at least 8)")
+    sources = resolve_inputs(inputs)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size)
+    started = time.perf_counter()
+
+    conversations: list[list[dict]] = []
+    invalid: Counter = Counter()
+    reasons: list[str] = []
+    rows = 0
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("reading chats", total=sum(s.size_bytes for s in sources) or None)
+        for source in sources:
+            if source.kind == "parquet":
+                bar.advance(task, source.size_bytes)
+            for where, row, error in iter_rows(source):
+                rows += 1
+                kind = error
+                if error is None:
+                    try:
+                        conversations.append(parse_conversation(row))
+                        continue
+                    except InvalidRow as err:
+                        error, kind = str(err), err.kind
+                invalid[kind.split(" (")[0]] += 1
+                if len(reasons) < MAX_REASONS:
+                    reasons.append(f"{where}: {error}")
+            if source.kind == "jsonl":
+                bar.advance(task, source.size_bytes)
+    if rows == 0:
+        raise UserError(f"{', '.join(s.name for s in sources)}: no rows (empty dataset)")
+    if not conversations:
+        raise UserError(
+            f"{sources[0].name}: none of the {rows} rows is a valid conversation (first: {reasons[0]})"
+        )
+
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"templating and tokenizing {len(conversations):,} conversations ...")
+    kept, stats = tokenize_conversations(tokenizer, conversations, max_seq_len, truncation)
+    if not kept:
+        raise UserError(f"{sources[0].name}: every conversation is longer than --max-seq-len {max_seq_len}")
+
+    lengths = [len(ids) for ids, _ in kept]
+    unpacked_padding = padding_ratio(lengths, max_seq_len)
+    bins = pack_best_fit_decreasing(lengths, max_seq_len) if pack else [[i] for i in range(len(kept))]
+    packed_padding = padding_ratio(lengths, max_seq_len, bins) if pack else None
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        total = sum(lengths)
+        flat_ids = np.empty(total, dtype=dtype)
+        flat_mask = np.empty(total, dtype=np.uint8)
+        row_offsets = np.zeros(len(bins) + 1, dtype=np.int64)
+        seq_offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+        pos, s = 0, 0
+        for r, members in enumerate(bins):
+            for i in members:
+                ids, mask = kept[i]
+                flat_ids[pos : pos + len(ids)] = ids
+                flat_mask[pos : pos + len(ids)] = mask
+                pos += len(ids)
+                s += 1
+                seq_offsets[s] = pos
+            row_offsets[r + 1] = pos
+        flat_ids.tofile(tmp / "input_ids.bin")
+        flat_mask.tofile(tmp / "loss_mask.bin")
+        np.save(tmp / "row_offsets.npy", row_offsets)
+        np.save(tmp / "seq_offsets.npy", seq_offsets)
+        summary = {
+            "rows_read": rows,
+            "conversations": len(kept),
+            "invalid_rows": sum(invalid.values()),
+            "invalid_by_reason": dict(invalid.most_common()),
+            "first_invalid": reasons,
+            "truncated": stats["truncated"],
+            "dropped_too_long": stats["dropped_too_long"],
+            "dropped_no_labels": stats["dropped_no_labels"],
+            "rows": len(bins),
+            "tokens": total,
+            "label_tokens": int(flat_mask.sum()),
+            "padding_ratio_unpacked": round(unpacked_padding, 5),
+            "padding_ratio_packed": round(packed_padding, 5) if pack else None,
+        }
+        manifest = {
+            "format": SFT_FORMAT,
+            "version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": vocab_size,
+            "max_token_id": int(flat_ids.max()),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "tokenizer": str(tokenizer.name_or_path),
+            "max_seq_len": max_seq_len,
+            "packed": pack,
+            "truncation": truncation,
+            "splits": {
+                "train": {
+                    "files": [{"name": "input_ids.bin", "tokens": total}],
+                    "tokens": total,
+                    "documents": len(kept),
+                }
+            },
+            "summary": summary,
+            "sources": [{"path": s.name, "bytes": s.size_bytes} for s in sources],
+            "seconds": round(time.perf_counter() - started, 2),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(extra_manifest or {}),
+        }
+        write_json(tmp / "manifest.json", manifest)
+        (tmp / "summary.txt").write_text(format_summary(summary, max_seq_len, pack) + "\n", encoding="utf-8")
+    return manifest
+
+
+def format_summary(summary: dict, max_seq_len: int, pack: bool) -> str:
+    """Human-readable summary lines (printed by the CLI and saved as summary.txt)."""
+    lines = [
+        f"rows read: {summary['rows_read']:,}; conversations kept: {summary['conversations']:,}; "
+        f"invalid rows skipped: {summary['invalid_rows']:,}",
+        f"longer than max_seq_len {max_seq_len}: truncated at a turn boundary {summary['truncated']:,}, "
+        f"dropped {summary['dropped_too_long']:,}",
+        f"tokens: {summary['tokens']:,} (labels on {summary['label_tokens']:,}) in {summary['rows']:,} rows",
+    ]
+    unpacked = f"unpacked {summary['padding_ratio_unpacked']:.2%}"
+    if pack:
+        lines.append(
+            f"padding ratio: packed {summary['padding_ratio_packed']:.2%} (vs {unpacked} without packing)"
+        )
+    else:
+        lines.append(f"padding ratio: {unpacked} (rows padded to max_seq_len; --pack removes most of it)")
+    if summary["invalid_by_reason"]:
+        lines.append(
+            "invalid rows by reason: "
+            + "; ".join(f"{k}: {v}" for k, v in summary["invalid_by_reason"].items())
+        )
+        lines += [f"  {r}" for r in summary["first_invalid"]]
+    return "\n".join(lines)
+
+
+class SFTDataset:
+    """Rows of an SFT data directory: {"input_ids", "labels"} LongTensors, plus "position_ids" when packed."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from minillm.data.manifest import check_file_tokens
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory, SFT_FORMAT)
+        dtype = np.dtype(self.manifest["dtype"])
+        total = self.manifest["splits"]["train"]["tokens"]
+        check_file_tokens(self.directory / "input_ids.bin", total, dtype)
+        check_file_tokens(self.directory / "loss_mask.bin", total, np.dtype(np.uint8))
+        self.dtype = dtype
+        self._maps: tuple[np.memmap, np.memmap] | None = None
+        try:
+            self.row_offsets = np.load(self.directory / "row_offsets.npy")
+            self.seq_offsets = np.load(self.directory / "seq_offsets.npy")
+        except (OSError, ValueError) as err:
+            raise UserError(f"{self.directory}: cannot read the row offsets ({err})") from None
+        if self.row_offsets[-1] != total or self.seq_offsets[-1] != total:
+            raise UserError(f"{self.directory}: row offsets do not match the {total} tokens in the manifest")
+        self.packed = bool(self.manifest["packed"])
+        self.max_seq_len = int(self.manifest["max_seq_len"])
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def _memmaps(self) -> tuple[np.memmap, np.memmap]:
+        """(input_ids, loss_mask) memory maps, opened lazily in each process (workers never pickle the data)."""
+        if self._maps is None:
+            self._maps = (
+                np.memmap(self.directory / "input_ids.bin", dtype=self.dtype, mode="r"),
+                np.memmap(self.directory / "loss_mask.bin", dtype=np.uint8, mode="r"),
+            )
+        return self._maps
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    def cu_seqlens(self, index: int) -> np.ndarray:
+        """Cumulative conversation lengths inside row `index`: [0, len1, len1+len2, ..., row length]."""
+        a, b = int(self.row_offsets[index]), int(self.row_offsets[index + 1])
+        lo, hi = np.searchsorted(self.seq_offsets, [a, b])
+        return self.seq_offsets[lo : hi + 1] - a
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} out of range ({len(self)} rows)")
+        index %= len(self)
+        a, b = int(self.row_offsets[index]), int(self.row_offsets[index + 1])
+        input_ids, loss_mask = self._memmaps()
+        ids = torch.from_numpy(input_ids[a:b].astype(np.int64))  # (L,)
+        mask = torch.from_numpy(loss_mask[a:b].astype(np.bool_))  # (L,)
+        item = {"input_ids": ids, "labels": torch.where(mask, ids, torch.full_like(ids, -100))}
+        if self.packed:
+            cu = self.cu_seqlens(index)
+            lengths = np.diff(cu)
+            # position k within its conversation: k minus the conversation's start
+            item["position_ids"] = torch.from_numpy(
+                np.arange(b - a) - np.repeat(cu[:-1], lengths)
+            ).long()  # (L,)
+        return item

@@ -1,0 +1,230 @@
+"""Reading raw text and chat rows from parquet, jsonl, txt files, globs, or a HuggingFace dataset name.
+
+Notable choices:
+- Local files are streamed with `pyarrow` (parquet in record batches, only the needed column), so a multi-GB file
+  never sits in memory and reading stays far faster than tokenizing.
+- jsonl is read line by line with `json`: a bad line in a pretraining file is an error naming the file and line;
+  SFT reading (`iter_json_rows`) instead reports bad lines so they can be skipped and counted.
+- A `.txt` file holds documents separated by blank lines.
+- An input that is not an existing path, has no glob characters and looks like `owner/name` is a HuggingFace
+  dataset, read with `datasets.load_dataset(..., streaming=True)`. Offline, that fails with a message that says
+  so and suggests a local path.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from minillm.errors import UserError
+
+LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".txt")
+_HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a local file (`kind` parquet/jsonl/txt) or a HuggingFace dataset (`kind` hf, `name`)."""
+
+    kind: str
+    name: str  # a file path, or `owner/name[:config]` for HF
+
+    @property
+    def size_bytes(self) -> int:
+        return os.path.getsize(self.name) if self.kind != "hf" else 0
+
+
+def _kind_of(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".txt":
+        return "txt"
+    raise UserError(f"{path}: unsupported file type '{suffix}' (use .parquet, .jsonl or .txt)")
+
+
+def resolve_inputs(inputs: list[str] | str) -> list[Source]:
+    """Expand files, directories and globs (sorted) into sources; HF names pass through. Errors name the input."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [str(inputs)]
+    if not inputs:
+        raise UserError("no input given (pass --input FILE, a glob, or a HuggingFace dataset name)")
+    sources: list[Source] = []
+    for item in inputs:
+        item = str(item)
+        if any(ch in item for ch in "*?["):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise UserError(f"{item}: the glob matches no files")
+            sources.extend(Source(_kind_of(p), p) for p in matches)
+        elif os.path.isdir(item):
+            matches = sorted(
+                str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES
+            )
+            if not matches:
+                raise UserError(f"{item}: the directory holds no .parquet, .jsonl or .txt files")
+            sources.extend(Source(_kind_of(p), p) for p in matches)
+        elif os.path.isfile(item):
+            sources.append(Source(_kind_of(item), item))
+        elif (
+            _HF_NAME.match(item)
+            and not item.startswith((".", "/"))
+            and Path(item).suffix.lower() not in LOCAL_SUFFIXES
+        ):
+            sources.append(Source("hf", item))
+        else:
+            raise UserError(f"{item}: no such file")
+    return sources
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:
+        raise UserError(f"{path}: cannot read as parquet ({str(err).splitlines()[0]})") from None
+
+
+def parquet_columns(path: str) -> list[str]:
+    return list(_parquet_file(path).schema_arrow.names)
+
+
+def _check_column(path: str, column: str, columns: list[str]) -> None:
+    if column not in columns:
+        found = ", ".join(columns) if columns else "none"
+        raise UserError(f"{path}: no column '{column}' (columns found: {found}); pick one with --text-column")
+
+
+def _hf_dataset(name: str):
+    """Open a HuggingFace dataset in streaming mode, or explain why it cannot be reached."""
+    import datasets
+
+    repo, _, config = name.partition(":")
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = "download it (e.g. `hf download --repo-type dataset ...`) and pass a local path or glob to --input"
+    if offline:
+        raise UserError(f"{name}: cannot reach the HuggingFace Hub (offline mode is set); {hint}")
+    try:
+        return datasets.load_dataset(repo, config or None, split="train", streaming=True)
+    except Exception as err:  # connection errors come wrapped in many types; report the first line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{name}: cannot load the HuggingFace dataset ({first}); offline? {hint}") from None
+
+
+def iter_text_batches(
+    source: Source,
+    text_column: str = "text",
+    batch_size: int = 1024,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[list[str]]:
+    """Yield lists of documents (strings) from `source`; empty documents are skipped.
+
+    `on_bytes(n)` is called as the file is consumed (n = bytes of the file read since the last call, estimated
+    from the row count for parquet), which drives progress bars in MB/s.
+    """
+    report = on_bytes or (lambda n: None)
+    if source.kind == "parquet":
+        pf = _parquet_file(source.name)
+        _check_column(source.name, text_column, list(pf.schema_arrow.names))
+        size, rows = source.size_bytes, max(pf.metadata.num_rows, 1)
+        try:
+            for batch in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
+                report(size * batch.num_rows // rows)
+                texts = [t for t in batch.column(0).to_pylist() if t]
+                if texts:
+                    yield texts
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"{source.name}: cannot read as parquet ({str(err).splitlines()[0]})") from None
+    elif source.kind == "jsonl":
+        batch: list[str] = []
+        for lineno, row, error in iter_json_rows(source.name, report):
+            if error is not None:
+                raise UserError(f"{source.name}:{lineno}: {error}")
+            if not isinstance(row, dict) or text_column not in row:
+                found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise UserError(f"{source.name}:{lineno}: no field '{text_column}' (fields found: {found})")
+            text = row[text_column]
+            if text:
+                batch.append(str(text))
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+    elif source.kind == "txt":
+        try:
+            with open(source.name, encoding="utf-8") as f:
+                content = f.read()
+        except UnicodeDecodeError:
+            raise UserError(f"{source.name}: not UTF-8 text") from None
+        report(source.size_bytes)
+        docs = [d.strip() for d in re.split(r"\n\s*\n", content)]
+        docs = [d for d in docs if d]
+        for i in range(0, len(docs), batch_size):
+            yield docs[i : i + batch_size]
+    elif source.kind == "hf":
+        ds = _hf_dataset(source.name)
+        batch = []
+        for row in ds:
+            if text_column not in row:
+                raise UserError(f"{source.name}: no column '{text_column}' (columns found: {', '.join(row)})")
+            if row[text_column]:
+                batch.append(row[text_column])
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+    else:  # pragma: no cover - Source kinds are closed
+        raise ValueError(source.kind)
+
+
+def iter_json_rows(
+    path: str, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, object, str | None]]:
+    """Yield (line number, parsed row or None, error or None) for each non-empty line of a jsonl file."""
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise UserError(f"{path}: cannot open ({err.strerror})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if on_bytes is not None:
+                on_bytes(len(line))
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except UnicodeDecodeError:
+                yield lineno, None, "not UTF-8 text"
+            except json.JSONDecodeError as err:
+                yield lineno, None, f"bad JSON ({err.msg})"
+
+
+def iter_rows(source: Source) -> Iterator[tuple[str, object, str | None]]:
+    """Yield (location, row dict or None, error or None) from any source (used for chat data)."""
+    if source.kind == "jsonl":
+        for lineno, row, err in iter_json_rows(source.name):
+            yield f"{source.name}:{lineno}", row, err
+    elif source.kind == "parquet":
+        pf = _parquet_file(source.name)
+        index = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                index += 1
+                yield f"{source.name}:row {index}", row, None
+    elif source.kind == "hf":
+        for index, row in enumerate(_hf_dataset(source.name), 1):
+            yield f"{source.name}:row {index}", row, None
+    else:
+        raise UserError(f"{source.name}: chat data must be .jsonl or .parquet")

@@ -1,0 +1,234 @@
+"""Chat evaluation: teacher-forced loss on the assistant tokens of held-out conversations, and greedy exact match.
+
+    minillm eval chat --model runs/sft_mini_llama3_*/final --data heldout_chat.jsonl --json chat.json
+
+Input: jsonl, one conversation per line as `{"messages": [{"role": "user", "content": ...}, ...]}` (roles system,
+user, assistant), the format `minillm data sft` takes.
+
+Notable choices:
+- Loss is scored exactly where SFT trains: the tokens the tokenizer's chat template marks with `{% generation %}`
+  (assistant content and its closing `<|im_end|>`), read through `return_assistant_tokens_mask`. A template
+  without those markers is refused rather than silently scoring nothing or everything.
+- Exact match covers the "short-answer" conversations: those ending with an assistant turn of at most
+  `max_new_tokens` tokens (e.g. "who wrote this poem?" -> "Li Bai"). The model answers the conversation without
+  its last turn greedily; the answer matches when it equals the reference after normalising whitespace, case and
+  trailing punctuation. Longer answers only count towards the loss: exact match on a paragraph says nothing.
+- Generation runs in left-padded batches and stops at `<|im_end|>` or eos. A short-answer conversation whose
+  prompt plus `max_new_tokens` does not fit in `max_seq_len` is left out of exact match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minillm.errors import UserError
+from minillm.evaluation.loading import resolve_max_seq_len
+from minillm.evaluation.scoring import IGNORE_INDEX, progress_bar, sum_nll
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+ROLES = ("system", "user", "assistant")
+TRAILING_PUNCTUATION = " \t\n.。!！?？,，;；:：、"
+
+Conversation = list[dict[str, str]]
+
+
+def read_conversations(path: Path) -> list[Conversation]:
+    """The conversations of a `messages`-format jsonl file; a malformed row is an error naming its line."""
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such file")
+    conversations = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise UserError(f"{path}:{number}: expected an object with a non-empty 'messages' list")
+            for message in messages:
+                if not isinstance(message, dict) or message.get("role") not in ROLES:
+                    raise UserError(f"{path}:{number}: each message needs a role in {', '.join(ROLES)}")
+                if not isinstance(message.get("content"), str):
+                    raise UserError(f"{path}:{number}: each message needs a string 'content'")
+            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if not conversations:
+        raise UserError(f"--data {path}: no conversation in the file")
+    return conversations
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace collapsed, case folded, trailing punctuation dropped: "Li Bai." == "li  bai"."""
+    return " ".join(text.split()).casefold().rstrip(TRAILING_PUNCTUATION)
+
+
+def assistant_sequence(
+    tokenizer: PreTrainedTokenizerBase, messages: Conversation, max_seq_len: int
+) -> tuple[tuple[list[int], list[int]] | None, bool]:
+    """(inputs, shifted targets on assistant tokens) of one conversation, and whether it was truncated.
+
+    None when the conversation has no assistant token left after truncation.
+    """
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    has_answer = any(m["role"] == "assistant" and m["content"] for m in messages)
+    if has_answer and not any(mask):
+        raise UserError(
+            "the tokenizer's chat template does not mark assistant tokens ({% generation %} ... "
+            "{% endgeneration %}); cannot score assistant turns"
+        )
+    truncated = len(ids) > max_seq_len
+    ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    targets = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
+    if all(t == IGNORE_INDEX for t in targets):
+        return None, truncated
+    return (ids[:-1], targets), truncated
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """eos plus `<|im_end|>` when the vocabulary has it: a chat model ends its turn with the latter."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in stops:
+        stops.append(im_end)
+    return stops
+
+
+def greedy_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of tokenized prompts (left-padded batches), cut at the first stop token, decoded."""
+    import torch
+
+    stops = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    answers: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("greedy answers", total=len(order), rate="")
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B, P) left padded
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, P)
+            for row, i in enumerate(chunk):
+                input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attention_mask[row, width - len(prompts[i]) :] = 1
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=stops,
+                    pad_token_id=pad_id,
+                )  # (B, P + new)
+            for row, i in enumerate(chunk):
+                new = output[row, width:].tolist()
+                cut = next((k for k, tok in enumerate(new) if tok in stops), len(new))
+                answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+            bar.update(task, advance=len(chunk), rate="")
+    return answers
+
+
+def evaluate_chat(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Conversation],
+    max_seq_len: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Assistant-token loss over all `conversations`, and exact match over the short-answer ones.
+
+    Conversations are truncated to `max_seq_len` (default: the model's maximum, capped at 2048). Returns
+    `conversations`, `truncated`, `assistant_tokens`, `nll`, `loss`, `ppl`, and `exact_match` with
+    `items`, `correct`, `rate` (None when no conversation qualifies) and `answers` (prompt, reference, prediction,
+    match for each item).
+    """
+    import torch
+
+    max_seq_len = resolve_max_seq_len(model, max_seq_len)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    sequences, truncated = [], 0
+    for messages in conversations:
+        sequence, was_truncated = assistant_sequence(tokenizer, messages, max_seq_len)
+        truncated += was_truncated
+        if sequence is not None:
+            sequences.append(sequence)
+    if not sequences:
+        raise UserError("no assistant turn to score in the conversations")
+
+    was_training = model.training
+    model.eval()
+    total = sum_nll(
+        model, sequences, pad_id, batch_size, device, description="assistant loss", progress=progress
+    )
+
+    items = []
+    for messages in conversations:
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            continue
+        reference = messages[-1]["content"]
+        if len(tokenizer(reference, add_special_tokens=False)["input_ids"]) > max_new_tokens:
+            continue
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], tokenize=True, return_dict=True, add_generation_prompt=True
+        )["input_ids"]
+        if len(prompt) + max_new_tokens > max_seq_len:
+            continue  # the answer would not fit in the window the model is evaluated at
+        items.append({"prompt": messages[-2]["content"], "reference": reference, "ids": list(prompt)})
+    predictions = greedy_answers(
+        model, tokenizer, [item["ids"] for item in items], max_new_tokens, batch_size, device, progress
+    )
+    model.train(was_training)
+
+    answers = []
+    for item, prediction in zip(items, predictions, strict=True):
+        match = normalize_answer(prediction) == normalize_answer(item["reference"])
+        answers.append(
+            {
+                "prompt": item["prompt"],
+                "reference": item["reference"],
+                "prediction": prediction,
+                "match": match,
+            }
+        )
+    correct = sum(a["match"] for a in answers)
+    loss = total.nll / total.tokens
+    return {
+        "conversations": len(conversations),
+        "truncated": truncated,
+        "assistant_tokens": total.tokens,
+        "nll": total.nll,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "exact_match": {
+            "items": len(answers),
+            "correct": correct,
+            "rate": correct / len(answers) if answers else None,
+            "answers": answers,
+        },
+    }

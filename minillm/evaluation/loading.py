@@ -1,0 +1,113 @@
+"""Finding and loading the model to evaluate, and choosing the device and dtype.
+
+Any causal LM directory works: our own architectures (registered with the Auto classes by `import minillm`) and
+models exported to a native transformers architecture alike, since both load through `AutoModelForCausalLM`.
+Without `--model`, the newest finished run is used (`minillm.runs.latest_model()`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from minillm.errors import UserError
+from minillm.runs import latest_model
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def resolve_model_dir(model: Path | None) -> Path:
+    """The model directory to evaluate: `model`, or the newest finished run when it is None.
+
+    Checked before anything heavy is imported, so a wrong path fails in a fraction of a second.
+    """
+    if model is None:
+        found = latest_model()
+        if found is None:
+            raise UserError("--model not given and no finished run found under runs/; pass --model PATH")
+        return found
+    if not model.exists():
+        raise UserError(f"--model {model}: no such directory")
+    if not model.is_dir() or not (model / "config.json").is_file():
+        raise UserError(f"--model {model}: not a model directory (no config.json)")
+    return model
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` means the first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"--device {device}: not a device name (try auto, cpu, cuda, cuda:1, mps)") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` means bfloat16 on a GPU that supports it (half the memory, same ranking of models) else float32."""
+    import torch
+
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in names:
+        raise UserError(f"--dtype {dtype}: expected one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model_and_tokenizer(
+    model_dir: Path, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `model_dir` with the Auto classes, in eval mode on `device`; errors become one-line `UserError`s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    import minillm  # noqa: F401  (registers our architectures with the Auto classes)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"--model {model_dir}: cannot load its tokenizer ({_first_line(err)})") from err
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for loading a small checkpoint is noise on stderr
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"--model {model_dir}: cannot load the model ({_first_line(err)})") from err
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+DEFAULT_MAX_SEQ_LEN_CAP = 2048
+
+
+def resolve_max_seq_len(model: PreTrainedModel, max_seq_len: int | None) -> int:
+    """`max_seq_len`, checked against the model's position range; None means that range, capped at 2048.
+
+    A window longer than the model was built for would silently extrapolate (or fail), so it is refused.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if max_seq_len is None:
+        return min(limit or DEFAULT_MAX_SEQ_LEN_CAP, DEFAULT_MAX_SEQ_LEN_CAP)
+    if max_seq_len < 1:
+        raise UserError(f"--max-seq-len {max_seq_len}: must be at least 1")
+    if limit is not None and max_seq_len > limit:
+        raise UserError(f"--max-seq-len {max_seq_len} is larger than the model's maximum ({limit})")
+    return max_seq_len

@@ -1,0 +1,333 @@
+"""Perplexity and bits per byte of a causal LM on held-out text.
+
+    minillm eval ppl --model runs/pretrain_mini_llama3_*/final --data heldout.parquet --json ppl.json
+    evaluate_perplexity(model, tokenizer, texts, max_seq_len=512, batch_size=8, device=device)   # from Python
+
+Notable choices:
+- Bits per byte (bpb) is the number to compare across models: total NLL in nats / ln 2 / UTF-8 bytes of the scored
+  text. Every model sees the same bytes whatever its tokenizer, so bpb compares models with different vocabularies;
+  per-token loss and perplexity only compare models that share a tokenizer.
+- Every token of a document is scored, the first one too: the tokenizer's eos (`<|endoftext|>`, the separator
+  that precedes every document in our pretraining shards) is put in front as context. The eos is never a target.
+- A document longer than `max_seq_len` is cut into consecutive non-overlapping windows; each window's first input
+  is the token before it, so no token is skipped or scored twice. Later windows see less context than a sliding
+  window would give them: a slightly pessimistic number, but each token costs one forward position, not L.
+- Held-out files: `.parquet` and `.jsonl` (one document per row, `text_column`), `.txt`/`.md` (one document per
+  file).
+- Already-tokenized windows (a validation split of pretraining shards, as the trainer holds, or a shard directory
+  given as `--data`) are scored by `evaluate_token_windows`; their bytes come from a per-token byte-length table
+  of the byte-level vocabulary, and special tokens (0 bytes, e.g. the `<|endoftext|>` between documents) are not
+  scored, as in nanochat. Each window's first token is context only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minillm.errors import UserError
+from minillm.evaluation.loading import resolve_max_seq_len
+from minillm.evaluation.scoring import sum_nll
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TEXT_SUFFIXES = (".txt", ".md")
+ROW_SUFFIXES = (".jsonl", ".parquet")
+
+
+def expand_data_paths(patterns: Sequence[str | Path]) -> list[Path]:
+    """Files named by `patterns` (paths, globs, or token shard directories), in order; missing ones are errors."""
+    if not patterns:
+        raise UserError("--data: give at least one held-out file")
+    files: list[Path] = []
+    for pattern in patterns:
+        pattern = str(pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise UserError(f"--data {pattern}: the pattern matches no file")
+            files.extend(matches)
+        else:
+            path = Path(pattern)
+            if path.is_dir() and not (path / "manifest.json").is_file():
+                raise UserError(f"--data {path}: a directory, but not token shards (no manifest.json)")
+            if not path.exists():
+                raise UserError(f"--data {path}: no such file")
+            files.append(path)
+    for path in files:
+        if not path.is_dir() and path.suffix not in TEXT_SUFFIXES + ROW_SUFFIXES:
+            known = ", ".join(TEXT_SUFFIXES + ROW_SUFFIXES)
+            raise UserError(f"--data {path}: unsupported file type '{path.suffix}' (expected one of {known})")
+    return files
+
+
+def read_texts(path: Path, text_column: str = "text", limit: int | None = None) -> list[str]:
+    """The documents of one held-out file (at most `limit`), empty ones dropped."""
+    try:
+        return _read_texts(path, text_column, limit)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def _read_texts(path: Path, text_column: str, limit: int | None) -> list[str]:
+    if path.suffix in TEXT_SUFFIXES:
+        texts = [path.read_text(encoding="utf-8")]
+    elif path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict) or text_column not in row:
+                    found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                    raise UserError(f"{path}:{number}: no '{text_column}' field (found: {found})")
+                if row[text_column]:
+                    texts.append(str(row[text_column]))
+                if limit is not None and len(texts) >= limit:
+                    break
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+        except Exception as err:  # pyarrow raises several types for a corrupt file
+            raise UserError(f"{path}: not a readable parquet file ({err})") from err
+        if text_column not in schema.names:
+            raise UserError(f"{path}: no '{text_column}' column (found: {', '.join(schema.names)})")
+        texts = pq.read_table(path, columns=[text_column]).column(text_column).to_pylist()
+    texts = [t for t in texts if t]
+    return texts[:limit] if limit is not None else texts
+
+
+def document_windows(
+    token_ids: list[int], context_id: int, max_seq_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) windows that score every token of one document exactly once.
+
+    The sequence is `[context_id] + token_ids`; window j feeds positions `[j*L, j*L + k)` and scores the next token
+    of each, so targets are the document's tokens `[j*L, j*L + k)`.
+    """
+    sequence = [context_id, *token_ids]
+    windows = []
+    for start in range(0, len(token_ids), max_seq_len):
+        stop = min(start + max_seq_len, len(token_ids))
+        windows.append((sequence[start:stop], sequence[start + 1 : stop + 1]))
+    return windows
+
+
+def evaluate_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_seq_len: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    description: str = "perplexity",
+) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of `model` on `texts` (the trainer calls this on its validation split).
+
+    `max_seq_len` is the window length (default: the model's maximum, capped at 2048).
+
+    Returns `documents`, `tokens` (scored), `bytes` (UTF-8 of the scored text), `nll` (total nats), `loss` (nats per
+    token), `ppl` (exp(loss)) and `bpb` (bits per byte).
+    """
+    import torch
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    max_seq_len = resolve_max_seq_len(model, max_seq_len)
+    context_id = tokenizer.eos_token_id
+    if context_id is None:
+        raise UserError("the tokenizer has no eos token to use as the document separator")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else context_id
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    texts = [t for t in texts if t]
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    windows = [w for ids in encoded for w in document_windows(ids, context_id, max_seq_len)]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    if not windows or n_bytes == 0:
+        raise UserError("no text to score (every document is empty)")
+
+    was_training = model.training
+    model.eval()
+    total = sum_nll(model, windows, pad_id, batch_size, device, description=description, progress=progress)
+    model.train(was_training)
+    loss = total.nll / total.tokens
+    return {
+        "documents": len(texts),
+        "tokens": total.tokens,
+        "bytes": n_bytes,
+        "nll": total.nll,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "bpb": total.nll / math.log(2) / n_bytes,
+    }
+
+
+def combine(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over several `evaluate_perplexity` results (sums of NLL, tokens and bytes, not a mean of means)."""
+    nll = sum(r["nll"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    n_bytes = sum(r["bytes"] for r in results)
+    return {
+        "documents": sum(r["documents"] for r in results),
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "nll": nll,
+        "loss": nll / tokens,
+        "ppl": math.exp(nll / tokens),
+        "bpb": nll / math.log(2) / n_bytes,
+    }
+
+
+def evaluate_files(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    files: Sequence[Path],
+    text_column: str = "text",
+    max_seq_len: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    split: str = "val",
+) -> dict[str, Any]:
+    """`evaluate_perplexity` on each file (`split` of a token shard directory), and the total: `{"max_seq_len": L, "files": [...], "total": {...}}`."""
+    max_seq_len = resolve_max_seq_len(model, max_seq_len)
+    per_file = []
+    for path in files:
+        if path.is_dir():
+            result = evaluate_shards(
+                model, tokenizer, path, split, max_seq_len, batch_size, device, limit, progress
+            )
+            per_file.append({"file": f"{path}:{split}", **result})
+            continue
+        texts = read_texts(path, text_column, limit)
+        if not texts:
+            raise UserError(f"{path}: no non-empty document to score")
+        result = evaluate_perplexity(
+            model, tokenizer, texts, max_seq_len, batch_size, device, progress=progress, description=path.name
+        )
+        per_file.append({"file": str(path), **result})
+    return {"max_seq_len": max_seq_len, "files": per_file, "total": combine(per_file)}
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): the printable character standing for each of the 256 bytes."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """UTF-8 bytes each token id stands for; 0 for special tokens.
+
+    Exact for byte-level BPE (every vocabulary entry spells its bytes in the byte alphabet, even a partial UTF-8
+    character); other tokenizers fall back to the length of the decoded token.
+    """
+    alphabet = _byte_alphabet()
+    special = set(tokenizer.all_special_ids)
+    lengths = []
+    for token_id in range(len(tokenizer)):
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if token_id in special or token is None:
+            lengths.append(0)
+        elif all(c in alphabet for c in token):
+            lengths.append(len(token))
+        else:
+            lengths.append(len(tokenizer.decode([token_id]).encode("utf-8")))
+    return lengths
+
+
+def evaluate_token_windows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    windows: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    byte_lengths: list[int] | None = None,
+) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte on token windows (e.g. `PretrainDataset` items' `input_ids`).
+
+    Each window predicts its tokens 1..n from the ones before; targets that are special tokens are skipped.
+    Pass `byte_lengths` (from `token_byte_lengths`) when calling repeatedly, to build the table once.
+    """
+    import torch
+
+    from minillm.evaluation.scoring import IGNORE_INDEX, sum_nll
+
+    lengths = byte_lengths if byte_lengths is not None else token_byte_lengths(tokenizer)
+    sequences, n_bytes = [], 0
+    for window in windows:
+        ids = [int(t) for t in window]
+        targets = [t if lengths[t] > 0 else IGNORE_INDEX for t in ids[1:]]
+        n_bytes += sum(lengths[t] for t in ids[1:])
+        if any(t != IGNORE_INDEX for t in targets):
+            sequences.append((ids[:-1], targets))
+    if not sequences:
+        raise UserError("no token to score in the windows")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = sum_nll(model, sequences, pad_id, batch_size, device, description="validation", progress=progress)
+    model.train(was_training)
+    loss = total.nll / total.tokens
+    return {
+        "tokens": total.tokens,
+        "bytes": n_bytes,
+        "nll": total.nll,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "bpb": total.nll / math.log(2) / n_bytes,
+    }
+
+
+def evaluate_shards(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    split: str = "val",
+    max_seq_len: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`evaluate_token_windows` on one split of a pretraining shard directory (`minillm data pretrain`).
+
+    The shards must come from this model's tokenizer (checked by fingerprint). Windows of `max_seq_len` + 1 tokens
+    so that `max_seq_len` are scored; `limit` caps the number of windows. `documents` is the split's count.
+    """
+    from minillm.data.pretrain import PretrainDataset, check_shards_match
+
+    max_seq_len = resolve_max_seq_len(model, max_seq_len)
+    check_shards_match(directory, tokenizer=tokenizer, vocab_size=model.config.vocab_size)
+    dataset = PretrainDataset(directory, max_seq_len + 1, split=split)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    windows = [dataset[i]["input_ids"].tolist() for i in range(count)]
+    result = evaluate_token_windows(model, tokenizer, windows, batch_size, device, progress=progress)
+    return {"documents": dataset.manifest["splits"][split]["documents"], **result}

@@ -1,0 +1,88 @@
+"""Finding and loading a model directory for chat, serve and the benchmarks.
+
+A model directory is what a run's `final/` holds (HF `config.json`, safetensors, tokenizer files). Without
+`--model` the newest finished run is used (SFT before pretrain, see `minillm.runs.latest_model`). The device is
+auto-detected (CUDA, then MPS, then CPU); weights run in bfloat16 on GPUs that support it, float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minillm.errors import UserError
+
+NO_MODEL_HINT = (
+    "no trained model found under runs/: train one with `minillm pretrain` (then `minillm sft`), "
+    "or pass --model PATH to a model directory"
+)
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """The model directory to load: `path` (a model dir or a run dir holding `final/`), or the newest run's."""
+    if path is None:
+        from minillm.runs import latest_model
+
+        found = latest_model()
+        if found is None:
+            raise UserError(NO_MODEL_HINT)
+        return found
+    p = Path(path)
+    if (p / "final" / "config.json").is_file():  # a run directory
+        p = p / "final"
+    if not p.is_dir():
+        raise UserError(f"--model {path}: no such directory")
+    if not (p / "config.json").is_file():
+        raise UserError(f"--model {path}: not a model directory (no config.json)")
+    return p
+
+
+def model_display_name(model_dir: Path) -> str:
+    """The name a model is served under: its directory name (a run's `final/` goes by the run's name)."""
+    model_dir = model_dir.resolve()
+    return model_dir.parent.name if model_dir.name == "final" else model_dir.name
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; otherwise the named device (checked to exist)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def load_model_and_tokenizer(path: str | Path | None, device: str = "auto"):
+    """Load (model, tokenizer, model_dir) ready for decoding (eval mode, on the device)."""
+    from transformers import AutoModelForCausalLM
+
+    import minillm  # noqa: F401  (registers our architectures with the Auto classes)
+    from minillm.tokenizer import load_tokenizer
+
+    model_dir = resolve_model_dir(path)
+    dev = pick_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=default_dtype(dev))
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {model_dir}: cannot load the model: {str(err).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(model_dir if (model_dir / "tokenizer.json").is_file() else None)
+    return model.to(dev).eval(), tokenizer, model_dir

@@ -1,0 +1,122 @@
+"""Turning next-token logits into a token: greedy, temperature, top-k, top-p and repetition penalty.
+
+Notable choices:
+- The processing order is HF's (repetition penalty -> temperature -> top-k -> top-p), so a setting means the same
+  here as in `model.generate()`.
+- `temperature == 0` means greedy (argmax); there is no separate `do_sample` flag.
+- Randomness comes from a `torch.Generator` per sequence seeded from `SamplingParams.seed`, never from the global
+  RNG: two requests served one after the other (or side by side) with the same seed get the same tokens, whatever
+  else the process sampled in between.
+- Repetition penalty uses a boolean "seen" table per row `(B, V)` that the decode loop keeps up to date, instead of
+  gathering over the whole growing sequence every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    `stop` holds strings that end the generation (not included in the output); `stop_token_ids` are extra token ids
+    that end it besides the tokenizer's eos (they are not included either). `seed=None` draws a fresh seed.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generators(
+    params: SamplingParams, batch_size: int, device: torch.device
+) -> list[torch.Generator] | None:
+    """One seeded generator per row (row i uses seed + i), or None for greedy decoding."""
+    if params.greedy:
+        return None
+    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    gens = []
+    for i in range(batch_size):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed + i)
+        gens.append(g)
+    return gens
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens already in the row: positive logits are divided, negative ones multiplied."""
+    # logits: (B, V) float, seen: (B, V) bool
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row, -inf elsewhere."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability mass reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # drop a token when the mass *before* it already reaches p; the top token is always kept
+    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= p
+    drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    generators: list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Pick the next token of every row.
+
+    logits: (B, V) of the last position; seen: (B, V) bool of tokens already in each row (for the repetition
+    penalty). Returns (B,) long.
+    """
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    logits = filter_top_k(logits, params.top_k)
+    logits = filter_top_p(logits, params.top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    assert generators is not None and len(generators) == probs.shape[0], (
+        "sampling needs one generator per row"
+    )
+    # one draw per row with its own generator: a row's tokens do not depend on its neighbours in the batch
+    rows = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(rows)

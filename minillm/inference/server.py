@@ -1,0 +1,592 @@
+"""An OpenAI-compatible HTTP server for one model: FastAPI app factory + uvicorn runner.
+
+    minillm serve --model runs/sft_mini_llama3_20250101-120000/final --port 8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"model": "sft_mini_llama3_20250101-120000", "messages": [{"role": "user", "content": "Hi"}]}'
+
+Endpoints: `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`,
+`POST /v1/completions` (both with `stream: true` as server-sent events in OpenAI's chunk format, ending with
+`data: [DONE]`).
+
+Notable choices:
+- One model, one request at a time: a lock sits in front of the model and each request decodes on a worker thread,
+  so concurrent requests never share a cache or a sampler (each has its own seeded generator, so a reply depends
+  only on its own request). `--max-concurrency` bounds how many requests may be admitted (decoding or waiting);
+  beyond that the server answers 429 at once instead of queueing without bound.
+- A client that goes away stops its generation at the next token: the streaming response is cancelled by the
+  ASGI server, and non-streaming requests poll for the disconnect while they wait.
+- Request bodies are parsed by hand (size-capped, then JSON, then a strict pydantic model) so every problem comes
+  back in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes
+  (400 bad request, 401 auth, 404 unknown model/route, 413 body too large, 429 busy), never FastAPI's 422.
+- With `--api-key`, every request (health included) needs `Authorization: Bearer KEY`, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minillm.inference.engine import FINISH_CANCELLED, BaseEngine, Completion
+from minillm.inference.sampling import SamplingParams
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt a small model's context window can hold
+ROLES = ("system", "developer", "user", "assistant")
+DISCONNECT_POLL_S = 0.25
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# -- request schemas (strict: "0.5" is not a number, 1 is not a bool) ----------------------------------------------
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)  # extension (vLLM-style)
+    repetition_penalty: float | None = Field(default=None, gt=0)  # extension
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    user: str | None = None
+
+
+class ChatRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str]
+
+
+def _validation_error(err: ValidationError) -> APIError:
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return APIError(400, f"invalid request: {param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+class _Slot:
+    """One admitted request; `release()` may be called more than once (only the first counts)."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.server.in_flight -= 1
+
+
+# -- the app -------------------------------------------------------------------------------------------------------
+class _Server:
+    """State shared by the routes: the engine, the model lock, admission control."""
+
+    def __init__(
+        self,
+        engine: BaseEngine,
+        model_name: str,
+        api_key: str | None,
+        max_concurrency: int,
+        max_body_bytes: int,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_concurrency = max_concurrency
+        self.max_body_bytes = max_body_bytes
+        self.context_length = engine.context_length
+        self.created = int(time.time())
+        self.model_lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="minillm-decode")
+        self.in_flight = 0  # only touched on the event loop thread
+
+    # -- request parsing ---------------------------------------------------------------------------------------
+    async def read_json(self, request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise APIError(
+                413, f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes} bytes"
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise APIError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"invalid JSON body: {err}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; this server has '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def sampling(
+        self, req: _SamplingFields, prompt_tokens: int, max_tokens: int | None, prompt_param: str
+    ) -> SamplingParams:
+        if req.n != 1:
+            raise APIError(
+                400, f"n={req.n} is not supported: this server returns one choice (n=1)", param="n"
+            )
+        ctx = self.context_length
+        if ctx is not None and prompt_tokens >= ctx:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                f"{prompt_tokens} tokens",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None:
+            if max_tokens <= 0:
+                raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+            if ctx is not None and max_tokens > ctx:
+                raise APIError(
+                    400,
+                    f"max_tokens={max_tokens} is above this model's context length of {ctx} tokens",
+                    param="max_tokens",
+                )
+            if ctx is not None and prompt_tokens + max_tokens > ctx:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {ctx} tokens, but you requested "
+                    f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+                    "for the completion); reduce the prompt or max_tokens",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+        else:
+            max_tokens = (ctx - prompt_tokens) if ctx is not None else 512
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4:
+            raise APIError(400, f"stop: at most 4 stop sequences, got {len(stop)}", param="stop")
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            seed=req.seed,
+            stop=stop,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_prompt(self, req: ChatRequest) -> list[int]:
+        if not req.messages:
+            raise APIError(400, "messages must be a non-empty list", param="messages")
+        messages = []
+        for i, m in enumerate(req.messages):
+            if m.role not in ROLES:
+                raise APIError(
+                    400,
+                    f"messages.{i}.role: unknown role '{m.role}' (expected one of {', '.join(ROLES)})",
+                    param=f"messages.{i}.role",
+                )
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": m.text()})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.encode(text)
+
+    # -- decoding ----------------------------------------------------------------------------------------------
+    def admit(self) -> _Slot:
+        if self.in_flight >= self.max_concurrency:
+            raise APIError(
+                429,
+                f"the server is busy ({self.max_concurrency} requests in flight); retry later",
+                type_="server_busy",
+                code="server_busy",
+            )
+        self.in_flight += 1
+        return _Slot(self)
+
+    async def events(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request: Request,
+        slot: _Slot,
+        poll_disconnect: bool = False,
+    ) -> AsyncIterator[Any]:
+        """Decode on a worker thread, yielding each step's events; stops the decode when the client leaves.
+
+        `slot` (from `admit()`) is released when this generator finishes.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        end = object()
+
+        def push(item) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the loop is gone (server shutting down)
+                cancel.set()
+
+        def work() -> None:
+            try:
+                with self.model_lock:
+                    if cancel.is_set():
+                        return
+                    for events in self.engine.stream([prompt], params, cancel):
+                        push(events)
+            except Exception as err:  # handed to the request's coroutine
+                push(err)
+            finally:
+                push(end)
+
+        future = loop.run_in_executor(self.executor, work)
+        last_check = time.monotonic()
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(q.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    item = None
+                # a streaming response is cancelled by the ASGI server when its client leaves; a plain response
+                # is not, so look for the disconnect now and then (also while waiting for the model)
+                if poll_disconnect and time.monotonic() - last_check >= DISCONNECT_POLL_S:
+                    last_check = time.monotonic()
+                    if await request.is_disconnected():
+                        return
+                if item is None:
+                    continue
+                if item is end:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # a no-op when the decode already ended
+            slot.release()
+            del future  # the worker ends on its own at the next token
+
+    async def complete(
+        self, prompt: list[int], params: SamplingParams, request: Request, slot: _Slot
+    ) -> Completion:
+        out = Completion(prompt_tokens=len(prompt))
+        async for events in self.events(prompt, params, request, slot, poll_disconnect=True):
+            for ev in events:
+                if ev.token_id is not None:
+                    out.token_ids.append(ev.token_id)
+                out.text += ev.text
+                out.finish_reason = ev.finish_reason or out.finish_reason
+        return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def create_app(
+    engine: BaseEngine,
+    model_name: str,
+    api_key: str | None = None,
+    max_concurrency: int = 32,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """Build the FastAPI app serving `engine` under `model_name`."""
+    state = _Server(engine, model_name, api_key, max_concurrency, max_body_bytes)
+    app = FastAPI(title="minillm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.minillm = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if err.status_code == 404 else None
+        return APIError(
+            err.status_code, f"{request.method} {request.url.path}: {err.detail}", code=code
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(err).__name__}: {err}", type_="server_error").response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if state.api_key is not None:
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            # compare_digest takes time independent of where the strings differ
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode(), state.api_key.encode()
+            )
+            if not ok:
+                return APIError(
+                    401,
+                    "missing or incorrect API key: send 'Authorization: Bearer KEY'",
+                    code="invalid_api_key",
+                ).response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": state.model_name, "in_flight": state.in_flight}
+
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "minillm"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> dict:
+        state.check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await state.read_json(request)
+        if "messages" not in body:
+            raise APIError(400, "missing required field: messages", param="messages")
+        try:
+            req = ChatRequest.model_validate(body)
+        except ValidationError as err:
+            raise _validation_error(err) from None
+        state.check_model(req.model)
+        prompt = state.chat_prompt(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = state.sampling(req, len(prompt), max_tokens, "messages")
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        slot = state.admit()
+        if not req.stream:
+            c = await state.complete(prompt, params, request, slot)
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": state.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                    }
+                ],
+                "usage": _usage(c.prompt_tokens, c.completion_tokens),
+            }
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        async def chunks() -> AsyncIterator[str]:
+            def chunk(delta: dict, finish: str | None) -> dict:
+                return {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": state.model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                }
+
+            yield _sse(chunk({"role": "assistant", "content": ""}, None))
+            produced = 0
+            async for events in state.events(prompt, params, request, slot):
+                for ev in events:
+                    if ev.finish_reason == FINISH_CANCELLED:
+                        return
+                    produced += ev.token_id is not None
+                    if ev.text:
+                        yield _sse(chunk({"content": ev.text}, None))
+                    if ev.finish_reason is not None:
+                        yield _sse(chunk({}, ev.finish_reason))
+            if include_usage:
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": state.model_name,
+                        "choices": [],
+                        "usage": _usage(len(prompt), produced),
+                    }
+                )
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            chunks(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+            background=BackgroundTask(slot.release),  # releases the slot even if the stream never started
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await state.read_json(request)
+        if "prompt" not in body:
+            raise APIError(400, "missing required field: prompt", param="prompt")
+        try:
+            req = CompletionRequest.model_validate(body)
+        except ValidationError as err:
+            raise _validation_error(err) from None
+        state.check_model(req.model)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(texts) != 1:
+            raise APIError(
+                400, f"prompt: one prompt per request is supported, got {len(texts)}", param="prompt"
+            )
+        prompt = state.encode(texts[0])
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
+        params = state.sampling(req, len(prompt), max_tokens, "prompt")
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        slot = state.admit()
+        if not req.stream:
+            c = await state.complete(prompt, params, request, slot)
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": state.model_name,
+                "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
+                "usage": _usage(c.prompt_tokens, c.completion_tokens),
+            }
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        async def chunks() -> AsyncIterator[str]:
+            def chunk(text: str, finish: str | None) -> dict:
+                return {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": state.model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                }
+
+            produced = 0
+            async for events in state.events(prompt, params, request, slot):
+                for ev in events:
+                    if ev.finish_reason == FINISH_CANCELLED:
+                        return
+                    produced += ev.token_id is not None
+                    if ev.text or ev.finish_reason is not None:
+                        yield _sse(chunk(ev.text, ev.finish_reason))
+            if include_usage:
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": state.model_name,
+                        "choices": [],
+                        "usage": _usage(len(prompt), produced),
+                    }
+                )
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            chunks(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+            background=BackgroundTask(slot.release),  # releases the slot even if the stream never started
+        )
+
+    return app
+
+
+def serve(
+    model: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_concurrency: int = 32,
+    device: str = "auto",
+    engine_kind: str = "minillm",
+) -> None:
+    """Load the model and run the server until interrupted (what `minillm serve` does)."""
+    import uvicorn
+    from rich.console import Console
+
+    from minillm.inference.engine import make_engine
+    from minillm.inference.loading import load_model_and_tokenizer, model_display_name
+
+    console = Console(stderr=True)
+    loaded, tokenizer, model_dir = load_model_and_tokenizer(model, device)
+    name = model_display_name(model_dir)
+    app = create_app(
+        make_engine(engine_kind, loaded, tokenizer), name, api_key=api_key, max_concurrency=max_concurrency
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        console.print(
+            f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it"
+        )
+    console.print(f"serving [bold]{name}[/] ({model_dir}) on http://{host}:{port}/v1")
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,137 @@
+"""Export a minillm model to the native transformers architecture, and import one back.
+
+    minillm export --to hf runs/sft_mini_llama3_.../final exported/          # LlamaForCausalLM checkpoint
+    minillm export --to minillm exported/ back/                                # and back
+
+The exported directory is an ordinary transformers checkpoint of the reference class (`LlamaForCausalLM`,
+`DeepseekV3ForCausalLM`, `Qwen3NextForCausalLM`): safetensors weights, `config.json`, `generation_config.json` and
+the tokenizer files. It loads with `AutoModelForCausalLM.from_pretrained` without minillm installed, which is what
+vLLM, SGLang and llama.cpp's converters need. Training-only parts (DeepSeek-V3's MTP module) are dropped by the
+architecture's `to_reference`.
+
+The output is written to a temporary sibling directory and renamed into place only when complete, so a failed
+export never leaves a half-written model; an existing non-empty destination is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from minillm.errors import UserError
+
+# model_type of the transformers reference config -> our architecture name.
+REFERENCE_MODEL_TYPES = {"llama": "mini_llama3", "deepseek_v3": "mini_deepseekv3", "qwen3_next": "mini_qwen3_next"}
+
+# Tokenizer files copied along with the weights (whichever exist).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory (holding config.json) from a model directory or a run directory with `final/`."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "final" / "config.json").is_file():
+        return path / "final"
+    raise UserError(f"{path}: not a model directory (no config.json) nor a finished run (no final/config.json)")
+
+
+def _check_destination(dst: Path) -> None:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"{dst}: already exists and is not an empty directory; choose a new destination")
+
+
+def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _write_atomically(dst: Path, write) -> None:
+    """Run `write(tmp_dir)` in a temporary sibling of `dst`, then rename it to `dst`."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        write(tmp)
+        if dst.exists():
+            dst.rmdir()  # empty (checked before)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load(src: Path):
+    from transformers import AutoModelForCausalLM
+
+    import minillm  # noqa: F401  (registers our Auto classes)
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    except (ValueError, KeyError, OSError) as err:
+        raise UserError(f"{src}: cannot load the model ({str(err).splitlines()[0]})") from err
+
+
+def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
+    """Convert the minillm model in `src_dir` to its transformers reference class and save it to `dst_dir`.
+
+    Returns a summary: `{"architecture": ..., "reference": ..., "tokenizer_files": [...]}`.
+    """
+    from minillm.models.registry import MODEL_NAMES, model_package
+
+    src, dst = resolve_model_dir(src_dir), Path(dst_dir)
+    _check_destination(dst)
+    model = _load(src)
+    model_type = model.config.model_type
+    if model_type not in MODEL_NAMES:
+        raise UserError(f"{src}: model_type {model_type!r} is not a minillm model ({', '.join(MODEL_NAMES)})")
+    ref = model_package(model_type).to_reference(model)
+    ref.generation_config = model.generation_config  # eos/pad and sampling defaults travel with the model
+    tokenizer_files: list[str] = []
+
+    def write(tmp: Path) -> None:
+        ref.save_pretrained(tmp)
+        tokenizer_files.extend(_copy_tokenizer_files(src, tmp))
+
+    _write_atomically(dst, write)
+    return {"architecture": model_type, "reference": type(ref).__name__, "tokenizer_files": tokenizer_files}
+
+
+def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
+    """The reverse of `export_to_hf`: a transformers reference checkpoint (Llama, DeepSeek-V3, Qwen3-Next) saved
+    as the matching minillm model. Returns the same kind of summary."""
+    from minillm.models.registry import model_package
+
+    src, dst = resolve_model_dir(src_dir), Path(dst_dir)
+    _check_destination(dst)
+    ref = _load(src)
+    model_type = REFERENCE_MODEL_TYPES.get(ref.config.model_type)
+    if model_type is None:
+        raise UserError(
+            f"{src}: model_type {ref.config.model_type!r} has no minillm counterpart "
+            f"(supported: {', '.join(REFERENCE_MODEL_TYPES)})"
+        )
+    model = model_package(model_type).from_reference(ref)
+    model.generation_config = ref.generation_config
+    tokenizer_files: list[str] = []
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer_files.extend(_copy_tokenizer_files(src, tmp))
+
+    _write_atomically(dst, write)
+    return {"architecture": model_type, "reference": type(ref).__name__, "tokenizer_files": tokenizer_files}

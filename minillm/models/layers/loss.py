@@ -1,0 +1,134 @@
+"""Chunked cross-entropy through the output head: the LM loss without the full logits.
+
+The logits of a batch are large (B x L x V fp32: 8 x 2048 x 32k = 2 GiB), and a plain `lm_head` + `cross_entropy`
+keeps them, their softmax and their gradient alive at once. Here the head and the loss run over chunks of tokens in
+one autograd Function that, for each chunk, computes the logits, the loss and right away the gradients with respect
+to the hidden states and the head weight (`softmax - one_hot`), then drops the chunk. Forward + backward cost the
+same three matmuls as the plain version, and peak memory holds one chunk of logits instead of all of them.
+
+Notable choices:
+- Only target tokens go through the head (rows whose target is -100 are dropped first): in SFT most are prompts.
+- The gradients are computed during forward only when autograd needs them (evaluation pays just the loss).
+- Logits are upcast to fp32 for the log-softmax, as transformers does; the matmuls run in the input dtype (bf16
+  under autocast).
+- Reduction: `sum(CE) / num_items_in_batch` when the trainer gives the global normaliser (correct gradient
+  accumulation), else the mean over this batch's targets.
+- Packed rows (design.md): a target whose position id is 0 starts a new document and is never predicted from the
+  previous one; `shift_targets` drops it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 32k fp32 logits = 128 MiB
+
+
+def shift_targets(
+    labels: torch.Tensor, position_ids: torch.Tensor | None = None, shift: int = 1
+) -> torch.Tensor:
+    """Targets aligned with the hidden states: `targets[:, t] = labels[:, t + shift]` (B, L) -> (B, L).
+
+    The last `shift` positions get -100. With `position_ids`, a target is also ignored when a document starts
+    (position 0) anywhere in `t+1 .. t+shift`: the prediction would cross a packed-document boundary. `shift=2` is
+    what a depth-1 multi-token-prediction head needs.
+    """
+    targets = labels.new_full(labels.shape, IGNORE_INDEX)
+    targets[:, :-shift] = labels[:, shift:]
+    if position_ids is not None:
+        crosses = torch.zeros_like(labels, dtype=torch.bool)
+        for j in range(1, shift + 1):
+            crosses[:, :-j] |= position_ids[:, j:] == 0
+        targets = targets.masked_fill(crosses, IGNORE_INDEX)
+    return targets
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i) over chunks of rows; gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        # hidden (N, D), weight (V, D), targets (N,) all valid (no ignore_index)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]  # (n, D)
+            t = targets[start : start + chunk_size]  # (n,)
+            logits = (h @ weight.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                d_logits = d_logits.to(h.dtype)  # (n, V)
+                if need_h:
+                    grad_h[start : start + chunk_size] = d_logits @ weight.to(h.dtype)  # (n, D)
+                if need_w:
+                    grad_w += (d_logits.t() @ h).float()  # (V, D)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets`, never materialising all the logits.
+
+    Args:
+        hidden: (..., D) final hidden states (after the final norm).
+        weight: (V, D) output head weight.
+        targets: (...) token ids, -100 = ignored; already aligned with `hidden` (see `shift_targets`).
+        num_items_in_batch: if given, return `sum(CE) / num_items_in_batch`; else the mean over valid targets
+            (0 when there are none).
+        chunk_size: tokens per chunk.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    targets = targets.reshape(-1)  # (N,)
+    valid = targets != IGNORE_INDEX
+    rows = valid.nonzero().squeeze(1)  # indices of real targets
+    total = _LinearCrossEntropySum.apply(hidden.index_select(0, rows), weight, targets[rows], chunk_size)
+    if num_items_in_batch is None:
+        return total / rows.numel() if rows.numel() > 0 else total
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Next-token loss from unshifted `labels` (B, L) and final hidden states (B, L, D); see module docstring."""
+    targets = shift_targets(labels, position_ids, shift=1)
+    return chunked_cross_entropy(hidden, weight, targets, num_items_in_batch, chunk_size)
+
+
+def reference_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain (unchunked) cross-entropy with the same reduction rules; for tests and benchmarks."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_items_in_batch

@@ -1,0 +1,216 @@
+"""Routed experts for mixture-of-experts layers: token dispatch plus grouped expert matmuls.
+
+Shared by `mini_deepseekv3` and `mini_qwen3_next`. The router (which experts, with which weights) belongs to each
+model; this module only runs the chosen experts efficiently.
+
+Notable choices:
+- Expert weights are fused 3-D tensors in the transformers 5 layout (`gate_up_proj` [E, 2I, D] with the gate rows
+  first, `down_proj` [E, D, I]), so converting to and from the reference models is a plain copy.
+- The work is split in three steps so expert parallelism can slot an all-to-all between them later:
+  `dispatch` (sort the token-slots by expert: a permutation and per-expert counts), `RoutedExperts.compute`
+  (run every expert on its contiguous block of rows), `combine` (weight, unsort, sum the top-k slots per token).
+- `grouped_mm` runs one matmul per expert over jagged row blocks without a Python loop: `torch.nn.functional
+  .grouped_mm` (or `torch._grouped_mm`) where the kernel applies (CPU fp32/bf16/fp16 with torch >= 2.9; CUDA bf16
+  on SM80+; 16-byte aligned strides everywhere), else a padded batched matmul (`torch.bmm` over
+  [E, max_count, D]). Both give exact zeros (and zero gradients) for experts that receive no tokens.
+- The combine step sums the K weighted expert outputs of a token with a reshape + sum (deterministic, unlike
+  `index_add_` on CUDA) in the promoted dtype of the routing weights (fp32 routers keep the sum in fp32).
+
+Shape legend: T tokens, K experts per token (top-k), S = T*K token-slots, E experts, D hidden size, I expert
+intermediate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# The CPU kernel of grouped_mm first shipped in torch 2.9; torch <= 2.10 also needs 16-byte aligned pointers.
+_TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)
+_CPU_KERNEL = _GROUPED_MM is not None and _TORCH_VERSION >= "2.9"
+_CPU_NEEDS_ALIGNMENT = _TORCH_VERSION < "2.11"
+
+
+def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Number of token-slots routed to each expert: LongTensor [E].
+
+    Uses `scatter_add_` on integers rather than `bincount`, which would need a device-to-host sync on CUDA.
+    """
+    flat = topk_idx.reshape(-1)  # (S,)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
+
+
+@dataclass
+class RoutingPlan:
+    """How the token-slots of one MoE layer are laid out in expert order.
+
+    `order[j]` is the flat slot index (token * K + k) of sorted row j; `token_idx[j]` its token; `counts[e]` how
+    many sorted rows belong to expert e (rows of expert e are contiguous, experts in increasing order).
+    """
+
+    order: torch.Tensor  # (S,) long
+    token_idx: torch.Tensor  # (S,) long
+    counts: torch.Tensor  # (E,) long
+    num_tokens: int
+    top_k: int
+
+
+def dispatch(topk_idx: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """Sort the (token, k) slots by expert. topk_idx (T, K) -> RoutingPlan.
+
+    The sort is stable, so within an expert the rows keep token order (deterministic results).
+    """
+    num_tokens, top_k = topk_idx.shape
+    flat = topk_idx.reshape(-1)  # (S,)
+    order = torch.sort(flat, stable=True).indices  # (S,)
+    return RoutingPlan(
+        order=order,
+        token_idx=order // top_k,
+        counts=expert_counts(flat, num_experts),
+        num_tokens=num_tokens,
+        top_k=top_k,
+    )
+
+
+def combine(expert_out: torch.Tensor, plan: RoutingPlan, topk_weight: torch.Tensor) -> torch.Tensor:
+    """Weight the expert outputs, restore token order and sum each token's K slots.
+
+    expert_out (S, D) in expert order, topk_weight (T, K) -> (T, D) in the promoted dtype of the two inputs.
+    """
+    weights = topk_weight.reshape(-1)[plan.order]  # (S,)
+    weighted = expert_out * weights.unsqueeze(-1)  # (S, D)
+    inverse = torch.empty_like(plan.order)
+    inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
+    per_slot = weighted[inverse]  # (S, D) in slot order: token-major, then k
+    return per_slot.view(plan.num_tokens, plan.top_k, expert_out.shape[-1]).sum(dim=1)  # (T, D)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    The grouped_mm backward rejects expanded gradients (e.g. the gradient of `.sum()` has zero strides).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def _strides_aligned(t: torch.Tensor) -> bool:
+    """The kernels need every non-unit stride to be a multiple of 16 bytes (e.g. rows of 4 fp32 or 8 bf16)."""
+    return all((stride * t.element_size()) % 16 == 0 for stride in t.stride() if stride != 1)
+
+
+def grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused grouped_mm kernel can run `x (S, IN) @ weight (G, IN, OUT)` on this device and dtype."""
+    if _GROUPED_MM is None or x.dtype != weight.dtype or x.device != weight.device:
+        return False
+    if not (_strides_aligned(x) and _strides_aligned(weight)):
+        return False
+    if x.device.type == "cpu":
+        if not _CPU_KERNEL or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        return not _CPU_NEEDS_ALIGNMENT or (_aligned(x) and _aligned(weight))
+    if x.device.type == "cuda":
+        # The CUDA kernels take bf16 on SM80+ and need 16-byte aligned base pointers.
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+        return _aligned(x) and _aligned(weight)
+    return False
+
+
+def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Fallback grouped matmul: scatter the rows into a zero-padded [G, max_count, IN] block and use `torch.bmm`.
+
+    Costs one host sync (the largest count) and the padding FLOPs, but no Python loop over experts.
+    """
+    num_groups = weight.shape[0]
+    num_rows = x.shape[0]
+    capacity = int(counts.max()) if num_rows > 0 else 0
+    group_of_row = torch.repeat_interleave(
+        torch.arange(num_groups, device=x.device), counts, output_size=num_rows
+    )  # (S,)
+    starts = torch.cumsum(counts, 0) - counts  # (G,)
+    slot = torch.arange(num_rows, device=x.device) - starts[group_of_row]  # (S,)
+    padded = x.new_zeros(num_groups, capacity, x.shape[-1]).index_put((group_of_row, slot), x)  # (G, C, IN)
+    out = torch.bmm(padded, weight)  # (G, C, OUT)
+    return out[group_of_row, slot]  # (S, OUT)
+
+
+def grouped_mm(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
+    """Jagged per-group matmul: rows [offset_g, offset_g + counts[g]) of x are multiplied by weight[g].
+
+    x (S, IN) sorted by group, weight (G, IN, OUT) (a transposed view is fine), counts (G,) summing to S
+    -> (S, OUT). `backend` forces "grouped_mm" or "padded" (tests); None picks the kernel where it applies.
+    Under autocast both operands are cast to the autocast dtype (grouped_mm is not autocast-aware).
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    elif x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    if backend is None:
+        backend = "grouped_mm" if grouped_mm_applies(x, weight) else "padded"
+    if backend == "grouped_mm":
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (G,) end of each group
+        return _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=offsets))
+    if backend == "padded":
+        return _padded_bmm(x, weight, counts)
+    raise ValueError(f"unknown grouped_mm backend {backend!r} (expected 'grouped_mm' or 'padded')")
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts with fused weights, run on the token-slots the router chose.
+
+    forward(x (T, D), topk_idx (T, K), topk_weight (T, K)) -> (T, D): the sum over k of
+    topk_weight[t, k] * expert_{topk_idx[t, k]}(x[t]).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str | None = None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.backend = backend  # None: grouped_mm where it applies; "padded" / "grouped_mm" to force one
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))  # (E, 2I, D)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))  # (E, D, I)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.gate_up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=std)
+
+    def compute(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run each expert on its block of rows. x_sorted (S, D) in expert order, counts (E,) -> (S, D).
+
+        This is the step expert parallelism wraps: it only needs the rows and how many belong to each expert.
+        """
+        gate_up = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), counts, self.backend)  # (S, 2I)
+        gate, up = gate_up.chunk(2, dim=-1)  # (S, I) each
+        hidden = F.silu(gate) * up  # (S, I)
+        return grouped_mm(hidden, self.down_proj.transpose(1, 2), counts, self.backend)  # (S, D)
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        plan = dispatch(topk_idx, self.num_experts)
+        x_sorted = x[plan.token_idx]  # (S, D)
+        out_sorted = self.compute(x_sorted, plan.counts)  # (S, D)
+        return combine(out_sorted, plan, topk_weight).to(x.dtype)  # (T, D)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}"

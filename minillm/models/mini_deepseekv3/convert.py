@@ -1,0 +1,115 @@
+"""Conversion between mini_deepseekv3 and transformers' `DeepseekV3ForCausalLM`.
+
+The parameter names are identical by construction (MLA projections, `mlp.gate.weight`, the balancing bias as
+`mlp.gate.e_score_correction_bias`, fused `mlp.experts.gate_up_proj` / `down_proj`, `mlp.shared_experts.*`), so
+converting is: translate the config, build the other class, copy the state dict. Differences:
+- the MTP module (`mtp.*`) is training-only and has no counterpart in the reference: it is left out of
+  `to_reference`, and `from_reference` builds a model without one (`num_mtp_layers=0`) unless asked otherwise;
+- the training-only knobs (`bias_update_speed`, `seq_aux_alpha`, `mtp_loss_lambda`) do not exist in the reference
+  config; `from_reference` uses our defaults (override them with keyword arguments).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from minillm.models.mini_deepseekv3.configuration_mini_deepseekv3 import MiniDeepSeekV3Config
+from minillm.models.mini_deepseekv3.modeling_mini_deepseekv3 import MiniDeepSeekV3ForCausalLM
+
+# Fields with the same name and meaning in both configs.
+_SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "n_shared_experts",
+    "n_routed_experts",
+    "routed_scaling_factor",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "qk_nope_head_dim",
+    "n_group",
+    "topk_group",
+    "num_experts_per_tok",
+    "norm_topk_prob",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_interleave",
+    "attention_bias",
+    "attention_dropout",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+)
+MTP_PREFIX = "mtp."
+
+
+def to_reference_config(config: MiniDeepSeekV3Config) -> DeepseekV3Config:
+    """The `DeepseekV3Config` of the same network without the MTP module."""
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    return DeepseekV3Config(
+        **fields,
+        num_key_value_heads=config.num_attention_heads,
+        first_k_dense_replace=config.num_dense_layers,
+        rope_parameters=dict(config.rope_parameters),
+        hidden_act="silu",
+        num_mtp_layers=0,
+        architectures=["DeepseekV3ForCausalLM"],
+    )
+
+
+def from_reference_config(config: DeepseekV3Config, **overrides: Any) -> MiniDeepSeekV3Config:
+    """The `MiniDeepSeekV3Config` of a `DeepseekV3Config` (no MTP unless `num_mtp_layers=1` is passed)."""
+    if config.hidden_act != "silu":
+        raise ValueError(f"mini_deepseekv3 supports only SiLU experts, got hidden_act={config.hidden_act!r}")
+    if config.num_key_value_heads != config.num_attention_heads:
+        raise ValueError("mini_deepseekv3: MLA needs num_key_value_heads == num_attention_heads")
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    fields.update(
+        num_dense_layers=config.first_k_dense_replace,
+        rope_parameters=dict(config.rope_parameters),
+        num_mtp_layers=0,
+    )
+    fields.update(overrides)
+    return MiniDeepSeekV3Config(**fields)
+
+
+def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith(MTP_PREFIX)}
+    missing, unexpected = dst.load_state_dict(state, strict=False)
+    # With tied embeddings the head is an alias of the embedding and may be absent from one side's state dict; a
+    # freshly built MTP module keeps its own initialisation.
+    missing = [
+        k for k in missing
+        if not (k == "lm_head.weight" and dst.config.tie_word_embeddings) and not k.startswith(MTP_PREFIX)
+    ]
+    if missing or unexpected:
+        raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
+
+
+def to_reference(model: MiniDeepSeekV3ForCausalLM) -> DeepseekV3ForCausalLM:
+    """A `DeepseekV3ForCausalLM` with the same config and weights (MTP dropped; same dtype and device)."""
+    ref = DeepseekV3ForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
+    _copy_weights(model, ref)
+    return ref.eval() if not model.training else ref
+
+
+def from_reference(ref: DeepseekV3ForCausalLM, **overrides: Any) -> MiniDeepSeekV3ForCausalLM:
+    """A `MiniDeepSeekV3ForCausalLM` with the config and weights of a `DeepseekV3ForCausalLM`.
+
+    `overrides` set config fields the reference lacks (e.g. `num_mtp_layers=1` to continue pretraining with MTP).
+    """
+    model = MiniDeepSeekV3ForCausalLM(from_reference_config(ref.config, **overrides))
+    model = model.to(dtype=ref.dtype, device=ref.device)
+    _copy_weights(ref, model)
+    return model.eval() if not ref.training else model

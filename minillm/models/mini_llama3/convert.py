@@ -1,0 +1,81 @@
+"""Conversion between mini_llama3 and transformers' `LlamaForCausalLM`.
+
+The parameter names are identical by construction, so converting is: translate the config field by field, build
+the other class, and copy the state dict. `to_reference(from_reference(m))` reproduces every tensor bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from minillm.models.mini_llama3.configuration_mini_llama3 import MiniLlama3Config
+from minillm.models.mini_llama3.modeling_mini_llama3 import MiniLlama3ForCausalLM
+
+# Fields with the same name and meaning in both configs.
+_SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "attention_dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "use_cache",
+)
+
+
+def to_reference_config(config: MiniLlama3Config) -> LlamaConfig:
+    """The `LlamaConfig` describing the same network (no biases, SiLU, same RoPE)."""
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    # No pad_token_id in the model config: LlamaModel would make it the embedding's `padding_idx`, and since our
+    # pad is eos (id 0), fine-tuning the export with transformers would silently freeze the eos embedding.
+    # Generation keeps the pad id through generation_config.json and the tokenizer.
+    return LlamaConfig(
+        **fields,
+        pad_token_id=None,
+        rope_parameters=dict(config.rope_parameters),
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def from_reference_config(config: LlamaConfig) -> MiniLlama3Config:
+    """The `MiniLlama3Config` of a `LlamaConfig`; rejects features mini_llama3 does not have."""
+    if config.hidden_act != "silu" or config.attention_bias or config.mlp_bias:
+        raise ValueError("mini_llama3 supports only SiLU MLPs without biases and attention without biases")
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    pad = config.pad_token_id if config.pad_token_id is not None else MiniLlama3Config().pad_token_id
+    return MiniLlama3Config(**fields, pad_token_id=pad, rope_parameters=dict(config.rope_parameters))
+
+
+def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    state = src.state_dict()
+    missing, unexpected = dst.load_state_dict(state, strict=False)
+    # With tied embeddings the head is an alias of the embedding and may be absent from one side's state dict.
+    missing = [k for k in missing if not (k == "lm_head.weight" and dst.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
+
+
+def to_reference(model: MiniLlama3ForCausalLM) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` with the same config and weights (same dtype and device)."""
+    ref = LlamaForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
+    _copy_weights(model, ref)
+    return ref.eval() if not model.training else ref
+
+
+def from_reference(ref: LlamaForCausalLM) -> MiniLlama3ForCausalLM:
+    """A `MiniLlama3ForCausalLM` with the same config and weights as a `LlamaForCausalLM`."""
+    model = MiniLlama3ForCausalLM(from_reference_config(ref.config)).to(dtype=ref.dtype, device=ref.device)
+    _copy_weights(ref, model)
+    return model.eval() if not ref.training else model

@@ -1,0 +1,199 @@
+"""mini_llama3: the dense Llama 3 decoder, in the reading order of transformers' `modeling_llama.py`.
+
+    attention -> decoder layer -> pretrained base -> model (embeddings + layers + final norm) -> causal LM head
+
+Notable choices:
+- Building blocks come from `minillm.models.layers` (RMSNorm, RoPE, SDPA attention with packed/padded masks,
+  SwiGLU, chunked loss); this file only wires them, with the parameter names of `LlamaForCausalLM`, so conversion to
+  the reference is a state-dict copy (`convert.py`).
+- Grouped-query attention: `num_key_value_heads` K/V heads shared by groups of query heads (SDPA `enable_gqa`).
+- KV cache: transformers' `DynamicCache`, the cache `generate()` creates for us and passes back as `cache`. Every
+  layer appends its rotated K and V; positions come from `position_ids` (left padding and packing included).
+- Packed rows: the attention mask is built once per forward from `position_ids` (documents restart at 0) and
+  `attention_mask` (padding), and shared by all layers.
+- Loss: labels are unshifted; the chunked cross-entropy never materialises the logits (`logits` is None then).
+
+Shape legend: B batch, L tokens in this forward, P cached tokens, D hidden, H query heads, Hk kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from minillm.models.base import MiniLLMPreTrainedModel
+from minillm.models.layers.attention import build_attention_mask, sdpa_attention
+from minillm.models.layers.loss import causal_lm_loss
+from minillm.models.layers.mlp import SwiGLUMLP
+from minillm.models.layers.norm import RMSNorm
+from minillm.models.layers.rope import RotaryEmbedding, apply_rotary
+from minillm.models.mini_llama3.configuration_mini_llama3 import MiniLlama3Config
+from minillm.models.outputs import MiniLLMOutput
+
+
+class MiniLlama3Attention(nn.Module):
+    """Grouped-query self-attention with RoPE on q and k."""
+
+    def __init__(self, config: MiniLlama3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, L, D)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, L, Dh)
+        attention_mask: torch.Tensor | None,  # (B or 1, 1, L, P + L) bool, or None = causal
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        bsz, seq_len, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B,H,L,Dh)
+        k = self.k_proj(hidden_states).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # Hk
+        v = self.v_proj(hidden_states).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hk, P + L, Dh): past keys + these
+        out = sdpa_attention(q, k, v, attention_mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        return self.o_proj(out.reshape(bsz, seq_len, self.num_heads * self.head_dim))  # (B, L, D)
+
+
+class MiniLlama3DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: MiniLlama3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MiniLlama3Attention(config, layer_idx)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, L, D)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MiniLlama3PreTrainedModel(MiniLLMPreTrainedModel):
+    config_class = MiniLlama3Config
+    config: MiniLlama3Config
+    _no_split_modules = ["MiniLlama3DecoderLayer"]
+
+
+class MiniLlama3Model(MiniLlama3PreTrainedModel):
+    """Embeddings, decoder layers and the final norm; returns the final hidden states (B, L, D)."""
+
+    def __init__(self, config: MiniLlama3Config) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [MiniLlama3DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding.from_config(config, config.head_dim)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # (B, L)
+        attention_mask: torch.Tensor | None = None,  # (B, P + L), 1 = real token
+        position_ids: torch.LongTensor | None = None,  # (B, L)
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,  # (B, L, D)
+        use_cache: bool | None = None,
+    ) -> tuple[torch.Tensor, Cache | None, torch.Tensor]:
+        """Return (final hidden states (B, L, D), the cache, the position ids actually used (B, L))."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, L, D)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
+        seq_len = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]  # (1, L)
+        mask = build_attention_mask(
+            seq_len, past_len + seq_len, attention_mask, position_ids, device=inputs_embeds.device
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, L, Dh)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask=mask, cache=cache)
+        return self.norm(hidden_states), cache, position_ids
+
+
+class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
+    """Llama 3 language model: `MiniLlama3Model` + output head (tied to the embeddings when configured)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MiniLlama3Config) -> None:
+        super().__init__(config)
+        self.model = MiniLlama3Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> MiniLLMOutput:
+        """See docs/design.md (Models). `cache` is the name transformers 5.x `generate()` uses for
+        `past_key_values`; either may be given."""
+        if cache is None:
+            cache = past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache and labels is None and not self.training
+        given_position_ids = position_ids
+        hidden_states, cache, position_ids = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        if labels is not None:
+            loss = causal_lm_loss(
+                hidden_states,
+                self.lm_head.weight,
+                labels,
+                given_position_ids,
+                num_items_in_batch,
+                chunk_size=self.config.loss_chunk_size,
+            )
+            return MiniLLMOutput(loss=loss, cache=cache, aux_losses={"lm": loss.detach()})
+        if isinstance(logits_to_keep, int):
+            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            kept = hidden_states[:, logits_to_keep]  # explicit indices
+        return MiniLLMOutput(logits=self.lm_head(kept), cache=cache, aux_losses={})

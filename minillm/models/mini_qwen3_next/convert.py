@@ -1,0 +1,99 @@
+"""Conversion between mini_qwen3_next and transformers' `Qwen3NextForCausalLM`.
+
+The parameter names and layouts are identical by construction (fused `in_proj_qkvz` / `in_proj_ba`, interleaved
+query/gate `q_proj`, fused 3-D experts), so converting is: translate the config field by field, build the other
+class, and copy the state dict. `from_reference(to_reference(m))` reproduces every tensor bit for bit.
+
+The reference adds the router balance loss to its `loss` only with `output_router_logits=True`; `to_reference`
+sets it so both models return the same total loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+from minillm.models.mini_qwen3_next.configuration_mini_qwen3_next import MiniQwen3NextConfig
+from minillm.models.mini_qwen3_next.modeling_mini_qwen3_next import MiniQwen3NextForCausalLM
+
+# Fields with the same name and meaning in both configs.
+_SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "attention_dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "linear_conv_kernel_dim",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "decoder_sparse_step",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_experts_per_tok",
+    "num_experts",
+    "norm_topk_prob",
+    "router_aux_loss_coef",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+)
+
+
+def to_reference_config(config: MiniQwen3NextConfig) -> Qwen3NextConfig:
+    """The `Qwen3NextConfig` describing the same network."""
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    return Qwen3NextConfig(
+        **fields,
+        layer_types=list(config.layer_types),
+        mlp_only_layers=list(config.mlp_only_layers),
+        rope_parameters=dict(config.rope_parameters),
+        hidden_act="silu",
+        attention_bias=False,
+        output_router_logits=False,
+        architectures=["Qwen3NextForCausalLM"],
+    )
+
+
+def from_reference_config(config: Qwen3NextConfig) -> MiniQwen3NextConfig:
+    """The `MiniQwen3NextConfig` of a `Qwen3NextConfig`; rejects features mini_qwen3_next does not have."""
+    if config.hidden_act != "silu" or config.attention_bias:
+        raise ValueError("mini_qwen3_next supports only SiLU activations and attention without biases")
+    fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    return MiniQwen3NextConfig(
+        **fields,
+        layer_types=list(config.layer_types),
+        mlp_only_layers=list(config.mlp_only_layers or []),
+        rope_parameters=dict(config.rope_parameters),
+    )
+
+
+def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    # With tied embeddings the head is an alias of the embedding and may be absent from one side's state dict.
+    missing = [k for k in missing if not (k == "lm_head.weight" and dst.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
+
+
+def to_reference(model: MiniQwen3NextForCausalLM) -> Qwen3NextForCausalLM:
+    """A `Qwen3NextForCausalLM` with the same config and weights (same dtype, device and train/eval mode)."""
+    ref = Qwen3NextForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
+    _copy_weights(model, ref)
+    return ref.train(model.training)
+
+
+def from_reference(ref: Qwen3NextForCausalLM) -> MiniQwen3NextForCausalLM:
+    """A `MiniQwen3NextForCausalLM` with the same config and weights as a `Qwen3NextForCausalLM`."""
+    model = MiniQwen3NextForCausalLM(from_reference_config(ref.config)).to(dtype=ref.dtype, device=ref.device)
+    _copy_weights(ref, model)
+    return model.train(ref.training)

@@ -1,0 +1,287 @@
+"""`TrainConfig`: every option of a pretraining or SFT run, in one dataclass.
+
+Where the values come from, lowest priority first:
+1. the defaults of the stage and preset (`STAGE_DEFAULTS`, `PRESET_DEFAULTS`): `minillm pretrain --model X` alone is
+   the CPU quick start; `--preset base` switches to the seed's real-run settings;
+2. a YAML recipe (`--config recipes/x.yaml`): a flat mapping of field names; an unknown key is an error that names
+   the key and suggests the closest field;
+3. command-line flags (`--lr 1e-3`), generated from the fields below, so the CLI, the recipes and the resolved
+   `config.yaml` written into every run directory all use the same names.
+
+Fields left `None` mean "use the stage/preset default"; `resolve()` fills them and checks the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from minillm.errors import UserError
+
+STAGES = ("pretrain", "sft")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(help: str, stages: tuple[str, ...] = STAGES, default: Any = None, **kwargs: Any) -> Any:
+    """A dataclass field with its CLI help text and the stages whose command exposes it."""
+    if "default_factory" in kwargs:
+        return field(metadata={"help": help, "stages": stages}, **kwargs)
+    return field(default=default, metadata={"help": help, "stages": stages}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """All options of one run (see the module docstring for where values come from)."""
+
+    stage: str = _opt("pretrain or sft (set by the command)", stages=(), default="pretrain")
+    # model
+    model: str | None = _opt("architecture: mini_llama3, mini_deepseekv3 or mini_qwen3_next", stages=("pretrain",))
+    preset: str = _opt("model size preset: tiny (CPU quick start) or base (100-200M)", ("pretrain",), "tiny")
+    model_args: dict[str, Any] = _opt(
+        "model config overrides, e.g. num_hidden_layers=2 (repeatable)", ("pretrain",), default_factory=dict
+    )
+    model_path: str | None = _opt(
+        "pretrained run directory or HF model directory to start from (default: the latest pretrain run)", ("sft",)
+    )
+    tokenizer: str | None = _opt("tokenizer directory (default: the shipped one, or the model's for SFT)")
+    # data
+    data: str | None = _opt("token shard directory (pretrain) or SFT data directory (default: built-in sample)")
+    packing: bool = _opt("pack several conversations per row (document-masked attention)", ("sft",), False)
+    seq_len: int | None = _opt("tokens per training row")
+    # batch
+    micro_batch_size: int | None = _opt("rows per forward pass on each process")
+    global_batch_size: int | None = _opt(
+        "rows per optimizer step over all processes (= micro batch x accumulation x processes)"
+    )
+    max_steps: int | None = _opt("optimizer steps (default: `epochs` passes over the data)")
+    epochs: float | None = _opt("passes over the data when max_steps is not set")
+    # optimisation (defaults from the seed: AdamW(0.9, 0.95), wd 0.01, 5% warmup, cosine to min_lr at 98%)
+    lr: float | None = _opt("peak learning rate")
+    min_lr: float | None = _opt("learning-rate floor of the cosine decay")
+    warmup_ratio: float = _opt("fraction of the steps spent warming up linearly", default=0.05)
+    warmup_steps: int | None = _opt("warmup steps (overrides warmup_ratio)")
+    decay_ratio: float = _opt("fraction of the steps at which the cosine reaches min_lr", default=0.98)
+    weight_decay: float = _opt("AdamW weight decay (never on norms, biases, embeddings)", default=0.01)
+    adam_beta1: float = _opt("AdamW beta1", default=0.9)
+    adam_beta2: float = _opt("AdamW beta2", default=0.95)
+    adam_eps: float = _opt("AdamW epsilon", default=1e-8)
+    max_grad_norm: float = _opt("gradient clipping norm (0 disables clipping)", default=1.0)
+    precision: str = _opt("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (GPU)", default="auto")
+    seed: int = _opt("random seed (weights, data order)", default=42)
+    gradient_checkpointing: bool = _opt("recompute activations in backward to save memory", default=False)
+    # run directory, checkpoints, logs
+    output_dir: str | None = _opt("run directory (default: runs/<stage>_<model>_<time>)")
+    overwrite: bool = _opt("allow writing into an output directory that already holds a run", default=False)
+    resume: str | None = _opt("continue a run: `latest` or a checkpoint/run directory")
+    save_every: int | None = _opt("save a checkpoint every N steps (0: only the final model)")
+    keep_last: int = _opt("checkpoints to keep (older ones of this run are deleted)", default=3)
+    log_every: int | None = _opt("log metrics every N steps")
+    eval_every: int | None = _opt("validation loss every N steps on the shards' val split (0: off)")
+    eval_batches: int = _opt("micro-batches per validation pass", default=8)
+    max_bad_steps: int = _opt("stop after this many non-finite losses in a row", default=5)
+    peak_tflops: float | None = _opt("peak TFLOP/s of one device for the MFU estimate (default: known GPUs)")
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self) -> TrainConfig:
+        """A copy with every `None` default filled from the stage/preset tables, after checking the values."""
+        if self.stage not in STAGES:
+            raise UserError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage == "pretrain" and not self.model:
+            raise UserError("pretrain needs --model (mini_llama3, mini_deepseekv3 or mini_qwen3_next)")
+        defaults = dict(STAGE_DEFAULTS[self.stage])
+        if self.stage == "pretrain":
+            defaults.update(PRESET_DEFAULTS.get(self.preset, {}))
+        filled = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
+                  for k in self.field_names()}
+        cfg = TrainConfig(**filled)
+        if cfg.global_batch_size is None:
+            cfg.global_batch_size = cfg.micro_batch_size
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        positive = ("seq_len", "micro_batch_size", "global_batch_size", "keep_last", "log_every", "eval_batches",
+                    "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs must be > 0, got {self.epochs}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise UserError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        if not (0 <= self.warmup_ratio < 1 and 0 < self.decay_ratio <= 1):
+            raise UserError("--warmup-ratio must be in [0, 1) and --decay-ratio in (0, 1]")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise UserError(
+                f"global batch size {self.global_batch_size} is not divisible by the micro batch size "
+                f"{self.micro_batch_size}"
+            )
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# Stage defaults (the quick start: CPU-sized) and preset defaults (pretrain only) for fields left None.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": dict(seq_len=256, micro_batch_size=8, global_batch_size=8, epochs=1.0, lr=3e-3, min_lr=1e-4,
+                     save_every=0, log_every=5, eval_every=0),
+    # the seed's SFT: lr 3e-5 -> 1e-6, 3 epochs; tiny models need a larger step to move in a few minutes
+    "sft": dict(seq_len=256, micro_batch_size=8, global_batch_size=8, epochs=3.0, lr=5e-4, min_lr=1e-5,
+                save_every=0, log_every=5, eval_every=0),
+}
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    # the seed's base pretraining: seq 512, 16 rows per GPU, lr 3e-4 -> 1e-5, one epoch
+    "base": dict(seq_len=512, micro_batch_size=16, global_batch_size=64, lr=3e-4, min_lr=1e-5, save_every=1000,
+                 log_every=10, eval_every=1000),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes and overrides
+
+
+def closest_field(name: str) -> str:
+    """A ' (did you mean X?)' hint for an unknown option name, or '' when nothing is close."""
+    match = difflib.get_close_matches(name.replace("-", "_"), TrainConfig.field_names(), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The options of a YAML recipe, checked against the fields of `TrainConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        found = find_recipe(str(path))
+        if found is None:
+            raise UserError(f"recipe {path} does not exist (shipped recipes: {', '.join(shipped_recipes())})")
+        path = found
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of option names to values")
+    known = set(TrainConfig.field_names())
+    for key in data:
+        if key not in known:
+            raise UserError(f"recipe {path}: unknown key {key!r}{closest_field(str(key))}")
+    return {key: coerce(key, value, source=f"recipe {path}") for key, value in data.items()}
+
+
+def coerce(name: str, value: Any, source: str = "option") -> Any:
+    """`value` converted to the type of field `name` (YAML reads `1e-3` as a string; the CLI gives strings)."""
+    annotation = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}[name]
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise UserError(f"{source}: {name} cannot be empty")
+    try:
+        if annotation.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping")
+            return dict(value)
+        if annotation.startswith("bool"):
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            return value
+        if annotation.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError("expected an integer")
+            return int(float(value))
+        if annotation.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source}: {name}={value!r} is invalid ({err})") from None
+
+
+def recipes_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.name for p in recipes_dir().glob("*.yaml"))
+
+
+def find_recipe(name: str) -> Path | None:
+    """A shipped recipe by file name (`recipes/x.yaml`, `x.yaml` or `x`), so recipes work from any directory."""
+    stem = Path(name).name
+    for candidate in (stem, f"{stem}.yaml"):
+        path = recipes_dir() / candidate
+        if path.is_file():
+            return path
+    return None
+
+
+def build_config(stage: str, recipe: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- recipe <- overrides (CLI flags given by the user), unresolved (see `TrainConfig.resolve`)."""
+    values: dict[str, Any] = {}
+    if recipe:
+        values.update(load_recipe(recipe))
+    if values.get("stage", stage) != stage:
+        raise UserError(f"recipe {recipe} is for stage {values['stage']!r}, not {stage!r}")
+    for key, value in (overrides or {}).items():
+        if key not in TrainConfig.field_names():
+            raise UserError(f"unknown option {key!r}{closest_field(key)}")
+        value = coerce(key, value)
+        if key == "model_args":
+            values["model_args"] = {**values.get("model_args", {}), **value}
+        else:
+            values[key] = value
+    values["stage"] = stage
+    return TrainConfig(**values)
+
+
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """`["num_hidden_layers=2", "rope_theta=1e4"]` -> {"num_hidden_layers": 2, "rope_theta": 10000.0}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML (temporary file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_saved_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+# Fields that define what is trained on what: a resumed run must not change them.
+IDENTITY_FIELDS = ("stage", "model", "preset", "model_args", "data", "packing", "seq_len", "micro_batch_size",
+                   "global_batch_size", "seed", "tokenizer")

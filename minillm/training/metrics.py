@@ -1,0 +1,114 @@
+"""Training metrics: TensorBoard through Accelerate's tracker, `metrics.jsonl`, and the MFU estimate.
+
+Every logged step becomes one JSON line in `<run>/metrics.jsonl` (the source of the loss-curve PNG and what tests
+read) and the same scalars in TensorBoard under `<run>/logs/`. Only the main process writes.
+
+MFU (model FLOPs utilisation) = achieved training FLOP/s / peak FLOP/s of the devices. Training FLOPs per token
+come from `minillm.models.stats` when it knows the model (it counts only the active experts of an MoE and the
+attention term), else from the classic 6 x parameters. The peak is looked up by GPU name (dense bf16 numbers from
+the vendors' sheets) or given with `peak_tflops`; on a CPU it is unknown and MFU is not logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of the device name.
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
+    "A6000": 155.0, "4090": 165.0, "3090": 71.0, "A10": 125.0, "L4": 121.0, "V100": 125.0, "T4": 65.0,
+}
+
+
+def peak_flops(configured_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device, or None when unknown (CPU, unlisted GPU)."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of `model` at `seq_len`."""
+    try:
+        from minillm.models import stats
+
+        return float(stats.model_stats(model, seq_len=seq_len).flops_per_token)
+    except (ImportError, AttributeError, TypeError, ValueError, KeyError):
+        pass
+    n_params = sum(p.numel() for p in model.parameters())
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    # 6N for the matmuls plus 6 * L * D * seq for attention scores and values (causal halves 12 -> 6)
+    return 6.0 * n_params + 6.0 * layers * hidden * seq_len
+
+
+def expert_load_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Per-MoE-layer balance from `counts` (n_moe_layers, n_experts): max/min ratio and coefficient of variation.
+
+    A ratio near 1 and a CV near 0 mean the router spreads tokens evenly (the seed plots the same ratio).
+    """
+    out: dict[str, float] = {}
+    counts = counts.float()
+    for layer, row in enumerate(counts):
+        mean = row.mean().item()
+        out[f"moe/layer_{layer}/max_min_ratio"] = row.max().item() / max(row.min().item(), 1.0)
+        out[f"moe/layer_{layer}/cv"] = (row.std(unbiased=False).item() / mean) if mean > 0 else 0.0
+    return out
+
+
+class MetricsLogger:
+    """Writes step metrics to TensorBoard (Accelerate tracker) and `metrics.jsonl`; keeps them for the plot."""
+
+    def __init__(self, accelerator, run_dir: Path, config: dict[str, Any], start_step: int = 0):
+        self.accelerator = accelerator
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+        if accelerator.is_main_process:
+            if self.path.exists():
+                # a resumed run: keep what was logged up to the checkpoint, drop what a killed run logged after it
+                kept = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+                self.records = [r for r in kept if r.get("step", 0) <= start_step]
+                self._rewrite()
+            # Accelerate's TensorBoard tracker, attached here because the run directory is only known now;
+            # purge_step drops events a killed run wrote after the checkpoint we resume from
+            from accelerate.tracking import TensorBoardTracker
+
+            tracker = TensorBoardTracker("logs", str(run_dir), purge_step=start_step + 1)
+            tb_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+            tracker.start()
+            tracker.store_init_configuration(tb_config)
+            accelerator.trackers.append(tracker)
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Record `values` for `step` (main process writes; other ranks ignore the call)."""
+        if not self.accelerator.is_main_process:
+            return
+        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        record = {"step": step, **clean}
+        self.records.append(record)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.accelerator.log(clean, step=step)
+
+    def close(self) -> None:
+        """Flush and close the trackers (not `accelerator.end_training`, which also tears down the process group
+        a library caller may still use)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []

@@ -1,0 +1,69 @@
+"""AdamW with the usual no-decay groups, and the seed's learning-rate schedule.
+
+- Weight decay applies to matrices of linear layers only: never to norms, biases or embeddings (decaying an
+  embedding row pulls rarely seen tokens toward zero; decaying a norm gain fights the normalisation). The
+  zero-centered RMSNorm (Qwen3-Next) stores `weight - 1`, so decaying it would be harmless, but we keep one rule.
+- The schedule is linear warmup to `lr`, cosine decay to `min_lr` reached at `decay_ratio` of the run, then flat at
+  `min_lr` (the floor), as in the seed's `get_lr`. It is a `LambdaLR` multiplier so it checkpoints like any
+  scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from minillm.training.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed (weights of linear layers and other >= 2-D non-embedding params) and not decayed."""
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lowered = name.lower()
+        if param.dim() < 2 or id(param) in embedding_params or "norm" in lowered or lowered.endswith("bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; fused on CUDA when all parameters live there."""
+    groups = param_groups(model, config.weight_decay)
+    use_fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        fused=use_fused or None,
+    )
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`: warmup, cosine, floor."""
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(total_steps * config.warmup_ratio)
+    decay_end = max(warmup + 1, int(total_steps * config.decay_ratio))
+    it = step + 1  # the seed counts iterations from 1, so the first step already has a non-zero rate
+    if it <= warmup:
+        return config.lr * it / warmup
+    if it >= decay_end:
+        return config.min_lr
+    progress = (it - warmup) / (decay_end - warmup)  # in (0, 1)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, config: TrainConfig):
+    """A `LambdaLR` following `lr_at`; step it once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, total_steps, config) / config.lr
+    )

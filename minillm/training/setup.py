@@ -1,0 +1,136 @@
+"""What a run trains: tokenizer, model and data for each stage, after the compatibility checks.
+
+- pretrain: a freshly initialised `--model` from `--preset` (vocabulary sized to the tokenizer), token shards from
+  `--data` or the built-in sample (built on first use into the cache), checked against the tokenizer fingerprint,
+  the model's vocabulary and its maximum positions. The shards' `val` split, when present, is the validation set.
+- sft: the model and tokenizer of `--model-path` (a run directory or a HuggingFace model directory; default: the
+  latest finished pretraining run), SFT rows from `--data` or the built-in sample, padded or packed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm.errors import UserError
+from minillm.training.config import TrainConfig
+
+
+def stack_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Equal-length rows (pretraining windows) -> (B, L) tensors."""
+    return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+def sft_model_dir(model_path: str | None) -> Path:
+    """The HF model directory SFT starts from: `model_path` (a run dir means its `final/`) or the latest pretrain."""
+    from minillm import runs
+
+    if model_path is None:
+        latest = runs.latest_model(stages=("pretrain",))
+        if latest is None:
+            raise UserError(
+                f"no finished pretraining run under {runs.DEFAULT_RUNS_ROOT}/; run `minillm pretrain` first or pass "
+                "--model-path"
+            )
+        return latest
+    path = Path(model_path)
+    if (path / "final" / "config.json").is_file():
+        path = path / "final"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--model-path {model_path}: not a model directory (no config.json) nor a finished run")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"--model-path {model_path}: config.json is not valid JSON") from None
+    if not model_type:
+        raise UserError(f"--model-path {model_path}: config.json has no model_type; not a model")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"--model-path {model_path}: holds no weights (*.safetensors)")
+    return path
+
+
+def sft_model_type(model_path: str | None) -> str:
+    return json.loads((sft_model_dir(model_path) / "config.json").read_text(encoding="utf-8"))["model_type"]
+
+
+def build_run(config: TrainConfig, run_dir: Path):
+    from minillm.training.trainer import Run
+
+    if config.stage == "pretrain":
+        return Run(**_pretrain_parts(config), model_name=config.model)
+    return Run(**_sft_parts(config), model_name=config.model or "")
+
+
+def _load_tokenizer(path: str | Path | None):
+    from minillm.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(path) if path is not None else None)
+
+
+def _pretrain_parts(config: TrainConfig) -> dict[str, Any]:
+    from minillm.data import pretrain as pre
+    from minillm.models.registry import build_config, model_package
+
+    tokenizer = _load_tokenizer(config.tokenizer)
+    overrides = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                 "eos_token_id": tokenizer.eos_token_id, **config.model_args}
+    try:
+        model_config = build_config(config.model, config.preset, **overrides)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"model {config.model} ({config.preset}): {err}") from None
+    if config.data:
+        data_dir = Path(config.data)
+    else:
+        from minillm.data.builtin import builtin_pretrain_shards
+
+        data_dir = Path(builtin_pretrain_shards(config.tokenizer))
+    manifest = pre.load_pretrain_manifest(data_dir)
+    pre.check_shards_match(data_dir, tokenizer=tokenizer, vocab_size=model_config.vocab_size,
+                           max_seq_len=config.seq_len, model_max_len=model_config.max_position_embeddings)
+    train_data = pre.PretrainDataset(data_dir, config.seq_len, split="train")
+    val_data = pre.PretrainDataset(data_dir, config.seq_len, split="val") if "val" in manifest["splits"] else None
+    model = model_package(config.model).MODEL_CLASS(model_config)
+    return dict(model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
+                sampler=_sampler(len(train_data), config.seed), collate=stack_collate)
+
+
+def _sft_parts(config: TrainConfig) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    import minillm  # noqa: F401  (registers our architectures with the Auto classes)
+    from minillm.data import sft
+    from minillm.data.collate import PackedCollator, PaddedCollator
+
+    model_dir = sft_model_dir(config.model_path)
+    has_tokenizer = (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file()
+    tokenizer = _load_tokenizer(config.tokenizer or (model_dir if has_tokenizer else None))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if config.data:
+        data_dir = Path(config.data)
+    else:
+        from minillm.data.builtin import builtin_sft_dataset
+
+        data_dir = Path(builtin_sft_dataset(config.tokenizer or (model_dir if has_tokenizer else None),
+                                            max_seq_len=config.seq_len, pack=config.packing))
+    from minillm.data.pretrain import check_shards_match
+
+    check_shards_match(data_dir, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
+                       model_max_len=getattr(model.config, "max_position_embeddings", None))
+    train_data = sft.SFTDataset(data_dir)
+    if config.packing != bool(getattr(train_data, "packed", config.packing)):
+        want = "packed" if config.packing else "unpacked"
+        raise UserError(f"--data {data_dir}: not {want} SFT data; rebuild it or {'drop' if not config.packing else 'add'} "
+                        "--packing")
+    collate = PackedCollator(tokenizer.pad_token_id) if config.packing else PaddedCollator(tokenizer.pad_token_id)
+    return dict(model=model, tokenizer=tokenizer, train_data=train_data, val_data=None,
+                sampler=_sampler(len(train_data), config.seed), collate=collate)
+
+
+def _sampler(num_samples: int, seed: int):
+    from minillm.data.sampler import ResumableSampler
+
+    return ResumableSampler(num_samples, seed)

@@ -1,0 +1,534 @@
+"""The one training loop, for pretraining and SFT, on one device or many (DDP, DeepSpeed ZeRO) via Accelerate.
+
+    from minillm.training.config import TrainConfig
+    from minillm.training.trainer import train
+    run_dir = train(TrainConfig(stage="pretrain", model="mini_llama3"))
+
+The stages differ only in data, defaults and starting weights (`setup.py`-style choices live in `build_run`).
+
+Notable choices:
+- Loss normalisation: each step counts the target tokens of the whole global batch (all micro-batches, all-reduced
+  over ranks) and passes `num_items_in_batch = global_targets / world_size` to the model, whose loss is then
+  `sum(CE) / num_items_in_batch`. Summing micro-batch gradients (accumulation) and averaging over ranks (DDP or
+  ZeRO) gives exactly the gradient of the global mean, whatever the accumulation, world size or padding.
+  Accelerate (and DeepSpeed) divide the loss by the accumulation steps, so we multiply it back.
+- Data: `batches.GlobalBatches` makes the data of a step independent of world size and accumulation.
+- A non-finite loss on any rank skips the step on all ranks (no backward for that micro-batch, no optimizer step,
+  gradients dropped) and is counted; `max_bad_steps` in a row stop the run with a clear message.
+- MoE: after each optimizer step, expert counts summed over the global batch drive `update_expert_bias`.
+- The model/optimizer preparation is one function, `prepare_model_and_optimizer`, so other parallelisms (expert
+  parallelism) can slot in there.
+- DeepSpeed on a machine without CUDA runs on DeepSpeed's CPU accelerator with the gloo backend. Never
+  `Accelerator(cpu=True)` in that case: it silently drops DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm.errors import UserError
+from minillm.training import checkpoint as ckpt
+from minillm.training.batches import GlobalBatches, count_targets
+from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
+from minillm.training.metrics import MetricsLogger, expert_load_stats, flops_per_token, peak_flops
+from minillm.training.optim import build_optimizer, build_scheduler
+
+SUMMED_TERMS = ("mtp",)  # aux_losses entries that, like "lm", are sum(CE) / num_items_in_batch
+EvalFn = Callable[[Any, Any, int], dict[str, float]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accelerator
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's `mixed_precision` value for our `precision` option."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--precision fp16 needs a GPU (loss scaling); use fp32 or bf16 on a CPU")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(config: TrainConfig):
+    """The Accelerator for this process: gradient accumulation from the batch sizes, CPU fallbacks."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank, rest = divmod(config.global_batch_size, world * config.micro_batch_size)
+    if rest or per_rank < 1:
+        raise UserError(
+            f"global batch size {config.global_batch_size} is not divisible by processes x micro batch size "
+            f"= {world} x {config.micro_batch_size}"
+        )
+    kwargs: dict[str, Any] = dict(
+        mixed_precision=resolve_precision(config.precision),
+        gradient_accumulation_steps=per_rank,
+    )
+    if not torch.cuda.is_available():
+        if uses_deepspeed():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:
+            kwargs["cpu"] = True  # DDP over gloo when launched with several processes
+    if world == 1:
+        # Accelerate keeps process-wide state; a library caller may run several trainings in one process
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(**kwargs)
+    if accelerator.state.deepspeed_plugin is not None:
+        fill_deepspeed_config(accelerator.state.deepspeed_plugin, config, accelerator.num_processes)
+    return accelerator
+
+
+def fill_deepspeed_config(plugin, config: TrainConfig, world: int) -> None:
+    """Fill the DeepSpeed config's "auto" values from the recipe; refuse values that contradict it."""
+    ds = plugin.deepspeed_config
+    accumulation = config.global_batch_size // (world * config.micro_batch_size)
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": config.global_batch_size,
+        "gradient_clipping": config.max_grad_norm,
+    }
+    source = getattr(plugin, "hf_ds_config", None)
+    name = getattr(source, "config_file", None) or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "DeepSpeed")
+    for key, value in wanted.items():
+        current = ds.get(key, "auto")
+        if current == "auto":
+            ds[key] = value
+        elif float(current) != float(value):
+            raise UserError(f"{name}: {key}={current} contradicts the recipe ({key}={value}); set it to \"auto\"")
+    precision = resolve_precision(config.precision)
+    for dtype in ("bf16", "fp16"):
+        enabled = (ds.get(dtype) or {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (precision == dtype):
+            raise UserError(
+                f"{name}: {dtype}.enabled={enabled} contradicts the recipe (precision={config.precision}); "
+                f"set it to \"auto\""
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def prepare_model_and_optimizer(accelerator, model, config: TrainConfig, total_steps: int):
+    """Wrap the model and build optimizer + scheduler for the distributed backend in use.
+
+    This is the single place where parallelism is applied (DDP / DeepSpeed via `accelerator.prepare`). The
+    scheduler is stepped by the loop itself, once per optimizer step (Accelerate would step it once per process),
+    and registered so checkpoints include it.
+    """
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, total_steps, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced, already reduced over ranks."""
+
+    loss: float  # global mean LM loss (nan when skipped)
+    aux: dict[str, float] = field(default_factory=dict)  # other loss terms, averaged over micro-batches and ranks
+    targets: int = 0  # target tokens of the global batch
+    tokens: int = 0  # input tokens of the global batch
+    skipped: bool = False
+    grad_norm: float | None = None
+    expert_counts: torch.Tensor | None = None  # (n_moe_layers, E) summed over the global batch
+
+
+def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(tensor.to(accelerator.device), reduction="sum") if accelerator.num_processes > 1 \
+        else tensor
+
+
+def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+    """Forward and backward over this rank's micro-batches of one step; gradients end up accumulated (and, on the
+    last micro-batch, synchronised across ranks). Does not step the optimizer."""
+    device = accelerator.device
+    local = torch.tensor([sum(count_targets(b) for b in micro_batches),
+                          sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64)
+    targets, tokens = (int(v) for v in _reduce_sum(accelerator, local).tolist())
+    if targets == 0:
+        return StepResult(loss=float("nan"), targets=0, tokens=tokens, skipped=True)
+    num_items = torch.tensor(targets / accelerator.num_processes, dtype=torch.float32, device=device)
+    accumulation = len(micro_batches)
+    lm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    aux_sums: dict[str, torch.Tensor] = {}
+    counts = None
+    bad = False
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with accelerator.accumulate(model), accelerator.autocast():
+            outputs = model(**batch, num_items_in_batch=num_items, use_cache=False)
+            loss = outputs.loss
+            finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+            if accelerator.num_processes > 1:
+                finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+            if finite.item() < 1.0 or bad:
+                bad = True  # some rank saw a non-finite loss: every rank drops this step
+                if uses_deepspeed() and accelerator.sync_gradients:
+                    # DeepSpeed steps inside the last backward; give it zero gradients (the step is discarded)
+                    accelerator.backward(torch.nan_to_num(loss, 0.0, 0.0, 0.0) * 0.0)
+                continue
+            # Accelerate / DeepSpeed divide by the accumulation steps; the loss is already globally normalised
+            accelerator.backward(loss * accumulation)
+        aux = getattr(outputs, "aux_losses", None) or {"lm": loss.detach()}
+        lm_sum += aux.get("lm", loss.detach()).double()
+        for name, value in aux.items():
+            if name != "lm":
+                aux_sums[name] = aux_sums.get(name, 0.0) + value.detach().double()
+        step_counts = getattr(outputs, "expert_counts", None)
+        if step_counts is not None:
+            counts = step_counts.detach().float() if counts is None else counts + step_counts.detach().float()
+    if bad:
+        return StepResult(loss=float("nan"), targets=targets, tokens=tokens, skipped=True)
+    names = sorted(aux_sums)
+    # terms normalised by num_items_in_batch (LM, MTP) add up over micro-batches; the others are per-micro-batch means
+    packed = torch.stack([lm_sum] + [aux_sums[n] / (1 if n in SUMMED_TERMS else accumulation) for n in names])
+    packed = packed.to(device)
+    packed = _reduce_sum(accelerator, packed)
+    world = accelerator.num_processes
+    result = StepResult(
+        loss=packed[0].item() / world,  # each rank's micro-batch LM terms sum to its share of the global mean
+        aux={n: packed[i + 1].item() / world for i, n in enumerate(names)},
+        targets=targets,
+        tokens=tokens,
+    )
+    if counts is not None:
+        result.expert_counts = _reduce_sum(accelerator, counts.to(device))
+    return result
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, config: TrainConfig, result: StepResult) -> None:
+    """Clip, step, schedule, zero; then the MoE bias update. A skipped step only drops the gradients."""
+    if result.skipped:
+        if not uses_deepspeed():
+            optimizer.zero_grad(set_to_none=True)
+        return
+    if uses_deepspeed():
+        # the engine clipped and stepped inside the last backward (gradient_clipping from the recipe)
+        norm = model.get_global_grad_norm()
+    else:
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if norm is not None:
+        result.grad_norm = float(norm)
+    if result.expert_counts is not None:
+        unwrapped = accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "update_expert_bias"):
+            unwrapped.update_expert_bias(result.expert_counts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run setup
+
+
+@dataclass
+class Run:
+    """Everything `train` needs besides the accelerator: built by `build_run`."""
+
+    model: Any
+    tokenizer: Any
+    train_data: Any  # map-style dataset
+    sampler: Any  # seeded, resumable (state_dict / load_state_dict)
+    collate: Callable
+    val_data: Any = None
+    model_name: str = ""
+
+
+def build_run(config: TrainConfig, run_dir: Path) -> Run:
+    """Tokenizer, model (fresh for pretraining, loaded for SFT) and data, after the compatibility checks."""
+    from minillm.training import setup
+
+    return setup.build_run(config, run_dir)
+
+
+def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
+    """The run directory and, when resuming, the checkpoint to load; refuses to clobber another run."""
+    from accelerate.utils import broadcast_object_list
+
+    from minillm import runs
+
+    model_tag = config.model or "model"
+    checkpoint = None
+    if config.resume:
+        run_dir = Path(config.output_dir) if config.output_dir else None
+        candidates = []
+        if run_dir is None:
+            root = runs.DEFAULT_RUNS_ROOT
+            candidates = sorted(root.glob(f"{config.stage}_*")) if root.is_dir() else []
+        checkpoint = ckpt.find_resume_checkpoint(config.resume, run_dir, candidates)
+        run_dir = checkpoint.parent.parent
+        saved_path = run_dir / "config.yaml"
+        if saved_path.is_file():
+            saved = read_saved_config(saved_path)
+            diffs = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in IDENTITY_FIELDS
+                     if k in saved and saved.get(k) != getattr(config, k)]
+            if diffs:
+                raise UserError(f"--resume {checkpoint}: the run was made with other options ({'; '.join(diffs)})")
+        return run_dir, checkpoint
+    if config.output_dir:
+        run_dir = Path(config.output_dir)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            if not run_dir.is_dir():
+                raise UserError(f"--output-dir {run_dir} exists and is not a directory")
+            if not config.overwrite:
+                raise UserError(
+                    f"--output-dir {run_dir} already holds a run; pass --overwrite, --resume latest, or another "
+                    "directory"
+                )
+        return run_dir, None
+    name = [str(runs.new_run_dir(config.stage, model_tag)) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name)  # ranks may straddle a clock second
+    return Path(name[0]), None
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
+    """Create the run directory; with --overwrite, move an older run's checkpoints aside (never delete them)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming and config.overwrite:
+        old = run_dir / ckpt.CHECKPOINTS
+        if old.is_dir() and any(old.iterdir()):
+            old.rename(run_dir / f"{ckpt.CHECKPOINTS}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        for stale in ("metrics.jsonl", "loss_curve.png"):
+            (run_dir / stale).unlink(missing_ok=True)
+    save_config(config, run_dir / "config.yaml")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int, max_batches: int) -> dict[str, float]:
+    """Mean LM loss and perplexity over the first `max_batches` micro-batches of each rank's share of `dataset`."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum CE, targets)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    indices = list(range(rank, len(dataset), world))
+    for b in range(max_batches):
+        chunk = indices[b * micro_batch_size:(b + 1) * micro_batch_size]
+        if not chunk:
+            break
+        batch = {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in chunk]).items()}
+        n = count_targets(batch)
+        if n == 0:
+            continue
+        with accelerator.autocast():
+            out = model(**batch, num_items_in_batch=torch.tensor(1.0, device=accelerator.device), use_cache=False)
+        lm = (getattr(out, "aux_losses", None) or {}).get("lm", out.loss)  # sum of CE (num_items_in_batch=1)
+        total += torch.stack([lm.detach().double(), torch.tensor(float(n), dtype=torch.float64,
+                                                                  device=accelerator.device)])
+    total = _reduce_sum(accelerator, total)
+    if was_training:
+        model.train()
+    if total[1] == 0:
+        return {}
+    loss = (total[0] / total[1]).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Final model
+
+
+def save_final_model(accelerator, model, tokenizer, run_dir: Path) -> Path:
+    """Write `run_dir/final/` (safetensors, config, tokenizer, generation config), gathered under ZeRO-3.
+
+    Training-only modules are dropped: DeepSeek-V3's MTP block (`mtp.*`) is not part of the exported model.
+    """
+    final = run_dir / "final"
+    tmp = run_dir / ".tmp-final"
+    state_dict = accelerator.get_state_dict(model)  # full weights on the main process (ZeRO-3 gathers)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        export_config = copy.deepcopy(unwrapped.config)
+        if getattr(export_config, "num_mtp_layers", 0):
+            export_config.num_mtp_layers = 0
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("mtp.")}
+        export_config.use_cache = True
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        original = unwrapped.config
+        unwrapped.config = export_config
+        try:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        finally:
+            unwrapped.config = original
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            generation = unwrapped.generation_config
+            generation.eos_token_id = tokenizer.eos_token_id
+            generation.pad_token_id = tokenizer.pad_token_id
+            generation.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = None) -> Path:
+    """Train according to `config`; returns the run directory (with `final/` holding the model).
+
+    `eval_fn(accelerator, model, step) -> metrics` replaces the default validation (the LM loss on the pretraining
+    shards' val split) every `eval_every` steps; its metrics go to TensorBoard and metrics.jsonl. `run` lets
+    library callers bring their own model and data (see `Run`); by default `build_run` makes them.
+    """
+    from accelerate.utils import set_seed
+
+    config = config.resolve()
+    accelerator = make_accelerator(config)
+    run_dir, resume_from = resolve_run_dir(config, accelerator)
+    if accelerator.is_main_process:
+        _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
+    accelerator.wait_for_everyone()
+
+    set_seed(config.seed)  # identical initial weights on every rank
+    if run is None:
+        run = build_run(config, run_dir)
+    model = run.model
+    steps_per_epoch = len(run.train_data) // config.global_batch_size
+    if steps_per_epoch < 1 and config.max_steps is None:
+        raise UserError(
+            f"the data has {len(run.train_data)} rows, fewer than one global batch ({config.global_batch_size})"
+        )
+    total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
+
+    model, optimizer, scheduler = prepare_model_and_optimizer(accelerator, model, config, total_steps)
+    batches = GlobalBatches(run.train_data, run.sampler, run.collate, config.global_batch_size,
+                            config.micro_batch_size, accelerator.process_index, accelerator.num_processes)
+    start_step, skipped_total, bad_in_row = 0, 0, 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = ckpt.read_trainer_state(resume_from)
+        start_step, skipped_total = state["step"], state.get("skipped_steps", 0)
+        bad_in_row = state.get("bad_in_row", 0)
+        batches.load_state_dict(state["data"])
+        if accelerator.is_main_process:
+            accelerator.print(f"resuming {run_dir} from {resume_from.name} (step {start_step})")
+
+    logger = MetricsLogger(accelerator, run_dir, config.to_dict(), start_step=start_step)
+    flops_token = flops_per_token(accelerator.unwrap_model(model), config.seq_len)
+    peak = peak_flops(config.peak_tflops)
+    model.train()
+    window_tokens, window_start = 0, time.perf_counter()
+    last = StepResult(loss=float("nan"))
+    if accelerator.is_main_process:
+        accelerator.print(f"run directory: {run_dir}  ({total_steps} steps, global batch "
+                          f"{config.global_batch_size} x {config.seq_len} tokens, {accelerator.num_processes} "
+                          f"process(es), accumulation {accelerator.gradient_accumulation_steps})")
+    with _progress(accelerator.is_main_process) as progress:
+        task = progress.add_task(config.stage, total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
+        for step in range(start_step + 1, total_steps + 1):
+            lr = scheduler.get_last_lr()[0]
+            result = forward_backward(accelerator, model, batches.next_step())
+            optimizer_step(accelerator, model, optimizer, scheduler, config, result)
+            window_tokens += result.tokens
+            if result.skipped:
+                skipped_total += 1
+                bad_in_row += 1
+                if bad_in_row >= config.max_bad_steps:
+                    raise UserError(
+                        f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss (diverged); "
+                        f"lower --lr, check the data, or resume from an earlier checkpoint"
+                    )
+            else:
+                bad_in_row = 0
+                last = result
+            progress.update(task, completed=step, loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
+                            tps=f"{window_tokens / max(time.perf_counter() - window_start, 1e-9):,.0f}")
+
+            if step % config.log_every == 0 or step == total_steps or result.skipped:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                values: dict[str, float] = {"loss": result.loss, "lr": lr, "tokens_per_s": window_tokens / elapsed,
+                                            "skipped_steps": skipped_total, "targets": result.targets}
+                if not result.skipped:
+                    values["ppl"] = math.exp(min(result.loss, 50.0))
+                if result.grad_norm is not None:
+                    values["grad_norm"] = result.grad_norm
+                if peak:
+                    values["mfu"] = window_tokens * flops_token / elapsed / (peak * accelerator.num_processes)
+                values.update({f"loss/{k}": v for k, v in result.aux.items()})
+                if result.expert_counts is not None:
+                    values.update(expert_load_stats(result.expert_counts.cpu()))
+                logger.log(step, values)
+                window_tokens, window_start = 0, time.perf_counter()
+
+            if config.eval_every and step % config.eval_every == 0:
+                metrics = (eval_fn(accelerator, model, step) if eval_fn is not None else
+                           validation_loss(accelerator, model, run.val_data, run.collate, config.micro_batch_size,
+                                           config.eval_batches) if run.val_data is not None else {})
+                if metrics:
+                    logger.log(step, metrics)
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                ckpt.save_checkpoint(accelerator, run_dir, step, {
+                    "data": batches.state_dict(), "skipped_steps": skipped_total, "bad_in_row": bad_in_row,
+                }, config.keep_last)
+
+    final = save_final_model(accelerator, model, run.tokenizer, run_dir)
+    if accelerator.is_main_process:
+        from minillm.training.plots import plot_curves
+
+        plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
+        accelerator.print(f"final loss {last.loss:.4f}; model saved to {final}")
+    logger.close()
+    accelerator.wait_for_everyone()
+    return run_dir

@@ -1,0 +1,89 @@
+"""Throughput of `minillm data pretrain` against the raw tokenizer on the same text, in the same run.
+
+    python scripts/bench_data.py                                   # ../shared/data/pretrain_zh_classical.parquet
+    python scripts/bench_data.py --input corpus.parquet --tokenizer my_tokenizer
+
+Prints MB/s (UTF-8 bytes of text per second) for:
+- raw: `tokenizers.Tokenizer.encode_batch` over the documents already in memory (batches of the same size the
+  pipeline uses), i.e. tokenizing alone;
+- pipeline: `build_pretrain_shards`, what the command runs (read the file, tokenize, write shards and manifest,
+  with the progress bar), excluding Python start-up;
+and their ratio (goal >= 85%). The two run alternately, `--repeat` times each, and each keeps its best time, since
+the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from minillm.data.pretrain import ENCODE_BATCH_CHARS, build_pretrain_shards
+from minillm.data.sources import iter_text_batches, resolve_inputs
+from minillm.tokenizer import load_tokenizer
+
+DEFAULT_INPUT = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pretrain_zh_classical.parquet"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", default=str(DEFAULT_INPUT))
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+
+    tok = load_tokenizer(args.tokenizer)
+    backend = tok.backend_tokenizer
+    texts = [t for s in resolve_inputs(args.input) for b in iter_text_batches(s, args.text_column) for t in b]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    batches, batch, chars = [], [], 0
+    for t in texts:
+        batch.append(t)
+        chars += len(t)
+        if chars >= ENCODE_BATCH_CHARS:
+            batches.append(batch)
+            batch, chars = [], 0
+    if batch:
+        batches.append(batch)
+
+    def raw() -> int:
+        n = 0
+        for b in batches:
+            n += sum(len(e.ids) for e in backend.encode_batch(b, add_special_tokens=False))
+        return n
+
+    def pipeline() -> int:
+        out = Path(tempfile.mkdtemp(prefix="minillm-bench-")) / "shards"
+        try:
+            return build_pretrain_shards(args.input, out, args.tokenizer, args.text_column, progress=True)[
+                "tokens"
+            ]
+        finally:
+            shutil.rmtree(out.parent, ignore_errors=True)
+
+    # Alternate the two so both see the same machine load; keep each one's best time.
+    t_raw = t_pipe = float("inf")
+    n_raw = n_pipe = 0
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        n_raw = raw()
+        t_raw = min(t_raw, time.perf_counter() - start)
+        start = time.perf_counter()
+        n_pipe = pipeline()
+        t_pipe = min(t_pipe, time.perf_counter() - start)
+    mbps_raw, mbps_pipe = n_bytes / t_raw / 1e6, n_bytes / t_pipe / 1e6
+    print(f"text: {args.input}: {len(texts):,} documents, {n_bytes / 1e6:.1f} MB UTF-8")
+    print(f"raw Tokenizer.encode_batch:  {t_raw:7.2f} s  {mbps_raw:7.2f} MB/s  ({n_raw:,} tokens)")
+    print(
+        f"minillm data pretrain:       {t_pipe:7.2f} s  {mbps_pipe:7.2f} MB/s  ({n_pipe:,} tokens incl. one eos per doc)"
+    )
+    print(f"ratio pipeline / raw: {mbps_pipe / mbps_raw:.1%} (goal >= 85%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""`minillm chat`: the REPL driven through stdin, one-shot `--prompt`, history trimming, <think> display."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from inference_helpers import build_model, build_tokenizer, chat_model_name, printable_only, save_model_dir
+from rich.console import Console
+
+from cli.main import main
+from minillm.inference.chat import ChatSession, ThinkPrinter, run_repl
+from minillm.inference.engine import Engine
+from minillm.inference.loading import load_model_and_tokenizer
+from minillm.inference.sampling import SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+GREEDY = ["--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "6", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    tokenizer = build_tokenizer(root / "tokenizer")
+    model = build_model(chat_model_name(), len(tokenizer), max_positions=96)
+    printable_only(model, tokenizer)
+    return save_model_dir(model, tokenizer, root / "tiny-chat")
+
+
+def run_cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+
+
+def expected_replies(model_dir: Path, turns: list[str]) -> list[str]:
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir, "cpu")
+    session = ChatSession(Engine(model, tokenizer), SamplingParams(max_new_tokens=6))
+    replies = []
+    for text in turns:
+        prompt, _ = session.build_prompt(text)
+        replies.append("".join(session.reply(text, prompt)))
+    return replies
+
+
+def test_repl_two_turns_reset_exit(model_dir):
+    first, second = expected_replies(model_dir, ["Hello there", "And the dog"])
+    after_reset = expected_replies(model_dir, ["And the dog"])[0]
+    assert second != after_reset  # the second turn really saw the first one
+    stdin = "Hello there\nAnd the dog\n/reset\nAnd the dog\n/exit\nNever read\n"
+    result = run_cli(["chat", "--model", str(model_dir), *GREEDY], stdin)
+    assert result.returncode == 0, result.stderr
+    replies = [
+        line.split("assistant> ", 1)[1] for line in result.stdout.splitlines() if "assistant> " in line
+    ]
+    assert replies == [first, second, after_reset]
+    assert "(conversation cleared)" in result.stdout
+
+
+def test_one_shot_prompt(model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--model", str(model_dir), "--prompt", "Hello there", *GREEDY])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == expected_replies(model_dir, ["Hello there"])[0]
+
+
+def test_no_model_says_how_to_make_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("minillm.runs.DEFAULT_RUNS_ROOT", tmp_path / "runs")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and "minillm pretrain" in err
+
+
+def test_history_is_trimmed_oldest_first_and_said_once(model_dir):
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir, "cpu")
+    session = ChatSession(Engine(model, tokenizer), SamplingParams(max_new_tokens=6))
+    turns = [f"Tell me about the cat and the dog number {i}" for i in range(8)]
+    lines = iter([*turns, "/system Be brief", turns[0], "/exit"])
+    out = io.StringIO()
+    run_repl(session, Console(file=out, width=200), "tiny-chat", read=lambda _prompt: next(lines))
+    text = out.getvalue()
+    assert text.count("older turns are being dropped") == 1
+    assert text.count("assistant> ") == 9 and "(system prompt set)" in text
+    # the history kept the newest turns (the oldest went first) and the prompt fits with room for the answer
+    kept = [m["content"] for m in session.history if m["role"] == "user"]
+    assert kept == (turns + [turns[0]])[-len(kept) :] and 0 < len(kept) < 9
+    prompt, _ = session.build_prompt("one more")
+    assert len(prompt) + 6 <= 96
+
+
+def test_think_content_is_styled_apart():
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=200)
+    printer = ThinkPrinter(console)
+    for piece in ["Hm ", "<think>pondering", " more</think>", "Answer"]:
+        printer.write(piece)
+    printer.end()
+    raw = console.file.getvalue()
+    assert "\x1b[2;3mpondering\x1b[0m" in raw  # dim + italic
+    assert "Answer" in raw and "\x1b[2;3mAnswer" not in raw

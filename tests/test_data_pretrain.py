@@ -1,0 +1,207 @@
+"""Pretraining data: shards from parquet/jsonl/txt, the windowed dataset, the resumable sampler, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cli.main import main
+from minillm.data.pretrain import PretrainDataset, build_pretrain_shards, check_shards_match
+from minillm.data.sampler import ResumableSampler
+from minillm.errors import UserError
+from minillm.tokenizer import load_tokenizer, train_tokenizer
+
+WORDS = ["alpha", "beta", "gamma", "delta", "model", "data", "的", "模型", "数据", "训练", "，", "。"]
+
+
+def docs(n: int, seed: int = 0) -> list[str]:
+    r = random.Random(seed)
+    return [" ".join(r.choice(WORDS) for _ in range(r.randint(3, 40))) for _ in range(n)]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The same 60 documents spread over a parquet, a jsonl and a txt file."""
+    d = tmp_path_factory.mktemp("corpus")
+    texts = docs(60)
+    pq.write_table(pa.table({"text": texts[:20], "other": list(range(20))}), d / "a.parquet")
+    (d / "b.jsonl").write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts[20:40]), encoding="utf-8"
+    )
+    (d / "c.txt").write_text("\n\n".join(texts[40:]) + "\n", encoding="utf-8")
+    return d, texts
+
+
+def test_shards_hold_every_document_followed_by_eos(corpus, tok, tmp_path, capsys):
+    d, texts = corpus
+    code, err = run_cli(
+        [
+            "data",
+            "pretrain",
+            "--input",
+            str(d / "*"),
+            "--out",
+            str(tmp_path / "shards"),
+            "--val-fraction",
+            "0.1",
+            "--shard-tokens",
+            "300",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    m = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert m["dtype"] == "uint16" and m["vocab_size"] == 32004 and m["documents"] == 60
+    assert m["splits"]["val"]["documents"] == 6 and m["splits"]["train"]["documents"] == 54
+    assert len(m["splits"]["train"]["files"]) > 1  # 300-token shards
+    assert [s["path"].rsplit("/", 1)[-1] for s in m["sources"]] == ["a.parquet", "b.jsonl", "c.txt"]
+    expected = {"train": [], "val": []}
+    for i, t in enumerate(texts):  # every 10th document (i = 9, 19, ...) is held out
+        expected["val" if (i + 1) % 10 == 0 else "train"] += tok(t)["input_ids"] + [tok.eos_token_id]
+    for split in ("train", "val"):
+        stream = np.concatenate(
+            [
+                np.fromfile(tmp_path / "shards" / f["name"], dtype=np.uint16)
+                for f in m["splits"][split]["files"]
+            ]
+        )
+        assert stream.tolist() == expected[split]
+        assert m["splits"][split]["tokens"] == len(expected[split])
+    assert m["tokens"] == len(expected["train"]) + len(expected["val"])
+
+
+def test_dataset_windows_span_shards_and_stride(corpus, tok, tmp_path):
+    d, texts = corpus
+    build_pretrain_shards([str(d / "a.parquet")], tmp_path / "s", shard_tokens=50, progress=False)
+    stream = []
+    for t in texts[:20]:
+        stream += tok(t)["input_ids"] + [0]
+    ds = PretrainDataset(tmp_path / "s", seq_len=32)
+    assert len(ds) == (len(stream) - 32) // 32 + 1
+    for i in (0, 1, len(ds) - 1):  # windows crossing the 50-token shard borders included
+        item = ds[i]
+        assert item["input_ids"].dtype == torch.long and item["input_ids"].shape == (32,)
+        assert item["input_ids"].tolist() == stream[i * 32 : i * 32 + 32]
+        assert torch.equal(item["labels"], item["input_ids"])
+    overlapped = PretrainDataset(tmp_path / "s", seq_len=32, stride=28)
+    assert overlapped[1]["input_ids"].tolist() == stream[28:60]
+    with pytest.raises(UserError, match="no 'val' split"):
+        PretrainDataset(tmp_path / "s", seq_len=32, split="val")
+    with pytest.raises(UserError, match="fewer than seq_len"):
+        PretrainDataset(tmp_path / "s", seq_len=10**6)
+
+
+def test_sampler_is_seeded_and_resumes_exactly():
+    a = ResumableSampler(100, seed=3)
+    epoch0 = list(a)
+    epoch1 = list(a)
+    assert sorted(epoch0) == list(range(100)) and epoch0 != epoch1
+    assert epoch0 == list(ResumableSampler(100, seed=3))
+    b = ResumableSampler(100, seed=3)
+    it = iter(b)
+    first = [next(it) for _ in range(37)]
+    state = b.state_dict()
+    c = ResumableSampler(100, seed=3)
+    c.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint round trip
+    assert len(c) == 63
+    assert first + list(c) == epoch0 and list(c) == epoch1
+    with pytest.raises(ValueError):
+        ResumableSampler(50).load_state_dict(state)
+
+
+def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, capsys):
+    d, _ = corpus
+    (tmp_path / "broken.parquet").write_bytes(b"not a parquet file at all")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    cases = [
+        ([str(tmp_path / "missing.parquet")], [], "missing.parquet: no such file"),
+        ([str(tmp_path / "*.nothing")], [], "*.nothing: the glob matches no files"),
+        ([str(tmp_path / "broken.parquet")], [], "broken.parquet: cannot read as parquet"),
+        ([str(d / "a.parquet")], ["--text-column", "body"], "no column 'body' (columns found: text, other)"),
+        ([str(tmp_path / "empty.parquet")], [], "empty.parquet: no documents found"),
+        ([str(d / "a.parquet")], ["--tokenizer", str(tmp_path / "no_tok")], "no_tok does not exist"),
+        (["someone/some-dataset"], [], "someone/some-dataset: cannot reach the HuggingFace Hub"),
+    ]
+    for inputs, extra, message in cases:
+        out = tmp_path / "out"
+        args = ["data", "pretrain", "--out", str(out), *extra]
+        for i in inputs:
+            args += ["--input", i]
+        code, err = run_cli(args, capsys)
+        assert code == 2, (message, err)
+        assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert (
+        "pass a local path"
+        in run_cli(["data", "pretrain", "--input", "someone/x", "--out", str(out)], capsys)[1]
+    )
+
+
+def test_shard_checks_against_tokenizer_and_model(corpus, tok, tmp_path):
+    d, _ = corpus
+    build_pretrain_shards([str(d / "b.jsonl")], tmp_path / "s", progress=False)
+    check_shards_match(tmp_path / "s", tok, vocab_size=32004, max_seq_len=64, model_max_len=128)
+    with pytest.raises(UserError, match="token id .* vocab_size is 1000"):
+        check_shards_match(tmp_path / "s", tok, vocab_size=1000)
+    with pytest.raises(UserError, match="max_seq_len 256 is larger than the model's maximum"):
+        check_shards_match(tmp_path / "s", tok, max_seq_len=256, model_max_len=128)
+    other = train_tokenizer(docs(100, seed=5), tmp_path / "tiny_tok", vocab_size=300, show_progress=False)
+    with pytest.raises(UserError, match="fingerprint .* rebuild the data"):
+        check_shards_match(tmp_path / "s", other)
+    # token ids beyond the vocabulary written into the data itself (manifest not updated) are found by the scan
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    shard = tmp_path / "s" / manifest["splits"]["train"]["files"][0]["name"]
+    data = np.fromfile(shard, dtype=np.uint16)
+    data[3] = 40000
+    data.tofile(shard)
+    with pytest.raises(UserError, match="train_00000.bin: holds token id 40000"):
+        check_shards_match(tmp_path / "s", tok, vocab_size=32004)
+    # a shard whose size does not match the manifest (truncated copy)
+    shard.write_bytes(shard.read_bytes()[:-6])
+    with pytest.raises(UserError, match="manifest says .* tokens"):
+        PretrainDataset(tmp_path / "s", seq_len=8)
+
+
+def test_datasets_pickle_without_token_data(corpus, tmp_path):
+    import pickle
+
+    d, _ = corpus
+    build_pretrain_shards([str(d / "a.parquet")], tmp_path / "s", progress=False)
+    ds = PretrainDataset(tmp_path / "s", seq_len=16)
+    first = ds[0]["input_ids"]
+    blob = pickle.dumps(ds)  # what a spawned DataLoader worker receives
+    assert len(blob) < 4096 and torch.equal(pickle.loads(blob)[0]["input_ids"], first)
+
+
+def test_existing_output_is_kept_unless_overwrite(corpus, tmp_path, capsys):
+    d, _ = corpus
+    args = ["data", "pretrain", "--input", str(d / "b.jsonl"), "--out", str(tmp_path / "s")]
+    assert run_cli(args, capsys)[0] == 0
+    before = (tmp_path / "s" / "manifest.json").read_text()
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "already exists" in err and (tmp_path / "s" / "manifest.json").read_text() == before
+    assert run_cli([*args, "--overwrite"], capsys)[0] == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("user data")
+    code, err = run_cli([*args[:-1], str(tmp_path / "mine"), "--overwrite"], capsys)
+    assert code == 2 and "not a minillm data directory" in err and (tmp_path / "mine" / "notes.txt").exists()

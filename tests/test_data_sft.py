@@ -1,0 +1,242 @@
+"""SFT data: formats, assistant-only labels, truncation, invalid rows, packing, collators, the built-in sample."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cli.main import main
+from minillm.data.builtin import builtin_pretrain_shards, builtin_sft_dataset
+from minillm.data.collate import PackedCollator, PaddedCollator
+from minillm.data.packing import pack_best_fit_decreasing, padding_ratio
+from minillm.data.pretrain import PretrainDataset, check_shards_match
+from minillm.data.sft import InvalidRow, SFTDataset, build_sft_dataset, parse_conversation
+from minillm.errors import UserError
+from minillm.tokenizer import load_tokenizer
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+def chat(q: str, a: str) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def test_three_formats_parse_to_the_same_messages():
+    expected = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q\n\nmore"},
+        {"role": "assistant", "content": "A"},
+    ]
+    messages = {"messages": expected}
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "Q\n\nmore"},
+            {"from": "gpt", "value": "A"},
+        ]
+    }
+    alpaca = {"system": "S", "instruction": "Q", "input": "more", "output": "A"}
+    for row in (messages, sharegpt, alpaca):
+        assert parse_conversation(row) == expected
+    with_prompt_left = {"messages": [*expected, {"role": "user", "content": "unanswered"}]}
+    assert parse_conversation(with_prompt_left) == expected
+    for bad, reason in [
+        ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'"),
+        (chat("q", "  "), "empty assistant turn"),
+        ({"messages": [{"role": "user", "content": "q"}]}, "no assistant turn"),
+        ({"text": "hello"}, "not a chat row"),
+    ]:
+        with pytest.raises(InvalidRow, match=reason):
+            parse_conversation(bad)
+
+
+def test_labels_cover_assistant_content_and_im_end_only(tok, tmp_path, capsys):
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "你是谁？"},
+                {"role": "assistant", "content": "我是 minillm。"},
+                {"role": "user", "content": "Really?"},
+                {"role": "assistant", "content": "Yes."},
+            ]
+        },
+        "{bad json",
+        {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+        chat("q", ""),
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+        encoding="utf-8",
+    )
+    code, err = run_cli(
+        ["data", "sft", "--input", str(path), "--out", str(tmp_path / "sft"), "--max-seq-len", "64"], capsys
+    )
+    assert code == 0, err
+    assert (
+        "invalid rows skipped: 3" in err
+        and "chats.jsonl:2: bad JSON" in err
+        and "unknown role 'wizard'" in err
+    )
+    assert (tmp_path / "sft" / "summary.txt").read_text().startswith("rows read: 4; conversations kept: 1")
+    ds = SFTDataset(tmp_path / "sft")
+    assert len(ds) == 1 and "position_ids" not in ds[0]
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    assert tok.decode(ids[labels != -100]) == "我是 minillm。<|im_end|>Yes.<|im_end|>"
+    assert torch.equal(labels[labels != -100], ids[labels != -100])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert (labels == im_end).sum() == 2 and (ids == im_end).sum() == 5  # system/user ends are not trained
+
+
+def test_truncation_at_turn_boundary_or_drop(tok, tmp_path):
+    long_answer = "word " * 80
+    multi = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "tell me more"},
+            {"role": "assistant", "content": long_answer},
+        ]
+    }
+    too_long_first = chat("q", long_answer)
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (multi, too_long_first, chat("a", "b"))) + "\n")
+    m = build_sft_dataset([str(path)], tmp_path / "turn", max_seq_len=48, progress=False)
+    assert (
+        m["summary"]["truncated"] == 1
+        and m["summary"]["dropped_too_long"] == 1
+        and m["summary"]["conversations"] == 2
+    )
+    first = SFTDataset(tmp_path / "turn")[0]
+    assert tok.decode(first["input_ids"]).endswith("<|im_start|>assistant\nhello there<|im_end|>")
+    m = build_sft_dataset([str(path)], tmp_path / "drop", max_seq_len=48, truncation="drop", progress=False)
+    assert m["summary"]["truncated"] == 0 and m["summary"]["dropped_too_long"] == 2
+
+
+def test_packing_keeps_every_conversation_with_restarting_positions(tok, tmp_path, capsys):
+    r = random.Random(0)
+    rows = [chat("question " * r.randint(1, 30), "answer " * r.randint(1, 60)) for _ in range(120)]
+    pq.write_table(pa.table({"messages": [row["messages"] for row in rows]}), tmp_path / "c.parquet")
+    plain = build_sft_dataset(
+        [str(tmp_path / "c.parquet")], tmp_path / "plain", max_seq_len=128, progress=False
+    )
+    code, err = run_cli(
+        [
+            "data",
+            "sft",
+            "--input",
+            str(tmp_path / "c.parquet"),
+            "--out",
+            str(tmp_path / "packed"),
+            "--max-seq-len",
+            "128",
+            "--pack",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    packed = json.loads((tmp_path / "packed" / "manifest.json").read_text())["summary"]
+    assert "padding ratio: packed" in err and "without packing" in err
+    assert packed["padding_ratio_packed"] < 0.05 < plain["summary"]["padding_ratio_unpacked"]
+    a, b = SFTDataset(tmp_path / "plain"), SFTDataset(tmp_path / "packed")
+    assert len(b) < len(a) == 120
+    pieces = Counter()
+    for i in range(len(b)):
+        item, cu = b[i], b.cu_seqlens(i)
+        assert len(item["input_ids"]) <= 128 and cu[0] == 0 and cu[-1] == len(item["input_ids"])
+        for s, e in zip(cu[:-1], cu[1:], strict=True):
+            assert item["position_ids"][s:e].tolist() == list(range(e - s))
+            pieces[tuple(item["input_ids"][s:e].tolist())] += 1
+            assert item["input_ids"][s] == tok.convert_tokens_to_ids("<|im_start|>")
+    assert pieces == Counter(tuple(a[i]["input_ids"].tolist()) for i in range(len(a)))
+
+    batch = PackedCollator(return_cu_seqlens=True)([b[0], b[len(b) - 1]])
+    assert set(batch) >= {"input_ids", "labels", "position_ids"} and "attention_mask" not in batch
+    length = batch["input_ids"].shape[1]
+    tail = length - len(b[len(b) - 1]["input_ids"])
+    if tail:
+        assert batch["labels"][1, -tail:].eq(-100).all() and batch["position_ids"][
+            1, -tail:
+        ].tolist() == list(range(tail))
+    assert batch["cu_seqlens"][-1] == 2 * length and batch["cu_seqlens"].dtype == torch.int32
+    padded = PaddedCollator(pad_id=0)([a[0], a[1]])
+    n0 = len(a[0]["input_ids"])
+    assert padded["attention_mask"][0].sum() == n0 and padded["labels"].shape == padded["input_ids"].shape
+    if n0 < padded["input_ids"].shape[1]:
+        assert padded["labels"][0, n0:].eq(-100).all() and padded["input_ids"][0, n0:].eq(0).all()
+
+
+def test_best_fit_decreasing():
+    lengths = [6, 5, 4, 3, 2, 2, 1, 1]  # 24 tokens: fits exactly in three rows of 8
+    bins = pack_best_fit_decreasing(lengths, 8)
+    assert sorted(i for b in bins for i in b) == list(range(8))
+    assert all(sum(lengths[i] for i in b) <= 8 for b in bins) and len(bins) == 3
+    assert padding_ratio(lengths, 8, bins) == 0.0 and padding_ratio(lengths, 8) == pytest.approx(1 - 24 / 64)
+    with pytest.raises(ValueError):
+        pack_best_fit_decreasing([9], 8)
+
+
+def test_sft_bad_inputs(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "junk.jsonl").write_text("{oops\n[1, 2]\n")
+    for name, message in [
+        ("empty.jsonl", "no rows (empty dataset)"),
+        ("junk.jsonl", "none of the 2 rows is a valid"),
+        ("nope.jsonl", "nope.jsonl: no such file"),
+    ]:
+        code, err = run_cli(
+            ["data", "sft", "--input", str(tmp_path / name), "--out", str(tmp_path / "o")], capsys
+        )
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()
+    (tmp_path / "ok.jsonl").write_text(json.dumps(chat("q", "a")) + "\n")
+    code, err = run_cli(
+        [
+            "data",
+            "sft",
+            "--input",
+            str(tmp_path / "ok.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--truncation",
+            "cut",
+        ],
+        capsys,
+    )
+    assert code == 2 and "--truncation 'cut'" in err
+
+
+def test_builtin_sample_builds_once_and_teaches_identity(tok, tmp_path):
+    shards = builtin_pretrain_shards(None, tmp_path)
+    assert PretrainDataset(shards, 64, split="val")[0]["input_ids"].shape == (64,)
+    sft = builtin_sft_dataset(None, tmp_path, max_seq_len=256, pack=True)
+    stamp = (sft / "manifest.json").stat().st_mtime_ns
+    assert builtin_sft_dataset(None, tmp_path, max_seq_len=256, pack=True) == sft
+    assert (sft / "manifest.json").stat().st_mtime_ns == stamp  # cached, not rebuilt
+    check_shards_match(sft, tok, vocab_size=len(tok), model_max_len=256)
+    with pytest.raises(UserError, match="built with max_seq_len 256, larger than the model's maximum"):
+        check_shards_match(sft, tok, model_max_len=128)
+    ds = SFTDataset(sft)
+    answers = "".join(tok.decode(ds[i]["input_ids"][ds[i]["labels"] != -100]) for i in range(len(ds)))
+    assert answers.count("minillm") > 200 and "我是 minillm" in answers and "I am minillm" in answers
+    summary = json.loads((sft / "manifest.json").read_text())["summary"]
+    assert summary["invalid_rows"] == 0 and summary["padding_ratio_packed"] < 0.05

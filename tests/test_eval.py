@@ -1,0 +1,456 @@
+"""Evaluation: perplexity / bits per byte and chat evaluation on a tiny random Llama with a tiny BPE tokenizer.
+
+The model is a native `transformers.LlamaForCausalLM` saved to a directory, i.e. exactly what `minillm export`
+produces, so these tests also show the evaluation works with any causal LM directory. Expected numbers are
+computed independently here (a plain forward per document, a hand-written greedy loop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli.main import main as cli_main
+from minillm.errors import UserError
+from minillm.evaluation import chat as chat_eval
+from minillm.evaluation import evaluate_chat, evaluate_perplexity
+from minillm.evaluation.perplexity import (
+    document_windows,
+    evaluate_token_windows,
+    read_texts,
+    token_byte_lengths,
+)
+
+WORDS = "the cat dog sat on a mat ran fast slow red blue green who wrote this poem li bai 猫 狗 你好 世界 天 地".split()
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]  # minillm's, same ids
+CHAT_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{%- if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{%- else %}{{ m['content'] }}<|im_end|>{%- endif %}\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+def build_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sentences(400, seed=1), trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL[1:],
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def build_model(tokenizer, uniform: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab_size, eos_id = len(tokenizer), tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # sharper, more varied predictions than the tiny init gives
+        # only whole words (" cat") and the stop tokens can win an argmax, so greedy answers are words
+        # that re-encode to the same few tokens, as a trained model's answers would
+        for token_id in range(vocab_size):
+            piece = tokenizer.decode([token_id])
+            if token_id not in (eos_id, 2) and not (
+                piece.startswith(" ") and piece.isascii() and piece.strip() in WORDS
+            ):
+                model.lm_head.weight[token_id] = 0.0
+        if uniform:
+            model.lm_head.weight.zero_()  # every logit 0: a uniform distribution over the vocabulary
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model_dir, model, tokenizer) of a random tiny Llama saved as an HF directory."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    model_dir = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, model, tokenizer
+
+
+def reference_nll(model, tokenizer, text: str) -> tuple[float, int]:
+    """NLL of every token of `text` after an eos, from one plain unbatched forward (no windows, no padding)."""
+    ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()  # (L-1, V)
+    return F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item(), len(ids) - 1
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_bpb_matches_an_independent_computation(tiny):
+    _, model, tokenizer = tiny
+    texts = ["the cat sat on a mat", "你好 世界 li bai wrote this poem", "dog", "red blue green " * 5]
+    result = evaluate_perplexity(model, tokenizer, texts, max_seq_len=128, batch_size=3, progress=False)
+
+    nll, tokens = map(sum, zip(*(reference_nll(model, tokenizer, t) for t in texts), strict=True))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert result["tokens"] == tokens and result["bytes"] == n_bytes and result["documents"] == 4
+    assert result["nll"] == pytest.approx(nll, rel=1e-5)
+    assert result["bpb"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert 0 < result["bpb"] < 20
+
+
+def test_long_documents_are_split_into_windows_that_score_every_token_once(tiny):
+    _, model, tokenizer = tiny
+    text = " ".join(sentences(6, seed=3))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = document_windows(ids, tokenizer.eos_token_id, max_seq_len=8)
+    assert [t for _, tgt in windows for t in tgt] == ids  # every token a target exactly once, in order
+    assert all(len(inp) <= 8 for inp, _ in windows)
+
+    result = evaluate_perplexity(model, tokenizer, [text], max_seq_len=8, batch_size=4, progress=False)
+    expected = 0.0
+    for inputs, targets in windows:  # each window on its own, as an independent forward
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([inputs])).logits[0].float()
+        expected += F.cross_entropy(logits, torch.tensor(targets), reduction="sum").item()
+    assert result["tokens"] == len(ids)
+    assert result["nll"] == pytest.approx(expected, rel=1e-5)
+    # less context per token than one long window: never better than scoring it whole
+    whole = evaluate_perplexity(model, tokenizer, [text], max_seq_len=256, batch_size=1, progress=False)
+    assert whole["tokens"] == result["tokens"] and whole["nll"] != pytest.approx(result["nll"], rel=1e-6)
+
+
+def test_uniform_model_has_perplexity_equal_to_vocab_size(tiny):
+    _, _, tokenizer = tiny
+    model = build_model(tokenizer, uniform=True)
+    texts = sentences(5, seed=7)
+    result = evaluate_perplexity(model, tokenizer, texts, max_seq_len=16, batch_size=2, progress=False)
+    vocab = len(tokenizer)
+    assert result["ppl"] == pytest.approx(vocab, rel=1e-5)
+    assert result["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert result["bpb"] == pytest.approx(result["tokens"] * math.log2(vocab) / result["bytes"], rel=1e-6)
+
+
+def test_token_windows_give_the_same_numbers_as_texts(tiny):
+    """The trainer's path (token windows from shards) agrees with the text path; eos targets are not scored."""
+    _, model, tokenizer = tiny
+    texts = ["the cat sat on a mat", "你好 世界 猫", "li bai wrote this poem"]
+    eos = tokenizer.eos_token_id
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert sum(token_byte_lengths(tokenizer)[i] for i in encoded[1]) == len(texts[1].encode("utf-8"))
+    by_text = evaluate_perplexity(model, tokenizer, texts, max_seq_len=64, batch_size=2, progress=False)
+    by_window = evaluate_token_windows(model, tokenizer, [[eos, *ids] for ids in encoded], batch_size=2)
+    for key in ("tokens", "bytes", "nll", "bpb"):
+        assert by_window[key] == pytest.approx(by_text[key], rel=1e-5)
+    # one packed window holding two documents: the eos between them is context, not a target
+    packed = evaluate_token_windows(model, tokenizer, [[eos, *encoded[0], eos, *encoded[2]]])
+    assert packed["tokens"] == len(encoded[0]) + len(encoded[2])
+    assert packed["bytes"] == len(texts[0].encode()) + len(texts[2].encode())
+
+
+def build_shards(tmp_path: Path, tokenizer_dir: Path, name: str) -> Path:
+    from minillm.data.pretrain import build_pretrain_shards
+
+    corpus = tmp_path / f"{name}.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in sentences(120, seed=21)), encoding="utf-8"
+    )
+    build_pretrain_shards([str(corpus)], tmp_path / name, tokenizer_dir, val_fraction=0.25, progress=False)
+    return tmp_path / name
+
+
+def test_shard_directory_val_split(tiny, tmp_path):
+    """`--data DIR` scores the val split of `minillm data pretrain` shards in windows of max_seq_len + 1."""
+    import numpy as np
+
+    from minillm.evaluation.perplexity import evaluate_files
+
+    model_dir, model, tokenizer = tiny
+    shards = build_shards(tmp_path, model_dir, "shards")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    val = np.concatenate(
+        [np.fromfile(shards / f["name"], dtype=manifest["dtype"]) for f in manifest["splits"]["val"]["files"]]
+    ).tolist()
+    windows = [val[i : i + 17] for i in range(0, len(val) - 16, 17)]
+    report = evaluate_files(model, tokenizer, [shards], max_seq_len=16, batch_size=4, progress=False)
+    expected = evaluate_token_windows(model, tokenizer, windows, batch_size=3)
+    row = report["files"][0]
+    assert row["file"].endswith("shards:val") and row["documents"] == manifest["splits"]["val"]["documents"]
+    for key in ("tokens", "bytes", "nll", "bpb"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-5)
+    specials = set(tokenizer.all_special_ids)
+    assert row["tokens"] == sum(t not in specials for w in windows for t in w[1:])
+
+    other = build_tokenizer(vocab_size=330)  # a different vocabulary: its shards must be refused
+    other_dir = tmp_path / "other_tok"
+    other.save_pretrained(other_dir)
+    with pytest.raises(UserError, match="tokenizer"):
+        evaluate_files(model, tokenizer, [build_shards(tmp_path, other_dir, "other")], progress=False)
+
+
+@pytest.mark.parametrize("name", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
+def test_our_architectures_load_from_a_directory_and_score_like_unpadded_windows(tiny, tmp_path, name):
+    """Our models, saved and loaded back through the Auto classes: batched, right-padded scoring equals one plain
+    forward per window (so their attention masks handle padding)."""
+    from minillm.evaluation.loading import load_model_and_tokenizer
+    from minillm.models.registry import build_model as build_ours
+
+    _, _, tokenizer = tiny
+    build_ours(name, "tiny", vocab_size=len(tokenizer)).save_pretrained(tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / name)
+    model, loaded_tokenizer = load_model_and_tokenizer(tmp_path / name, torch.device("cpu"), torch.float32)
+    assert model.config.model_type == name and len(loaded_tokenizer) == len(tokenizer)
+
+    texts = sentences(5, seed=2)
+    result = evaluate_perplexity(model, tokenizer, texts, max_seq_len=16, batch_size=3, progress=False)
+    expected = 0.0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for inputs, targets in document_windows(ids, tokenizer.eos_token_id, 16):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([inputs])).logits[0].float()  # (L, V)
+            expected += F.cross_entropy(logits, torch.tensor(targets), reduction="sum").item()
+    assert result["nll"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_read_texts_formats_and_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("whole file\nis one document", encoding="utf-8")
+    assert read_texts(tmp_path / "a.txt") == ["whole file\nis one document"]
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"text": ""}\n{"text": "y"}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "b.jsonl") == ["x", "y"]
+    pq.write_table(pa.table({"content": ["p", "q", "r"]}), tmp_path / "c.parquet")
+    assert read_texts(tmp_path / "c.parquet", "content", limit=2) == ["p", "q"]
+    with pytest.raises(UserError, match=r"c.parquet: no 'text' column \(found: content\)"):
+        read_texts(tmp_path / "c.parquet")
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"d.jsonl:2: not valid JSON"):
+        read_texts(tmp_path / "d.jsonl")
+
+
+# ---------------------------------------------------------------- chat
+
+
+def hand_greedy(model, tokenizer, messages, max_new_tokens: int) -> str:
+    """Greedy decoding by hand: argmax of a full forward at every step, stop at <|im_end|> or eos."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"])
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    new = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+        if nxt in stops:
+            break
+        new.append(nxt)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_chat_loss_is_on_assistant_tokens_only(tiny):
+    _, model, tokenizer = tiny
+    conversation = [
+        {"role": "system", "content": "you are a cat"},
+        {"role": "user", "content": "who wrote this poem"},
+        {"role": "assistant", "content": "li bai"},
+        {"role": "user", "content": "the dog"},
+        {"role": "assistant", "content": "sat on a mat"},
+    ]
+    result = evaluate_chat(
+        model, tokenizer, [conversation], max_seq_len=256, max_new_tokens=4, progress=False
+    )
+
+    encoded = tokenizer.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = encoded["input_ids"], encoded["assistant_masks"]
+    scored = [ids[t] for t in range(1, len(ids)) if mask[t]]
+    expected_tokens = len(
+        tokenizer("li bai<|im_end|>sat on a mat<|im_end|>", add_special_tokens=False)["input_ids"]
+    )
+    assert len(scored) == expected_tokens == result["assistant_tokens"]
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)  # (L-1, V)
+    expected = -sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
+    assert result["nll"] == pytest.approx(expected, rel=1e-5)
+    assert result["loss"] == pytest.approx(expected / expected_tokens, rel=1e-5)
+
+
+def test_exact_match_counts_greedy_answers(tiny):
+    _, model, tokenizer = tiny
+    questions = ["who wrote this poem", "the cat", "你好", "red blue", "dog ran"]
+    predictions = [hand_greedy(model, tokenizer, [{"role": "user", "content": q}], 6) for q in questions]
+    references = list(predictions)
+    references[1] = predictions[1].strip()  # the model's leading space is normalised away: still a match
+    references[2] = "mat"  # a wrong answer
+    assert predictions[2].strip() != "mat"
+    references[4] = "li bai wrote this poem " * 4  # too long for exact match: loss only
+    conversations = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        for q, r in zip(questions, references, strict=True)
+    ]
+    result = evaluate_chat(
+        model, tokenizer, conversations, max_seq_len=256, batch_size=2, max_new_tokens=6, progress=False
+    )
+    em = result["exact_match"]
+    assert [a["prediction"] for a in em["answers"]] == predictions[:4]
+    assert [a["match"] for a in em["answers"]] == [True, True, False, True]
+    assert (em["items"], em["correct"]) == (4, 3) and em["rate"] == pytest.approx(0.75)
+    assert result["conversations"] == 5
+
+
+def test_chat_template_without_generation_markers_is_refused(tiny):
+    _, model, tokenizer = tiny
+    plain = build_tokenizer()
+    plain.chat_template = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    conversation = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "dog"}]
+    with pytest.raises(UserError, match="generation"):
+        evaluate_chat(model, plain, [conversation], progress=False)
+
+
+def test_read_conversations_rejects_bad_rows(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot", '
+        '"content": "x"}]}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(UserError, match=r"chat.jsonl:2: each message needs a role"):
+        chat_eval.read_conversations(path)
+    assert chat_eval.normalize_answer("  Li   BAI。") == "li bai"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        cli_main(args)
+    except SystemExit as exit_:
+        return exit_.code or 0
+    return 0
+
+
+def test_cli_ppl_prints_table_and_writes_json(tiny, tmp_path, capsys):
+    model_dir, model, tokenizer = tiny
+    data = tmp_path / "heldout.jsonl"
+    texts = sentences(6, seed=11)
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "out" / "ppl.json"
+    code = run_cli(
+        [
+            "eval",
+            "ppl",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--data",
+            str(data),
+            "--json",
+            str(out),
+            "--max-seq-len",
+            "16",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    assert "bpb" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    expected = evaluate_perplexity(model, tokenizer, texts, max_seq_len=16, batch_size=4, progress=False)
+    assert len(report["files"]) == 2 and report["total"]["documents"] == 12
+    assert report["files"][0]["bpb"] == pytest.approx(expected["bpb"], rel=1e-5)
+    assert report["total"]["bpb"] == pytest.approx(expected["bpb"], rel=1e-5)  # same file twice: same ratio
+    assert not list(out.parent.glob(".*tmp"))
+
+
+def test_cli_chat_writes_json(tiny, tmp_path):
+    model_dir, _, _ = tiny
+    data = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "li bai"}]}
+        for q in ("who wrote this poem", "the cat")
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "chat.json"
+    code = run_cli(
+        [
+            "eval",
+            "chat",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--json",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["exact_match"]["items"] == 2 and report["conversations"] == 2
+    assert report["assistant_tokens"] > 0 and math.isfinite(report["loss"])
+
+
+@pytest.mark.parametrize("case", ["missing_data", "not_a_model", "too_long"])
+def test_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case):
+    model_dir, _, _ = tiny
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat", encoding="utf-8")
+    args = {
+        "missing_data": ["--model", str(model_dir), "--data", str(tmp_path / "nope.parquet")],
+        "not_a_model": ["--model", str(tmp_path), "--data", str(data)],
+        "too_long": ["--model", str(model_dir), "--data", str(data), "--max-seq-len", "4096"],
+    }[case]
+    out = tmp_path / "r.json"
+    assert run_cli(["eval", "ppl", *args, "--json", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert {"missing_data": "nope.parquet", "not_a_model": "not a model directory", "too_long": "4096"}[
+        case
+    ] in err
+    assert not out.exists()

@@ -1,0 +1,59 @@
+"""`minillm export`: a native transformers checkpoint that loads without minillm, and the way back."""
+
+import json
+
+import pytest
+import torch
+from model_checks import check_hf_export, write_tiny_tokenizer
+
+from cli.main import main as cli_main
+from minillm.models.registry import build_model
+
+VOCAB = 256
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return build_model("mini_llama3", "tiny", vocab_size=VOCAB, num_hidden_layers=2, tie_word_embeddings=False)
+
+
+def run_cli(*argv):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(list(argv))
+    return exc.value.code
+
+
+def test_export_llama_loads_without_minillm(tmp_path):
+    dst = check_hf_export(tiny_llama(), tmp_path, "LlamaForCausalLM")
+    config = json.loads((dst / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert config.get("pad_token_id") is None  # else LlamaModel's padding_idx would freeze the eos (= pad) row
+    generation = json.loads((dst / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["pad_token_id"]) == (0, 0)
+
+
+def test_export_cli(tmp_path, capsys):
+    src = tmp_path / "run" / "final"
+    tiny_llama().save_pretrained(src)
+    write_tiny_tokenizer(src, VOCAB)
+    assert run_cli("export", "--to", "hf", str(src.parent), str(tmp_path / "hf")) == 0  # a run dir -> its final/
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert run_cli("export", "--to", "minillm", str(tmp_path / "hf"), str(tmp_path / "back")) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "mini_llama3"
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+
+
+def test_export_refuses_bad_input(tmp_path, capsys):
+    src = tmp_path / "final"
+    tiny_llama().save_pretrained(src)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("user data")
+    assert run_cli("export", str(src), str(occupied)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (occupied / "keep.txt").read_text() == "user data"
+    assert run_cli("export", str(tmp_path / "missing"), str(tmp_path / "x")) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert run_cli("export", "--to", "gguf", str(src), str(tmp_path / "y")) == 2
+    assert "choose 'hf' or 'minillm'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -1,0 +1,161 @@
+"""Our decode loop against `generate()` and against an uncached forward, on tiny random models.
+
+Correctness under greedy decoding is exact: token for token the same as `model.generate()` and as recomputing the
+whole sequence without a cache, for one prompt and for a left-padded batch of prompts of different lengths.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from inference_helpers import all_model_names, build_model, build_tokenizer
+
+from minillm.inference.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, HFEngine
+from minillm.inference.sampling import SamplingParams, filter_top_k, filter_top_p, sample_next
+from minillm.inference.textstream import IncrementalText
+
+PROMPTS = [
+    "The cat sat on the mat and",
+    "Hello world",
+    "A big red dog ran quickly under the green tree because",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+@pytest.fixture(scope="module", params=all_model_names())
+def model(request, tokenizer):
+    return build_model(request.param, len(tokenizer))
+
+
+def encode(tokenizer, texts):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def no_stop(engine):
+    """Random weights may emit eos early; compare full-length outputs."""
+    engine.stop_token_ids = set()
+    return engine
+
+
+@torch.inference_mode()
+def uncached_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        logits = model(input_ids=ids, use_cache=False).logits[:, -1]  # (1, V)
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt) :].tolist()
+
+
+def test_greedy_matches_generate_batch1_and_padded_batch(model, tokenizer):
+    prompts = encode(tokenizer, PROMPTS)
+    params = SamplingParams(max_new_tokens=12)
+    ours_b = [c.token_ids for c in no_stop(Engine(model, tokenizer)).generate(prompts, params)]
+    hf_b = [c.token_ids for c in no_stop(HFEngine(model, tokenizer)).generate(prompts, params)]
+    assert ours_b == hf_b
+    assert all(len(t) == 12 for t in ours_b)
+    for p, batched in zip(prompts, ours_b, strict=True):
+        solo = no_stop(Engine(model, tokenizer)).generate([p], params)[0].token_ids
+        assert solo == batched  # left padding changes nothing
+        assert solo == no_stop(HFEngine(model, tokenizer)).generate([p], params)[0].token_ids
+
+
+def test_cached_equals_uncached(model, tokenizer):
+    prompt = encode(tokenizer, PROMPTS[:1])[0]
+    ours = no_stop(Engine(model, tokenizer)).generate([prompt], SamplingParams(max_new_tokens=10))[0]
+    assert ours.token_ids == uncached_greedy(model, prompt, 10)
+    assert ours.finish_reason == FINISH_LENGTH
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model, tokenizer):
+    engine = no_stop(Engine(model, tokenizer))
+    prompts = encode(tokenizer, PROMPTS)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, top_k=50, seed=7)
+    first = [c.token_ids for c in engine.generate(prompts, params)]
+    assert first == [c.token_ids for c in engine.generate(prompts, params)]
+    other = SamplingParams(max_new_tokens=10, temperature=1.0, seed=8)
+    assert first != [c.token_ids for c in engine.generate(prompts, other)]
+    # row 0 of a batch uses the request's seed, so it matches the same prompt decoded alone
+    assert first[0] == engine.generate(prompts[:1], params)[0].token_ids
+
+
+def test_stop_token_and_stop_string(model, tokenizer):
+    engine = no_stop(Engine(model, tokenizer))
+    prompt = encode(tokenizer, PROMPTS[:1])
+    full = engine.generate(prompt, SamplingParams(max_new_tokens=10))[0]
+    # a stop token: generation ends before it, and it is not part of the output
+    cut = engine.generate(prompt, SamplingParams(max_new_tokens=10, stop_token_ids=[full.token_ids[3]]))[0]
+    assert cut.token_ids == full.token_ids[: full.token_ids.index(full.token_ids[3])]
+    assert cut.finish_reason == FINISH_STOP
+    # a stop string taken from the middle of the text: the output is the text before it
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    assert stop.strip(), "test needs a visible stop string"
+    by_string = engine.generate(prompt, SamplingParams(max_new_tokens=10, stop=[stop]))[0]
+    assert by_string.text == full.text[: full.text.index(stop)]
+    assert by_string.finish_reason == FINISH_STOP
+
+
+def test_max_new_tokens_is_cut_to_the_context_window(tokenizer):
+    model = build_model("llama-hf", len(tokenizer), max_positions=40)
+    engine = no_stop(Engine(model, tokenizer))
+    prompt = encode(tokenizer, PROMPTS[2:])[0]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=100))[0]
+    assert len(prompt) + len(out.token_ids) == 40 and out.finish_reason == FINISH_LENGTH
+    with pytest.raises(ValueError, match="context window is 40"):
+        engine.generate([prompt * 3], SamplingParams(max_new_tokens=1))
+
+
+def test_cancel_stops_at_the_next_step(tokenizer):
+    engine = no_stop(Engine(build_model("llama-hf", len(tokenizer)), tokenizer))
+    cancel = threading.Event()
+    steps = 0
+    reasons = []
+    for events in engine.stream(encode(tokenizer, PROMPTS[:1]), SamplingParams(max_new_tokens=50), cancel):
+        steps += 1
+        reasons += [ev.finish_reason for ev in events if ev.finish_reason]
+        if steps == 3:
+            cancel.set()
+    assert steps == 4 and reasons == [FINISH_CANCELLED]
+
+
+def test_hf_engine_sampling_and_stop_string(tokenizer):
+    model = build_model("llama-hf", len(tokenizer))
+    engine = no_stop(HFEngine(model, tokenizer))
+    prompt = encode(tokenizer, PROMPTS[:1])
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=3)
+    assert engine.generate(prompt, params)[0].token_ids == engine.generate(prompt, params)[0].token_ids
+    full = engine.generate(prompt, SamplingParams(max_new_tokens=8))[0]
+    stop = full.text[-3:-1]
+    out = engine.generate(prompt, SamplingParams(max_new_tokens=8, stop=[stop]))[0]
+    assert out.text == full.text[: full.text.index(stop)] and out.finish_reason == FINISH_STOP
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_top_k(logits, 2)).tolist() == [[True, False, False, True]]
+    # probs ~ [0.09, 0.67, 0.24, 0.03]: top_p 0.7 keeps the two largest (0.67 alone does not reach 0.7)
+    assert torch.isinf(filter_top_p(logits, 0.7)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_top_p(logits, 0.5)).tolist() == [[True, False, True, True]]
+    greedy = SamplingParams(repetition_penalty=4.0)
+    seen = torch.tensor([[False, True, False, False]])
+    assert sample_next(logits, greedy, seen).tolist() == [2]  # 3 / 4 < 2: the repeated token loses
+    gen = [torch.Generator().manual_seed(0)]
+    assert sample_next(logits, SamplingParams(temperature=1.0, top_k=1), None, gen).tolist() == [1]
+
+
+def test_incremental_text_streams_exactly_the_decoded_text(tokenizer):
+    text = "Hello wörld — naïve café 日本語 🙂 end"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    inc = IncrementalText(tokenizer)
+    pieces = [inc.feed(i) for i in ids] + [inc.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # with a stop string, nothing of it (not even its first characters) is ever streamed
+    inc = IncrementalText(tokenizer, stop=["café"])
+    streamed = "".join(inc.feed(i) for i in ids if not inc.stopped) + inc.flush()
+    assert streamed == "Hello wörld — naïve " and inc.stopped

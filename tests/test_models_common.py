@@ -1,0 +1,184 @@
+"""The shared layers (norm, RoPE, attention masks, chunked loss), the registry and the output contract."""
+
+import pytest
+import torch
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek
+from transformers.models.llama import modeling_llama as hf_llama
+from transformers.models.qwen3_next import modeling_qwen3_next as hf_qwen3_next
+
+from minillm.errors import UserError
+from minillm.models import registry
+from minillm.models.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    build_attention_mask,
+    chunked_cross_entropy,
+    document_ids_from_position_ids,
+    position_ids_from_cu_seqlens,
+    sdpa_attention,
+    shift_targets,
+)
+from minillm.models.layers.loss import reference_cross_entropy
+from minillm.models.outputs import MiniLLMOutput
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_bit_identical_to_references(dtype):
+    x = torch.randn(2, 5, 32).to(dtype)
+    ours, theirs = RMSNorm(32, eps=1e-6), hf_llama.LlamaRMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32))
+        theirs.weight.copy_(ours.weight)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    assert torch.equal(ours(x), theirs(x))
+    zc, ref = RMSNorm(32, eps=1e-6, zero_centered=True), hf_qwen3_next.Qwen3NextRMSNorm(32, eps=1e-6)
+    assert torch.equal(zc.weight, torch.zeros(32))  # identity scale at init
+    with torch.no_grad():
+        zc.weight.copy_(torch.randn(32) * 0.1)
+        ref.weight.copy_(zc.weight)
+    assert torch.equal(zc.to(dtype)(x), ref.to(dtype)(x))
+
+
+def same(pair_a, pair_b) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(pair_a, pair_b, strict=True))
+
+
+def test_rope_matches_references_full_partial_interleaved():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [5, 6, 7, 8, 9, 10, 11]])
+    q, k = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16)
+    rope = RotaryEmbedding(16, theta=10000.0)
+    cos, sin = rope(q, pos)
+    assert same(apply_rotary(q, k, cos, sin), hf_llama.apply_rotary_pos_emb(q, k, cos, sin))
+    # Partial rotary (Qwen3-Next): only the first 4 channels rotate.
+    cos4, sin4 = RotaryEmbedding(4, theta=10000.0)(q, pos)
+    ours = apply_rotary(q, k, cos4, sin4)
+    assert same(ours, hf_qwen3_next.apply_rotary_pos_emb(q, k, cos4, sin4))
+    assert torch.equal(ours[0][..., 4:], q[..., 4:])
+    # Interleaved pairs (DeepSeek-V3).
+    ours = apply_rotary(q, k, cos, sin, interleaved=True)
+    assert same(ours, hf_deepseek.apply_rotary_pos_emb_interleave(q, k, cos, sin))
+    # Angles depend on positions only: a restarted document rotates like a fresh one.
+    assert torch.equal(cos[0, 3:6], cos[0, 0:3])
+
+
+def test_rope_scaled_types_delegate_to_transformers():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    )
+    rope = RotaryEmbedding.from_config(cfg, 16)
+    assert torch.allclose(rope.inv_freq, RotaryEmbedding(16, 10000.0).inv_freq / 4.0)
+
+
+def test_document_ids_and_packed_mask():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert torch.equal(position_ids_from_cu_seqlens(torch.tensor([0, 3, 5, 9], dtype=torch.int32)), pos)
+    assert document_ids_from_position_ids(pos).tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3]]
+    mask = build_attention_mask(9, 9, position_ids=pos)[0, 0]
+    assert mask[4].tolist() == [False, False, False, True, True, False, False, False, False]
+    assert mask[8].tolist() == [False] * 5 + [True] * 4
+    # Without restarts, plain causal attention (None -> SDPA is_causal) is exact.
+    assert build_attention_mask(9, 9, position_ids=torch.arange(9)[None]) is None
+
+
+def test_attention_mask_with_cache_and_padding():
+    # 3 new queries after 4 cached keys, no padding: end-aligned causal mask.
+    mask = build_attention_mask(3, 7)[0, 0]
+    assert mask.int().tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert build_attention_mask(1, 7) is None  # one query sees every key
+    # Left padding: real queries never see pad keys; pad rows stay finite.
+    pad = torch.tensor([[0, 0, 1, 1, 1]])
+    mask = build_attention_mask(5, 5, attention_mask=pad)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    out = sdpa_attention(q, k, v, mask)  # (B, L, H, D)
+    assert torch.isfinite(out).all()
+    alone = sdpa_attention(q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], None)
+    assert torch.allclose(out[:, 2:], alone, atol=1e-6)
+
+
+def test_attention_gqa_matches_repeated_heads():
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    out = sdpa_attention(q, k, v, None)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), is_causal=True
+    ).transpose(1, 2)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("normaliser", [None, 37, torch.tensor(37.0)])
+def test_chunked_cross_entropy_matches_plain(normaliser):
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[1, :5] = -100
+    targets = shift_targets(labels)
+    loss = chunked_cross_entropy(hidden, weight, targets, normaliser, chunk_size=4)
+    expected = reference_cross_entropy(hidden @ weight.t(), targets, normaliser)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    g = torch.autograd.grad(loss, (hidden, weight))
+    g_ref = torch.autograd.grad(expected, (hidden, weight))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, g_ref, strict=True))
+
+
+def test_chunked_cross_entropy_keeps_no_full_logits():
+    """Autograd saves only the two gradient tensors (N x D and V x D), never N x V logits."""
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(1000, 8, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_cross_entropy(hidden, weight, torch.randint(0, 1000, (64,)), chunk_size=16)
+    assert saved and max(saved) <= 1000 * 8  # the V x D weight gradient; 64 x 1000 logits would be larger
+
+
+def test_shift_targets_packed_boundaries():
+    labels = torch.tensor([[10, 11, 12, 20, 21, 30]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert shift_targets(labels).tolist() == [[11, 12, 20, 21, 30, -100]]
+    assert shift_targets(labels, pos).tolist() == [[11, 12, -100, 21, -100, -100]]
+    assert shift_targets(labels, pos, shift=2).tolist() == [[12, -100, -100, -100, -100, -100]]
+
+
+def test_all_ignored_mean_is_zero():
+    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
+    assert chunked_cross_entropy(hidden, weight, torch.full((4,), -100)).item() == 0.0
+
+
+def test_registry_errors_and_presets():
+    assert registry.MODEL_NAMES == ("mini_llama3", "mini_deepseekv3", "mini_qwen3_next")
+    with pytest.raises(UserError, match="mini_llama3, mini_deepseekv3, mini_qwen3_next"):
+        registry.build_config("gpt2")
+    with pytest.raises(UserError, match="known presets: tiny, base"):
+        registry.build_config("mini_llama3", "huge")
+    config = registry.build_config("mini_llama3", "base", num_hidden_layers=2)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 2, 12)
+    assert config.vocab_size == 32004
+    assert registry.known_presets("mini_llama3") == ("tiny", "base")
+
+
+def test_auto_classes_know_our_models():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import minillm  # noqa: F401
+
+    for name in registry.MODEL_NAMES:
+        config = AutoConfig.for_model(name)
+        assert config.model_type == name and type(config) is registry.model_package(name).CONFIG_CLASS
+    config = AutoConfig.for_model(
+        "mini_llama3", hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=64, intermediate_size=64
+    )
+    assert type(AutoModelForCausalLM.from_config(config)).__name__ == "MiniLlama3ForCausalLM"
+
+
+def test_output_contract():
+    out = MiniLLMOutput(loss=torch.tensor(1.0), cache="c", aux_losses={"lm": torch.tensor(1.0)})
+    assert out.past_key_values == "c" and out["cache"] == "c"
+    assert out.logits is None and out.expert_counts is None

@@ -1,0 +1,300 @@
+"""The OpenAI-compatible server, driven by the real `openai` client and raw HTTP on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from inference_helpers import (
+    ServerThread,
+    build_model,
+    build_tokenizer,
+    chat_model_name,
+    printable_only,
+    save_model_dir,
+)
+
+from minillm.inference.engine import FINISH_CANCELLED, Engine
+from minillm.inference.loading import load_model_and_tokenizer, model_display_name
+from minillm.inference.sampling import SamplingParams
+from minillm.inference.server import create_app
+
+CONTEXT = 128
+MODEL_DIR_NAME = "tiny-chat"
+
+
+class RecordingEngine(Engine):
+    """Our engine, remembering how each generation ended (to see a disconnect cancel one)."""
+
+    finishes: list[str]
+
+    def stream(self, prompts, params, cancel=None):
+        for events in super().stream(prompts, params, cancel):
+            self.finishes += [ev.finish_reason for ev in events if ev.finish_reason]
+            yield events
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = build_tokenizer(root / "tokenizer")
+    model = build_model(chat_model_name(), len(tokenizer), max_positions=CONTEXT)
+    printable_only(model, tokenizer)
+    model_dir = save_model_dir(model, tokenizer, root / MODEL_DIR_NAME)
+    loaded, tok, _ = load_model_and_tokenizer(model_dir, "cpu")  # the same path `minillm serve` takes
+    engine = RecordingEngine(loaded, tok)
+    engine.finishes = []
+    server = ServerThread(create_app(engine, model_display_name(model_dir), max_concurrency=32)).start()
+    keyed = ServerThread(create_app(engine, MODEL_DIR_NAME, api_key="s3cret", max_concurrency=1)).start()
+    yield server, keyed, engine
+    server.stop()
+    keyed.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, content, **kwargs):
+    return client.chat.completions.create(
+        model=MODEL_DIR_NAME, messages=[{"role": "user", "content": content}], **kwargs
+    )
+
+
+def streamed_text(client, content, **kwargs) -> str:
+    parts = []
+    for chunk in chat(client, content, stream=True, **kwargs):
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    return "".join(parts)
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list().data] == [MODEL_DIR_NAME]
+    assert client.models.retrieve(MODEL_DIR_NAME).id == MODEL_DIR_NAME
+    health = httpx.get(served[0].url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_chat_completion_and_stream_agree(served, client):
+    engine = served[2]
+    full = chat(client, "Hello there", temperature=0.9, seed=11, max_tokens=12)
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert full.model == MODEL_DIR_NAME
+    prompt = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}], tokenize=False, add_generation_prompt=True
+    )
+    prompt_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert full.usage.prompt_tokens == prompt_tokens
+    assert 0 < full.usage.completion_tokens <= 12
+    assert full.usage.total_tokens == prompt_tokens + full.usage.completion_tokens
+    greedy = chat(client, "Hello there", temperature=0, max_tokens=12)  # never picks a special token here
+    assert greedy.choices[0].finish_reason == "length" and greedy.usage.completion_tokens == 12
+    assert choice.message.content and streamed_text(
+        client, "Hello there", temperature=0.9, seed=11, max_tokens=12
+    ) == (choice.message.content)
+    other_seed = (
+        chat(client, "Hello there", temperature=0.9, seed=12, max_tokens=12).choices[0].message.content
+    )
+    assert other_seed != choice.message.content
+
+
+def test_stream_wire_format_ends_with_done(served):
+    body = {
+        "model": MODEL_DIR_NAME,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    response = httpx.post(served[0].url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: ") :] for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_completion_matches_the_engine(served, client):
+    engine = served[2]
+    out = client.completions.create(model=MODEL_DIR_NAME, prompt="The cat", max_tokens=8, temperature=0)
+    ids = engine.tokenizer("The cat", add_special_tokens=False)["input_ids"]
+    expected = engine.generate([ids], SamplingParams(max_new_tokens=8))[0]
+    assert out.choices[0].text == expected.text and out.usage.completion_tokens == 8
+    stream = client.completions.create(
+        model=MODEL_DIR_NAME, prompt="The cat", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected.text
+
+
+def test_api_key(served):
+    keyed = served[1]
+    wrong = openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError) as err:
+        wrong.models.list()
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    no_header = httpx.get(keyed.url + "/v1/models", timeout=10)
+    assert no_header.status_code == 401 and "error" in no_header.json()
+    right = openai.OpenAI(base_url=keyed.url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
+    assert [m.id for m in right.models.list().data] == [MODEL_DIR_NAME]
+    assert (
+        right.chat.completions.create(
+            model=MODEL_DIR_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+        )
+        .choices[0]
+        .message.content
+    )
+
+
+def test_sixteen_concurrent_streams_equal_their_solo_outputs(client):
+    jobs = [
+        (f"Tell me about the {w} number {i}", 100 + i)
+        for i, w in enumerate(["cat", "dog", "tree", "bird"] * 4)
+    ]
+    solo = [streamed_text(client, text, temperature=1.0, seed=seed, max_tokens=10) for text, seed in jobs]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        together = list(
+            pool.map(
+                lambda job: streamed_text(client, job[0], temperature=1.0, seed=job[1], max_tokens=10), jobs
+            )
+        )
+    assert together == solo
+    assert len(set(solo)) > 8  # different prompts and seeds really give different answers
+
+
+def test_disconnect_mid_stream_stops_generation(served, client):
+    server, _, engine = served
+    engine.finishes.clear()
+    body = {
+        "model": MODEL_DIR_NAME,
+        "messages": [{"role": "user", "content": "Go on"}],
+        "max_tokens": 100,
+        "stream": True,
+    }
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")  # the first chunk arrived; now hang up
+    for _ in range(100):  # at most 10 s for the server to notice
+        if httpx.get(server.url + "/health", timeout=10).json()["in_flight"] == 0:
+            break
+        time.sleep(0.1)
+    health = httpx.get(server.url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["in_flight"] == 0
+    assert engine.finishes == [FINISH_CANCELLED]
+    assert chat(client, "Still there?", max_tokens=3).choices[0].message.content  # and it still serves
+
+
+def test_disconnect_while_queued_never_decodes(served):
+    """A non-streaming client that gives up while waiting for the model: its request is dropped unrun."""
+    server, _, engine = served
+    lock = server.app.state.minillm.model_lock
+    engine.finishes.clear()
+    body = {"model": MODEL_DIR_NAME, "messages": msgs(), "max_tokens": 50}
+    lock.acquire()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)
+        for _ in range(100):  # at most 10 s for the server to notice
+            if httpx.get(server.url + "/health", timeout=10).json()["in_flight"] == 0:
+                break
+            time.sleep(0.1)
+        assert httpx.get(server.url + "/health", timeout=10).json()["in_flight"] == 0
+    finally:
+        lock.release()
+    assert chat(openai.OpenAI(base_url=server.url + "/v1", api_key="x"), "Hi", max_tokens=2).choices
+    assert engine.finishes == ["length"]  # only the last request decoded
+
+
+def test_busy_server_answers_429(served):
+    keyed = served[1]  # max_concurrency=1
+    lock = keyed.app.state.minillm.model_lock
+    headers = {"Authorization": "Bearer s3cret"}
+    body = {"model": MODEL_DIR_NAME, "messages": msgs(), "max_tokens": 5, "stream": True}
+    url = keyed.url + "/v1/chat/completions"
+    lock.acquire()  # the model is busy: the first request is admitted and waits for it
+    try:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as first:
+            lines = first.iter_lines()
+            assert next(lines).startswith("data: ")
+            second = httpx.post(url, json=body, headers=headers, timeout=30)
+            assert second.status_code == 429 and second.json()["error"]["code"] == "server_busy"
+            lock.release()
+            assert [line for line in lines if line][
+                -1
+            ] == "data: [DONE]"  # the waiting request completes once the model is free
+    finally:
+        if lock.locked():
+            lock.release()
+    assert httpx.post(url, json={**body, "stream": False}, headers=headers, timeout=30).status_code == 200
+
+
+def msgs(content="Hi", role="user"):
+    return [{"role": role, "content": content}]
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "tiny-chat", "messages": [', 400, None),
+    ("body not an object", "/v1/chat/completions", [1, 2], 400, None),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL_DIR_NAME}, 400, "messages"),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("unknown role", "/v1/chat/completions", {"messages": msgs(role="wizard")}, 400, "messages.0.role"),
+    ("messages not a list", "/v1/chat/completions", {"messages": "Hi"}, 400, "messages"),
+    ("content a number", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, None),
+    (
+        "temperature a string",
+        "/v1/chat/completions",
+        {"messages": msgs(), "temperature": "hot"},
+        400,
+        "temperature",
+    ),
+    (
+        "max_tokens a string",
+        "/v1/chat/completions",
+        {"messages": msgs(), "max_tokens": "5"},
+        400,
+        "max_tokens",
+    ),
+    ("stream not a bool", "/v1/chat/completions", {"messages": msgs(), "stream": "yes"}, 400, "stream"),
+    ("n > 1", "/v1/chat/completions", {"messages": msgs(), "n": 2}, 400, "n"),
+    ("max_tokens 0", "/v1/chat/completions", {"messages": msgs(), "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens < 0", "/v1/chat/completions", {"messages": msgs(), "max_tokens": -3}, 400, "max_tokens"),
+    (
+        "max_tokens > limit",
+        "/v1/chat/completions",
+        {"messages": msgs(), "max_tokens": 10**6},
+        400,
+        "max_tokens",
+    ),
+    ("prompt too long", "/v1/chat/completions", {"messages": msgs("cat " * 400)}, 400, "messages"),
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": msgs()}, 404, "model"),
+    ("oversized body", "/v1/chat/completions", {"messages": msgs("x" * (2 << 20))}, 413, None),
+    ("completion without prompt", "/v1/completions", {"model": MODEL_DIR_NAME}, 400, "prompt"),
+    ("completion prompt too long", "/v1/completions", {"prompt": "dog " * 400}, 400, "prompt"),
+    ("unknown route", "/v1/embeddings", {"input": "x"}, 404, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"), [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_requests_get_openai_errors(served, path, body, status, param):
+    url = served[0].url + path
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param
+    if "too long" in error["message"] or "context length" in error["message"]:
+        assert str(CONTEXT) in error["message"]  # says the numbers
+    assert httpx.get(served[0].url + "/health", timeout=10).status_code == 200

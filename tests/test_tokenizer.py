@@ -1,0 +1,154 @@
+"""Tokenizer: the shipped default (layout, chat template masks, compression), training one, loading errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cli.main import main
+from minillm.errors import UserError
+from minillm.tokenizer import (
+    ADDED_TOKENS,
+    EOS_TOKEN,
+    chars_per_token,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+
+WORDS = [
+    "model",
+    "token",
+    "train",
+    "data",
+    "small",
+    "loss",
+    "layer",
+    "the",
+    "a",
+    "of",
+    "语言",
+    "模型",
+    "训练",
+    "数据",
+]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+def generated_text(n: int, seed: int = 0) -> list[str]:
+    r = random.Random(seed)
+    return [" ".join(r.choice(WORDS) for _ in range(r.randint(5, 30))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_tokenizer()
+
+
+def test_shipped_tokenizer_layout(shipped):
+    from transformers import AutoTokenizer
+
+    assert len(shipped) == 32004
+    assert shipped.convert_tokens_to_ids([EOS_TOKEN, *ADDED_TOKENS]) == [0, 32000, 32001, 32002, 32003]
+    assert shipped.eos_token == shipped.pad_token == EOS_TOKEN
+    again = AutoTokenizer.from_pretrained(str(shipped.name_or_path))  # a plain transformers directory
+    assert len(again) == 32004 and again.chat_template == shipped.chat_template
+    text = "Hello, world! 你好，世界。 def f(x): return x ** 2\n\tTabs & émojis 🙂"
+    assert shipped.decode(shipped(text)["input_ids"]) == text  # byte-level: exact round trip
+    assert len(tokenizer_fingerprint(shipped)) == 16
+
+
+def test_chat_template_marks_assistant_content_and_im_end(shipped):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "你是谁？"},
+        {"role": "assistant", "content": "我是 minillm。"},
+        {"role": "user", "content": "And in English?"},
+        {"role": "assistant", "content": "I am minillm.", "reasoning_content": "Translate."},
+    ]
+    out = shipped.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    text = shipped.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    trained = shipped.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == "我是 minillm。<|im_end|><think>\nTranslate.\n</think>\n\nI am minillm.<|im_end|>"
+    prompt = shipped.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\n你是谁？<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_shipped_compression_on_sample(shipped):
+    from minillm.data.builtin import PRETRAIN_SAMPLE
+
+    docs = [json.loads(line)["text"] for line in PRETRAIN_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    english = [d for d in docs if d.isascii()]
+    chinese = [d for d in docs if not d.isascii()]
+    assert chars_per_token(shipped, english) > 3.4
+    assert chars_per_token(shipped, chinese) > 1.2  # everyday Chinese; 2.3 on the modern docs corpus
+
+
+def test_train_tiny_tokenizer_and_cli(tmp_path, capsys):
+    tok = train_tokenizer(generated_text(300), tmp_path / "tok", vocab_size=300, show_progress=False)
+    assert len(tok) == 304
+    assert tok.convert_tokens_to_ids(ADDED_TOKENS) == [300, 301, 302, 303]
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert (
+        tokenizer_fingerprint(loaded) == tokenizer_fingerprint(tok) != tokenizer_fingerprint(load_tokenizer())
+    )
+    assert loaded.decode(loaded("small model 训练 data")["input_ids"]) == "small model 训练 data"
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"body": t}) + "\n" for t in generated_text(200, seed=1)), encoding="utf-8"
+    )
+    code, err = run_cli(
+        [
+            "tokenizer",
+            "train",
+            "--data",
+            str(corpus),
+            "--text-column",
+            "body",
+            "--vocab-size",
+            "280",
+            "--out",
+            str(tmp_path / "cli_tok"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert len(load_tokenizer(tmp_path / "cli_tok")) == 284
+    assert "characters/token" in err
+
+
+def test_load_tokenizer_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path / "empty")
+    # A tokenizer without our special tokens (e.g. someone else's BPE) is refused, naming what is missing.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    raw.train_from_iterator(generated_text(50), trainers.BpeTrainer(vocab_size=270, show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tmp_path / "plain")
+    with pytest.raises(UserError, match="lacks the special tokens <\\|endoftext\\|>"):
+        load_tokenizer(tmp_path / "plain")
+    code, err = run_cli(
+        ["data", "pretrain", "--input", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o")], capsys
+    )
+    assert code == 2 and "x.txt: no such file" in err and len(err.strip().splitlines()) == 1
