@@ -2,6 +2,8 @@
 
     minillm export --to hf runs/sft_mini_llama3_20260101-120000 exported/llama   # a run dir or its final/
     minillm export --to minillm exported/llama back/                            # reference checkpoint -> minillm
+
+The conversion itself lives in `minillm.models.export`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def register(app: typer.Typer) -> None:
         console = Console()
         with console.status(f"converting {src} ..."):
             summary = (export_to_hf if to == "hf" else import_from_hf)(src, dst)
-        console.print(f"wrote {dst}: {summary['reference'] if to == 'hf' else summary['architecture']} "
-                      f"(from {summary['architecture'] if to == 'hf' else summary['reference']})")
+        console.print(
+            f"wrote {dst}: {summary['reference'] if to == 'hf' else summary['architecture']} "
+            f"(from {summary['architecture'] if to == 'hf' else summary['reference']})"
+        )
         if not summary["tokenizer_files"]:
             console.print(f"[yellow]note:[/] {src} has no tokenizer files; none were copied")

@@ -2,6 +2,8 @@
 
     minillm info --model mini_deepseekv3 --preset base
     minillm info --model mini_llama3 --preset base --seq-len 1024
+
+The numbers come from `minillm.models.stats` (the model is built on the meta device: instant, no memory).
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command("info")
     def info(
-        model: str = typer.Option("mini_llama3", "--model", help="mini_llama3, mini_deepseekv3 or mini_qwen3_next."),
+        model: str = typer.Option(
+            "mini_llama3", "--model", help="mini_llama3, mini_deepseekv3 or mini_qwen3_next."
+        ),
         preset: str = typer.Option("tiny", "--preset", help="Size preset (tiny, base)."),
-        seq_len: int = typer.Option(0, "--seq-len", help="Sequence length for attention FLOPs (0: the model's max)."),
+        seq_len: int = typer.Option(
+            0, "--seq-len", help="Sequence length for attention FLOPs (0: the model's max)."
+        ),
     ) -> None:
         """Print total, activated (MoE), MTP and non-embedding parameters and training FLOPs per token."""
         from rich.console import Console

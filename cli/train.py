@@ -79,6 +79,7 @@ def _run(stage: str, recipe: str | None, launcher: str | None, values: dict[str,
         resolved = config.resolve()  # one clear error here rather than one per rank
         launcher_cfg, _ = launch.read_launcher(launcher)
         launch.check_world(launcher_cfg, resolved.micro_batch_size, resolved.global_batch_size)
+        launch.check_deepspeed_file(launcher_cfg, resolved)
         raise typer.Exit(launch.relaunch(launcher, _argv(stage, recipe, overrides)))
     from minillm.training.trainer import train
 

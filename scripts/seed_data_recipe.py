@@ -1,13 +1,16 @@
 """The seed's (Mini-LLM's) data recipe, end to end: raw datasets from the HF hub -> tokenizer, pretraining shards,
 packed SFT set.
 
-    python scripts/seed_data_recipe.py all --out data/seed                 # download (stream + sample) and build
-    python scripts/seed_data_recipe.py download --out data/seed            # only the sampled raw files
-    python scripts/seed_data_recipe.py build --out data/seed               # tokenizer + shards + SFT from them
-    python scripts/seed_data_recipe.py build --out data/seed --dry-run     # print the minillm commands only
+    python scripts/seed_data_recipe.py all --out data                 # download (stream + sample) and build
+    python scripts/seed_data_recipe.py download --out data            # only the sampled raw files
+    python scripts/seed_data_recipe.py build --out data               # tokenizer + shards + SFT from them
+    python scripts/seed_data_recipe.py build --out data --dry-run     # print the minillm commands only
     # from local copies instead of the hub (e.g. a ModelScope download of the same files):
-    python scripts/seed_data_recipe.py all --out data/seed \\
+    python scripts/seed_data_recipe.py all --out data \\
         --fineweb-files 'fineweb/4_5/*.parquet' --deepctrl-file deepctrl/sft_data_zh.jsonl
+    # then train with the shipped recipes, which read data/pretrain and data/sft_packed:
+    minillm pretrain --config recipes/pretrain_deepseekv3_base.yaml
+    minillm sft --config recipes/sft_deepseekv3_base.yaml
 
 What it does (the numbers are the seed's defaults, all flags):
 1. Fineweb-Edu-Chinese-V2.1 (`opencsg/Fineweb-Edu-Chinese-V2.1`), the score 4-5 folder `4_5/` (about 9,745 parquet
@@ -21,7 +24,8 @@ What it does (the numbers are the seed's defaults, all flags):
    20% multi-turn, balanced over the dataset's `type` categories.
 3. `minillm tokenizer train` on the 5% sample (32,000 base vocabulary + 4 special tokens).
 4. `minillm data pretrain` on the 20% Fineweb sample + all deepctrl text, with a small validation split.
-5. `minillm data sft --pack` on the 50,000 conversations at 2,048 tokens (too-long ones dropped, as the seed did).
+5. `minillm data sft --pack` on the 50,000 conversations at 512 tokens, the context the base models are pretrained
+   at (too-long conversations dropped, as the seed's filter did).
 
 Layout of `--out`:
     raw/fineweb_tokenizer/part-00000.parquet ...     (text, source[, score])
@@ -29,7 +33,7 @@ Layout of `--out`:
     raw/deepctrl_pretrain/part-00000.parquet ...     (text)
     raw/deepctrl_sft.jsonl                           ({"messages": [...]}, one conversation per line)
     work/sft_candidates/                             (candidates by stratum; deleted once sampled)
-    tokenizer/  pretrain/  sft/                      (what minillm builds; pass them to pretrain / sft)
+    tokenizer/  pretrain/  sft_packed/               (what minillm builds; the recipes/ configs read them)
     recipe.json                                      (the parameters and the counts of every step)
 
 Differences from the seed: it downloaded whole folders from ModelScope and sampled afterwards; this streams and
@@ -72,9 +76,11 @@ class Recipe:
     max_score: float = 5.0
     sft_samples: int = 50_000
     sft_multi_turn_ratio: float = 0.2
-    sft_max_seq_len: int = 2048
+    sft_max_seq_len: int = 512
     sft_min_chars: int = 20  # shorter conversations teach nothing (the seed: 20 tokens)
-    sft_max_chars: int = 4096  # cheap pre-filter; `minillm data sft` drops what is still too long in tokens
+    sft_max_chars: int = (
+        1200  # cheap pre-filter (~2 chars/token); `minillm data sft` drops what is still too long
+    )
     vocab_size: int = 32_000
     val_fraction: float = 0.001
     seed: int = 123
@@ -177,6 +183,10 @@ class ParquetShards:
         self.rows += table.num_rows
         self.buffer = defaultdict(list, {name: values[n:] for name, values in self.buffer.items()})
 
+    def abort(self) -> None:
+        """Drop everything written so far (the run failed)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
     def close(self) -> None:
         rest = len(next(iter(self.buffer.values()))) if self.buffer else 0
         if rest:
@@ -208,7 +218,7 @@ def stream_deepctrl(file: str | None = None) -> Iterator[dict]:
     """Rows of the deepctrl SFT jsonl, streamed from the hub through `datasets`, or from a local copy.
 
     Read as lines and parsed here: the rows' `history` is null, a list of pairs or missing, which defeats schema
-    inference; a line that is not valid JSON is skipped (the seed's file has a few).
+    inference; a line that is not valid JSON is skipped.
     """
     import datasets
 
@@ -248,20 +258,15 @@ def sample_fineweb(batches: Iterable[dict[str, list]], recipe: Recipe) -> dict:
     }
     writers = {name: ParquetShards(recipe.raw / name, recipe.rows_per_file) for name in samples}
     rows = dropped_score = 0
-    for batch in batches:
-        if "text" not in batch:
-            raise ValueError(f"fineweb rows have no 'text' column (found: {', '.join(batch)})")
-        columns = {k: v for k, v in batch.items() if k in ("text", "source", "score")}
-        n = len(columns["text"])
-        rows += n
-        mask = score_mask(columns.get("score"), recipe.min_score, recipe.max_score)
-        kept = [i for i in range(n) if columns["text"][i] and (mask is None or mask[i])]
-        dropped_score += n - len(kept)
-        columns = {k: [v[i] for i in kept] for k, v in columns.items()}
-        strata = columns.get("source") or ["all"] * len(kept)
-        for name, sampler in samples.items():
-            chosen = sampler.select([str(s) for s in strata])
-            writers[name].add({k: [v[i] for i in chosen] for k, v in columns.items()})
+    try:
+        for batch in batches:
+            n, dropped = _sample_batch(batch, samples, writers, recipe)
+            rows += n
+            dropped_score += dropped
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     for writer in writers.values():
         writer.close()
     return {
@@ -269,6 +274,22 @@ def sample_fineweb(batches: Iterable[dict[str, list]], recipe: Recipe) -> dict:
         "dropped_by_score_or_empty": dropped_score,
         **{name: {"rows": writers[name].rows, "by_source": dict(s.taken)} for name, s in samples.items()},
     }
+
+
+def _sample_batch(batch: dict[str, list], samples: dict, writers: dict, recipe: Recipe) -> tuple[int, int]:
+    """One stream batch through the score filter and both samplers; (rows seen, rows dropped)."""
+    if "text" not in batch:
+        raise ValueError(f"fineweb rows have no 'text' column (found: {', '.join(batch)})")
+    columns = {k: v for k, v in batch.items() if k in ("text", "source", "score")}
+    n = len(columns["text"])
+    mask = score_mask(columns.get("score"), recipe.min_score, recipe.max_score)
+    kept = [i for i in range(n) if columns["text"][i] and (mask is None or mask[i])]
+    columns = {k: [v[i] for i in kept] for k, v in columns.items()}
+    strata = columns.get("source") or ["all"] * len(kept)
+    for name, sampler in samples.items():
+        chosen = sampler.select([str(s) for s in strata])
+        writers[name].add({k: [v[i] for i in chosen] for k, v in columns.items()})
+    return n, n - len(kept)
 
 
 # --------------------------------------------------------------------------------------------- step 2: deepctrl
@@ -330,6 +351,10 @@ def split_deepctrl(rows: Iterable[dict], recipe: Recipe) -> dict:
                 handles[stratum] = (candidates / f"{len(handles):04d}.jsonl").open("w", encoding="utf-8")
             handles[stratum].write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
             counts[stratum] += 1
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(candidates.parent, ignore_errors=True)
+        raise
     finally:
         for handle in handles.values():
             handle.close()
@@ -429,7 +454,7 @@ def build_commands(recipe: Recipe) -> list[list[str]]:
             "--truncation",
             "drop",
             "--out",
-            str(out / "sft"),
+            str(out / "sft_packed"),
             "--overwrite",
         ],
     ]
@@ -517,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k in Recipe.__dataclass_fields__}
     recipe = Recipe(**options)
-    recipe.out.mkdir(parents=True, exist_ok=True)
+    if not args.dry_run:
+        recipe.out.mkdir(parents=True, exist_ok=True)
     from minillm.errors import UserError
 
     stats: dict = {}
@@ -529,7 +555,11 @@ def main(argv: list[str] | None = None) -> int:
             if missing and not args.dry_run:
                 raise UserError(f"{recipe.raw} lacks {', '.join(missing)}; run the download step first")
             stats["commands"] = [["minillm", *c] for c in build(recipe, args.dry_run)]
-    except (UserError, FileNotFoundError, ValueError) as err:
+    except ConnectionError as err:
+        hint = "no hub access? pass local copies with --fineweb-files and --deepctrl-file"
+        print(f"error: {err}; {hint}", file=sys.stderr)
+        return 2
+    except (UserError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.dry_run:

@@ -224,7 +224,9 @@ def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
-def logits_in_clean_process(model_dir: Path, input_ids: torch.Tensor, expected_class: str, out: Path) -> torch.Tensor:
+def logits_in_clean_process(
+    model_dir: Path, input_ids: torch.Tensor, expected_class: str, out: Path
+) -> torch.Tensor:
     """Load `model_dir` with `AutoModelForCausalLM` in a fresh Python that never imports minillm; return its
     logits for `input_ids`. Also checks the tokenizer loads."""
     script = textwrap.dedent(
@@ -246,7 +248,11 @@ def logits_in_clean_process(model_dir: Path, input_ids: torch.Tensor, expected_c
 
 @torch.no_grad()
 def check_hf_export(
-    model: torch.nn.Module, tmp_path: Path, expected_class: str, skip: tuple[str, ...] = (), atol: float = 1e-4
+    model: torch.nn.Module,
+    tmp_path: Path,
+    expected_class: str,
+    skip: tuple[str, ...] = (),
+    atol: float = 1e-4,
 ) -> Path:
     """Save `model` (+ a tokenizer) like a run's final/, `export_to_hf` it, load the export in a process without
     minillm and compare logits; then `import_from_hf` it back and compare tensors (`skip`: prefixes dropped on

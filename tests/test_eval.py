@@ -238,12 +238,12 @@ def test_our_architectures_load_from_a_directory_and_score_like_unpadded_windows
     model, loaded_tokenizer = load_model_and_tokenizer(tmp_path / name, torch.device("cpu"), torch.float32)
     assert model.config.model_type == name and len(loaded_tokenizer) == len(tokenizer)
 
-    texts = sentences(5, seed=2)
-    result = evaluate_perplexity(model, tokenizer, texts, max_seq_len=16, batch_size=3, progress=False)
+    texts = sentences(3, seed=2)  # of different lengths: the batch pads
+    result = evaluate_perplexity(model, tokenizer, texts, max_seq_len=32, batch_size=3, progress=False)
     expected = 0.0
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for inputs, targets in document_windows(ids, tokenizer.eos_token_id, 16):
+        for inputs, targets in document_windows(ids, tokenizer.eos_token_id, 32):
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([inputs])).logits[0].float()  # (L, V)
             expected += F.cross_entropy(logits, torch.tensor(targets), reduction="sum").item()
@@ -434,6 +434,22 @@ def test_cli_chat_writes_json(tiny, tmp_path):
     report = json.loads(out.read_text())
     assert report["exact_match"]["items"] == 2 and report["conversations"] == 2
     assert report["assistant_tokens"] > 0 and math.isfinite(report["loss"])
+
+
+def test_model_dir_resolution(tiny, tmp_path, monkeypatch):
+    from minillm.evaluation.loading import resolve_model_dir
+
+    model_dir, _, _ = tiny
+    run = tmp_path / "runs" / "pretrain_mini_llama3_20260101-000000"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text((model_dir / "config.json").read_text())
+    assert resolve_model_dir(model_dir) == model_dir
+    assert resolve_model_dir(run) == run / "final"  # a run directory means its finished model
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir(None) == Path("runs") / run.name / "final"  # the newest finished run
+    monkeypatch.chdir(tmp_path / "runs")
+    with pytest.raises(UserError, match="no finished run"):
+        resolve_model_dir(None)
 
 
 @pytest.mark.parametrize("case", ["missing_data", "not_a_model", "too_long"])

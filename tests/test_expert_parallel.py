@@ -20,7 +20,7 @@ from minillm.errors import UserError
 from minillm.parallel.expert_parallel import validate_expert_parallel
 
 WORLD = 2
-E, D, INTER, T, K = 4, 8, 6, 10, 2
+E, D, INTER, T, K = 4, 8, 8, 10, 2
 
 
 def _free_port() -> int:
@@ -56,16 +56,15 @@ def _reference_experts(seed: int):
     from minillm.models.layers.moe import RoutedExperts
 
     torch.manual_seed(seed)
-    return RoutedExperts(E, D, INTER, backend="padded")
+    return RoutedExperts(E, D, INTER)  # the default backend: grouped_mm where it applies, else padded bmm
 
 
-def _rank_batch(rank: int, starve_expert: int | None):
-    """Rank-specific tokens and routing; `starve_expert` gets no token from any rank."""
+def _rank_batch(rank: int, starve: tuple[int, ...]):
+    """Rank-specific tokens and routing; the experts in `starve` get no token from any rank."""
     g = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(T, D, generator=g)
     logits = torch.randn(T, E, generator=g)
-    if starve_expert is not None:
-        logits[:, starve_expert] = -1e9
+    logits[:, list(starve)] = -1e9
     weight, idx = logits.softmax(-1).topk(K, dim=-1)  # (T, K)
     return x, idx, weight
 
@@ -79,14 +78,14 @@ def _moe_out(experts, x, idx, weight, ep=None):
     return combine(out, plan, weight)
 
 
-def _check_dispatch_combine(rank: int, ep, starve_expert: int | None) -> None:
+def _check_dispatch_combine(rank: int, ep, starve: tuple[int, ...]) -> None:
     """EP forward and gradients equal a single-process run over both ranks' tokens with all experts."""
     from minillm.parallel.expert_parallel import shard_experts
 
     full = _reference_experts(0)
     ref_out, ref_xgrad = [], []
     for r in range(WORLD):
-        x, idx, w = _rank_batch(r, starve_expert)
+        x, idx, w = _rank_batch(r, starve)
         x.requires_grad_(True)
         out = _moe_out(full, x, idx, w)
         (out.pow(2).sum() * (r + 1)).backward()
@@ -99,7 +98,7 @@ def _check_dispatch_combine(rank: int, ep, starve_expert: int | None) -> None:
     experts = model.experts
     assert experts.gate_up_proj.shape == (E // WORLD, 2 * INTER, D)
     assert experts.gate_up_proj.allreduce is False and experts.gate_up_proj.group_name == "ep_size_2"
-    x, idx, w = _rank_batch(rank, starve_expert)
+    x, idx, w = _rank_batch(rank, starve)
     x.requires_grad_(True)
     out = _moe_out(experts, x, idx, w, ep)
     (out.pow(2).sum() * (rank + 1)).backward()
@@ -109,8 +108,9 @@ def _check_dispatch_combine(rank: int, ep, starve_expert: int | None) -> None:
     sl = slice(rank * E // WORLD, (rank + 1) * E // WORLD)
     torch.testing.assert_close(experts.gate_up_proj.grad, full.gate_up_proj.grad[sl], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(experts.down_proj.grad, full.down_proj.grad[sl], rtol=1e-5, atol=1e-6)
-    if starve_expert is not None and sl.start <= starve_expert < sl.stop:
-        assert experts.down_proj.grad[starve_expert - sl.start].abs().sum() == 0
+    for expert in starve:
+        if sl.start <= expert < sl.stop:
+            assert experts.down_proj.grad[expert - sl.start].abs().sum() == 0
 
 
 def _check_gather_and_shards(rank: int, ep, tmp_dir: str) -> None:
@@ -163,8 +163,9 @@ def _worker(rank: int, port: int, tmp_dir: str, errors) -> None:
 
         assert list(groups._get_expert_data_parallel_group_ranks("ep_size_2")) == [rank]
         _check_all_to_all(rank)
-        _check_dispatch_combine(rank, ep, starve_expert=None)
-        _check_dispatch_combine(rank, ep, starve_expert=1)  # expert 1 (on rank 0) gets no tokens
+        _check_dispatch_combine(rank, ep, starve=())
+        _check_dispatch_combine(rank, ep, starve=(1,))  # expert 1 (on rank 0) gets no tokens
+        _check_dispatch_combine(rank, ep, starve=(0, 1))  # rank 0's experts get nothing: it receives no rows
         _check_gather_and_shards(rank, ep, tmp_dir)
         dist.barrier()
     except BaseException:
@@ -228,3 +229,22 @@ def test_validate_expert_parallel_accepts_good_setups():
     validate_expert_parallel(
         1, world_size=3, num_experts=None, model_name="m", uses_deepspeed=False, zero_stage=3
     )
+
+
+def test_zero3_leaf_marks_each_moe_block_of_both_models():
+    from deepspeed.utils import z3_leaf_module
+
+    from minillm.models.registry import build_model
+    from minillm.parallel.expert_parallel import set_zero3_leaf_moe_blocks
+
+    for name, block_class in (
+        ("mini_deepseekv3", "MiniDeepSeekV3MoE"),
+        ("mini_qwen3_next", "MiniQwen3NextSparseMoeBlock"),
+    ):
+        model = build_model(name, "tiny", num_hidden_layers=2, vocab_size=256)
+        classes = set_zero3_leaf_moe_blocks(model)
+        assert [c.__name__ for c in classes] == [block_class]
+        blocks = [m for m in model.modules() if type(m).__name__ == block_class]
+        assert blocks and all(z3_leaf_module(m) for m in blocks)
+        # Nothing else becomes a leaf: the rest of the model is still partitioned module by module.
+        assert not z3_leaf_module(model.model.layers[0])

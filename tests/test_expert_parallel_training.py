@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -74,17 +75,25 @@ def _train(model: str, ep: int, run_dir: Path, shards: Path, *extra: str) -> Non
 
 
 def _train_until_killed(model: str, ep: int, run_dir: Path, shards: Path, checkpoint: str) -> None:
-    """Start a run and SIGKILL all its processes as soon as `checkpoint` is complete."""
+    """Start a run and SIGKILL all its processes (the launcher and its workers, which torch's elastic agent starts
+    in sessions of their own) as soon as `checkpoint` is complete."""
+    import psutil  # a dependency of accelerate
+
     proc = subprocess.Popen(_command(model, ep, run_dir, shards, "--overwrite"), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    launcher = psutil.Process(proc.pid)
     deadline = time.monotonic() + 300
     try:
         while not (run_dir / "checkpoints" / checkpoint / "trainer_state.json").is_file():
             assert proc.poll() is None, "the run ended before writing its checkpoint"
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        victims = launcher.children(recursive=True) + [launcher]
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims, timeout=30)
         proc.wait()
 
 

@@ -14,7 +14,9 @@ VOCAB = 256
 
 def tiny_llama():
     torch.manual_seed(0)
-    return build_model("mini_llama3", "tiny", vocab_size=VOCAB, num_hidden_layers=2, tie_word_embeddings=False)
+    return build_model(
+        "mini_llama3", "tiny", vocab_size=VOCAB, num_hidden_layers=2, tie_word_embeddings=False
+    )
 
 
 def run_cli(*argv):
@@ -27,7 +29,8 @@ def test_export_llama_loads_without_minillm(tmp_path):
     dst = check_hf_export(tiny_llama(), tmp_path, "LlamaForCausalLM")
     config = json.loads((dst / "config.json").read_text())
     assert config["model_type"] == "llama"
-    assert config.get("pad_token_id") is None  # else LlamaModel's padding_idx would freeze the eos (= pad) row
+    # A pad id would become LlamaModel's padding_idx and freeze the eos (= pad) embedding row in fine-tuning.
+    assert config.get("pad_token_id") is None
     generation = json.loads((dst / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (0, 0)
 
@@ -36,7 +39,8 @@ def test_export_cli(tmp_path, capsys):
     src = tmp_path / "run" / "final"
     tiny_llama().save_pretrained(src)
     write_tiny_tokenizer(src, VOCAB)
-    assert run_cli("export", "--to", "hf", str(src.parent), str(tmp_path / "hf")) == 0  # a run dir -> its final/
+    # A run directory resolves to its final/.
+    assert run_cli("export", "--to", "hf", str(src.parent), str(tmp_path / "hf")) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert run_cli("export", "--to", "minillm", str(tmp_path / "hf"), str(tmp_path / "back")) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "mini_llama3"

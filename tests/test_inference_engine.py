@@ -65,6 +65,18 @@ def test_greedy_matches_generate_batch1_and_padded_batch(model, tokenizer):
         assert solo == no_stop(HFEngine(model, tokenizer)).generate([p], params)[0].token_ids
 
 
+def test_overlapped_loop_gives_the_same_tokens_and_stops(model, tokenizer):
+    """The CUDA schedule (next forward queued before the tokens are read) run on CPU: same results."""
+    prompts = encode(tokenizer, PROMPTS)
+    params = SamplingParams(max_new_tokens=8)
+    plain = [c.token_ids for c in no_stop(Engine(model, tokenizer)).generate(prompts, params)]
+    overlapped = no_stop(Engine(model, tokenizer, overlap=True))
+    assert [c.token_ids for c in overlapped.generate(prompts, params)] == plain
+    stop = plain[0][4]
+    cut = overlapped.generate(prompts[:1], SamplingParams(max_new_tokens=8, stop_token_ids=[stop]))[0]
+    assert cut.token_ids == plain[0][: plain[0].index(stop)] and cut.finish_reason == FINISH_STOP
+
+
 def test_cached_equals_uncached(model, tokenizer):
     prompt = encode(tokenizer, PROMPTS[:1])[0]
     ours = no_stop(Engine(model, tokenizer)).generate([prompt], SamplingParams(max_new_tokens=10))[0]
@@ -75,10 +87,10 @@ def test_cached_equals_uncached(model, tokenizer):
 def test_seeded_sampling_is_reproducible_and_batch_independent(model, tokenizer):
     engine = no_stop(Engine(model, tokenizer))
     prompts = encode(tokenizer, PROMPTS)
-    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, top_k=50, seed=7)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.95, top_k=50, seed=7)
     first = [c.token_ids for c in engine.generate(prompts, params)]
     assert first == [c.token_ids for c in engine.generate(prompts, params)]
-    other = SamplingParams(max_new_tokens=10, temperature=1.0, seed=8)
+    other = SamplingParams(max_new_tokens=6, temperature=1.0, seed=8)
     assert first != [c.token_ids for c in engine.generate(prompts, other)]
     # row 0 of a batch uses the request's seed, so it matches the same prompt decoded alone
     assert first[0] == engine.generate(prompts[:1], params)[0].token_ids
@@ -159,3 +171,28 @@ def test_incremental_text_streams_exactly_the_decoded_text(tokenizer):
     inc = IncrementalText(tokenizer, stop=["café"])
     streamed = "".join(inc.feed(i) for i in ids if not inc.stopped) + inc.flush()
     assert streamed == "Hello wörld — naïve " and inc.stopped
+
+
+def test_bench_script_reports_both_engines(tokenizer):
+    """scripts/bench_decode.py on a tiny model: both engines produce all tokens and get timed."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from rich.table import Table
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(batch_sizes=[1, 2], prompt_len=5, new_tokens=4, repeats=1)
+    rows = bench.bench_model(
+        "llama-hf", build_model("llama-hf", len(tokenizer)), tokenizer, args, "cpu", Table()
+    )
+    assert [(r["batch"], r["engine"]) for r in rows] == [
+        (1, "generate()"),
+        (1, "minillm"),
+        (2, "generate()"),
+        (2, "minillm"),
+    ]
+    assert all(r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 for r in rows)

@@ -173,7 +173,12 @@ def test_auto_classes_know_our_models():
         config = AutoConfig.for_model(name)
         assert config.model_type == name and type(config) is registry.model_package(name).CONFIG_CLASS
     config = AutoConfig.for_model(
-        "mini_llama3", hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=64, intermediate_size=64
+        "mini_llama3",
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        vocab_size=64,
+        intermediate_size=64,
     )
     assert type(AutoModelForCausalLM.from_config(config)).__name__ == "MiniLlama3ForCausalLM"
 

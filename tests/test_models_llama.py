@@ -138,3 +138,14 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(input_ids=ids, labels=ids).loss.backward()
     for g, p in zip(expected, model.parameters(), strict=True):
         assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_loss_runs_inside_the_head_module():
+    """ZeRO-3 / FSDP gather the head's sharded weight only around `lm_head`'s own forward: the loss must go
+    through it (a forward pre-hook sees the call)."""
+    model = tiny()
+    calls = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: calls.append(len(args)))
+    ids = torch.randint(1, VOCAB, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [3]  # (hidden, targets, num_items_in_batch)

@@ -2,18 +2,21 @@
 recurrent state, K/V), packed documents, the MoE outputs (router aux loss, expert counts), presets and config
 validation."""
 
+import json
+
 import pytest
 import torch
 from model_checks import (
     check_cached_generation,
     check_chunked_loss,
+    check_hf_export,
     check_packed_equivalence,
     check_reference_parity,
     check_roundtrip,
     check_save_load,
     random_ids,
 )
-from transformers import Qwen3NextForCausalLM
+from transformers import DynamicCache, Qwen3NextForCausalLM
 from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
 from minillm.models.mini_qwen3_next import (
@@ -69,10 +72,32 @@ def test_reference_parity_and_roundtrip():
     check_roundtrip(ours, to_reference, from_reference)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_experts=0, mlp_only_layers=[]),  # dense everywhere
+        dict(
+            layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
+            decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=False, linear_num_value_heads=2,
+            tie_word_embeddings=True, linear_conv_kernel_dim=3,
+        ),
+    ],
+)
+@torch.no_grad()
+def test_reference_parity_of_other_layouts(overrides):
+    ours = tiny_model(seed=12, **overrides)
+    ref = to_reference(ours).eval()
+    ids = random_ids(VOCAB, 2, 19, seed=12)
+    assert (ours(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() <= 1e-4
+    assert abs(ours(input_ids=ids, labels=ids).aux_losses["lm"] - ref(input_ids=ids, labels=ids).loss) <= 1e-5
+    check_roundtrip(ours, to_reference, from_reference)
+
+
 @torch.no_grad()
 def test_loss_with_router_aux_and_padding_matches_reference():
-    ours = tiny_model(router_aux_loss_coef=0.05)
-    ref = to_reference(ours).eval()
+    # Training mode: the balance loss joins the loss (no dropout in these models, so the numbers are deterministic).
+    ours = tiny_model(router_aux_loss_coef=0.05).train()
+    ref = to_reference(ours).train()
     ids = random_ids(VOCAB, 3, 19, seed=5)
     # Training batches are right-padded: padding never precedes a target.
     mask = torch.ones_like(ids)
@@ -84,6 +109,9 @@ def test_loss_with_router_aux_and_padding_matches_reference():
     assert abs(out.loss.item() - ref_out.loss.item()) <= 1e-5
     assert abs(out.aux_losses["router_aux"].item() - ref_out.aux_loss.item()) <= 1e-5
     assert out.loss.item() == pytest.approx(out.aux_losses["lm"].item() + 0.05 * out.aux_losses["router_aux"].item())
+    # Evaluation mode reports the LM loss alone (comparable perplexities).
+    ours.eval()
+    assert torch.equal(ours(input_ids=ids, attention_mask=mask, labels=labels).loss, out.aux_losses["lm"])
     # Generation batches are left-padded: the logits of real tokens match.
     left = torch.flip(mask, dims=[1])
     logits_diff = ours(input_ids=ids, attention_mask=left).logits - ref(input_ids=ids, attention_mask=left).logits
@@ -167,6 +195,18 @@ def test_training_step_outputs_and_gradients():
     assert torch.equal(counted.sum(dim=1), torch.full((3,), 2.0 * 19))
 
 
+@torch.no_grad()
+def test_router_aux_is_averaged_under_gradient_accumulation():
+    """With an external normaliser N the balance term is weighted by this micro-batch's share of the N targets,
+    so summing micro-batch losses averages it (as the LM term) instead of multiplying it."""
+    model = tiny_model(seed=13, router_aux_loss_coef=0.5).train()
+    ids = random_ids(VOCAB, 2, 15, seed=13)
+    local = 2 * 14  # targets in this micro-batch
+    mean = model(input_ids=ids, labels=ids).loss
+    assert torch.allclose(model(input_ids=ids, labels=ids, num_items_in_batch=local).loss, mean, atol=1e-6)
+    assert torch.allclose(model(input_ids=ids, labels=ids, num_items_in_batch=2 * local).loss, mean / 2, atol=1e-6)
+
+
 def test_router_aux_loss_pushes_toward_balance():
     """Gradient steps on the balance loss alone move a skewed router's expert load toward uniform (free router
     logits for 64 tokens, 4 experts, top-2, expert 0 preferred by every token)."""
@@ -228,3 +268,29 @@ def test_default_layer_pattern_is_three_to_one():
         "full_attention"
     ]
     assert tiny_config(num_hidden_layers=6, full_attention_interval=2).layer_types.count("full_attention") == 3
+
+
+def test_a_cache_without_state_layers_is_refused():
+    model = tiny_model(seed=9)
+    with pytest.raises(ValueError, match=r"DynamicCache\(config=model.config\)"):
+        model(input_ids=random_ids(VOCAB, 1, 5), cache=DynamicCache())
+
+
+def test_export_loads_in_plain_transformers(tmp_path):
+    dst = check_hf_export(tiny_model(seed=10), tmp_path, "Qwen3NextForCausalLM")
+    config = json.loads((dst / "config.json").read_text())
+    assert config["model_type"] == "qwen3_next" and config.get("pad_token_id") is None
+
+
+def test_bf16_autocast_training_step():
+    """Under bf16 autocast the DeltaNet recurrence still runs in fp32 (no bf16 triangular solve), and the loss
+    stays close to the fp32 one."""
+    model = tiny_model(seed=11).train()
+    ids = random_ids(VOCAB, 2, 20, seed=11)
+    with torch.no_grad():
+        fp32_loss = model(input_ids=ids, labels=ids).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert abs(out.loss.item() - fp32_loss) < 0.05 * fp32_loss
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

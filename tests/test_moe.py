@@ -139,3 +139,22 @@ def test_weight_layout_matches_transformers_experts():
     torch.testing.assert_close(
         ours(x, topk_idx, topk_weight), ref(x, topk_idx, topk_weight), atol=1e-6, rtol=1e-5
     )
+
+
+def test_expert_parallel_hook_replaces_local_compute():
+    """`expert_parallel.compute(experts, x_sorted, counts)` is where the all-to-all runs; dispatch/combine stay local."""
+    experts = RoutedExperts(E, D, I)
+    x = torch.randn(T, D)
+    topk_idx, topk_weight = routing_with_idle_experts(3)
+    local = experts(x, topk_idx, topk_weight)
+    calls = []
+
+    class LoopbackParallel:
+        def compute(self, module, x_sorted, counts):
+            calls.append(counts.clone())
+            return module.compute(x_sorted, counts)
+
+    assert experts.expert_parallel is None
+    experts.expert_parallel = LoopbackParallel()
+    torch.testing.assert_close(experts(x, topk_idx, topk_weight), local)
+    assert len(calls) == 1 and calls[0].tolist() == expert_counts(topk_idx, E).tolist()

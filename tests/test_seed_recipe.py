@@ -187,7 +187,7 @@ def test_build_commands_and_dry_run(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("minillm tokenizer train --data") and "--vocab-size 8000" in printed[0]
     assert printed[1].startswith("minillm data pretrain") and printed[1].count("--input") == 2
-    assert "--pack" in printed[2] and "--max-seq-len 2048" in printed[2]
+    assert "--pack" in printed[2] and "--max-seq-len 512" in printed[2]
     assert not (out / "recipe.json").exists()
     # building before downloading is a one-line error, exit code 2
     assert recipe_mod.main(["build", "--out", str(out)]) == 2
@@ -196,6 +196,8 @@ def test_build_commands_and_dry_run(tmp_path, capsys):
         recipe_mod.main(["download", "--out", str(out), "--fineweb-files", str(tmp_path / "none.parquet")])
         == 2
     )
+    assert "none.parquet: no such file" in capsys.readouterr().err
+    assert list((out / "raw").iterdir()) == []  # the half-made samples were removed
 
 
 def test_all_steps_build_tokenizer_shards_and_packed_sft(tmp_path, fineweb_files, deepctrl_file):
@@ -228,7 +230,7 @@ def test_all_steps_build_tokenizer_shards_and_packed_sft(tmp_path, fineweb_files
     pretrain = json.loads((out / "pretrain" / "manifest.json").read_text())
     assert pretrain["documents"] == 200 + 119  # 20% of the in-range Fineweb rows + every deepctrl row
     assert set(pretrain["splits"]) == {"train", "val"}
-    sft = json.loads((out / "sft" / "manifest.json").read_text())
+    sft = json.loads((out / "sft_packed" / "manifest.json").read_text())
     summary = sft["summary"]
     assert summary["rows_read"] == summary["conversations"] == 40 and summary["rows"] < 40  # packed
     record = json.loads((out / "recipe.json").read_text())

@@ -31,10 +31,12 @@ class RecordingEngine(Engine):
     """Our engine, remembering how each generation ended (to see a disconnect cancel one)."""
 
     finishes: list[str]
+    step_delay: float = 0.0  # seconds per step, to make a generation last long enough to interrupt
 
     def stream(self, prompts, params, cancel=None):
         for events in super().stream(prompts, params, cancel):
             self.finishes += [ev.finish_reason for ev in events if ev.finish_reason]
+            time.sleep(self.step_delay)
             yield events
 
 
@@ -180,13 +182,17 @@ def test_disconnect_mid_stream_stops_generation(served, client):
         "max_tokens": 100,
         "stream": True,
     }
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")  # the first chunk arrived; now hang up
-    for _ in range(100):  # at most 10 s for the server to notice
-        if httpx.get(server.url + "/health", timeout=10).json()["in_flight"] == 0:
-            break
-        time.sleep(0.1)
+    engine.step_delay = 0.05  # 100 tokens would take 5 s
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the first chunk arrived; now hang up
+        for _ in range(100):  # at most 10 s for the server to notice
+            if engine.finishes and httpx.get(server.url + "/health", timeout=10).json()["in_flight"] == 0:
+                break
+            time.sleep(0.1)
+    finally:
+        engine.step_delay = 0.0
     health = httpx.get(server.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["in_flight"] == 0
     assert engine.finishes == [FINISH_CANCELLED]

@@ -148,7 +148,8 @@ def test_load_tokenizer_errors(tmp_path, capsys):
     PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tmp_path / "plain")
     with pytest.raises(UserError, match="lacks the special tokens <\\|endoftext\\|>"):
         load_tokenizer(tmp_path / "plain")
-    code, err = run_cli(
-        ["data", "pretrain", "--input", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o")], capsys
-    )
-    assert code == 2 and "x.txt: no such file" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "x.txt").write_text("some text\n")
+    args = ["data", "pretrain", "--input", str(tmp_path / "x.txt"), "--tokenizer", str(tmp_path / "plain")]
+    code, err = run_cli([*args, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "plain lacks the special tokens" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

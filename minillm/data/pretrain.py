@@ -4,8 +4,9 @@
     ds = PretrainDataset("data/pretrain", seq_len=512)      # ds[i] -> {"input_ids", "labels"}: LongTensor[512]
 
 Notable choices:
-- Documents are encoded in large batches with the Rust `encode_batch_fast` (all cores, no offsets computed) while
-  a reader thread streams the next batch from disk, so the whole build runs at close to raw tokenizer speed.
+- Documents are encoded in large batches with the Rust `encode_batch` (all cores; `encode_batch_fast` measured no
+  faster here) while a reader thread streams the next batch from disk, so the whole build runs at close to raw
+  tokenizer speed (`scripts/bench_data.py`).
 - Every document is followed by `<|endoftext|>`; shards are flat `uint16` (or `uint32` for vocabularies over
   65,536) token files, `<split>_<index>.bin`, each at most `shard_tokens` tokens; `manifest.json` describes them.
 - The validation split takes every k-th document (k = 1 / val_fraction), spread evenly over all sources.
@@ -180,7 +181,6 @@ def build_pretrain_shards(
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     eos_id = tokenizer.eos_token_id
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     total_bytes = sum(s.size_bytes for s in sources)
     started = time.perf_counter()
 
@@ -198,7 +198,7 @@ def build_pretrain_shards(
 
         for texts in _prefetch(_text_batches(sources, text_column, on_bytes)):
             n_chars += sum(len(t) for t in texts)
-            encodings = encode(texts, add_special_tokens=False)
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
             # Split this batch's documents between train and val (every k-th document globally).
             groups: dict[str, list] = {"train": [], "val": []}
             for enc in encodings:

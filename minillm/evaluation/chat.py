@@ -183,27 +183,29 @@ def evaluate_chat(
 
     was_training = model.training
     model.eval()
-    total = sum_nll(
-        model, sequences, pad_id, batch_size, device, description="assistant loss", progress=progress
-    )
+    try:
+        total = sum_nll(
+            model, sequences, pad_id, batch_size, device, description="assistant loss", progress=progress
+        )
 
-    items = []
-    for messages in conversations:
-        if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            continue
-        reference = messages[-1]["content"]
-        if len(tokenizer(reference, add_special_tokens=False)["input_ids"]) > max_new_tokens:
-            continue
-        prompt = tokenizer.apply_chat_template(
-            messages[:-1], tokenize=True, return_dict=True, add_generation_prompt=True
-        )["input_ids"]
-        if len(prompt) + max_new_tokens > max_seq_len:
-            continue  # the answer would not fit in the window the model is evaluated at
-        items.append({"prompt": messages[-2]["content"], "reference": reference, "ids": list(prompt)})
-    predictions = greedy_answers(
-        model, tokenizer, [item["ids"] for item in items], max_new_tokens, batch_size, device, progress
-    )
-    model.train(was_training)
+        items = []
+        for messages in conversations:
+            if len(messages) < 2 or messages[-1]["role"] != "assistant":
+                continue
+            reference = messages[-1]["content"]
+            if len(tokenizer(reference, add_special_tokens=False)["input_ids"]) > max_new_tokens:
+                continue
+            prompt = tokenizer.apply_chat_template(
+                messages[:-1], tokenize=True, return_dict=True, add_generation_prompt=True
+            )["input_ids"]
+            if len(prompt) + max_new_tokens > max_seq_len:
+                continue  # the answer would not fit in the window the model is evaluated at
+            items.append({"prompt": messages[-2]["content"], "reference": reference, "ids": list(prompt)})
+        predictions = greedy_answers(
+            model, tokenizer, [item["ids"] for item in items], max_new_tokens, batch_size, device, progress
+        )
+    finally:
+        model.train(was_training)
 
     answers = []
     for item, prediction in zip(items, predictions, strict=True):

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def resolve_model_dir(model: Path | None) -> Path:
-    """The model directory to evaluate: `model`, or the newest finished run when it is None.
+    """The model directory to evaluate: `model` (or the `final/` of a run directory), or the newest finished run.
 
     Checked before anything heavy is imported, so a wrong path fails in a fraction of a second.
     """
@@ -30,6 +30,8 @@ def resolve_model_dir(model: Path | None) -> Path:
         return found
     if not model.exists():
         raise UserError(f"--model {model}: no such directory")
+    if (model / "final" / "config.json").is_file() and not (model / "config.json").is_file():
+        return model / "final"  # a run directory: its finished model
     if not model.is_dir() or not (model / "config.json").is_file():
         raise UserError(f"--model {model}: not a model directory (no config.json)")
     return model

@@ -104,7 +104,11 @@ def _read_texts(path: Path, text_column: str, limit: int | None) -> list[str]:
             raise UserError(f"{path}: not a readable parquet file ({err})") from err
         if text_column not in schema.names:
             raise UserError(f"{path}: no '{text_column}' column (found: {', '.join(schema.names)})")
-        texts = pq.read_table(path, columns=[text_column]).column(text_column).to_pylist()
+        texts = []
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=[text_column]):
+            texts.extend(t for t in batch.column(0).to_pylist() if t)
+            if limit is not None and len(texts) >= limit:
+                break  # a large held-out file need not be read whole for a quick --limit run
     texts = [t for t in texts if t]
     return texts[:limit] if limit is not None else texts
 
@@ -162,8 +166,12 @@ def evaluate_perplexity(
 
     was_training = model.training
     model.eval()
-    total = sum_nll(model, windows, pad_id, batch_size, device, description=description, progress=progress)
-    model.train(was_training)
+    try:
+        total = sum_nll(
+            model, windows, pad_id, batch_size, device, description=description, progress=progress
+        )
+    finally:
+        model.train(was_training)
     loss = total.nll / total.tokens
     return {
         "documents": len(texts),
@@ -293,8 +301,12 @@ def evaluate_token_windows(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total = sum_nll(model, sequences, pad_id, batch_size, device, description="validation", progress=progress)
-    model.train(was_training)
+    try:
+        total = sum_nll(
+            model, sequences, pad_id, batch_size, device, description="validation", progress=progress
+        )
+    finally:
+        model.train(was_training)
     loss = total.nll / total.tokens
     return {
         "tokens": total.tokens,

@@ -7,7 +7,9 @@ cancellation. They differ only in how they produce the next token of each row:
   cache the model returned (`past_key_values`: a KV cache for Llama, the compressed MLA latent cache for DeepSeek,
   conv + recurrent states for Gated DeltaNet). It asks for the last position's logits only (`logits_to_keep=1`),
   skips the attention mask when no row is padded, and does none of `generate()`'s per-step bookkeeping
-  (logits-processor lists, stopping-criteria lists, kwargs re-preparation, growing `input_ids` copies).
+  (logits-processor lists, stopping-criteria lists, kwargs re-preparation, growing `input_ids` copies). On CUDA
+  it queues the next forward before waiting for the current tokens (`overlap`), so the GPU never idles while the
+  host detokenizes and streams.
 - `HFEngine`: `model.generate()` with a streamer, running in a helper thread (`--engine hf`); the reference our
   loop must match token for token under greedy decoding.
 
@@ -193,8 +195,10 @@ class Engine(BaseEngine):
 
     name = "minillm"
 
-    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, overlap: bool | None = None) -> None:
+        """`overlap` (default: on for CUDA) queues step t+1 on the GPU before step t's tokens reach the host."""
         super().__init__(model, tokenizer)
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
         # transformers 5.x names the argument `cache` (`past_key_values` is deprecated there); our models accept
         # both, a model written for older transformers only `past_key_values`
         params = inspect.signature(model.forward).parameters
@@ -234,13 +238,29 @@ class Engine(BaseEngine):
             tok = sample_next(logits, params, seen, generators)  # (B,)
             if any(done):
                 tok = torch.where(torch.tensor(done, device=self.device), pad, tok)
-            yield tok.tolist()
-            if all(done) or step == max_new - 1:
-                return
             if seen is not None:
                 seen[batch_idx, tok] = True
+            last = step == max_new - 1
             step_mask = full_mask[:, : width + step + 1] if padded else None
-            logits, cache = self._forward(tok.unsqueeze(1), step_mask, next_pos, cache)
+            if self.overlap:
+                # copy the tokens out, then queue the next forward before waiting for the copy: the GPU computes
+                # step t+1 while the host detokenizes and streams step t (at the end, one forward is wasted)
+                host = tok.to("cpu", non_blocking=True)
+                ready = torch.cuda.Event() if self.device.type == "cuda" else None
+                if ready is not None:
+                    ready.record()
+                if not last:
+                    logits, cache = self._forward(tok.unsqueeze(1), step_mask, next_pos, cache)
+                if ready is not None:
+                    ready.synchronize()
+                yield host.tolist()
+                if all(done) or last:
+                    return
+            else:
+                yield tok.tolist()
+                if all(done) or last:
+                    return
+                logits, cache = self._forward(tok.unsqueeze(1), step_mask, next_pos, cache)
             next_pos = next_pos + 1
 
 

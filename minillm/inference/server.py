@@ -113,8 +113,13 @@ class CompletionRequest(_SamplingFields):
 
 def _validation_error(err: ValidationError) -> APIError:
     first = err.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    # pydantic adds the tried union member to the location ("messages.0.content.str"); users want the field
+    loc = [str(p) for p in first["loc"] if isinstance(p, int) or (p not in _TYPE_TAGS and "[" not in str(p))]
+    param = ".".join(loc) or None
     return APIError(400, f"invalid request: {param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 class _Slot:
@@ -272,7 +277,7 @@ class _Server:
         params: SamplingParams,
         request: Request,
         slot: _Slot,
-        poll_disconnect: bool = False,
+        watch_disconnect: bool = False,
     ) -> AsyncIterator[Any]:
         """Decode on a worker thread, yielding each step's events; stops the decode when the client leaves.
 
@@ -302,20 +307,21 @@ class _Server:
                 push(end)
 
         future = loop.run_in_executor(self.executor, work)
-        last_check = time.monotonic()
+        # a streaming response is cancelled by the ASGI server when its client leaves; a plain response is not,
+        # so listen for the disconnect ourselves (also while the request waits for the model)
+        gone = asyncio.Event()
+
+        async def listen() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        listener = asyncio.create_task(listen()) if watch_disconnect else None
         try:
-            while True:
+            while not gone.is_set():
                 try:
                     item = await asyncio.wait_for(q.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    item = None
-                # a streaming response is cancelled by the ASGI server when its client leaves; a plain response
-                # is not, so look for the disconnect now and then (also while waiting for the model)
-                if poll_disconnect and time.monotonic() - last_check >= DISCONNECT_POLL_S:
-                    last_check = time.monotonic()
-                    if await request.is_disconnected():
-                        return
-                if item is None:
                     continue
                 if item is end:
                     return
@@ -325,13 +331,15 @@ class _Server:
         finally:
             cancel.set()  # a no-op when the decode already ended
             slot.release()
+            if listener is not None:
+                listener.cancel()
             del future  # the worker ends on its own at the next token
 
     async def complete(
         self, prompt: list[int], params: SamplingParams, request: Request, slot: _Slot
     ) -> Completion:
         out = Completion(prompt_tokens=len(prompt))
-        async for events in self.events(prompt, params, request, slot, poll_disconnect=True):
+        async for events in self.events(prompt, params, request, slot, watch_disconnect=True):
             for ev in events:
                 if ev.token_id is not None:
                     out.token_ids.append(ev.token_id)

@@ -22,7 +22,11 @@ from pathlib import Path
 from minillm.errors import UserError
 
 # model_type of the transformers reference config -> our architecture name.
-REFERENCE_MODEL_TYPES = {"llama": "mini_llama3", "deepseek_v3": "mini_deepseekv3", "qwen3_next": "mini_qwen3_next"}
+REFERENCE_MODEL_TYPES = {
+    "llama": "mini_llama3",
+    "deepseek_v3": "mini_deepseekv3",
+    "qwen3_next": "mini_qwen3_next",
+}
 
 # Tokenizer files copied along with the weights (whichever exist).
 TOKENIZER_FILES = (
@@ -44,7 +48,9 @@ def resolve_model_dir(path: str | Path) -> Path:
         return path
     if (path / "final" / "config.json").is_file():
         return path / "final"
-    raise UserError(f"{path}: not a model directory (no config.json) nor a finished run (no final/config.json)")
+    raise UserError(
+        f"{path}: not a model directory (no config.json) nor a finished run (no final/config.json)"
+    )
 
 
 def _check_destination(dst: Path) -> None:

@@ -138,15 +138,22 @@ def launch_from_env() -> tuple[int, bool, int | None]:
     return world, uses_deepspeed, stage
 
 
-def check_expert_parallel_launch(ep_size: int, model_config, model_name: str, accelerator=None) -> None:
-    """`validate_expert_parallel` for this launch: the Accelerate state when given (authoritative), else the
-    environment of `accelerate launch` (`launch_from_env`)."""
+def check_expert_parallel_launch(
+    ep_size: int,
+    model_config,
+    model_name: str,
+    accelerator=None,
+    launch: tuple[int, bool, int | None] | None = None,
+) -> None:
+    """`validate_expert_parallel` for a launch: the Accelerate state when given (authoritative), else `launch`
+    (processes, DeepSpeed?, ZeRO stage; e.g. from an accelerate config file before spawning), else the environment
+    of `accelerate launch` (`launch_from_env`)."""
     if accelerator is not None:
         plugin = accelerator.state.deepspeed_plugin
         world, uses_deepspeed = accelerator.num_processes, plugin is not None
         zero_stage = plugin.zero_stage if plugin is not None else None
     else:
-        world, uses_deepspeed, zero_stage = launch_from_env()
+        world, uses_deepspeed, zero_stage = launch if launch is not None else launch_from_env()
     validate_expert_parallel(
         ep_size,
         world_size=world,

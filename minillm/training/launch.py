@@ -13,6 +13,7 @@ config and one level up (the repository root), so the shipped configs work from 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -61,9 +62,62 @@ def check_world(launcher_cfg: dict[str, Any], micro_batch_size: int, global_batc
         )
 
 
+def fill_deepspeed_config(ds: dict[str, Any], config, world: int, name: str) -> None:
+    """Fill the DeepSpeed config's "auto" batch/accumulation/clipping values from the recipe (in place), and refuse
+    any value, precision included, that contradicts it: the recipe is the one source of truth."""
+    from minillm.training.trainer import resolve_precision
+
+    wanted = {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.global_batch_size // (world * config.micro_batch_size),
+        "train_batch_size": config.global_batch_size,
+        "gradient_clipping": config.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        current = ds.get(key, "auto")
+        if current == "auto":
+            ds[key] = value
+        elif not isinstance(current, (int, float)) or float(current) != float(value):
+            raise UserError(f"{name}: {key}={current} contradicts the recipe ({value}); set it to \"auto\"")
+    precision = resolve_precision(config.precision)
+    for dtype in ("bf16", "fp16"):
+        enabled = (ds.get(dtype) or {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (precision == dtype):
+            raise UserError(
+                f"{name}: {dtype}.enabled={enabled} contradicts the recipe (precision={config.precision}); set it "
+                "to \"auto\""
+            )
+
+
+def check_deepspeed_file(launcher_cfg: dict[str, Any], config) -> None:
+    """Before spawning: the launcher's DeepSpeed file must agree with the recipe (see `fill_deepspeed_config`)."""
+    import json
+
+    path = (launcher_cfg.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    if not path:
+        return
+    try:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable DeepSpeed JSON config ({err})") from None
+    fill_deepspeed_config(ds, config, int(launcher_cfg.get("num_processes", 1) or 1), path)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def relaunch(launcher: str, argv: list[str]) -> int:
     """Run `minillm <argv>` under `accelerate launch --config_file <launcher>`; returns its exit code."""
     data, _ = read_launcher(launcher)
+    port = data.get("main_process_port")
+    if port and int(data.get("num_machines", 1) or 1) == 1 and not _port_free(int(port)):
+        data["main_process_port"] = _free_port()  # another job on this machine holds the configured port
     with tempfile.TemporaryDirectory(prefix="minillm-launch-") as tmp:
         resolved = Path(tmp) / "accelerate_config.yaml"
         resolved.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -89,6 +143,12 @@ def strip_launcher(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _has_cuda() -> bool:

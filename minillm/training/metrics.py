@@ -77,7 +77,12 @@ class MetricsLogger:
         if accelerator.is_main_process:
             if self.path.exists():
                 # a resumed run: keep what was logged up to the checkpoint, drop what a killed run logged after it
-                kept = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+                kept = []
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        kept.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue  # the last line of a killed run may be cut short
                 self.records = [r for r in kept if r.get("step", 0) <= start_step]
                 self._rewrite()
             # Accelerate's TensorBoard tracker, attached here because the run directory is only known now;

@@ -52,7 +52,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> P
         elif panel == "moe":
             for key in ratio_keys:
                 ax.plot(*_series(records, key), label=key.split("/")[1])
-            ax.set_title("expert load max/min")
+            ax.set_yscale("log")  # one idle expert sends the ratio to the thousands
+            ax.set_title("expert load max/min (1 = balanced)")
             ax.legend(fontsize="small")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

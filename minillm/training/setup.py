@@ -24,18 +24,19 @@ def stack_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
 
 
-def sft_model_dir(model_path: str | None) -> Path:
-    """The HF model directory SFT starts from: `model_path` (a run dir means its `final/`) or the latest pretrain."""
+def sft_model_dir(model_path: str | None, model: str | None = None) -> Path:
+    """The HF model directory SFT starts from: `model_path` (a run dir means its `final/`), else the `final/` of
+    the latest finished pretraining run (of architecture `model` when given)."""
     from minillm import runs
 
     if model_path is None:
-        latest = runs.latest_model(stages=("pretrain",))
-        if latest is None:
+        finished = [r for r in runs.finished_runs("pretrain") if model is None or r.name.startswith(f"pretrain_{model}_")]
+        if not finished:
             raise UserError(
-                f"no finished pretraining run under {runs.DEFAULT_RUNS_ROOT}/; run `minillm pretrain` first or pass "
-                "--model-path"
+                f"no finished pretraining run{' of ' + model if model else ''} under {runs.DEFAULT_RUNS_ROOT}/; run "
+                "`minillm pretrain` first or pass --model-path"
             )
-        return latest
+        return finished[-1] / "final"
     path = Path(model_path)
     if (path / "final" / "config.json").is_file():
         path = path / "final"
@@ -53,11 +54,11 @@ def sft_model_dir(model_path: str | None) -> Path:
     return path
 
 
-def sft_model_type(model_path: str | None) -> str:
-    return json.loads((sft_model_dir(model_path) / "config.json").read_text(encoding="utf-8"))["model_type"]
+def sft_model_type(model_dir: Path) -> str:
+    return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))["model_type"]
 
 
-def build_run(config: TrainConfig, run_dir: Path):
+def build_run(config: TrainConfig):
     from minillm.training.trainer import Run
 
     if config.stage == "pretrain":

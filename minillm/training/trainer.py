@@ -40,6 +40,7 @@ from minillm.errors import UserError
 from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, count_targets
 from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
+from minillm.training.launch import fill_deepspeed_config
 from minillm.training.metrics import MetricsLogger, expert_load_stats, flops_per_token, peak_flops
 from minillm.training.optim import build_optimizer, build_scheduler
 
@@ -92,37 +93,11 @@ def make_accelerator(config: TrainConfig):
 
         AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(**kwargs)
-    if accelerator.state.deepspeed_plugin is not None:
-        fill_deepspeed_config(accelerator.state.deepspeed_plugin, config, accelerator.num_processes)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+        fill_deepspeed_config(plugin.deepspeed_config, config, accelerator.num_processes, name)
     return accelerator
-
-
-def fill_deepspeed_config(plugin, config: TrainConfig, world: int) -> None:
-    """Fill the DeepSpeed config's "auto" values from the recipe; refuse values that contradict it."""
-    ds = plugin.deepspeed_config
-    accumulation = config.global_batch_size // (world * config.micro_batch_size)
-    wanted = {
-        "train_micro_batch_size_per_gpu": config.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": config.global_batch_size,
-        "gradient_clipping": config.max_grad_norm,
-    }
-    source = getattr(plugin, "hf_ds_config", None)
-    name = getattr(source, "config_file", None) or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "DeepSpeed")
-    for key, value in wanted.items():
-        current = ds.get(key, "auto")
-        if current == "auto":
-            ds[key] = value
-        elif float(current) != float(value):
-            raise UserError(f"{name}: {key}={current} contradicts the recipe ({key}={value}); set it to \"auto\"")
-    precision = resolve_precision(config.precision)
-    for dtype in ("bf16", "fp16"):
-        enabled = (ds.get(dtype) or {}).get("enabled", "auto")
-        if enabled != "auto" and bool(enabled) != (precision == dtype):
-            raise UserError(
-                f"{name}: {dtype}.enabled={enabled} contradicts the recipe (precision={config.precision}); "
-                f"set it to \"auto\""
-            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,9 +113,9 @@ def prepare_model_and_optimizer(accelerator, model, config: TrainConfig, total_s
     """
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = build_optimizer(model, config)
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, config))
+    # built on the prepared optimizer: DeepSpeed may swap ours for its own (CPU Adam under offload)
     scheduler = build_scheduler(optimizer, total_steps, config)
-    model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     return model, optimizer, scheduler
 
@@ -265,11 +240,11 @@ class Run:
     model_name: str = ""
 
 
-def build_run(config: TrainConfig, run_dir: Path) -> Run:
+def build_run(config: TrainConfig) -> Run:
     """Tokenizer, model (fresh for pretraining, loaded for SFT) and data, after the compatibility checks."""
     from minillm.training import setup
 
-    return setup.build_run(config, run_dir)
+    return setup.build_run(config)
 
 
 def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
@@ -285,7 +260,7 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
         candidates = []
         if run_dir is None:
             root = runs.DEFAULT_RUNS_ROOT
-            candidates = sorted(root.glob(f"{config.stage}_*")) if root.is_dir() else []
+            candidates = sorted(root.glob(f"{config.stage}_{model_tag}_*")) if root.is_dir() else []
         checkpoint = ckpt.find_resume_checkpoint(config.resume, run_dir, candidates)
         run_dir = checkpoint.parent.parent
         saved_path = run_dir / "config.yaml"
@@ -434,16 +409,21 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     """
     from accelerate.utils import set_seed
 
+    if config.stage == "sft" and run is None:
+        from minillm.training.setup import sft_model_dir, sft_model_type
+
+        # record what SFT starts from (the latest pretraining run when not given) and name the run after it
+        model_dir = sft_model_dir(config.model_path, config.model)
+        config = config.replace(model_path=str(model_dir), model=sft_model_type(model_dir))
     config = config.resolve()
     accelerator = make_accelerator(config)
-    run_dir, resume_from = resolve_run_dir(config, accelerator)
+    run_dir, resume_from = resolve_run_dir(config, accelerator)  # checks only; nothing is written yet
+    set_seed(config.seed)  # identical initial weights on every rank
+    if run is None:
+        run = build_run(config)  # every input check happens here, before the run directory exists
     if accelerator.is_main_process:
         _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
-
-    set_seed(config.seed)  # identical initial weights on every rank
-    if run is None:
-        run = build_run(config, run_dir)
     model = run.model
     steps_per_epoch = len(run.train_data) // config.global_batch_size
     if steps_per_epoch < 1 and config.max_steps is None:

@@ -15,13 +15,20 @@ from minillm.models.layers.attention import (
     position_ids_from_cu_seqlens,
     sdpa_attention,
 )
-from minillm.models.layers.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy, shift_targets
+from minillm.models.layers.loss import (
+    IGNORE_INDEX,
+    LMHead,
+    causal_lm_loss,
+    chunked_cross_entropy,
+    shift_targets,
+)
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding, apply_rotary, rotate_half
 
 __all__ = [
     "IGNORE_INDEX",
+    "LMHead",
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLUMLP",

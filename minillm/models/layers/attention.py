@@ -43,7 +43,8 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """
     cu_seqlens = cu_seqlens.long()
     total = int(cu_seqlens[-1])
-    starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1])  # (T,) start of own doc
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # (n_docs,)
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths)  # (T,) start of each token's document
     return (torch.arange(total, device=cu_seqlens.device) - starts)[None]
 
 
@@ -76,8 +77,12 @@ def build_attention_mask(
         raise ValueError(f"more queries ({query_len}) than keys ({key_len})")
     padded = attention_mask is not None and not bool(attention_mask.bool().all())
     if padded and attention_mask.shape[-1] != key_len:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {key_len} (past + new)")
-    packed = position_ids is not None and past_len == 0 and query_len > 1 and has_document_restarts(position_ids)
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {key_len} (past + new)"
+        )
+    packed = (
+        position_ids is not None and past_len == 0 and query_len > 1 and has_document_restarts(position_ids)
+    )
     if not padded and not packed and (query_len == key_len or query_len == 1):
         return None
 

@@ -15,12 +15,16 @@ Notable choices:
   accumulation), else the mean over this batch's targets.
 - Packed rows (design.md): a target whose position id is 0 starts a new document and is never predicted from the
   previous one; `shift_targets` drops it.
+- `LMHead` is the output projection with the loss as a second mode of its `forward`: DeepSpeed ZeRO-3 and FSDP
+  gather a module's sharded weight only around that module's own forward/backward, so the loss must run inside
+  `lm_head(...)`, never on `lm_head.weight` from outside.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 32k fp32 logits = 128 MiB
@@ -121,6 +125,29 @@ def causal_lm_loss(
     """Next-token loss from unshifted `labels` (B, L) and final hidden states (B, L, D); see module docstring."""
     targets = shift_targets(labels, position_ids, shift=1)
     return chunked_cross_entropy(hidden, weight, targets, num_items_in_batch, chunk_size)
+
+
+class LMHead(nn.Linear):
+    """Output head (D -> V, no bias) whose forward returns logits, or the chunked loss when given targets.
+
+    Parameter name and layout are those of `nn.Linear` (`lm_head.weight`), so checkpoints and weight tying are
+    unchanged. Running the loss in this module's forward lets ZeRO-3 / FSDP gather the sharded weight for it.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (..., V) for hidden (..., D); or, with aligned `targets` (see `shift_targets`), the loss."""
+        if targets is None:
+            return super().forward(hidden)
+        return chunked_cross_entropy(hidden, self.weight, targets, num_items_in_batch, self.chunk_size)
 
 
 def reference_cross_entropy(

@@ -6,7 +6,7 @@ model; this module only runs the chosen experts efficiently.
 Notable choices:
 - Expert weights are fused 3-D tensors in the transformers 5 layout (`gate_up_proj` [E, 2I, D] with the gate rows
   first, `down_proj` [E, D, I]), so converting to and from the reference models is a plain copy.
-- The work is split in three steps so expert parallelism can slot an all-to-all between them later:
+- The work is split in three steps so expert parallelism slots its all-to-all in between (`expert_parallel`):
   `dispatch` (sort the token-slots by expert: a permutation and per-expert counts), `RoutedExperts.compute`
   (run every expert on its contiguous block of rows), `combine` (weight, unsort, sum the top-k slots per token).
 - `grouped_mm` runs one matmul per expert over jagged row blocks without a Python loop: `torch.nn.functional
@@ -82,11 +82,12 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, topk_weight: torch.Tens
 
     expert_out (S, D) in expert order, topk_weight (T, K) -> (T, D) in the promoted dtype of the two inputs.
     """
-    weights = topk_weight.reshape(-1)[plan.order]  # (S,)
+    weights = topk_weight.reshape(-1).index_select(0, plan.order)  # (S,)
     weighted = expert_out * weights.unsqueeze(-1)  # (S, D)
-    inverse = torch.empty_like(plan.order)
-    inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
-    per_slot = weighted[inverse]  # (S, D) in slot order: token-major, then k
+    arange = torch.arange(plan.order.numel(), device=plan.order.device)
+    inverse = torch.empty_like(plan.order).scatter_(0, plan.order, arange)  # slot -> sorted row
+    # index_select: its backward is an index_add, much faster on CPU than the index_put of `tensor[idx]`
+    per_slot = weighted.index_select(0, inverse)  # (S, D) in slot order: token-major, then k
     return per_slot.view(plan.num_tokens, plan.top_k, expert_out.shape[-1]).sum(dim=1)  # (T, D)
 
 
@@ -188,6 +189,10 @@ class RoutedExperts(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.backend = backend  # None: grouped_mm where it applies; "padded" / "grouped_mm" to force one
+        # Set by `minillm.parallel.expert_parallel` when this module holds only this rank's slice of the experts:
+        # an object whose `compute(experts, x_sorted, counts)` sends the rows to their experts' ranks (all-to-all)
+        # and runs `experts.compute` on the rows received. None: all experts are local.
+        self.expert_parallel = None
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))  # (E, 2I, D)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))  # (E, D, I)
         self.reset_parameters()
@@ -208,8 +213,11 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         plan = dispatch(topk_idx, self.num_experts)
-        x_sorted = x[plan.token_idx]  # (S, D)
-        out_sorted = self.compute(x_sorted, plan.counts)  # (S, D)
+        x_sorted = x.index_select(0, plan.token_idx)  # (S, D)
+        if self.expert_parallel is not None:
+            out_sorted = self.expert_parallel.compute(self, x_sorted, plan.counts)  # (S, D)
+        else:
+            out_sorted = self.compute(x_sorted, plan.counts)  # (S, D)
         return combine(out_sorted, plan, topk_weight).to(x.dtype)  # (T, D)
 
     def extra_repr(self) -> str:

@@ -71,10 +71,14 @@ class RotaryEmbedding(nn.Module):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if rope_type not in ROPE_INIT_FUNCTIONS:
-            raise ValueError(f"unknown rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+            raise ValueError(
+                f"unknown rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
+            )
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
         if inv_freq.numel() * 2 != rotary_dim:
-            raise ValueError(f"rope_type {rope_type!r} gave {inv_freq.numel() * 2} rotary channels, expected {rotary_dim}")
+            raise ValueError(
+                f"rope_type {rope_type!r} gave {inv_freq.numel() * 2} rotary channels, expected {rotary_dim}"
+            )
         return cls(rotary_dim, theta, inv_freq=inv_freq, attention_scaling=scaling)
 
     @torch.no_grad()

@@ -58,8 +58,16 @@ class MiniLlama3Config(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings", "loss_chunk_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "loss_chunk_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"mini_llama3: {name} must be a positive integer, got {value!r}")
@@ -71,14 +79,18 @@ class MiniLlama3Config(PreTrainedConfig):
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.head_dim <= 0 or self.head_dim % 2:
-            raise ValueError(f"mini_llama3: head_dim must be a positive even number (RoPE pairs), got {self.head_dim}")
+            raise ValueError(
+                f"mini_llama3: head_dim must be a positive even number (RoPE pairs), got {self.head_dim}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"mini_llama3: num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})"
             )
         if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"mini_llama3: attention_dropout must be in [0, 1), got {self.attention_dropout}")
+            raise ValueError(
+                f"mini_llama3: attention_dropout must be in [0, 1), got {self.attention_dropout}"
+            )
         super().__post_init__(**kwargs)
         rope_type = self.rope_parameters.get("rope_type", "default")
         if rope_type != "default" and "factor" not in self.rope_parameters:

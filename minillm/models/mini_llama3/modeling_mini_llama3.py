@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from minillm.models.base import MiniLLMPreTrainedModel
 from minillm.models.layers.attention import build_attention_mask, sdpa_attention
-from minillm.models.layers.loss import causal_lm_loss
+from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding, apply_rotary
@@ -57,14 +57,17 @@ class MiniLlama3Attention(nn.Module):
         cache: Cache | None = None,
     ) -> torch.Tensor:
         bsz, seq_len, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B,H,L,Dh)
-        k = self.k_proj(hidden_states).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # Hk
-        v = self.v_proj(hidden_states).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_shape = (bsz, seq_len, self.num_heads, self.head_dim)
+        kv_shape = (bsz, seq_len, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(q_shape).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.k_proj(hidden_states).view(kv_shape).transpose(1, 2)  # (B, Hk, L, Dh)
+        v = self.v_proj(hidden_states).view(kv_shape).transpose(1, 2)  # (B, Hk, L, Dh)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hk, P + L, Dh): past keys + these
-        out = sdpa_attention(q, k, v, attention_mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = sdpa_attention(q, k, v, attention_mask, dropout_p=dropout)  # (B, L, H, Dh)
         return self.o_proj(out.reshape(bsz, seq_len, self.num_heads * self.head_dim))  # (B, L, D)
 
 
@@ -130,7 +133,8 @@ class MiniLlama3Model(MiniLlama3PreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]  # (1, L)
+            # (1, L): the positions after the cached ones
+            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]
         mask = build_attention_mask(
             seq_len, past_len + seq_len, attention_mask, position_ids, device=inputs_embeds.device
         )
@@ -150,7 +154,7 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MiniLlama3Model(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, chunk_size=config.loss_chunk_size)
         self.post_init()
 
     def forward(
@@ -183,14 +187,9 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         if labels is not None:
-            loss = causal_lm_loss(
-                hidden_states,
-                self.lm_head.weight,
-                labels,
-                given_position_ids,
-                num_items_in_batch,
-                chunk_size=self.config.loss_chunk_size,
-            )
+            # Chunked cross-entropy inside the head's forward (see layers/loss.py); no logits are kept.
+            targets = shift_targets(labels, given_position_ids)  # (B, L): next token, -100 across documents
+            loss = self.lm_head(hidden_states, targets, num_items_in_batch)
             return MiniLLMOutput(loss=loss, cache=cache, aux_losses={"lm": loss.detach()})
         if isinstance(logits_to_keep, int):
             kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states

@@ -44,7 +44,6 @@ _SHARED_FIELDS = (
     "router_aux_loss_coef",
     "bos_token_id",
     "eos_token_id",
-    "pad_token_id",
     "use_cache",
 )
 
@@ -52,8 +51,12 @@ _SHARED_FIELDS = (
 def to_reference_config(config: MiniQwen3NextConfig) -> Qwen3NextConfig:
     """The `Qwen3NextConfig` describing the same network."""
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    # No pad_token_id in the model config: Qwen3NextModel would make it the embedding's `padding_idx`, and since
+    # our pad is eos (id 0), fine-tuning the export with transformers would silently freeze the eos embedding.
+    # Generation keeps the pad id through generation_config.json and the tokenizer.
     return Qwen3NextConfig(
         **fields,
+        pad_token_id=None,
         layer_types=list(config.layer_types),
         mlp_only_layers=list(config.mlp_only_layers),
         rope_parameters=dict(config.rope_parameters),
@@ -69,8 +72,10 @@ def from_reference_config(config: Qwen3NextConfig) -> MiniQwen3NextConfig:
     if config.hidden_act != "silu" or config.attention_bias:
         raise ValueError("mini_qwen3_next supports only SiLU activations and attention without biases")
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    pad = config.pad_token_id if config.pad_token_id is not None else MiniQwen3NextConfig().pad_token_id
     return MiniQwen3NextConfig(
         **fields,
+        pad_token_id=pad,
         layer_types=list(config.layer_types),
         mlp_only_layers=list(config.mlp_only_layers or []),
         rope_parameters=dict(config.rope_parameters),

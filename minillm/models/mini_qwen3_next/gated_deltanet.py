@@ -69,14 +69,15 @@ def causal_conv1d(
         prev = x.new_zeros(B, K - 1, Cc)
     P = prev.shape[1]
     xx = torch.cat([prev.to(x.dtype), x], dim=1)  # (B, P+L, Cc)
-    w = weight.to(x.dtype)
+    # Taps accumulate in fp32 (one rounding at the end for bf16 inputs, like a conv kernel's accumulator).
+    w = weight.float()
     if doc_starts is None:
         # Tap loop: K fused multiply-adds over (B, L, Cc); on CPU faster than a depthwise conv1d + two transposes.
         out = xx[:, P : P + L] * w[:, K - 1]
         for i in range(1, K):
             out = out + xx[:, P - i : P - i + L] * w[:, K - 1 - i]
         state = xx[:, -K:] if xx.shape[1] >= K else F.pad(xx, (0, 0, K - xx.shape[1], 0))
-        return F.silu(out), state
+        return F.silu(out).to(x.dtype), state
     # Segment ids: the carried-in tokens belong to segment 0, each document start opens the next segment.
     seg = doc_starts.long().cumsum(dim=1)  # (B, L)
     seg_xx = torch.cat([seg.new_zeros(B, P), seg], dim=1)  # (B, P+L)
@@ -88,7 +89,7 @@ def causal_conv1d(
         xx = F.pad(xx, (0, 0, K - xx.shape[1], 0))
         seg_xx = F.pad(seg_xx, (K - seg_xx.shape[1], 0))
     state = xx[:, -K:] * (seg_xx[:, -K:] == seg_xx[:, -1:]).unsqueeze(-1)  # (B, K, Cc)
-    return F.silu(out), state
+    return F.silu(out).to(x.dtype), state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,13 +102,13 @@ def _prepare(
 ) -> tuple[torch.Tensor, ...]:
     """Broadcast key heads to value heads, move heads first, go fp32, L2-normalise q/k and scale q."""
     H, Hk = v.shape[2], k.shape[2]
+    q = l2norm(q.float()) * q.shape[-1] ** -0.5  # (B, L, Hk, Dk), normalised before the head broadcast
+    k = l2norm(k.float())
     if H != Hk:  # each key head serves H/Hk consecutive value heads
         q = q.repeat_interleave(H // Hk, dim=2)
         k = k.repeat_interleave(H // Hk, dim=2)
     q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, L, D)
     g, beta = (t.transpose(1, 2).float() for t in (g, beta))  # (B, H, L)
-    q = l2norm(q) * q.shape[-1] ** -0.5
-    k = l2norm(k)
     return q, k, v, g, beta
 
 
@@ -240,11 +241,15 @@ def chunk_gated_delta_rule(
     q_in = q * decay_in.unsqueeze(-1)  # (B, H, N, C, Dk) reads the state entering the chunk
     k_out = (k * decay_out.unsqueeze(-1)).transpose(-1, -2)  # (B, H, N, Dk, C) writes the state leaving it
 
-    S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.float()
+    S = None if initial_state is None else initial_state.float()  # None: zero state, nothing to read
     outs = []
     # unbind (not indexing in the loop): its backward is one stack instead of a zero-filled copy per chunk.
     per_chunk = (t.unbind(dim=2) for t in (U, W, q_in, A, k_out, decay_chunk.unsqueeze(-1)))
     for U_n, W_n, q_n, A_n, k_n, decay_n in zip(*per_chunk, strict=True):
+        if S is None:
+            outs.append(A_n @ U_n)  # (B, H, C, Dv)
+            S = k_n @ U_n  # (B, H, Dk, Dv)
+            continue
         v_new = U_n - W_n @ S  # (B, H, C, Dv)
         outs.append(q_n @ S + A_n @ v_new)  # (B, H, C, Dv)
         S = S * decay_n + k_n @ v_new  # (B, H, Dk, Dv)
@@ -313,13 +318,6 @@ class GatedDeltaNet(nn.Module):
         self.norm = RMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
 
-    def reset_parameters(self) -> None:
-        """Reference initialisation of the decay parameters (the linear layers are initialised by the model)."""
-        with torch.no_grad():
-            self.dt_bias.fill_(1.0)
-            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16).log_())
-            self.norm.weight.fill_(1.0)
-
     def _input_weight(self) -> torch.Tensor:
         """Both input projections as one (2*Hk*Dk + 2*H*Dv + 2*H, D) weight with rows regrouped by kind.
 
@@ -378,12 +376,14 @@ class GatedDeltaNet(nn.Module):
         beta = b.sigmoid()  # (B, L, H)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # (B, L, H), fp32 (A may overflow fp16)
 
-        if cache is not None and recurrent_state is not None and L == 1:
-            o, final_state = recurrent_gated_delta_rule(q, k, v, g, beta, recurrent_state, doc_starts)
-        else:
-            o, final_state = chunk_gated_delta_rule(
-                q, k, v, g, beta, recurrent_state, doc_starts, chunk_size=self.chunk_size
-            )
+        # The recurrence runs in fp32 even under autocast: bf16 matmuls in the state hand-over compound over chunks.
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            if cache is not None and recurrent_state is not None and L == 1:
+                o, final_state = recurrent_gated_delta_rule(q, k, v, g, beta, recurrent_state, doc_starts)
+            else:
+                o, final_state = chunk_gated_delta_rule(
+                    q, k, v, g, beta, recurrent_state, doc_starts, chunk_size=self.chunk_size
+                )
 
         if cache is not None:
             # Passing exactly K inputs makes the cache keep exactly them (prefill or continuation alike).

@@ -11,7 +11,8 @@ Notable choices:
 - Every RMSNorm of the residual stream (and the q/k norms) is zero-centred: `(1 + w) * x / rms(x)`, w init 0.
 - MoE: a softmax router picks the top-k experts (probabilities renormalised with `norm_topk_prob`); routed experts
   run as grouped matmuls (`layers/moe.py`); a shared expert is always on, scaled by a per-token sigmoid gate. The
-  Switch-Transformer balance loss (`router_aux`) is pooled over all MoE layers exactly as the reference computes it.
+  Switch-Transformer balance loss (`router_aux`) is pooled over all MoE layers exactly as the reference computes it;
+  it joins the loss in training mode only (evaluation losses stay comparable perplexities).
 - Cache: transformers' `DynamicCache(config=...)`, which `generate()` creates for us from `layer_types`: conv and
   recurrent state for DeltaNet layers, K/V for attention layers.
 - Packed rows and padding: `position_ids` restarting at 0 start a document; attention gets a block-diagonal mask,
@@ -30,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from minillm.models.base import MiniLLMPreTrainedModel
 from minillm.models.layers.attention import build_attention_mask, sdpa_attention
-from minillm.models.layers.loss import causal_lm_loss
+from minillm.models.layers.loss import IGNORE_INDEX, causal_lm_loss, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.moe import RoutedExperts
 from minillm.models.layers.norm import RMSNorm
@@ -188,8 +189,10 @@ def router_aux_loss(
     """Switch-Transformer load-balancing loss `E * sum_e f_e * P_e`, pooled over all MoE layers.
 
     f_e: fraction of the (token, k) assignments that went to expert e; P_e: mean router probability of expert e;
-    both averaged over every real token of every MoE layer (as transformers' `load_balancing_loss_func`). Its minimum
-    K (the top-k) is reached by a uniform router. `token_mask` (T,) excludes padding tokens.
+    both averaged over every real token of every MoE layer (as transformers' `load_balancing_loss_func`). It is K
+    (the top-k) for perfectly uniform routing and grows when the load concentrates on the experts the router
+    favours; its gradient (through P_e only) lowers the probabilities of overloaded experts. `token_mask` (T,)
+    excludes padding tokens.
     """
     device = routings[0][0].device
     assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)  # (E,)
@@ -240,6 +243,20 @@ class MiniQwen3NextModel(MiniQwen3NextPreTrainedModel):
             return 0
         return cache.get_seq_length(self.config.layer_types.index("full_attention"))
 
+    def _check_cache(self, cache: Cache) -> None:
+        """A cache must have a conv/recurrent-state layer at every DeltaNet layer (what `DynamicCache(config=...)`
+        builds from `layer_types`); a plain `DynamicCache()` only knows K/V."""
+        layers = getattr(cache, "layers", [])
+        ok = len(layers) == len(self.config.layer_types) and all(
+            isinstance(layer, LinearAttentionCacheLayerMixin) == (kind == "linear_attention")
+            for layer, kind in zip(layers, self.config.layer_types, strict=True)
+        )
+        if not ok:
+            raise ValueError(
+                "mini_qwen3_next needs a cache built for its hybrid layers: pass DynamicCache(config=model.config) "
+                "(or no cache, and use_cache=True)"
+            )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,  # (B, L)
@@ -256,6 +273,8 @@ class MiniQwen3NextModel(MiniQwen3NextPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, L, D)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if cache is not None:
+            self._check_cache(cache)
         B, L, _ = inputs_embeds.shape
         device = inputs_embeds.device
         past_len = self._past_length(cache)
@@ -353,6 +372,8 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
                 expert_counts = torch.stack(counts)  # (n_moe_layers, E)
 
         if labels is not None:
+            if token_mask is not None:  # padding is never a target
+                labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)
             lm_loss = causal_lm_loss(
                 hidden_states,
                 self.lm_head.weight,
@@ -363,9 +384,15 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
             )
             loss = lm_loss
             aux_losses = {"lm": lm_loss.detach()}
-            if routings:
+            if routings and self.training and self.config.router_aux_loss_coef > 0:
                 aux = router_aux_loss(routings, self.config.num_experts, token_mask)
-                loss = loss + self.config.router_aux_loss_coef * aux
+                weight = 1.0
+                if num_items_in_batch is not None:
+                    # Weight this micro-batch's mean by its share of the global targets, so summing micro-batch
+                    # losses (gradient accumulation) averages the balance loss instead of multiplying it.
+                    local = (shift_targets(labels, given_position_ids) != IGNORE_INDEX).sum()
+                    weight = local / torch.as_tensor(num_items_in_batch, device=local.device)
+                loss = loss + self.config.router_aux_loss_coef * aux * weight
                 aux_losses["router_aux"] = aux.detach()
             return MiniLLMOutput(loss=loss, cache=cache, aux_losses=aux_losses, expert_counts=expert_counts)
         if isinstance(logits_to_keep, int):

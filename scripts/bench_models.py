@@ -1,0 +1,126 @@
+"""Train-step speed of our models against their transformers references, with identical weights.
+
+For each model: ours is built from `--preset` (default `cpu256`: hidden 256, 4 layers, 8k vocabulary; see
+`minillm.training.perf.CPU_BENCH_OVERRIDES`) and the reference is `to_reference(ours)` (LlamaForCausalLM,
+DeepseekV3ForCausalLM, Qwen3NextForCausalLM holding the same tensors). Both train with the same bare loop
+(`perf.bare_train_step`: forward with `labels = input_ids`, backward, AdamW) on the same random batch, in fp32 or
+under bf16 autocast. The two run interleaved in one process: `--rounds` rounds of `--steps` steps each, ours
+first in even rounds and the reference first in odd ones, so load from other processes hits both alike. Reported
+per model: median tokens/s over rounds and the median of the per-round ratios ours / reference.
+
+    python scripts/bench_models.py                          # the three models, fp32, batch 4 x 256
+    python scripts/bench_models.py --dtype bf16             # bf16 autocast (CPUs with bf16 matmuls, GPUs)
+    python scripts/bench_models.py --models mini_llama3 --rounds 5 --json bench_models.json
+    python scripts/bench_models.py --preset base --device cuda --dtype bf16 --seq 512 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
+from minillm.training import perf  # noqa: E402
+
+
+def build_pair(name: str, preset: str, device: torch.device, seed: int = 0):
+    """(ours, reference) in train mode on `device`, with identical fp32 weights."""
+    base_preset, overrides = perf.preset_and_overrides(name, preset)
+    torch.manual_seed(seed)
+    ours = build_model(name, base_preset, **overrides).to(device).train()
+    reference = model_package(name).to_reference(ours).to(device).train()
+    return ours, reference
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Plain AdamW over every parameter (the same for both models, fused on CUDA)."""
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=on_cuda or None)
+
+
+def timed_steps(model, optimizer, input_ids: torch.Tensor, steps: int, dtype: str) -> tuple[float, float]:
+    """(seconds, last loss) of `steps` bare training steps."""
+    perf.synchronize(input_ids.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = perf.bare_train_step(model, optimizer, input_ids, dtype)
+    perf.synchronize(input_ids.device)
+    return time.perf_counter() - start, float(loss)
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    ours, reference = build_pair(name, args.preset, device)
+    generator = torch.Generator().manual_seed(1)
+    vocab = ours.config.vocab_size
+    input_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
+    runners = {"ours": (ours, make_optimizer(ours)), "reference": (reference, make_optimizer(reference))}
+    first_loss = {}
+    for key, (model, optimizer) in runners.items():
+        # the first step from identical weights: the losses should agree (ours adds its small aux terms)
+        first_loss[key] = float(perf.bare_train_step(model, optimizer, input_ids, args.dtype))
+        timed_steps(model, optimizer, input_ids, args.warmup, args.dtype)
+    tokens = args.batch * args.seq * args.steps
+    rates: dict[str, list[float]] = {"ours": [], "reference": []}
+    for r in range(args.rounds):
+        order = ("ours", "reference") if r % 2 == 0 else ("reference", "ours")
+        for key in order:
+            seconds, _ = timed_steps(*runners[key], input_ids, args.steps, args.dtype)
+            rates[key].append(tokens / seconds)
+    ratios = [o / ref for o, ref in zip(rates["ours"], rates["reference"])]
+    return {
+        "model": name,
+        "reference": type(reference).__name__,
+        "ours_tokens_per_s": statistics.median(rates["ours"]),
+        "reference_tokens_per_s": statistics.median(rates["reference"]),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "first_loss": first_loss,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny or base")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    results = []
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, preset {args.preset}, "
+          f"batch {args.batch} x {args.seq}, {args.rounds} rounds x {args.steps} steps")
+    print(f"{'model':<17} {'reference':<22} {'ours tok/s':>11} {'ref tok/s':>11} {'ratio':>7}  per round")
+    for name in args.models:
+        res = bench_model(name, args, device)
+        results.append(res)
+        rounds = " ".join(f"{r:.2f}" for r in res["ratios"])
+        print(f"{name:<17} {res['reference']:<22} {res['ours_tokens_per_s']:>11,.0f} "
+              f"{res['reference_tokens_per_s']:>11,.0f} {res['ratio']:>6.2f}x  {rounds}", flush=True)
+    if args.json:
+        meta = {"device": str(device), "threads": torch.get_num_threads(), **{k: v for k, v in vars(args).items()
+                                                                          if k != "json"}}
+        Path(args.json).write_text(json.dumps({"config": meta, "results": results}, indent=2), encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    main()

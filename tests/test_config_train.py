@@ -1,0 +1,92 @@
+"""Trainer configuration: recipes, CLI overrides, unknown keys, the LR schedule and the no-decay groups (no training)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minillm.errors import UserError
+from minillm.training.config import TrainConfig, build_config, load_recipe, shipped_recipes
+from minillm.training.optim import lr_at, param_groups
+
+
+def test_unknown_recipe_key_names_it_and_suggests_the_closest(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: mini_llama3\nlearning_rate: 1e-3\nmicro_batch: 4\n")
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe)
+    message = str(err.value)
+    assert "'learning_rate'" in message and str(recipe) in message
+    recipe.write_text("model: mini_llama3\nmin_lr_: 1e-5\n")
+    with pytest.raises(UserError, match="did you mean 'min_lr'"):
+        load_recipe(recipe)
+
+
+def test_recipe_values_are_typed_and_cli_flags_override_them(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    # YAML 1.1 reads 1e-3 as a string: the loader converts it to the field's type
+    recipe.write_text("model: mini_llama3\nlr: 1e-3\nseq_len: 64\nmodel_args: {num_hidden_layers: 2}\n")
+    config = build_config("pretrain", str(recipe), {"seq_len": 32, "model_args": {"hidden_size": 32}})
+    assert config.lr == 1e-3 and isinstance(config.lr, float)
+    assert config.seq_len == 32  # the flag wins
+    assert config.model_args == {"num_hidden_layers": 2, "hidden_size": 32}
+    with pytest.raises(UserError, match="seq_len"):
+        build_config("pretrain", None, {"seq_len": "many"})
+    with pytest.raises(UserError, match="did you mean 'max_steps'"):
+        build_config("pretrain", None, {"max_step": 3})
+
+
+def test_defaults_depend_on_stage_and_preset():
+    quick = TrainConfig(stage="pretrain", model="mini_deepseekv3").resolve()
+    base = TrainConfig(stage="pretrain", model="mini_deepseekv3", preset="base").resolve()
+    sft = TrainConfig(stage="sft").resolve()
+    assert (quick.seq_len, quick.preset) == (256, "tiny")
+    assert (base.seq_len, base.lr, base.min_lr) == (512, 3e-4, 1e-5)
+    assert sft.lr < quick.lr and sft.epochs == 3
+    with pytest.raises(UserError, match="not divisible"):
+        TrainConfig(stage="pretrain", model="mini_llama3", micro_batch_size=4, global_batch_size=6).resolve()
+    with pytest.raises(UserError, match="--model"):
+        TrainConfig(stage="pretrain").resolve()
+
+
+def test_every_shipped_recipe_loads_and_resolves():
+    names = shipped_recipes()
+    for model in ("llama3", "deepseekv3", "qwen3_next"):
+        assert f"pretrain_{model}_base.yaml" in names and f"sft_{model}_base.yaml" in names
+    assert "quickstart_pretrain.yaml" in names and "quickstart_sft.yaml" in names
+    for name in names:
+        stage = "sft" if name.startswith(("sft", "quickstart_sft")) else "pretrain"
+        config = build_config(stage, f"recipes/{name}").resolve()  # also found from any directory by file name
+        if name.startswith("pretrain"):
+            assert (config.preset, config.seq_len, config.lr, config.min_lr) == ("base", 512, 3e-4, 1e-5)
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    config = TrainConfig(stage="pretrain", model="mini_llama3", lr=1e-3, min_lr=1e-4, warmup_ratio=0.1,
+                         decay_ratio=0.9).resolve()
+    total = 100
+    lrs = [lr_at(s, total, config) for s in range(total)]
+    assert lrs[0] == pytest.approx(1e-3 / 10) and lrs[9] == pytest.approx(1e-3)  # linear warmup over 10 steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # then never increases
+    mid = 10 + (90 - 10) // 2  # halfway through the cosine: the mean of lr and min_lr
+    assert lrs[mid - 1] == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-6)
+    assert lrs[89:] == [1e-4] * 11  # the floor
+    assert not any(math.isnan(x) for x in lrs)
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    from minillm.models.registry import build_model
+
+    model = build_model("mini_llama3", "tiny", vocab_size=128, num_hidden_layers=1, tie_word_embeddings=False)
+    model.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(1))  # a bias to classify
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    plain = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "model.embed_tokens.weight" in plain and "model.norm.weight" in plain
+    assert "model.layers.0.self_attn.q_proj.bias" in plain
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed and "lm_head.weight" in decayed
+    assert not any("norm" in n or "embed" in n for n in decayed)

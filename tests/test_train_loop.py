@@ -1,0 +1,240 @@
+"""The training loop in one process: loss normalisation, pretrain -> SFT for every model, non-finite steps, resume
+after SIGKILL, and every bad input (one line, exit code 2, nothing written or overwritten)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import ROOT, build_shards, relative_error, step_gradients, write_text_corpus
+
+from cli.main import main
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Run `minillm <argv>` in this process; returns (exit code, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    return code, capsys.readouterr().err
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return build_shards(tmp_path_factory.mktemp("shards"))
+
+
+def test_accumulation_gives_the_gradient_of_the_whole_batch():
+    """Rows with uneven target counts: 1 x accumulation 4 == 1 x one batch of 16 (normalised by global targets)."""
+    big = step_gradients(global_batch=16, micro_batch=16)
+    accumulated = step_gradients(global_batch=16, micro_batch=4)
+    assert relative_error(accumulated, big) <= 1e-5
+    assert max(g.abs().max().item() for g in big.values()) > 0
+
+
+TINY = ["--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--precision", "fp32",
+        "--log-every", "1"]
+
+
+@pytest.mark.parametrize("model", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
+def test_pretrain_then_sft_packed_and_unpacked(model, tmp_path, capsys):
+    """Tiny preset on the built-in sample (no --data: the quick-start path), then SFT from that run."""
+    from transformers import AutoModelForCausalLM
+
+    pre = tmp_path / "pre"
+    code, err = run_cli(["pretrain", "--model", model, *TINY, "--max-steps", "3", "--eval-every", "3",
+                         "--output-dir", str(pre)], capsys)
+    assert code == 0, err
+    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "final/model.safetensors", "final/config.json",
+                 "final/tokenizer.json", "final/generation_config.json"):
+        assert (pre / name).is_file(), name
+    assert list((pre / "logs").rglob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 and "grad_norm" in r
+               for r in records if "loss" in r)
+    assert any("val/loss" in r for r in records)  # the periodic validation on the shards' val split
+    loaded, info = AutoModelForCausalLM.from_pretrained(pre / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    if model == "mini_deepseekv3":
+        assert loaded.config.num_mtp_layers == 0 and not any(k.startswith("mtp.") for k in loaded.state_dict())
+        assert {"loss/mtp", "loss/seq_aux", "moe/layer_0/max_min_ratio", "moe/layer_0/cv"} <= set(records[0])
+    for packing in ("--packing", "--no-packing"):
+        out = tmp_path / f"sft{packing}"
+        code, err = run_cli(["sft", "--model-path", str(pre), packing, "--seq-len", "128", "--micro-batch-size",
+                             "2", "--global-batch-size", "2", "--max-steps", "2", "--precision", "fp32",
+                             "--log-every", "1", "--output-dir", str(out)], capsys)
+        assert code == 0, err
+        sft_losses = losses(out)
+        assert sorted(sft_losses) == [1, 2] and all(0 < v < 20 for v in sft_losses.values())
+        assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_non_finite_loss_skips_the_step_and_several_stop_the_run(tmp_path, shards):
+    from minillm.data.pretrain import PretrainDataset
+    from minillm.errors import UserError
+    from minillm.models.registry import build_model
+    from minillm.tokenizer import load_tokenizer
+    from minillm.training.batches import Permutation
+    from minillm.training.config import TrainConfig
+    from minillm.training.setup import stack_collate
+    from minillm.training.trainer import Run, train
+
+    def make_run(bad_calls: set[int]) -> Run:
+        torch.manual_seed(0)
+        model = build_model("mini_llama3", "tiny", num_hidden_layers=2)
+        forward, calls = model.forward, [0]
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = poisoned
+        data = PretrainDataset(shards, 32)
+        return Run(model=model, tokenizer=load_tokenizer(), train_data=data, sampler=Permutation(len(data), 0),
+                   collate=stack_collate, model_name="mini_llama3")
+
+    config = TrainConfig(stage="pretrain", model="mini_llama3", seq_len=32, micro_batch_size=2, global_batch_size=4,
+                         max_steps=4, save_every=3, precision="fp32", log_every=1, max_bad_steps=3)
+    # micro-batch 4 is the second half of step 2: the whole step is skipped
+    run_dir = train(config.replace(output_dir=str(tmp_path / "one")), run=make_run({4}))
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert rows[1]["skipped_steps"] == 0 and rows[2]["skipped_steps"] == 1 and "loss" not in rows[2]
+    assert rows[4]["skipped_steps"] == 1 and rows[4]["loss"] > 0
+    optimizer_state = torch.load(run_dir / "checkpoints" / "step_00000003" / "optimizer.bin", weights_only=False)
+    assert {int(s["step"]) for s in optimizer_state["state"].values()} == {2}  # 3 steps, one of them skipped
+
+    with pytest.raises(UserError, match="3 steps in a row had a non-finite loss"):
+        train(config.replace(output_dir=str(tmp_path / "many")), run=make_run(set(range(3, 100))))
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "cli" / "main.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_after_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
+    """SIGKILL `proc` as soon as metrics.jsonl shows `step` (it must still be running then)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and step in losses_or_empty(path):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"step {step} never logged")
+
+
+def losses_or_empty(path: Path) -> dict[int, float]:
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    except json.JSONDecodeError:
+        return {}
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards):
+    """Kill a run between checkpoints, resume it, and get bit-identical per-step losses (fp32, one process)."""
+    args = ["pretrain", "--model", "mini_deepseekv3", "--data", str(shards), *TINY, "--max-steps", "10000",
+            "--save-every", "2", "--keep-last", "2", "--model-arg", "num_hidden_layers=2"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _kill_after_step(_start(args + ["--output-dir", str(reference)]), reference, 8)
+    _kill_after_step(_start(args + ["--output-dir", str(resumed)]), resumed, 3)
+    checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert checkpoints[-1] in ("step_00000002", "step_00000004")  # killed after step 3, maybe mid-save of 4
+    _kill_after_step(_start(args + ["--output-dir", str(resumed), "--resume", "latest"]), resumed, 8)
+    ref, res = losses(reference), losses(resumed)
+    common = [s for s in range(1, 9) if s in ref and s in res]
+    assert common == list(range(1, 9))
+    assert [res[s] for s in common] == [ref[s] for s in common]  # bit-identical, including the expert biases
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, nothing written or overwritten
+
+
+def _other_tokenizer_shards(tmp: Path) -> Path:
+    from minillm.data.pretrain import build_pretrain_shards
+    from minillm.tokenizer import train_tokenizer
+
+    corpus = write_text_corpus(tmp / "c.jsonl", n_docs=100)
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    train_tokenizer(texts, tmp / "tok", vocab_size=300, show_progress=False)
+    out = tmp / "other_shards"
+    build_pretrain_shards([str(corpus)], out, tokenizer_dir=tmp / "tok", progress=False)
+    return out
+
+
+def _contradicting_launcher(tmp: Path) -> Path:
+    ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = 3
+    (tmp / "ds.json").write_text(json.dumps(ds))
+    text = (ROOT / "accelerate_configs" / "deepspeed_zero2.yaml").read_text()
+    launcher = tmp / "launcher.yaml"
+    launcher.write_text(text.replace("ds_configs/zero2.json", str(tmp / "ds.json")))
+    return launcher
+
+
+BAD_INPUTS = {
+    "unknown model": (["pretrain", "--model", "mini_gpt5"], "unknown model 'mini_gpt5'"),
+    "unknown preset": (["pretrain", "--model", "mini_llama3", "--preset", "huge"], "unknown preset 'huge'"),
+    "recipe unknown key": (["pretrain", "--config", "{tmp}/r.yaml"], "unknown key 'sequence_len'"),
+    "other tokenizer": (["pretrain", "--model", "mini_llama3", "--data", "{other_shards}"], "fingerprint"),
+    "sft from a non-model": (["sft", "--model-path", "{tmp}/not_a_model"], "not a model directory"),
+    "batch not divisible": (["pretrain", "--model", "mini_llama3", "--micro-batch-size", "4", "--global-batch-size",
+                             "6"], "not divisible"),
+    "batch not divisible by processes": (["pretrain", "--model", "mini_llama3", "--launcher",
+                                          "accelerate_configs/cpu_multiprocess.yaml", "--micro-batch-size", "4",
+                                          "--global-batch-size", "4"], "2 x 4"),
+    "deepspeed contradicts recipe": (["pretrain", "--model", "mini_llama3", "--launcher", "{launcher}",
+                                      "--micro-batch-size", "2", "--global-batch-size", "4"],
+                                     "train_micro_batch_size_per_gpu=3 contradicts"),
+    "nothing to resume": (["pretrain", "--model", "mini_llama3", "--resume", "latest"], "no checkpoint to resume"),
+    "output dir holds a run": (["pretrain", "--model", "mini_llama3", "--output-dir", "{tmp}/old_run"],
+                               "already holds a run"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default runs/ directory would appear here
+    (tmp_path / "r.yaml").write_text("model: mini_llama3\nsequence_len: 64\n")
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("hello")
+    old_run = tmp_path / "old_run"
+    (old_run / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (old_run / "config.yaml").write_text("model: mini_llama3\n")
+    values = {"tmp": str(tmp_path)}
+    if case == "other tokenizer":
+        values["other_shards"] = str(_other_tokenizer_shards(tmp_path))
+    if case == "deepspeed contradicts recipe":
+        values["launcher"] = str(_contradicting_launcher(tmp_path))
+    monkeypatch.chdir(ROOT) if "--launcher" in BAD_INPUTS[case][0] else None
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    argv, expected = BAD_INPUTS[case]
+    code, err = run_cli([a.format(**values) for a in argv], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no run directory, nothing replaced
