@@ -14,8 +14,6 @@ from pathlib import Path
 
 import typer
 
-from minillm.errors import UserError
-
 MODEL_HELP = (
     "Model directory (a run's final/ or any HF causal LM directory); default: the newest finished run."
 )
@@ -112,6 +110,8 @@ def chat(
 
 
 def _check_positive(**options: int | None) -> None:
+    from minillm.errors import UserError
+
     for name, value in options.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")

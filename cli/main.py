@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as a script path (`accelerate launch cli/ma
 import typer  # noqa: E402
 
 from cli import data, evaluate, export, info, serve, train  # noqa: E402
-from minillm.errors import UserError  # noqa: E402
 
 app = typer.Typer(
     name="minillm",
@@ -38,7 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning `UserError` into one line and exit code 2."""
     try:
         app(args=argv, standalone_mode=True)
-    except UserError as err:
+    except Exception as err:
+        # Imported here, not at the top: importing `minillm` loads torch and the models, and `minillm --help`
+        # should not pay for that. Any UserError was raised from inside minillm, so it is loaded by now.
+        from minillm.errors import UserError
+
+        if not isinstance(err, UserError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

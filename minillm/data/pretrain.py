@@ -200,26 +200,27 @@ def build_pretrain_shards(
             n_chars += sum(len(t) for t in texts)
             encodings = backend.encode_batch(texts, add_special_tokens=False)
             # Split this batch's documents between train and val (every k-th document globally).
-            groups: dict[str, list] = {"train": [], "val": []}
-            for enc in encodings:
-                is_val = val_fraction > 0 and int((doc_index + 1) * val_fraction) > int(
-                    doc_index * val_fraction
+            index = np.arange(doc_index, doc_index + len(encodings))
+            is_val = ((index + 1) * val_fraction).astype(np.int64) > (index * val_fraction).astype(np.int64)
+            doc_index += len(encodings)
+            for split, chosen in (("train", ~is_val), ("val", is_val)):
+                docs = (
+                    encodings
+                    if split == "train" and not is_val.any()
+                    else [encodings[i] for i in np.flatnonzero(chosen)]
                 )
-                groups["val" if is_val else "train"].append(enc.ids)
-                doc_index += 1
-            for split, docs in groups.items():
                 if not docs:
                     continue
-                lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
-                flat = np.empty(int(lengths.sum()), dtype=dtype)
-                ends = np.cumsum(lengths)
+                # One flat array per batch: each document's ids, then <|endoftext|>. `len(enc)` sizes it without
+                # building the id lists twice.
+                ends = np.cumsum(np.fromiter((len(e) for e in docs), dtype=np.int64, count=len(docs)) + 1)
+                flat = np.empty(int(ends[-1]), dtype=dtype)
                 pos = 0
-                for ids, end in zip(docs, ends, strict=False):
-                    flat[pos : end - 1] = ids
+                for enc, end in zip(docs, ends.tolist(), strict=True):
+                    flat[pos : end - 1] = enc.ids
                     pos = end
                 flat[ends - 1] = eos_id
-                if len(flat):
-                    max_id = max(max_id, int(flat.max()))
+                max_id = max(max_id, int(flat.max()))
                 writers[split].write(flat, len(docs))
             bar.update(task, tokens=f"{sum(w.tokens for w in writers.values()):,}")
 

@@ -43,6 +43,7 @@ from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_con
 from minillm.training.launch import fill_deepspeed_config
 from minillm.training.metrics import MetricsLogger, expert_load_stats, flops_per_token, peak_flops
 from minillm.training.optim import build_optimizer, build_scheduler
+from minillm.training.plots import plot_curves
 
 SUMMED_TERMS = ("mtp",)  # aux_losses entries that, like "lm", are sum(CE) / num_items_in_batch
 EvalFn = Callable[[Any, Any, int], dict[str, float]]
@@ -421,16 +422,16 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     set_seed(config.seed)  # identical initial weights on every rank
     if run is None:
         run = build_run(config)  # every input check happens here, before the run directory exists
-    if accelerator.is_main_process:
-        _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
-    accelerator.wait_for_everyone()
-    model = run.model
     steps_per_epoch = len(run.train_data) // config.global_batch_size
     if steps_per_epoch < 1 and config.max_steps is None:
         raise UserError(
             f"the data has {len(run.train_data)} rows, fewer than one global batch ({config.global_batch_size})"
         )
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
+    if accelerator.is_main_process:
+        _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
+    accelerator.wait_for_everyone()
+    model = run.model
 
     model, optimizer, scheduler = prepare_model_and_optimizer(accelerator, model, config, total_steps)
     batches = GlobalBatches(run.train_data, run.sampler, run.collate, config.global_batch_size,
@@ -502,11 +503,11 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                 ckpt.save_checkpoint(accelerator, run_dir, step, {
                     "data": batches.state_dict(), "skipped_steps": skipped_total, "bad_in_row": bad_in_row,
                 }, config.keep_last)
+                if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
+                    plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
 
     final = save_final_model(accelerator, model, run.tokenizer, run_dir)
     if accelerator.is_main_process:
-        from minillm.training.plots import plot_curves
-
         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
         accelerator.print(f"final loss {last.loss:.4f}; model saved to {final}")
     logger.close()

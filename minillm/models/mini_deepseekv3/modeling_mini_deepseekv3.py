@@ -254,6 +254,20 @@ def sequence_balance_loss(
     return (f * p).sum(-1).mean()
 
 
+class RoutingContext:
+    """Per-forward facts every MoE layer needs: which tokens are real, and their sequence (for the balance loss)."""
+
+    def __init__(
+        self,
+        token_mask: torch.Tensor | None = None,  # (T,) bool, False = padding
+        segment_ids: torch.Tensor | None = None,  # (T,) long, None = no balance loss
+        num_segments: int = 0,
+    ) -> None:
+        self.token_mask = token_mask
+        self.segment_ids = segment_ids
+        self.num_segments = num_segments
+
+
 class MiniDeepSeekV3MoE(nn.Module):
     """DeepSeekMoE: shared experts (always on) + routed experts chosen by the router."""
 
@@ -287,20 +301,6 @@ class MiniDeepSeekV3MoE(nn.Module):
         if routing.segment_ids is not None:
             balance = sequence_balance_loss(scores, topk_idx, routing.segment_ids, routing.num_segments)
         return out.view(shape), counts.float(), balance
-
-
-class RoutingContext:
-    """Per-forward facts every MoE layer needs: which tokens are real, and their sequence (for the balance loss)."""
-
-    def __init__(
-        self,
-        token_mask: torch.Tensor | None = None,  # (T,) bool, False = padding
-        segment_ids: torch.Tensor | None = None,  # (T,) long, None = no balance loss
-        num_segments: int = 0,
-    ) -> None:
-        self.token_mask = token_mask
-        self.segment_ids = segment_ids
-        self.num_segments = num_segments
 
 
 class MiniDeepSeekV3DecoderLayer(GradientCheckpointingLayer):
