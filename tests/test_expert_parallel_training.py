@@ -24,6 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from minillm.training.config import TrainConfig
+
+if "expert_parallel_size" not in TrainConfig.field_names():  # until the trainer integration lands
+    pytest.skip("the trainer has no expert_parallel_size option yet", allow_module_level=True)
+
 ROOT = Path(__file__).resolve().parents[1]
 EP_LAUNCHER = ROOT / "accelerate_configs" / "deepspeed_zero2_ep.yaml"
 STEPS = 5

@@ -50,20 +50,24 @@ def _prefetch(iterator: Iterator, depth: int = 4) -> Iterator:
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        """Hand an item over unless the consumer has gone (then never block forever)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def worker() -> None:
         try:
             for item in iterator:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as err:  # handed to the consumer, which raises it
-            q.put(err)
+            put(err)
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()
@@ -132,7 +136,7 @@ class _ShardWriter:
         return {"files": self.files, "tokens": self.tokens, "documents": self.documents}
 
 
-def _progress(enabled: bool, total_bytes: int):
+def _progress(enabled: bool):
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -184,7 +188,7 @@ def build_pretrain_shards(
     total_bytes = sum(s.size_bytes for s in sources)
     started = time.perf_counter()
 
-    with atomic_output_dir(out_dir, overwrite) as tmp, _progress(progress, total_bytes) as bar:
+    with atomic_output_dir(out_dir, overwrite) as tmp, _progress(progress) as bar:
         task = bar.add_task("tokenizing", total=total_bytes or None, tokens=0)
         writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens)}
         if val_fraction > 0:
