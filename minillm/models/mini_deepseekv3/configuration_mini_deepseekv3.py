@@ -57,7 +57,14 @@ class MiniDeepSeekV3Config(PreTrainedConfig):
 
     model_type = "mini_deepseekv3"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
-    attribute_map = {"first_k_dense_replace": "num_dense_layers", "num_local_experts": "n_routed_experts"}
+    # Descriptive names (n_expert_groups, n_limited_groups, route_scale) are aliases of the reference's fields.
+    attribute_map = {
+        "first_k_dense_replace": "num_dense_layers",
+        "num_local_experts": "n_routed_experts",
+        "n_expert_groups": "n_group",
+        "n_limited_groups": "topk_group",
+        "route_scale": "routed_scaling_factor",
+    }
     default_theta = 10_000.0
 
     vocab_size: int = 32004

@@ -55,7 +55,7 @@ from minillm.models.layers.attention import (
     document_ids_from_position_ids,
     sdpa_attention,
 )
-from minillm.models.layers.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy, shift_targets
+from minillm.models.layers.loss import IGNORE_INDEX, LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.moe import RoutedExperts, expert_counts
 from minillm.models.layers.norm import RMSNorm
@@ -457,7 +457,7 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MiniDeepSeekV3Model(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, chunk_size=config.loss_chunk_size)
         self.mtp = MiniDeepSeekV3MTP(config) if config.num_mtp_layers > 0 else None
         self.post_init()
 
@@ -541,14 +541,14 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
 
         if attention_mask is not None and attention_mask.dim() == 2:
             labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)
-        chunk = self.config.loss_chunk_size
-        lm_loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, position_ids, num_items_in_batch, chunk)
+        # The loss runs inside lm_head's forward so ZeRO-3 gathers the head weight for it (see layers/loss.py).
+        lm_loss = self.lm_head(hidden_states, shift_targets(labels, position_ids), num_items_in_batch)
         loss = lm_loss
         aux = {"lm": lm_loss.detach()}
         if train_aux and self.mtp is not None and self.config.mtp_loss_lambda > 0:
             mtp_hidden = self._mtp_hidden_states(input_ids, attention_mask, position_ids, out)
             mtp_targets = shift_targets(labels, position_ids, shift=2)
-            mtp_loss = chunked_cross_entropy(mtp_hidden, self.lm_head.weight, mtp_targets, num_items_in_batch, chunk)
+            mtp_loss = self.lm_head(mtp_hidden, mtp_targets, num_items_in_batch)
             loss = loss + self.config.mtp_loss_lambda * mtp_loss
             aux["mtp"] = mtp_loss.detach()
         if out["balance"] is not None:

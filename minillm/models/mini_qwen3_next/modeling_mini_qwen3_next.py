@@ -36,7 +36,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from minillm.models.base import MiniLLMPreTrainedModel
 from minillm.models.layers.attention import build_attention_mask, sdpa_attention
-from minillm.models.layers.loss import IGNORE_INDEX, causal_lm_loss, shift_targets
+from minillm.models.layers.loss import IGNORE_INDEX, LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.moe import RoutedExperts
 from minillm.models.layers.norm import RMSNorm
@@ -320,7 +320,7 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MiniQwen3NextModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, chunk_size=config.loss_chunk_size)
         self.post_init()
 
     def forward(
@@ -374,14 +374,8 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
         if labels is not None:
             if token_mask is not None:  # padding is never a target
                 labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)
-            lm_loss = causal_lm_loss(
-                hidden_states,
-                self.lm_head.weight,
-                labels,
-                given_position_ids,
-                num_items_in_batch,
-                chunk_size=self.config.loss_chunk_size,
-            )
+            # The loss runs inside lm_head's forward so ZeRO-3 gathers the head weight for it (see layers/loss.py).
+            lm_loss = self.lm_head(hidden_states, shift_targets(labels, given_position_ids), num_items_in_batch)
             loss = lm_loss
             aux_losses = {"lm": lm_loss.detach()}
             if routings and self.training and self.config.router_aux_loss_coef > 0:

@@ -1,0 +1,367 @@
+"""Training throughput of the real trainer: tokens/s, peak memory, MFU and where the step time goes.
+
+Runs `minillm.training.trainer.train` itself (the loop every `minillm pretrain` runs: accelerator, chunked loss,
+gradient clipping, scheduler, MoE bias update, metrics logging) for `--warmup + --steps` steps per round, on random
+tokens (or `--data` shards), and reports:
+- tokens/s over the timed steps (the warm-up steps of each round are not timed);
+- peak memory (CUDA: max allocated; CPU: the process's peak resident set, measured before any reference step);
+- MFU = training FLOPs per token (`minillm.models.stats`, what `minillm info` prints) x tokens/s / peak, where the
+  peak is a large matmul in the run's dtype measured in this process between rounds (CPU) or the vendor's dense
+  number for the GPU (`minillm.training.perf.GPU_PEAK_TFLOPS`);
+- the share of the step time spent in data loading (the next global batch), forward (the model's forward, loss
+  included), backward, optimizer (clipping, AdamW, scheduler, MoE bias update) and logging/other (metrics, progress
+  bar). The stages are timed by wrapping the trainer's own functions, never by a copy of its loop; on CUDA the
+  timers synchronise, so there the shares come from a separate round and the tokens/s from rounds without them.
+
+`--against-reference` also trains the transformers reference model of the same architecture, built with the same
+initial weights (`to_reference`), with the bare forward + backward + AdamW loop of `perf.bare_train_step`,
+interleaved round by round with the trainer in this process, and prints the ratio trainer / reference.
+
+    python scripts/bench_train.py --model mini_llama3 --against-reference           # CPU, fp32, cpu256, 4 x 256
+    python scripts/bench_train.py --model mini_qwen3_next --dtype bf16 --against-reference
+    python scripts/bench_train.py --model mini_deepseekv3 --preset base --device cuda --dtype bf16 --seq 512 \\
+        --batch 16 --steps 30
+    python scripts/bench_train.py --model mini_llama3 --preset base --grad-checkpointing --compile --device cuda
+
+The `cpu256` preset (default) is each model's `tiny` preset widened to hidden 256, 4 layers and an 8k vocabulary
+(`perf.CPU_BENCH_OVERRIDES`; DeepSeek-V3 without its MTP module, which the reference lacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer (Accelerate) uses a GPU whenever one is visible
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
+from minillm.models.stats import model_stats  # noqa: E402
+from minillm.training import perf  # noqa: E402
+from minillm.training import trainer as trainer_module  # noqa: E402
+from minillm.training.batches import GlobalBatches, Permutation  # noqa: E402
+from minillm.training.config import TrainConfig  # noqa: E402
+from minillm.training.metrics import MetricsLogger  # noqa: E402
+
+STAGES = ("data", "forward", "backward", "optimizer", "logging")
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Pretraining-style rows (`input_ids` == `labels`, length `seq_len`) of uniformly random token ids."""
+
+    def __init__(self, vocab_size: int, seq_len: int, rows: int = 4096, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, vocab_size, (rows, seq_len), generator=generator)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.tokens[index]
+        return {"input_ids": row, "labels": row}
+
+
+class StageTimer:
+    """Wraps the trainer's step functions to time each stage of the steps after the warm-up.
+
+    Step k starts when the trainer asks for its batch (`GlobalBatches.next_step`) and ends when step k+1 asks for
+    its own (or the loop ends: `save_final_model`). Forward is the model's own forward (hooks on the model);
+    backward is the rest of `forward_backward`; logging/other is what remains of the step.
+    """
+
+    def __init__(self, device: torch.device, warmup: int, sync: bool):
+        self.device, self.warmup, self.sync = device, warmup, sync
+        self.totals: dict[str, float] = defaultdict(float)
+        self.step = 0
+        self.step_start: float | None = None
+        self.first_timed: float | None = None
+        self.end: float | None = None
+        self._forward_start = 0.0
+        self._originals: list[tuple[object, str, object]] = []
+
+    def now(self) -> float:
+        if self.sync:
+            perf.synchronize(self.device)
+        return time.perf_counter()
+
+    @property
+    def timing(self) -> bool:
+        return self.step > self.warmup
+
+    def _close_step(self, t: float) -> None:
+        if self.step_start is not None and self.timing:
+            self.totals["step"] += t - self.step_start
+
+    def _patch(self, owner: object, name: str, wrapper_factory) -> None:
+        original = getattr(owner, name)
+        self._originals.append((owner, name, original))
+        setattr(owner, name, wrapper_factory(original))
+
+    def __enter__(self) -> StageTimer:
+        timer = self
+
+        def next_step(original):
+            def wrapped(batches):
+                t = timer.now()
+                timer._close_step(t)
+                timer.step += 1
+                timer.step_start = t
+                if timer.step == timer.warmup + 1:
+                    timer.first_timed = t
+                out = original(batches)
+                if timer.timing:
+                    timer.totals["data"] += timer.now() - t
+                return out
+            return wrapped
+
+        def timed(stage):
+            def factory(original):
+                def wrapped(*args, **kwargs):
+                    t = timer.now()
+                    out = original(*args, **kwargs)
+                    if timer.timing:
+                        timer.totals[stage] += timer.now() - t
+                    return out
+                return wrapped
+            return factory
+
+        def final(original):
+            def wrapped(*args, **kwargs):
+                t = timer.now()
+                timer._close_step(t)
+                timer.end = t
+                return original(*args, **kwargs)
+            return wrapped
+
+        self._patch(GlobalBatches, "next_step", next_step)
+        self._patch(trainer_module, "forward_backward", timed("forward_backward"))
+        self._patch(trainer_module, "optimizer_step", timed("optimizer"))
+        self._patch(MetricsLogger, "log", timed("log"))
+        self._patch(trainer_module, "save_final_model", final)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._originals):
+            setattr(owner, name, original)
+
+    def watch_model(self, model: torch.nn.Module):
+        """Forward hooks on `model` (top level only; recomputation under checkpointing counts as backward)."""
+        def pre(module, args, kwargs):
+            self._forward_start = self.now()
+
+        def post(module, args, kwargs, output):
+            if self.timing:
+                self.totals["forward"] += self.now() - self._forward_start
+
+        return (model.register_forward_pre_hook(pre, with_kwargs=True),
+                model.register_forward_hook(post, with_kwargs=True))
+
+    def shares(self) -> dict[str, float]:
+        step = self.totals["step"]
+        parts = {
+            "data": self.totals["data"],
+            "forward": self.totals["forward"],
+            "backward": self.totals["forward_backward"] - self.totals["forward"],
+            "optimizer": self.totals["optimizer"],
+        }
+        parts["logging"] = max(step - sum(parts.values()), 0.0)  # metrics, progress bar, loop bookkeeping
+        return {k: v / step for k, v in parts.items()} if step > 0 else {}
+
+
+def train_config(args: argparse.Namespace, output_dir: str) -> TrainConfig:
+    base_preset, overrides = perf.preset_and_overrides(args.model, args.preset)
+    if args.data:
+        overrides.pop("vocab_size", None)  # the tokenizer of the shards decides
+    options = dict(
+        stage="pretrain", model=args.model, preset=base_preset, model_args=overrides, seq_len=args.seq,
+        micro_batch_size=args.batch, global_batch_size=args.batch * args.accumulation,
+        max_steps=args.warmup + args.steps, lr=1e-4, min_lr=1e-5, warmup_steps=1, precision=args.dtype,
+        gradient_checkpointing=args.grad_checkpointing, output_dir=output_dir, overwrite=True, save_every=0,
+        eval_every=0, log_every=args.log_every, data=args.data,
+    )
+    if args.compile:
+        if "compile" not in TrainConfig.field_names():
+            sys.exit("error: this trainer has no `compile` option")
+        options["compile"] = True
+    return TrainConfig(**options)
+
+
+def build_trainer_run(args: argparse.Namespace, config: TrainConfig):
+    """The trainer's `Run`: real shards through the trainer's own setup with `--data`, else random tokens."""
+    if args.data:
+        return trainer_module.build_run(config.resolve())
+    from minillm.training.setup import stack_collate
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, config.preset, **config.model_args)
+    data = RandomTokens(model.config.vocab_size, args.seq, seed=args.seed)
+    return trainer_module.Run(model=model, tokenizer=None, train_data=data, sampler=Permutation(len(data), args.seed),
+                              collate=stack_collate, model_name=args.model)
+
+
+def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: int, sync: bool) -> StageTimer:
+    with StageTimer(device, warmup, sync) as timer:
+        hooks = timer.watch_model(run.model)
+        try:
+            trainer_module.train(config, run=run)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return timer
+
+
+def reference_round(reference, optimizer, input_ids: torch.Tensor, args: argparse.Namespace) -> float:
+    """Tokens/s of `--steps` bare reference steps after `--warmup` untimed ones."""
+    for _ in range(args.warmup):
+        perf.bare_train_step(reference, optimizer, input_ids, args.dtype)
+    perf.synchronize(input_ids.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        perf.bare_train_step(reference, optimizer, input_ids, args.dtype)
+    perf.synchronize(input_ids.device)
+    return args.batch * args.accumulation * args.seq * args.steps / (time.perf_counter() - start) \
+        if args.accumulation == 1 else float("nan")
+
+
+def peak_memory(device: torch.device) -> float:
+    """Peak bytes: CUDA max allocated, or the peak resident set of this process on the CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", default="mini_llama3", choices=MODEL_NAMES)
+    parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny or base")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: the GPU when there is one (as the trainer does)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
+    parser.add_argument("--batch", type=int, default=4, help="rows per micro-batch")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (interleaved with the reference)")
+    parser.add_argument("--log-every", type=int, default=10, help="the trainer's metrics interval")
+    parser.add_argument("--against-reference", action="store_true",
+                        help="also time the transformers reference's bare loop, interleaved")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (trainer option)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing")
+    parser.add_argument("--data", default=None, help="pretraining shards to read instead of random tokens")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no GPU is visible")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.against_reference and args.accumulation != 1:
+        sys.exit("error: --against-reference compares single-batch steps; drop --accumulation")
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        config = train_config(args, tmp)
+        run = build_trainer_run(args, config)
+        stats = model_stats(run.model, args.seq)
+        reference = ref_optimizer = input_ids = None
+        if args.against_reference:
+            reference = model_package(args.model).to_reference(run.model).to(device).train()
+            ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4, weight_decay=0.01,
+                                              fused=device.type == "cuda" or None)
+            generator = torch.Generator().manual_seed(args.seed + 1)
+            input_ids = torch.randint(0, reference.config.vocab_size, (args.batch, args.seq),
+                                      generator=generator).to(device)
+        tokens_per_step = args.batch * args.accumulation * args.seq
+        rates, ref_rates, peaks, shares = [], [], [], []
+        memory = None
+        sync_timers = device.type == "cuda"
+        for r in range(args.rounds):
+            if device.type == "cpu":
+                peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5))
+            order = ("trainer", "reference") if r % 2 == 0 else ("reference", "trainer")
+            for who in order:
+                if who == "reference":
+                    if reference is not None:
+                        ref_rates.append(reference_round(reference, ref_optimizer, input_ids, args))
+                    continue
+                timer = run_trainer_round(config, run, device, args.warmup, sync=False)
+                rates.append(tokens_per_step * args.steps / (timer.end - timer.first_timed))
+                if not sync_timers:
+                    shares.append(timer.shares())
+                if memory is None:
+                    memory = peak_memory(device)
+        if sync_timers:  # CUDA: a separate round with synchronising timers for the breakdown
+            shares.append(run_trainer_round(config, run, device, args.warmup, sync=True).shares())
+        if device.type == "cpu":
+            peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5))
+            peak = max(peaks)
+        else:
+            peak = perf.device_peak_flops(device, args.dtype)
+
+    tokens_per_s = statistics.median(rates)
+    result = {
+        "model": args.model, "preset": args.preset, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "dtype": args.dtype, "batch": args.batch,
+        "accumulation": args.accumulation, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
+        "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+        "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": rates, "peak_memory_bytes": memory,
+        "flops_per_token": stats.flops_per_token, "peak_flops": peak,
+        "mfu": perf.mfu(tokens_per_s, stats.flops_per_token, peak),
+        "shares": {k: statistics.median(s[k] for s in shares) for k in STAGES} if shares else {},
+    }
+    if ref_rates:
+        result["reference"] = type(reference).__name__
+        result["reference_tokens_per_s"] = statistics.median(ref_rates)
+        result["reference_mfu"] = perf.mfu(result["reference_tokens_per_s"], stats.flops_per_token, peak)
+        result["ratio"] = statistics.median(t / ref for t, ref in zip(rates, ref_rates))
+        result["ratio_rounds"] = [t / ref for t, ref in zip(rates, ref_rates)]
+    print_result(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def print_result(res: dict) -> None:
+    where = res["device_name"] if res["device"] != "cpu" else f"cpu, {res['threads']} threads"
+    print(f"{res['model']} ({res['preset']}), {where}, {res['dtype']}, batch {res['batch']}"
+          f"{' x ' + str(res['accumulation']) if res['accumulation'] > 1 else ''} x {res['seq']}, "
+          f"{res['rounds']} rounds x {res['steps']} steps"
+          f"{', compiled' if res['compile'] else ''}{', grad checkpointing' if res['grad_checkpointing'] else ''}")
+    rounds = " ".join(f"{r:,.0f}" for r in res["tokens_per_s_rounds"])
+    print(f"  trainer     {res['tokens_per_s']:>10,.0f} tok/s   (rounds: {rounds})")
+    if res["peak_memory_bytes"]:
+        print(f"  peak memory {res['peak_memory_bytes'] / 2**20:>10,.0f} MiB"
+              f"{' (process RSS)' if res['device'] == 'cpu' else ''}")
+    peak = res["peak_flops"]
+    mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a (unknown peak)"
+    print(f"  MFU         {mfu:>10}   ({res['flops_per_token'] / 1e6:,.1f} MFLOP/token, peak "
+          f"{peak / 1e12 if peak else float('nan'):,.3f} TFLOP/s {'measured' if res['device'] == 'cpu' else 'table'})")
+    if res["shares"]:
+        print("  step time   " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in res["shares"].items()))
+    if "ratio" in res:
+        ref_mfu = f", MFU {100 * res['reference_mfu']:.1f}%" if res["reference_mfu"] is not None else ""
+        print(f"  reference   {res['reference_tokens_per_s']:>10,.0f} tok/s   ({res['reference']}, bare "
+              f"forward+backward+AdamW{ref_mfu})")
+        print(f"  ratio       {res['ratio']:>10.2f}x  (per round: "
+              + " ".join(f"{r:.2f}" for r in res["ratio_rounds"]) + ")")
+
+
+if __name__ == "__main__":
+    main()
