@@ -18,6 +18,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -211,6 +212,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
     }
     blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tokenizer_dir_fingerprint(path: str | Path | None = None) -> str:
+    """`tokenizer_fingerprint` of a tokenizer directory (None = the default), cached while tokenizer.json is unchanged.
+
+    Cheap to call repeatedly (e.g. to find cached built-in data before deciding whether to build anything).
+    """
+    directory = Path(path) if path is not None else DEFAULT_TOKENIZER_DIR
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        load_tokenizer(directory)  # raises the right UserError
+    stat = file.stat()
+    return _dir_fingerprint(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _dir_fingerprint(file: str, mtime_ns: int, size: int) -> str:
+    return tokenizer_fingerprint(load_tokenizer(Path(file).parent))
 
 
 def chars_per_token(tokenizer, texts: Iterable[str]) -> float:

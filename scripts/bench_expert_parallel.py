@@ -5,9 +5,9 @@
 
 Each EP size is one `accelerate launch` of this script (`--worker`) with `accelerate_configs/deepspeed_zero2_ep.yaml`,
 running the real training step (`minillm.training.trainer`: DeepSpeed ZeRO-2, AdamW, the MoE bias update) on random
-tokens. The all-to-all time is measured around every expert-parallel exchange (forward and backward, counts
-included only through the waits they cause), with a device sync on CUDA so asynchronous kernels are not missed;
-it includes time spent waiting for slower ranks, which is part of what expert parallelism costs. Step time and
+tokens. The all-to-all time is measured around every expert-parallel exchange (the per-expert counts and the
+token rows, forward and backward), with a device sync on CUDA so asynchronous kernels are not missed; it includes
+time spent waiting for slower ranks, which is part of what expert parallelism costs. Step time and
 all-to-all time are the slowest rank's, averaged over the measured steps (after `--warmup` steps).
 """
 

@@ -223,6 +223,28 @@ def test_sft_bad_inputs(tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "--truncation 'cut'" in err
+    import shutil
+
+    from minillm.tokenizer import DEFAULT_TOKENIZER_DIR
+
+    shutil.copytree(DEFAULT_TOKENIZER_DIR, tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    code, err = run_cli(
+        [
+            "data",
+            "sft",
+            "--input",
+            str(tmp_path / "ok.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "has no {% generation %} markers" in err and not (tmp_path / "o").exists()
 
 
 def test_builtin_sample_builds_once_and_teaches_identity(tok, tmp_path):

@@ -197,6 +197,13 @@ def test_ep2_export_loads_in_one_process_and_generates(deepseek_runs):
         (["--model", "mini_deepseekv3", "--expert-parallel-size", "2"],
          {"WORLD_SIZE": "2", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "ds_configs" / "zero3.json")},
          "expert_parallel_size=2 is not supported with ZeRO-3"),
+        # `--launcher`: checked in the parent process, before any worker starts
+        (["--model", "mini_deepseekv3", "--expert-parallel-size", "2", "--micro-batch-size", "2",
+          "--global-batch-size", "8", "--launcher", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml")], {},
+         "expert_parallel_size=2 is not supported with ZeRO-3"),
+        (["--model", "mini_qwen3_next", "--expert-parallel-size", "2", "--micro-batch-size", "2",
+          "--global-batch-size", "8", "--launcher", str(ROOT / "accelerate_configs" / "cpu_multiprocess.yaml")], {},
+         "expert_parallel_size=2 runs on DeepSpeed ZeRO-1/2"),
     ],
 )  # fmt: skip
 def test_bad_expert_parallel_setups_exit_2_with_one_line(args, env, message, tmp_path, monkeypatch, capsys):

@@ -159,14 +159,14 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards):
     args = ["pretrain", "--model", "mini_deepseekv3", "--data", str(shards), *TINY, "--max-steps", "10000",
             "--save-every", "2", "--keep-last", "2", "--model-arg", "num_hidden_layers=2"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    _kill_after_step(_start(args + ["--output-dir", str(reference)]), reference, 8)
+    _kill_after_step(_start(args + ["--output-dir", str(reference)]), reference, 6)
     _kill_after_step(_start(args + ["--output-dir", str(resumed)]), resumed, 3)
     checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert checkpoints[-1] in ("step_00000002", "step_00000004")  # killed after step 3, maybe mid-save of 4
-    _kill_after_step(_start(args + ["--output-dir", str(resumed), "--resume", "latest"]), resumed, 8)
+    _kill_after_step(_start(args + ["--output-dir", str(resumed), "--resume", "latest"]), resumed, 6)
     ref, res = losses(reference), losses(resumed)
-    common = [s for s in range(1, 9) if s in ref and s in res]
-    assert common == list(range(1, 9))
+    common = [s for s in range(1, 7) if s in ref and s in res]
+    assert common == list(range(1, 7))
     assert [res[s] for s in common] == [ref[s] for s in common]  # bit-identical, including the expert biases
 
 

@@ -61,9 +61,9 @@ def builtin_pretrain_shards(
     """Token shards (train + a 5% val split) of the built-in pretraining sample; returns the directory."""
     from minillm.data.manifest import PRETRAIN_FORMAT
     from minillm.data.pretrain import build_pretrain_shards
-    from minillm.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from minillm.tokenizer import tokenizer_dir_fingerprint
 
-    fingerprint = tokenizer_fingerprint(load_tokenizer(tokenizer_dir))
+    fingerprint = tokenizer_dir_fingerprint(tokenizer_dir)
     directory = Path(cache_dir or default_cache_dir()) / fingerprint / "pretrain"
     return _build(
         directory,
@@ -84,9 +84,9 @@ def builtin_sft_dataset(
     """The built-in SFT sample (identity, greetings, arithmetic, ...) tokenized for `max_seq_len`; returns the dir."""
     from minillm.data.manifest import SFT_FORMAT
     from minillm.data.sft import build_sft_dataset
-    from minillm.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from minillm.tokenizer import tokenizer_dir_fingerprint
 
-    fingerprint = tokenizer_fingerprint(load_tokenizer(tokenizer_dir))
+    fingerprint = tokenizer_dir_fingerprint(tokenizer_dir)
     directory = (
         Path(cache_dir or default_cache_dir())
         / fingerprint

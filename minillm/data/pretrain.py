@@ -228,6 +228,8 @@ def build_pretrain_shards(
                 writers[split].write(flat, len(docs))
             bar.update(task, tokens=f"{sum(w.tokens for w in writers.values()):,}")
 
+        if total_bytes:
+            bar.update(task, completed=total_bytes)  # parquet progress is estimated from row counts
         splits = {name: w.close() for name, w in writers.items()}
         if doc_index == 0:
             raise UserError(

@@ -22,6 +22,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -135,9 +136,12 @@ def _turn_cut(mask: list[int], limit: int) -> int:
 
 
 def tokenize_conversations(
-    tokenizer, conversations: list[list[dict]], max_seq_len: int, truncation: str = "turn"
+    tokenizer, conversations: list[list[dict]], max_seq_len: int, truncation: str = "turn", on_chunk=None
 ):
-    """Template and tokenize; return (list of (ids, mask) kept, Counter of outcomes)."""
+    """Template and tokenize; return (list of (ids, mask) kept, Counter of outcomes).
+
+    `on_chunk(n)` is called after each chunk of n conversations (progress bars).
+    """
     stats: Counter = Counter()
     kept = []
     for start in range(0, len(conversations), TEMPLATE_CHUNK):
@@ -157,6 +161,8 @@ def tokenize_conversations(
                 stats["dropped_no_labels"] += 1
                 continue
             kept.append((ids, mask))
+        if on_chunk is not None:
+            on_chunk(len(chunk))
     return kept, stats
 
 
@@ -182,6 +188,11 @@ def build_sft_dataset(
         raise UserError(f"--max-seq-len {max_seq_len} is too small (at least 8)")
     sources = resolve_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_dir)
+    if not re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
+        raise UserError(
+            f"{tokenizer.name_or_path}: the chat template has no {{% generation %}} markers, so assistant tokens "
+            "cannot be found for the labels (use minillm's template: minillm.tokenizer.CHAT_TEMPLATE)"
+        )
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     started = time.perf_counter()
@@ -217,13 +228,18 @@ def build_sft_dataset(
             f"{sources[0].name}: none of the {rows} rows is a valid conversation (first: {reasons[0]})"
         )
 
-    if progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"templating and tokenizing {len(conversations):,} conversations ...")
-    kept, stats = tokenize_conversations(tokenizer, conversations, max_seq_len, truncation)
+    with Progress(
+        *columns[:2], TextColumn("{task.completed:,}/{task.total:,} conversations"), disable=not progress
+    ) as bar:
+        task = bar.add_task("templating", total=len(conversations))
+        kept, stats = tokenize_conversations(
+            tokenizer, conversations, max_seq_len, truncation, on_chunk=lambda n: bar.advance(task, n)
+        )
     if not kept:
-        raise UserError(f"{sources[0].name}: every conversation is longer than --max-seq-len {max_seq_len}")
+        raise UserError(
+            f"{sources[0].name}: no conversation is usable at --max-seq-len {max_seq_len} "
+            f"({stats['dropped_too_long']} too long, {stats['dropped_no_labels']} without assistant tokens)"
+        )
 
     lengths = [len(ids) for ids, _ in kept]
     unpacked_padding = padding_ratio(lengths, max_seq_len)

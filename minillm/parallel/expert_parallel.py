@@ -277,8 +277,8 @@ class ExpertParallel:
         -> rows for this rank's experts (M, D) sorted by local expert, their counts (El,), and a handle for `combine`.
         """
         send_counts = counts.view(self.size, self.num_local_experts)  # (EP, El): row j goes to rank j
-        recv_counts = torch.empty_like(send_counts)  # (EP, El): row i came from rank i
-        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
+        ones = [1] * self.size
+        recv_counts = _all_to_all_raw(send_counts, ones, ones, self.group)  # (EP, El): row i came from rank i
         splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # one host sync
         input_splits, output_splits = splits[0], splits[1]
         x_recv = all_to_all(x_sorted, output_splits, input_splits, self.group)  # (M, D) source-major
