@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["reference"] = type(reference).__name__
         result["reference_tokens_per_s"] = statistics.median(ref_rates)
         result["reference_mfu"] = perf.mfu(result["reference_tokens_per_s"], stats.flops_per_token, peak)
-        result["ratio"] = statistics.median(t / ref for t, ref in zip(rates, ref_rates))
-        result["ratio_rounds"] = [t / ref for t, ref in zip(rates, ref_rates)]
+        result["ratio"] = statistics.median(t / ref for t, ref in zip(rates, ref_rates, strict=True))
+        result["ratio_rounds"] = [t / ref for t, ref in zip(rates, ref_rates, strict=True)]
     print_result(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")

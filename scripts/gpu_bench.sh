@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-GPU training benchmark: the `base` presets of the three models, bf16 autocast, sequence 512, through the
+# real trainer (scripts/bench_train.py), each also against its transformers reference (interleaved, same process).
+# Prints tokens/s, MFU (peak from the GPU table in minillm/training/perf.py), peak memory and the step-time shares,
+# then one summary table. Goals (issue 7): MFU >= 40% for mini_llama3, >= 25% for the MoE models on one H100.
+# Runs in about 4-6 minutes on one H100 (every model run is capped by `timeout`, the whole script by 8 minutes).
+#
+#   bash scripts/gpu_bench.sh                      # results in gpu_bench_results/ (JSON per run + summary.txt)
+#   BATCH=16 STEPS=10 bash scripts/gpu_bench.sh    # smaller/faster
+#   OUT=/tmp/results bash scripts/gpu_bench.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-gpu_bench_results}
+BATCH=${BATCH:-32}     # rows of 512 tokens per step (16k tokens): enough work per kernel for a 125-175M model
+STEPS=${STEPS:-20}     # timed steps per round
+ROUNDS=${ROUNDS:-2}    # rounds, interleaved with the reference
+PER_RUN=${PER_RUN:-140}  # seconds allowed per model run
+mkdir -p "$OUT"
+deadline=$((SECONDS + 470))
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+python -c "import fla" 2>/dev/null && echo "flash-linear-attention: installed" || echo "flash-linear-attention: not installed (torch DeltaNet path)"
+
+run() {  # run NAME ARGS...: one bench_train run with its own time cap, skipped when the script's budget is spent
+    local name=$1; shift
+    local left=$((deadline - SECONDS))
+    if (( left < 30 )); then echo "skip $name: time budget spent"; return; fi
+    local cap=$(( left < PER_RUN ? left : PER_RUN ))
+    echo "=== $name (cap ${cap}s)"
+    timeout "$cap" python scripts/bench_train.py --device cuda --preset base --dtype bf16 --seq 512 \
+        --batch "$BATCH" --steps "$STEPS" --warmup 3 --rounds "$ROUNDS" --log-every 10 \
+        --json "$OUT/$name.json" "$@" 2>&1 | grep -v -E "Writing model shards|^pretrain " \
+        || echo "$name: failed or timed out"
+}
+
+for model in mini_llama3 mini_deepseekv3 mini_qwen3_next; do
+    run "$model" --model "$model" --against-reference
+done
+# torch.compile of the decoder layers (the loss stays chunked, outside the compiled region)
+run mini_llama3_compiled --model mini_llama3 --compile
+
+python - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+runs = sorted(out.glob("*.json"))
+if not runs:
+    sys.exit("no results")
+print(f"{'run':<24} {'tok/s':>10} {'MFU':>6} {'mem GiB':>8} {'ref tok/s':>10} {'ratio':>6}  step shares")
+for path in runs:
+    r = json.loads(path.read_text())
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    ref = f"{r['reference_tokens_per_s']:,.0f}" if "reference_tokens_per_s" in r else "-"
+    ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+    shares = " ".join(f"{k} {100 * v:.0f}%" for k, v in r.get("shares", {}).items())
+    print(f"{path.stem:<24} {r['tokens_per_s']:>10,.0f} {mfu:>6} {r['peak_memory_bytes'] / 2**30:>8.1f} "
+          f"{ref:>10} {ratio:>6}  {shares}")
+print(f"({r['device_name']}, bf16, batch {r['batch']} x {r['seq']}, {r['steps']} steps x {r['rounds']} rounds)")
+EOF
