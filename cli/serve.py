@@ -10,6 +10,7 @@ ENGINE_HELP = "Decode loop: 'minillm' (ours, cached, fast) or 'hf' (transformers
 MODEL_HELP = (
     "Model directory (a run's final/ or the run directory). Default: the newest run, SFT before pretrain."
 )
+MAX_SEED = 2**63 - 1024  # minillm.inference.sampling.MAX_SEED (not imported here: it pulls in torch)
 
 
 def register(app: typer.Typer) -> None:
@@ -25,7 +26,9 @@ def register(app: typer.Typer) -> None:
         top_k: int = typer.Option(0, "--top-k", min=0, help="0 = off."),
         repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", min=0.01),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
-        seed: int = typer.Option(None, "--seed", help="Seed for sampling (turn i uses seed + i)."),
+        seed: int = typer.Option(
+            None, "--seed", min=0, max=MAX_SEED, help="Seed for sampling (turn i uses seed + i)."
+        ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
         engine: str = typer.Option("minillm", "--engine", help=ENGINE_HELP),
     ) -> None:

@@ -15,7 +15,8 @@ tokens (or `--data` shards), and reports:
 
 `--against-reference` also trains the transformers reference model of the same architecture, built with the same
 initial weights (`to_reference`), with the bare forward + backward + AdamW loop of `perf.bare_train_step`,
-interleaved round by round with the trainer in this process, and prints the ratio trainer / reference.
+interleaved step by step with the trainer in this process (one reference step between two trainer steps, timed
+apart), and prints the median over step pairs of the ratio trainer / reference tokens/s.
 
     python scripts/bench_train.py --model mini_llama3 --against-reference           # CPU, fp32, cpu256, 4 x 256
     python scripts/bench_train.py --model mini_qwen3_next --dtype bf16 --against-reference
@@ -79,16 +80,18 @@ class StageTimer:
 
     Step k starts when the trainer asks for its batch (`GlobalBatches.next_step`) and ends when step k+1 asks for
     its own (or the loop ends: `save_final_model`). Forward is the model's own forward (hooks on the model);
-    backward is the rest of `forward_backward`; logging/other is what remains of the step.
+    backward is the rest of `forward_backward`; logging/other is what remains of the step. `between_steps` (the
+    reference's step) runs in that gap, outside both steps' time: trainer and reference alternate step by step.
     """
 
-    def __init__(self, device: torch.device, warmup: int, sync: bool):
+    def __init__(self, device: torch.device, warmup: int, sync: bool, between_steps=None):
         self.device, self.warmup, self.sync = device, warmup, sync
+        self.between_steps = between_steps  # called before each timed step, outside the step's time
         self.totals: dict[str, float] = defaultdict(float)
+        self.step_times: list[float] = []  # seconds of each timed step
+        self.between_times: list[float] = []  # seconds of each `between_steps` call (paired with step_times)
         self.step = 0
         self.step_start: float | None = None
-        self.first_timed: float | None = None
-        self.end: float | None = None
         self._forward_start = 0.0
         self._originals: list[tuple[object, str, object]] = []
 
@@ -104,6 +107,7 @@ class StageTimer:
     def _close_step(self, t: float) -> None:
         if self.step_start is not None and self.timing:
             self.totals["step"] += t - self.step_start
+            self.step_times.append(t - self.step_start)
 
     def _patch(self, owner: object, name: str, wrapper_factory) -> None:
         original = getattr(owner, name)
@@ -118,9 +122,10 @@ class StageTimer:
                 t = timer.now()
                 timer._close_step(t)
                 timer.step += 1
+                if timer.timing and timer.between_steps is not None:
+                    timer.between_times.append(timer.between_steps())
+                    t = timer.now()
                 timer.step_start = t
-                if timer.step == timer.warmup + 1:
-                    timer.first_timed = t
                 out = original(batches)
                 if timer.timing:
                     timer.totals["data"] += timer.now() - t
@@ -140,9 +145,8 @@ class StageTimer:
 
         def final(original):
             def wrapped(*args, **kwargs):
-                t = timer.now()
-                timer._close_step(t)
-                timer.end = t
+                timer._close_step(timer.now())
+                timer.step_start = None
                 return original(*args, **kwargs)
             return wrapped
 
@@ -212,8 +216,9 @@ def build_trainer_run(args: argparse.Namespace, config: TrainConfig):
                               collate=stack_collate, model_name=args.model)
 
 
-def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: int, sync: bool) -> StageTimer:
-    with StageTimer(device, warmup, sync) as timer:
+def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: int, sync: bool,
+                      between_steps=None) -> StageTimer:
+    with StageTimer(device, warmup, sync, between_steps) as timer:
         hooks = timer.watch_model(run.model)
         try:
             trainer_module.train(config, run=run)
@@ -223,17 +228,13 @@ def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: in
     return timer
 
 
-def reference_round(reference, optimizer, input_ids: torch.Tensor, args: argparse.Namespace) -> float:
-    """Tokens/s of `--steps` bare reference steps after `--warmup` untimed ones."""
-    for _ in range(args.warmup):
-        perf.bare_train_step(reference, optimizer, input_ids, args.dtype)
+def reference_step(reference, optimizer, input_ids: torch.Tensor, dtype: str) -> float:
+    """Seconds of one bare reference step (forward + backward + AdamW), synchronised."""
     perf.synchronize(input_ids.device)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        perf.bare_train_step(reference, optimizer, input_ids, args.dtype)
+    perf.bare_train_step(reference, optimizer, input_ids, dtype)
     perf.synchronize(input_ids.device)
-    return args.batch * args.accumulation * args.seq * args.steps / (time.perf_counter() - start) \
-        if args.accumulation == 1 else float("nan")
+    return time.perf_counter() - start
 
 
 def peak_memory(device: torch.device) -> float:
@@ -254,9 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (interleaved with the reference)")
+    parser.add_argument("--rounds", type=int, default=1, help="trainer runs (each: warm-up + steps)")
     parser.add_argument("--log-every", type=int, default=10, help="the trainer's metrics interval")
     parser.add_argument("--against-reference", action="store_true",
                         help="also time the transformers reference's bare loop, interleaved")
@@ -288,24 +289,24 @@ def main(argv: list[str] | None = None) -> dict:
             input_ids = torch.randint(0, reference.config.vocab_size, (args.batch, args.seq),
                                       generator=generator).to(device)
         tokens_per_step = args.batch * args.accumulation * args.seq
-        rates, ref_rates, peaks, shares = [], [], [], []
+        between = None
+        if reference is not None:
+            for _ in range(args.warmup):
+                reference_step(reference, ref_optimizer, input_ids, args.dtype)
+            between = lambda: reference_step(reference, ref_optimizer, input_ids, args.dtype)  # noqa: E731
+        rates, step_pairs, peaks, shares = [], [], [], []
         memory = None
         sync_timers = device.type == "cuda"
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             if device.type == "cpu":
                 peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5))
-            order = ("trainer", "reference") if r % 2 == 0 else ("reference", "trainer")
-            for who in order:
-                if who == "reference":
-                    if reference is not None:
-                        ref_rates.append(reference_round(reference, ref_optimizer, input_ids, args))
-                    continue
-                timer = run_trainer_round(config, run, device, args.warmup, sync=False)
-                rates.append(tokens_per_step * args.steps / (timer.end - timer.first_timed))
-                if not sync_timers:
-                    shares.append(timer.shares())
-                if memory is None:
-                    memory = peak_memory(device)
+            timer = run_trainer_round(config, run, device, args.warmup, sync=False, between_steps=between)
+            rates.append(tokens_per_step * len(timer.step_times) / sum(timer.step_times))
+            step_pairs += list(zip(timer.step_times, timer.between_times, strict=False))
+            if not sync_timers:
+                shares.append(timer.shares())
+            if memory is None:
+                memory = peak_memory(device)
         if sync_timers:  # CUDA: a separate round with synchronising timers for the breakdown
             shares.append(run_trainer_round(config, run, device, args.warmup, sync=True).shares())
         if device.type == "cpu":
@@ -326,12 +327,14 @@ def main(argv: list[str] | None = None) -> dict:
         "mfu": perf.mfu(tokens_per_s, stats.flops_per_token, peak),
         "shares": {k: statistics.median(s[k] for s in shares) for k in STAGES} if shares else {},
     }
-    if ref_rates:
+    if step_pairs:
+        ref_times = [ref for _, ref in step_pairs]
         result["reference"] = type(reference).__name__
-        result["reference_tokens_per_s"] = statistics.median(ref_rates)
+        result["reference_tokens_per_s"] = tokens_per_step * len(ref_times) / sum(ref_times)
         result["reference_mfu"] = perf.mfu(result["reference_tokens_per_s"], stats.flops_per_token, peak)
-        result["ratio"] = statistics.median(t / ref for t, ref in zip(rates, ref_rates, strict=True))
-        result["ratio_rounds"] = [t / ref for t, ref in zip(rates, ref_rates, strict=True)]
+        # each trainer step against the reference step run just before it: robust to load that comes and goes
+        result["ratio_steps"] = [ref / ours for ours, ref in step_pairs]
+        result["ratio"] = statistics.median(result["ratio_steps"])
     print_result(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -359,8 +362,8 @@ def print_result(res: dict) -> None:
         ref_mfu = f", MFU {100 * res['reference_mfu']:.1f}%" if res["reference_mfu"] is not None else ""
         print(f"  reference   {res['reference_tokens_per_s']:>10,.0f} tok/s   ({res['reference']}, bare "
               f"forward+backward+AdamW{ref_mfu})")
-        print(f"  ratio       {res['ratio']:>10.2f}x  (per round: "
-              + " ".join(f"{r:.2f}" for r in res["ratio_rounds"]) + ")")
+        print(f"  ratio       {res['ratio']:>10.2f}x  (median over step pairs: "
+              + " ".join(f"{r:.2f}" for r in res["ratio_steps"]) + ")")
 
 
 if __name__ == "__main__":

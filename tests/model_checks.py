@@ -83,7 +83,33 @@ def check_reference_parity(
     gen_ours = ours.generate(prompt, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
     gen_ref = ref.generate(prompt, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, do_sample=False)
     assert torch.equal(gen_ours, gen_ref), f"greedy generations differ:\n{gen_ours}\n{gen_ref}"
-    return {"logits_max_abs_diff": diff, "loss_diff": abs(loss_ours - loss_ref)}
+    padded_diff = _check_left_padded_parity(ours, ref, ids, logits_atol, loss_atol, gen_tokens)
+    return {"logits_max_abs_diff": diff, "loss_diff": abs(loss_ours - loss_ref), "padded_diff": padded_diff}
+
+
+def _check_left_padded_parity(ours, ref, ids, logits_atol, loss_atol, gen_tokens) -> float:
+    """A left-padded batch (row 1 has 5 pads, id 0) with `attention_mask`: same logits on the real tokens, same
+    loss with the padding ignored, same greedy batched generation as the reference."""
+    ids = ids.clone()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids[1, :5] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    real = mask.bool()
+    diff = (ours(**kwargs).logits[real] - ref(**kwargs).logits[real]).abs().max().item()
+    assert diff <= logits_atol, f"left-padded logits differ from the reference by {diff:.3g}"
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 5] = -100  # the reference would predict the first real token from a pad; ours never does (design.md)
+    loss_ours, loss_ref = ours(**kwargs, labels=labels).loss.item(), ref(**kwargs, labels=labels).loss.item()
+    assert abs(loss_ours - loss_ref) <= loss_atol, f"left-padded loss {loss_ours} != reference {loss_ref}"
+    prompt, prompt_mask = ids[:, 12:].clone(), mask[:, 12:].clone()  # pad row 0 by hand
+    prompt[0, :3], prompt_mask[0, :3] = 0, 0
+    gen = dict(max_new_tokens=gen_tokens // 2, min_new_tokens=gen_tokens // 2, do_sample=False, pad_token_id=0)
+    gen_ours = ours.generate(prompt, attention_mask=prompt_mask, **gen)
+    gen_ref = ref.generate(prompt, attention_mask=prompt_mask, **gen)
+    assert torch.equal(gen_ours, gen_ref), f"left-padded greedy generations differ:\n{gen_ours}\n{gen_ref}"
+    return diff
 
 
 def check_roundtrip(ours: torch.nn.Module, to_reference, from_reference, skip: tuple[str, ...] = ()) -> None:

@@ -110,3 +110,54 @@ def test_think_content_is_styled_apart():
     raw = console.file.getvalue()
     assert "\x1b[2;3mpondering\x1b[0m" in raw  # dim + italic
     assert "Answer" in raw and "\x1b[2;3mAnswer" not in raw
+
+
+def broken_model_dirs(model_dir: Path, root: Path) -> dict[str, Path]:
+    """Copies of `model_dir` with a truncated safetensors file, a config.json that does not match the weights, and
+    no tokenizer files (the default 32k tokenizer does not fit the tiny model's vocabulary)."""
+    import json
+    import shutil
+
+    dirs = {name: root / name for name in ("truncated", "mismatch", "no-tokenizer")}
+    for path in dirs.values():
+        shutil.copytree(model_dir, path)
+    weights = dirs["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = json.loads((dirs["mismatch"] / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (dirs["mismatch"] / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (dirs["no-tokenizer"] / name).unlink(missing_ok=True)
+    return dirs
+
+
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("truncated", "cannot load the model: Error while deserializing header"),
+        ("mismatch", "cannot load the model: the weights' shapes do not match config.json"),
+        ("no-tokenizer", "the tokenizer has 32004 tokens but the model only"),
+    ],
+)
+def test_unloadable_model_is_a_one_line_error(model_dir, tmp_path, capsys, broken, message):
+    path = broken_model_dirs(model_dir, tmp_path)[broken]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--model", str(path), "--prompt", "Hi", *GREEDY])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    if broken == "no-tokenizer":
+        assert "using minillm's default tokenizer" in err  # the fallback is said, not silent
+
+
+def test_seed_out_of_range_is_refused(model_dir, capsys):
+    from minillm.inference.sampling import MAX_SEED
+
+    for seed in (2**70, -1):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["chat", "--model", str(model_dir), "--prompt", "Hi", "--seed", str(seed), *GREEDY])
+        assert exit_info.value.code == 2
+        assert "--seed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seed must be in"):
+        SamplingParams(seed=MAX_SEED + 1)

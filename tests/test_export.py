@@ -60,4 +60,25 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     assert "not a model directory" in capsys.readouterr().err
     assert run_cli("export", "--to", "gguf", str(src), str(tmp_path / "y")) == 2
     assert "choose 'hf' or 'minillm'" in capsys.readouterr().err
+    assert run_cli("export", "--to", "minillm", str(src), str(tmp_path / "x")) == 2
+    assert "already a minillm model (mini_llama3)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_export_unloadable_model_is_a_one_line_error(tmp_path, capsys):
+    truncated, mismatch = tmp_path / "truncated", tmp_path / "mismatch"
+    for path in (truncated, mismatch):
+        tiny_llama().save_pretrained(path)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = json.loads((mismatch / "config.json").read_text())
+    config["hidden_size"] += 8
+    (mismatch / "config.json").write_text(json.dumps(config))
+    for path, message in [
+        (truncated, "cannot load the model (Error while deserializing header"),
+        (mismatch, "cannot load the model (the weights' shapes do not match config.json)"),
+    ]:
+        assert run_cli("export", "--to", "hf", str(path), str(tmp_path / "out")) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -65,6 +65,19 @@ def test_greedy_matches_generate_batch1_and_padded_batch(model, tokenizer):
         assert solo == no_stop(HFEngine(model, tokenizer)).generate([p], params)[0].token_ids
 
 
+def test_greedy_repetition_penalty_matches_generate(model, tokenizer):
+    """Our penalty (divide positive logits, multiply negative ones, over prompt + generated tokens) is the one
+    transformers' RepetitionPenaltyLogitsProcessor applies: greedy batch-1 outputs agree token for token."""
+    params = SamplingParams(max_new_tokens=12, repetition_penalty=1.3)
+    plain = SamplingParams(max_new_tokens=12)
+    changed = False
+    for prompt in encode(tokenizer, PROMPTS):
+        ours = no_stop(Engine(model, tokenizer)).generate([prompt], params)[0].token_ids
+        assert ours == no_stop(HFEngine(model, tokenizer)).generate([prompt], params)[0].token_ids
+        changed |= ours != no_stop(Engine(model, tokenizer)).generate([prompt], plain)[0].token_ids
+    assert changed  # the penalty really acted on at least one prompt
+
+
 def test_overlapped_loop_gives_the_same_tokens_and_stops(model, tokenizer):
     """The CUDA schedule (next forward queued before the tokens are read) run on CPU: same results."""
     prompts = encode(tokenizer, PROMPTS)
@@ -141,6 +154,11 @@ def test_hf_engine_sampling_and_stop_string(tokenizer):
     prompt = encode(tokenizer, PROMPTS[:1])
     params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=3)
     assert engine.generate(prompt, params)[0].token_ids == engine.generate(prompt, params)[0].token_ids
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    engine.generate(prompt, params)
+    assert torch.equal(torch.rand(3), expected)  # a seeded request leaves the process-wide RNG as it found it
     full = engine.generate(prompt, SamplingParams(max_new_tokens=8))[0]
     stop = full.text[-3:-1]
     out = engine.generate(prompt, SamplingParams(max_new_tokens=8, stop=[stop]))[0]

@@ -139,6 +139,35 @@ def test_chunked_cross_entropy_keeps_no_full_logits():
     assert saved and max(saved) <= 1000 * 8  # the V x D weight gradient; 64 x 1000 logits would be larger
 
 
+def test_chunked_cross_entropy_under_no_grad_computes_no_gradients():
+    """Validation runs under torch.no_grad with parameters that require grad: no V x D gradient buffer is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.shapes.add(tuple(t.shape))
+            return out
+
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(1000, 8, requires_grad=True)
+    targets = torch.randint(0, 1000, (64,))
+    with torch.no_grad(), Shapes() as mode:
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+    assert (1000, 8) not in mode.shapes  # no fp32 V x D weight gradient (nor the softmax backward work)
+    expected = reference_cross_entropy(hidden.detach() @ weight.detach().t(), targets)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    with Shapes() as mode:  # with grad enabled the same call does build them (the check above can fail)
+        chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+    assert (1000, 8) in mode.shapes
+
+
 def test_shift_targets_packed_boundaries():
     labels = torch.tensor([[10, 11, 12, 20, 21, 30]])
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
@@ -187,3 +216,18 @@ def test_output_contract():
     out = MiniLLMOutput(loss=torch.tensor(1.0), cache="c", aux_losses={"lm": torch.tensor(1.0)})
     assert out.past_key_values == "c" and out["cache"] == "c"
     assert out.logits is None and out.expert_counts is None
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_padding_is_never_a_target(name):
+    """labels=input_ids on a right-padded batch: every architecture ignores the padded targets (the loss equals the
+    unpadded row's), whether or not the collator already set them to -100."""
+    torch.manual_seed(0)
+    model = registry.build_model(name, "tiny", vocab_size=256, num_hidden_layers=2).eval()
+    ids = torch.randint(1, 256, (1, 9))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)  # (1, 13), pad id 0
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], dim=1).long()
+    with torch.no_grad():
+        alone = model(input_ids=ids, labels=ids).loss
+        with_pad = model(input_ids=padded, attention_mask=mask, labels=padded).loss
+    assert torch.allclose(alone, with_pad, atol=1e-5), (alone.item(), with_pad.item())

@@ -1,10 +1,13 @@
 """mini_deepseekv3 against transformers' DeepseekV3ForCausalLM, and its MLA cache, MoE balancing and MTP."""
 
+import json
+
 import pytest
 import torch
 from model_checks import (
     check_cached_generation,
     check_chunked_loss,
+    check_hf_export,
     check_packed_equivalence,
     check_reference_parity,
     check_roundtrip,
@@ -110,6 +113,16 @@ def test_save_load_roundtrip(tmp_path):
     for a, b in zip(moe_routers(model), moe_routers(loaded), strict=True):
         assert torch.equal(a.e_score_correction_bias, b.e_score_correction_bias)  # the bias is saved
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_export_loads_in_plain_transformers(tmp_path):
+    """The export (MTP dropped) matches in a process without minillm, and has no pad id: as the embedding's
+    padding_idx it would freeze the eos (= pad) row when the export is fine-tuned with transformers."""
+    dst = check_hf_export(tiny(), tmp_path, "DeepseekV3ForCausalLM", skip=("mtp.",))
+    config = json.loads((dst / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config.get("pad_token_id") is None
+    generation = json.loads((dst / "generation_config.json").read_text())
+    assert generation["pad_token_id"] == 0
 
 
 @pytest.mark.parametrize("batch", [1, 4])

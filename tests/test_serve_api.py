@@ -32,9 +32,12 @@ class RecordingEngine(Engine):
 
     finishes: list[str]
     step_delay: float = 0.0  # seconds per step, to make a generation last long enough to interrupt
+    fail_after: int | None = None  # raise after this many steps (an engine failure mid-stream)
 
     def stream(self, prompts, params, cancel=None):
-        for events in super().stream(prompts, params, cancel):
+        for step, events in enumerate(super().stream(prompts, params, cancel)):
+            if self.fail_after is not None and step >= self.fail_after:
+                raise RuntimeError("decode failed")
             self.finishes += [ev.finish_reason for ev in events if ev.finish_reason]
             time.sleep(self.step_delay)
             yield events
@@ -124,6 +127,32 @@ def test_stream_wire_format_ends_with_done(served):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_failure_sends_an_error_event_then_done(served, path):
+    """A failure after the 200 status is reported in the stream (OpenAI's error shape), never a silent cut."""
+    engine = served[2]
+    request = {"messages": msgs()} if path == "/v1/chat/completions" else {"prompt": "Hi"}
+    engine.fail_after = 2
+    try:
+        response = httpx.post(served[0].url + path, json={**request, "max_tokens": 8, "stream": True}, timeout=30)
+    finally:
+        engine.fail_after = None
+    assert response.status_code == 200
+    events = [line[len("data: ") :] for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "decode failed" in error["message"]
+    assert any("choices" in json.loads(e) for e in events[:-2])  # the tokens before the failure were sent
+    assert httpx.get(served[0].url + "/health", timeout=10).json()["in_flight"] == 0
+    with pytest.raises(openai.APIError, match="decode failed"):  # what the openai client makes of it
+        client = openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        engine.fail_after = 2
+        try:
+            list(chat(client, "Hi", stream=True, max_tokens=8))
+        finally:
+            engine.fail_after = None
 
 
 def test_completion_matches_the_engine(served, client):
@@ -286,6 +315,15 @@ BAD_REQUESTS = [
     ("completion without prompt", "/v1/completions", {"model": MODEL_DIR_NAME}, 400, "prompt"),
     ("completion prompt too long", "/v1/completions", {"prompt": "dog " * 400}, 400, "prompt"),
     ("unknown route", "/v1/embeddings", {"input": "x"}, 404, None),
+    ("seed above 64 bits", "/v1/chat/completions", {"messages": msgs(), "seed": 2**70}, 400, "seed"),
+    (
+        "seed above 64 bits, streamed",
+        "/v1/chat/completions",
+        {"messages": msgs(), "seed": 2**70, "stream": True},
+        400,
+        "seed",
+    ),
+    ("negative seed", "/v1/completions", {"prompt": "Hi", "seed": -1}, 400, "seed"),
 ]
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 from minillm.inference.engine import BaseEngine
-from minillm.inference.sampling import SamplingParams
+from minillm.inference.sampling import MAX_SEED, SamplingParams
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINK_STYLE = "dim italic"
@@ -90,7 +90,8 @@ class ChatSession:
 
 
 def _turn_seed(seed: int | None, turn: int) -> int | None:
-    return None if seed is None else seed + turn
+    """Turn i samples with `seed + i`, wrapped so a very long session stays within the valid seed range."""
+    return None if seed is None else (seed + turn) % (MAX_SEED + 1)
 
 
 class ThinkPrinter:

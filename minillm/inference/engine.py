@@ -320,9 +320,13 @@ class HFEngine(BaseEngine):
 
         def run() -> None:
             try:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)  # generate() samples from the global RNG
-                with torch.inference_mode():
+                # generate() samples from the global RNG: seed it for this call only, and give the caller its RNG
+                # state back afterwards (a seeded request must not make the rest of the process deterministic).
+                device = self.model.device
+                cuda = [device.index or 0] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None), torch.inference_mode():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
                     self.model.generate(
                         input_ids=ids,
                         attention_mask=mask,

@@ -7,6 +7,7 @@ auto-detected (CUDA, then MPS, then CPU); weights run in bfloat16 on GPUs that s
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -76,13 +77,24 @@ def load_model_and_tokenizer(path: str | Path | None, device: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     import minillm  # noqa: F401  (registers our architectures with the Auto classes)
+    from minillm.models.export import load_error_reason
     from minillm.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(path)
     dev = pick_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=default_dtype(dev))
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {model_dir}: cannot load the model: {str(err).splitlines()[0]}") from None
-    tokenizer = load_tokenizer(model_dir if (model_dir / "tokenizer.json").is_file() else None)
+    except Exception as err:  # noqa: BLE001  (truncated safetensors, shape mismatch, bad config: all user data)
+        raise UserError(f"--model {model_dir}: cannot load the model: {load_error_reason(err)}") from None
+    if (model_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(model_dir)
+    else:
+        tokenizer = load_tokenizer(None)
+        print(f"note: {model_dir} has no tokenizer.json; using minillm's default tokenizer", file=sys.stderr)
+    if len(tokenizer) > model.config.vocab_size:
+        # Token ids past the embedding table would crash generation with an IndexError half-way through a reply.
+        raise UserError(
+            f"--model {model_dir}: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{model.config.vocab_size}; put the tokenizer the model was trained with (tokenizer.json) in that directory"
+        )
     return model.to(dev).eval(), tokenizer, model_dir

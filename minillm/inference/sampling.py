@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# torch generators take 64-bit seeds; row i of a batch (and turn i of a chat) uses seed + i, so leave headroom.
+MAX_SEED = 2**63 - 1024
+
 
 @dataclass
 class SamplingParams:
@@ -46,6 +49,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
     @property
     def greedy(self) -> bool:

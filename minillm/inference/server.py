@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -40,11 +41,12 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minillm.inference.engine import FINISH_CANCELLED, BaseEngine, Completion
-from minillm.inference.sampling import SamplingParams
+from minillm.inference.sampling import MAX_SEED, SamplingParams
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt a small model's context window can hold
 ROLES = ("system", "developer", "user", "assistant")
 DISCONNECT_POLL_S = 0.25
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -95,7 +97,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0)  # extension
     max_tokens: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = 1
@@ -357,7 +359,58 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _sse(payload: dict) -> str:
+    """One server-sent event carrying `payload` as JSON."""
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _include_usage(req: _SamplingFields) -> bool:
+    """OpenAI's `stream_options: {"include_usage": true}`: a last chunk with the token counts."""
+    return bool((req.stream_options or {}).get("include_usage"))
+
+
+def _event_stream(
+    events: AsyncIterator[Any],
+    envelope: Callable[[list[dict]], dict],
+    choices: Callable[[Any], list[dict]],
+    slot: _Slot,
+    first: dict | None = None,
+    usage_prompt_tokens: int | None = None,
+) -> StreamingResponse:
+    """The SSE response of a streaming request (chat or completion, told apart by `envelope` and `choices`).
+
+    `envelope(choices)` wraps a list of choices in the endpoint's chunk object; `choices(event)` gives the choices
+    one decoding event produces (possibly none); `first`, if given, is sent before decoding starts (chat's role
+    delta); with `usage_prompt_tokens` a last chunk carries the usage. The stream always ends with
+    `data: [DONE]`, except when the client has left. An error after the 200 status is already sent is reported as
+    an OpenAI error event (`{"error": {...}}`, what the openai client raises on) instead of a truncated stream.
+    """
+
+    async def body() -> AsyncIterator[str]:
+        produced = 0
+        try:
+            if first is not None:
+                yield _sse(envelope([first]))
+            async for step in events:
+                for ev in step:
+                    if ev.finish_reason == FINISH_CANCELLED:
+                        return  # the client is gone: nobody reads the rest
+                    produced += ev.token_id is not None
+                    for choice in choices(ev):
+                        yield _sse(envelope([choice]))
+            if usage_prompt_tokens is not None:
+                yield _sse({**envelope([]), "usage": _usage(usage_prompt_tokens, produced)})
+        except Exception as err:  # noqa: BLE001  (reported to the client and logged, not raised into uvicorn)
+            logger.error("streaming request failed: %s: %s", type(err).__name__, err)
+            message = f"internal error: {type(err).__name__}: {err}"
+            yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(slot.release),  # releases the slot even if the stream never started
+    )
 
 
 def create_app(
@@ -452,47 +505,27 @@ def create_app(
                 ],
                 "usage": _usage(c.prompt_tokens, c.completion_tokens),
             }
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
 
-        async def chunks() -> AsyncIterator[str]:
-            def chunk(delta: dict, finish: str | None) -> dict:
-                return {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": state.model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                }
+        def delta(content: dict, finish: str | None) -> dict:
+            return {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
 
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
-            produced = 0
-            async for events in state.events(prompt, params, request, slot):
-                for ev in events:
-                    if ev.finish_reason == FINISH_CANCELLED:
-                        return
-                    produced += ev.token_id is not None
-                    if ev.text:
-                        yield _sse(chunk({"content": ev.text}, None))
-                    if ev.finish_reason is not None:
-                        yield _sse(chunk({}, ev.finish_reason))
-            if include_usage:
-                yield _sse(
-                    {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": state.model_name,
-                        "choices": [],
-                        "usage": _usage(len(prompt), produced),
-                    }
-                )
-            yield "data: [DONE]\n\n"
+        def choices(ev) -> list[dict]:
+            text = [delta({"content": ev.text}, None)] if ev.text else []
+            return text + ([delta({}, ev.finish_reason)] if ev.finish_reason is not None else [])
 
-        return StreamingResponse(
-            chunks(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-            background=BackgroundTask(slot.release),  # releases the slot even if the stream never started
+        return _event_stream(
+            state.events(prompt, params, request, slot),
+            lambda chs: {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": state.model_name,
+                "choices": chs,
+            },
+            choices,
+            slot,
+            first=delta({"role": "assistant", "content": ""}, None),
+            usage_prompt_tokens=len(prompt) if _include_usage(req) else None,
         )
 
     @app.post("/v1/completions")
@@ -527,44 +560,24 @@ def create_app(
                 "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
                 "usage": _usage(c.prompt_tokens, c.completion_tokens),
             }
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
 
-        async def chunks() -> AsyncIterator[str]:
-            def chunk(text: str, finish: str | None) -> dict:
-                return {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": state.model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                }
+        def choices(ev) -> list[dict]:
+            if not ev.text and ev.finish_reason is None:
+                return []
+            return [{"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}]
 
-            produced = 0
-            async for events in state.events(prompt, params, request, slot):
-                for ev in events:
-                    if ev.finish_reason == FINISH_CANCELLED:
-                        return
-                    produced += ev.token_id is not None
-                    if ev.text or ev.finish_reason is not None:
-                        yield _sse(chunk(ev.text, ev.finish_reason))
-            if include_usage:
-                yield _sse(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": state.model_name,
-                        "choices": [],
-                        "usage": _usage(len(prompt), produced),
-                    }
-                )
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(
-            chunks(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-            background=BackgroundTask(slot.release),  # releases the slot even if the stream never started
+        return _event_stream(
+            state.events(prompt, params, request, slot),
+            lambda chs: {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": state.model_name,
+                "choices": chs,
+            },
+            choices,
+            slot,
+            usage_prompt_tokens=len(prompt) if _include_usage(req) else None,
         )
 
     return app

@@ -5,7 +5,9 @@ It only adds what transformers' generic base cannot guess about our shared layer
   weights at identity scale (ones, or zeros for the zero-centered variant, which transformers' name-based default
   would get wrong), and RoPE frequencies recomputed (they are non-persistent buffers, rebuilt after meta-device
   loading);
-- the flags that let `generate()`, gradient checkpointing and SDPA dispatch treat our models like native ones.
+- the flags that let `generate()`, gradient checkpointing and SDPA dispatch treat our models like native ones;
+- the small steps every `ForCausalLM.forward` shares (cache alias and default, padding kept out of the labels,
+  `logits_to_keep`), so the three architectures cannot drift apart on them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
+from minillm.models.layers.loss import IGNORE_INDEX
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding
 
@@ -35,3 +38,32 @@ class MiniLLMPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, module.initial_inv_freq)
         else:
             super()._init_weights(module)
+
+    def _resolve_cache(self, cache, past_key_values, use_cache: bool | None, labels: torch.Tensor | None):
+        """(cache, use_cache) for a forward: transformers 5.x `generate()` passes the cache as `cache`, older
+        callers as `past_key_values`; by default a cache is built only for inference (no labels, eval mode)."""
+        if cache is None:
+            cache = past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache and labels is None and not self.training
+        return cache, use_cache
+
+    def _logits(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """Logits of the kept positions: all (0), the last `n` (int n), or the given indices (tensor)."""
+        if isinstance(logits_to_keep, int):
+            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states  # (B, n, D)
+        else:
+            kept = hidden_states[:, logits_to_keep]  # explicit indices
+        return self.lm_head(kept)  # (B, n, V)
+
+
+def mask_padding_labels(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`labels` (B, L) with -100 where `attention_mask` (B, P + L) marks padding: padding is never a target.
+
+    The collators already do this, but a hand-made batch with `labels=input_ids` would otherwise train on
+    predicting the pad token (and, with right padding, on the transition from the last real token into it).
+    A 4-D (prepared) mask carries no per-token padding and is left alone.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return labels
+    return labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)

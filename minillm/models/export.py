@@ -15,6 +15,7 @@ export never leaves a half-written model; an existing non-empty destination is r
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,8 +89,21 @@ def _load(src: Path):
 
     try:
         return AutoModelForCausalLM.from_pretrained(src, dtype="auto")
-    except (ValueError, KeyError, OSError) as err:
-        raise UserError(f"{src}: cannot load the model ({str(err).splitlines()[0]})") from err
+    except Exception as err:  # noqa: BLE001  (truncated safetensors, shape mismatch, bad config: all user data)
+        raise UserError(f"{src}: cannot load the model ({load_error_reason(err)})") from err
+
+
+def load_error_reason(err: BaseException) -> str:
+    """One line saying why `from_pretrained` failed, for a `UserError` (export, chat, serve).
+
+    transformers' errors are often multi-line (or point at a report it logged), so keep the first line, and name
+    the usual cause of a size mismatch: a config.json that does not describe the saved weights.
+    """
+    text = str(err)
+    if "ignore_mismatched_sizes" in text:
+        return "the weights' shapes do not match config.json"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
@@ -120,10 +134,16 @@ def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
 def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     """The reverse of `export_to_hf`: a transformers reference checkpoint (Llama, DeepSeek-V3, Qwen3-Next) saved
     as the matching minillm model. Returns the same kind of summary."""
-    from minillm.models.registry import model_package
+    from minillm.models.registry import MODEL_NAMES, model_package
 
     src, dst = resolve_model_dir(src_dir), Path(dst_dir)
     _check_destination(dst)
+    try:
+        declared = json.loads((src / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        declared = None  # _load below reports what is wrong with the file
+    if declared in MODEL_NAMES:
+        raise UserError(f"{src}: already a minillm model ({declared}); --to minillm converts exports (--to hf) back")
     ref = _load(src)
     model_type = REFERENCE_MODEL_TYPES.get(ref.config.model_type)
     if model_type is None:

@@ -53,9 +53,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i) over chunks of rows; gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
-        # hidden (N, D), weight (V, D), targets (N,) all valid (no ignore_index)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, grad_enabled: bool
+    ):
+        # hidden (N, D), weight (V, D), targets (N,) all valid (no ignore_index).
+        # `needs_input_grad` only looks at requires_grad, which stays True under torch.no_grad (validation), so
+        # the caller's grad mode comes in as `grad_enabled`: without it, evaluation would pay for the gradients.
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -82,7 +87,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def chunked_cross_entropy(
@@ -106,7 +111,9 @@ def chunked_cross_entropy(
     targets = targets.reshape(-1)  # (N,)
     valid = targets != IGNORE_INDEX
     rows = valid.nonzero().squeeze(1)  # indices of real targets
-    total = _LinearCrossEntropySum.apply(hidden.index_select(0, rows), weight, targets[rows], chunk_size)
+    total = _LinearCrossEntropySum.apply(
+        hidden.index_select(0, rows), weight, targets[rows], chunk_size, torch.is_grad_enabled()
+    )
     if num_items_in_batch is None:
         return total / rows.numel() if rows.numel() > 0 else total
     if isinstance(num_items_in_batch, torch.Tensor):

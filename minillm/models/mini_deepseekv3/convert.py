@@ -48,7 +48,6 @@ _SHARED_FIELDS = (
     "tie_word_embeddings",
     "bos_token_id",
     "eos_token_id",
-    "pad_token_id",
     "use_cache",
 )
 MTP_PREFIX = "mtp."
@@ -57,8 +56,12 @@ MTP_PREFIX = "mtp."
 def to_reference_config(config: MiniDeepSeekV3Config) -> DeepseekV3Config:
     """The `DeepseekV3Config` of the same network without the MTP module."""
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    # No pad_token_id in the model config: DeepseekV3Model would make it the embedding's `padding_idx`, and since
+    # our pad is eos (id 0), fine-tuning the export with transformers would silently freeze the eos embedding.
+    # Generation keeps the pad id through generation_config.json and the tokenizer.
     return DeepseekV3Config(
         **fields,
+        pad_token_id=None,
         num_key_value_heads=config.num_attention_heads,
         first_k_dense_replace=config.num_dense_layers,
         rope_parameters=dict(config.rope_parameters),
@@ -75,7 +78,9 @@ def from_reference_config(config: DeepseekV3Config, **overrides: Any) -> MiniDee
     if config.num_key_value_heads != config.num_attention_heads:
         raise ValueError("mini_deepseekv3: MLA needs num_key_value_heads == num_attention_heads")
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    pad = config.pad_token_id if config.pad_token_id is not None else MiniDeepSeekV3Config().pad_token_id
     fields.update(
+        pad_token_id=pad,
         num_dense_layers=config.first_k_dense_replace,
         rope_parameters=dict(config.rope_parameters),
         num_mtp_layers=0,

@@ -49,7 +49,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from minillm.models.base import MiniLLMPreTrainedModel
+from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import (
     build_attention_mask,
     document_ids_from_position_ids,
@@ -513,10 +513,7 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
     ) -> MiniLLMOutput:
         """See docs/design.md (Models). `cache` is the name transformers 5.x `generate()` uses for
         `past_key_values`; either may be given."""
-        if cache is None:
-            cache = past_key_values
-        if use_cache is None:
-            use_cache = self.config.use_cache and labels is None and not self.training
+        cache, use_cache = self._resolve_cache(cache, past_key_values, use_cache, labels)
         train_aux = self.training and labels is not None
         with_balance = train_aux and self.config.seq_aux_alpha > 0
         tokens = input_ids if input_ids is not None else inputs_embeds
@@ -533,14 +530,10 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
         hidden_states = out["hidden_states"]
         counts = out["expert_counts"].detach()
         if labels is None:
-            if isinstance(logits_to_keep, int):
-                kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-            else:
-                kept = hidden_states[:, logits_to_keep]  # explicit indices
-            return MiniLLMOutput(logits=self.lm_head(kept), cache=out["cache"], aux_losses={}, expert_counts=counts)
+            logits = self._logits(hidden_states, logits_to_keep)
+            return MiniLLMOutput(logits=logits, cache=out["cache"], aux_losses={}, expert_counts=counts)
 
-        if attention_mask is not None and attention_mask.dim() == 2:
-            labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)
+        labels = mask_padding_labels(labels, attention_mask)
         # The loss runs inside lm_head's forward so ZeRO-3 gathers the head weight for it (see layers/loss.py).
         lm_loss = self.lm_head(hidden_states, shift_targets(labels, position_ids), num_items_in_batch)
         loss = lm_loss

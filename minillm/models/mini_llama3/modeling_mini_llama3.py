@@ -24,7 +24,7 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from minillm.models.base import MiniLLMPreTrainedModel
+from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import build_attention_mask, sdpa_attention
 from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
@@ -173,10 +173,7 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
     ) -> MiniLLMOutput:
         """See docs/design.md (Models). `cache` is the name transformers 5.x `generate()` uses for
         `past_key_values`; either may be given."""
-        if cache is None:
-            cache = past_key_values
-        if use_cache is None:
-            use_cache = self.config.use_cache and labels is None and not self.training
+        cache, use_cache = self._resolve_cache(cache, past_key_values, use_cache, labels)
         given_position_ids = position_ids
         hidden_states, cache, position_ids = self.model(
             input_ids=input_ids,
@@ -188,11 +185,8 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
         )
         if labels is not None:
             # Chunked cross-entropy inside the head's forward (see layers/loss.py); no logits are kept.
+            labels = mask_padding_labels(labels, attention_mask)
             targets = shift_targets(labels, given_position_ids)  # (B, L): next token, -100 across documents
             loss = self.lm_head(hidden_states, targets, num_items_in_batch)
             return MiniLLMOutput(loss=loss, cache=cache, aux_losses={"lm": loss.detach()})
-        if isinstance(logits_to_keep, int):
-            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            kept = hidden_states[:, logits_to_keep]  # explicit indices
-        return MiniLLMOutput(logits=self.lm_head(kept), cache=cache, aux_losses={})
+        return MiniLLMOutput(logits=self._logits(hidden_states, logits_to_keep), cache=cache, aux_losses={})

@@ -34,7 +34,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from minillm.models.base import MiniLLMPreTrainedModel
+from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import build_attention_mask, sdpa_attention
 from minillm.models.layers.loss import IGNORE_INDEX, LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
@@ -339,10 +339,7 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
     ) -> MiniLLMOutput:
         """See docs/design.md (Models). `cache` is the name transformers 5.x `generate()` uses for
         `past_key_values`; either may be given."""
-        if cache is None:
-            cache = past_key_values
-        if use_cache is None:
-            use_cache = self.config.use_cache and labels is None and not self.training
+        cache, use_cache = self._resolve_cache(cache, past_key_values, use_cache, labels)
         given_position_ids = position_ids
         hidden_states, cache, routings = self.model(
             input_ids=input_ids,
@@ -372,8 +369,7 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
                 expert_counts = torch.stack(counts)  # (n_moe_layers, E)
 
         if labels is not None:
-            if token_mask is not None:  # padding is never a target
-                labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)
+            labels = mask_padding_labels(labels, attention_mask)
             # The loss runs inside lm_head's forward so ZeRO-3 gathers the head weight for it (see layers/loss.py).
             lm_loss = self.lm_head(hidden_states, shift_targets(labels, given_position_ids), num_items_in_batch)
             loss = lm_loss
@@ -389,8 +385,5 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.router_aux_loss_coef * aux * weight
                 aux_losses["router_aux"] = aux.detach()
             return MiniLLMOutput(loss=loss, cache=cache, aux_losses=aux_losses, expert_counts=expert_counts)
-        if isinstance(logits_to_keep, int):
-            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            kept = hidden_states[:, logits_to_keep]  # explicit indices
-        return MiniLLMOutput(logits=self.lm_head(kept), cache=cache, aux_losses={}, expert_counts=expert_counts)
+        logits = self._logits(hidden_states, logits_to_keep)
+        return MiniLLMOutput(logits=logits, cache=cache, aux_losses={}, expert_counts=expert_counts)
