@@ -33,6 +33,16 @@ for module in (data, train, serve, evaluate, export, info):
     module.register(app)
 
 
+@app.callback()
+def _quiet_transformers() -> None:
+    """Runs before any command (not for `minillm --help`): transformers' own tqdm bars ("Loading weights",
+    "Writing model shards") would interleave with our rich output on every load and save, so they are switched off;
+    our long steps show their own progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning `UserError` into one line and exit code 2."""
     try:

@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=2, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per model (median of the ratios)")
+    parser.add_argument("--steps", type=int, default=1, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per model (median of the ratios)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=("wall", "process"),

@@ -3,8 +3,10 @@
 Runs `minillm.training.trainer.train` itself (the loop every `minillm pretrain` runs: accelerator, chunked loss,
 gradient clipping, scheduler, MoE bias update, metrics logging) for `--warmup + --steps` steps per round, on random
 tokens (or `--data` shards), and reports:
-- tokens/s over the timed steps (the warm-up steps of each round are not timed);
-- peak memory (CUDA: max allocated; CPU: the process's peak resident set, measured before any reference step);
+- tokens/s of the median timed step (the warm-up steps of each round are not timed; the median, not the mean,
+  so a burst of load from other processes on a shared machine does not decide the result);
+- peak memory (CUDA: max allocated; CPU: the process's peak resident set; both include the reference model
+  when it runs alongside);
 - MFU = training FLOPs per token (`minillm.models.stats`, what `minillm info` prints) x tokens/s / peak, where the
   peak is a large matmul in the run's dtype measured in this process between rounds (CPU) or the vendor's dense
   number for the GPU (`minillm.training.perf.GPU_PEAK_TFLOPS`);
@@ -23,6 +25,7 @@ apart), and prints the median over step pairs of the ratio trainer / reference t
     python scripts/bench_train.py --model mini_deepseekv3 --preset base --device cuda --dtype bf16 --seq 512 \\
         --batch 16 --steps 30
     python scripts/bench_train.py --model mini_llama3 --preset base --grad-checkpointing --compile --device cuda
+    python scripts/bench_train.py --model mini_llama3 --against-reference --threads 1 --clock process  # busy CPU
 
 The `cpu256` preset (default) is each model's `tiny` preset widened to hidden 256, 4 layers and an 8k vocabulary
 (`perf.CPU_BENCH_OVERRIDES`; DeepSeek-V3 without its MTP module, which the reference lacks).
@@ -58,6 +61,7 @@ from minillm.training.config import TrainConfig  # noqa: E402
 from minillm.training.metrics import MetricsLogger  # noqa: E402
 
 STAGES = ("data", "forward", "backward", "optimizer", "logging")
+CLOCK = time.perf_counter  # `--clock process` swaps in time.process_time
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -98,7 +102,7 @@ class StageTimer:
     def now(self) -> float:
         if self.sync:
             perf.synchronize(self.device)
-        return time.perf_counter()
+        return CLOCK()
 
     @property
     def timing(self) -> bool:
@@ -231,10 +235,10 @@ def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: in
 def reference_step(reference, optimizer, input_ids: torch.Tensor, dtype: str) -> float:
     """Seconds of one bare reference step (forward + backward + AdamW), synchronised."""
     perf.synchronize(input_ids.device)
-    start = time.perf_counter()
+    start = CLOCK()
     perf.bare_train_step(reference, optimizer, input_ids, dtype)
     perf.synchronize(input_ids.device)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def peak_memory(device: torch.device) -> float:
@@ -265,11 +269,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--data", default=None, help="pretraining shards to read instead of random tokens")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=("wall", "process"),
+                        help="process: CPU seconds of this process (steadier on a shared CPU with --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    if args.clock == "process" and torch.cuda.is_available():
+        sys.exit("error: --clock process measures CPU time; use it only for CPU runs")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no GPU is visible")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -299,9 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
         sync_timers = device.type == "cuda"
         for _ in range(args.rounds):
             if device.type == "cpu":
-                peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5))
+                peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5, clock=CLOCK))
             timer = run_trainer_round(config, run, device, args.warmup, sync=False, between_steps=between)
-            rates.append(tokens_per_step * len(timer.step_times) / sum(timer.step_times))
+            rates.append(tokens_per_step / statistics.median(timer.step_times))
             step_pairs += list(zip(timer.step_times, timer.between_times, strict=False))
             if not sync_timers:
                 shares.append(timer.shares())
@@ -310,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         if sync_timers:  # CUDA: a separate round with synchronising timers for the breakdown
             shares.append(run_trainer_round(config, run, device, args.warmup, sync=True).shares())
         if device.type == "cpu":
-            peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5))
+            peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5, clock=CLOCK))
             peak = max(peaks)
         else:
             peak = perf.device_peak_flops(device, args.dtype)
@@ -319,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "model": args.model, "preset": args.preset, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "dtype": args.dtype, "batch": args.batch,
+        "threads": torch.get_num_threads(), "clock": args.clock, "dtype": args.dtype, "batch": args.batch,
         "accumulation": args.accumulation, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
         "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
         "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": rates, "peak_memory_bytes": memory,
@@ -330,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     if step_pairs:
         ref_times = [ref for _, ref in step_pairs]
         result["reference"] = type(reference).__name__
-        result["reference_tokens_per_s"] = tokens_per_step * len(ref_times) / sum(ref_times)
+        result["reference_tokens_per_s"] = tokens_per_step / statistics.median(ref_times)
         result["reference_mfu"] = perf.mfu(result["reference_tokens_per_s"], stats.flops_per_token, peak)
         # each trainer step against the reference step run just before it: robust to load that comes and goes
         result["ratio_steps"] = [ref / ours for ours, ref in step_pairs]
@@ -342,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_result(res: dict) -> None:
-    where = res["device_name"] if res["device"] != "cpu" else f"cpu, {res['threads']} threads"
+    where = res["device_name"] if res["device"] != "cpu" else f"cpu, {res['threads']} threads, {res['clock']} clock"
     print(f"{res['model']} ({res['preset']}), {where}, {res['dtype']}, batch {res['batch']}"
           f"{' x ' + str(res['accumulation']) if res['accumulation'] > 1 else ''} x {res['seq']}, "
           f"{res['rounds']} rounds x {res['steps']} steps"

@@ -1,8 +1,8 @@
 """Tiny models and a tiny tokenizer for the inference, chat and server tests (no downloads, no shared data).
 
 The tokenizer is a byte-level BPE trained in a second on generated sentences with minillm's own trainer (so it has
-the ChatML template and special tokens). Models: a tiny `transformers.LlamaForCausalLM` (always available) and the
-three minillm architectures at a shrunken `tiny` preset when `minillm.models.registry` is present.
+the ChatML template and special tokens). Models: the three minillm architectures at a shrunken `tiny` preset, and a
+tiny `transformers.LlamaForCausalLM` as a second, independent implementation to compare against.
 """
 
 from __future__ import annotations
@@ -32,14 +32,10 @@ def build_tokenizer(out_dir: Path):
 
 
 def our_model_names() -> list[str]:
-    """The minillm architectures whose package exists (the three are written in parallel with this code)."""
-    import importlib.util
+    """The minillm architectures (an import error here fails the tests: there is no silent fallback)."""
+    from minillm.models.registry import MODEL_NAMES
 
-    try:
-        from minillm.models.registry import MODEL_NAMES
-    except ImportError:
-        return []
-    return [n for n in MODEL_NAMES if importlib.util.find_spec(f"minillm.models.{n}.__init__") is not None]
+    return list(MODEL_NAMES)
 
 
 def all_model_names() -> list[str]:
@@ -109,8 +105,8 @@ def printable_only(model, tokenizer) -> None:
 
 
 def chat_model_name() -> str:
-    """The architecture the chat and server tests run on: ours when it exists, else transformers' Llama."""
-    return "mini_llama3" if "mini_llama3" in our_model_names() else "llama-hf"
+    """The architecture the chat and server tests run on."""
+    return "mini_llama3"
 
 
 class ServerThread:

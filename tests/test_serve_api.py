@@ -214,8 +214,11 @@ def test_disconnect_mid_stream_stops_generation(served, client):
     engine.step_delay = 0.05  # 100 tokens would take 5 s
     try:
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")  # the first chunk arrived; now hang up
+            data_lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            # The first chunk (the assistant role) is sent before decoding starts; wait for a token chunk so the
+            # hang-up lands mid-generation, then hang up.
+            next(data_lines)
+            assert '"content"' in next(data_lines)
         for _ in range(100):  # at most 10 s for the server to notice
             if engine.finishes and httpx.get(server.url + "/health", timeout=10).json()["in_flight"] == 0:
                 break

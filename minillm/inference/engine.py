@@ -63,6 +63,7 @@ class Completion:
 
     @property
     def completion_tokens(self) -> int:
+        """Tokens generated (OpenAI's `usage.completion_tokens`); a stop token is not counted."""
         return len(self.token_ids)
 
 

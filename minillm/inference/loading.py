@@ -65,6 +65,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
+    """The weight dtype for decoding on `device`: bfloat16 on CUDA GPUs that support it (half the memory, fp32's
+    range), float16 on MPS (its bfloat16 support is partial), float32 on CPU (where bf16 matmuls are slow)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     if device.type == "mps":

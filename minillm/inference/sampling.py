@@ -54,6 +54,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0 means argmax decoding: no generator, top-p/top-k ignored, the seed irrelevant."""
         return self.temperature == 0
 
 

@@ -64,6 +64,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
     def response(self) -> JSONResponse:
+        """The JSON response: OpenAI's `{"error": {"message", "type", "param", "code"}}` with this status."""
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
 
@@ -81,6 +82,7 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
+        """The message's text: a string content as is, text parts joined, no content as ""."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -132,6 +134,7 @@ class _Slot:
         self.released = False
 
     def release(self) -> None:
+        """Give the admission slot back (the stream's end and the response's background task both call it)."""
         if not self.released:
             self.released = True
             self.server.in_flight -= 1
@@ -165,6 +168,8 @@ class _Server:
 
     # -- request parsing ---------------------------------------------------------------------------------------
     async def read_json(self, request: Request) -> dict:
+        """The request body as a JSON object, read by hand so a size limit applies before parsing (413) and a bad
+        body gets OpenAI's 400 error instead of FastAPI's 422."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise APIError(
@@ -185,6 +190,7 @@ class _Server:
         return body
 
     def check_model(self, name: str | None) -> None:
+        """404 `model_not_found` unless `name` is this server's model (None, as many clients send, is accepted)."""
         if name is not None and name != self.model_name:
             raise APIError(
                 404,
@@ -196,6 +202,11 @@ class _Server:
     def sampling(
         self, req: _SamplingFields, prompt_tokens: int, max_tokens: int | None, prompt_param: str
     ) -> SamplingParams:
+        """Validate the request's sampling fields against the context window and turn them into `SamplingParams`.
+
+        Without `max_tokens` the completion may fill the rest of the context window; `prompt_param` names the
+        field that holds the prompt in errors ("messages" or "prompt").
+        """
         if req.n != 1:
             raise APIError(
                 400, f"n={req.n} is not supported: this server returns one choice (n=1)", param="n"
@@ -243,9 +254,12 @@ class _Server:
         )
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as is (the chat template already holds the special tokens)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def chat_prompt(self, req: ChatRequest) -> list[int]:
+        """The prompt tokens of a chat request: its messages through the model's chat template, ending with the
+        assistant turn's opening (`developer` is OpenAI's newer name for `system`)."""
         if not req.messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
         messages = []
@@ -263,6 +277,7 @@ class _Server:
 
     # -- decoding ----------------------------------------------------------------------------------------------
     def admit(self) -> _Slot:
+        """Take one of the `max_concurrency` slots, or answer 429 at once rather than queue without bound."""
         if self.in_flight >= self.max_concurrency:
             raise APIError(
                 429,
@@ -340,6 +355,7 @@ class _Server:
     async def complete(
         self, prompt: list[int], params: SamplingParams, request: Request, slot: _Slot
     ) -> Completion:
+        """Decode a whole (non-streaming) answer, stopping early if the client disconnects."""
         out = Completion(prompt_tokens=len(prompt))
         async for events in self.events(prompt, params, request, slot, watch_disconnect=True):
             for ev in events:
@@ -351,6 +367,7 @@ class _Server:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's `usage` object."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

@@ -1,7 +1,8 @@
 """`MiniLLMPreTrainedModel`: the `PreTrainedModel` base shared by the three architectures.
 
 It only adds what transformers' generic base cannot guess about our shared layers:
-- weight init: normal(0, `initializer_range`) for linear and embedding weights (transformers' default), RMSNorm
+- weight init: normal(0, `initializer_range`) for linear and embedding weights (transformers' default) and for
+  the fused expert weights of `RoutedExperts`, RMSNorm
   weights at identity scale (ones, or zeros for the zero-centered variant, which transformers' name-based default
   would get wrong), and RoPE frequencies recomputed (they are non-persistent buffers, rebuilt after meta-device
   loading);
@@ -18,6 +19,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from minillm.models.layers.loss import IGNORE_INDEX
+from minillm.models.layers.moe import RoutedExperts
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding
 
@@ -36,6 +38,9 @@ class MiniLLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.weight, 0.0 if module.zero_centered else 1.0)
         elif isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, module.initial_inv_freq)
+        elif isinstance(module, RoutedExperts):  # fused 3-D expert weights: not an nn.Linear transformers knows
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
         else:
             super()._init_weights(module)
 

@@ -42,6 +42,22 @@ TOKENIZER_FILES = (
 )
 
 
+def copy_weights(src, dst, skip: tuple[str, ...] = ()) -> None:
+    """Copy the tensors of `src` into `dst` (one of our models and its reference class: same parameter names by
+    construction), raising `ValueError` on any name that does not match.
+
+    `skip`: name prefixes that exist on one side only (DeepSeek-V3's training-only `mtp.`): not copied, and a
+    freshly built module under them keeps its own initialisation. With tied embeddings the head is an alias of the
+    embedding and may be absent from one side's state dict.
+    """
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith(skip)}
+    missing, unexpected = dst.load_state_dict(state, strict=False)
+    tied = dst.config.tie_word_embeddings
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied) and not k.startswith(skip)]
+    if missing or unexpected:
+        raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory (holding config.json) from a model directory or a run directory with `final/`."""
     path = Path(path)

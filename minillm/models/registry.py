@@ -49,8 +49,3 @@ def build_model(name: str, preset: str = "tiny", **overrides: Any):
     """A freshly initialised model of `name` from `preset` (see `build_config`)."""
     config = build_config(name, preset, **overrides)
     return model_package(name).MODEL_CLASS(config)
-
-
-def package_for_model_type(model_type: str) -> ModuleType:
-    """The package of a config's `model_type` (the same strings as `MODEL_NAMES`)."""
-    return model_package(model_type)

@@ -18,7 +18,7 @@ allocating), with these conventions:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,9 +37,6 @@ class ModelStats:
     activated_non_embedding: int
     flops_per_token: int
     seq_len: int
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 def _is_mtp(name: str) -> bool:

@@ -18,7 +18,6 @@ from minillm.models.layers.attention import (
 from minillm.models.layers.loss import (
     IGNORE_INDEX,
     LMHead,
-    causal_lm_loss,
     chunked_cross_entropy,
     shift_targets,
 )
@@ -34,7 +33,6 @@ __all__ = [
     "SwiGLUMLP",
     "apply_rotary",
     "build_attention_mask",
-    "causal_lm_loss",
     "chunked_cross_entropy",
     "document_ids_from_position_ids",
     "has_document_restarts",

@@ -121,19 +121,6 @@ def chunked_cross_entropy(
     return total / num_items_in_batch
 
 
-def causal_lm_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> torch.Tensor:
-    """Next-token loss from unshifted `labels` (B, L) and final hidden states (B, L, D); see module docstring."""
-    targets = shift_targets(labels, position_ids, shift=1)
-    return chunked_cross_entropy(hidden, weight, targets, num_items_in_batch, chunk_size)
-
-
 class LMHead(nn.Linear):
     """Output head (D -> V, no bias) whose forward returns logits, or the chunked loss when given targets.
 

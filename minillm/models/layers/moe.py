@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.models.layers.loss import IGNORE_INDEX
+
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 # The CPU kernel of grouped_mm first shipped in torch 2.9; torch <= 2.10 also needs 16-byte aligned pointers.
 _TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)
@@ -35,14 +37,34 @@ _CPU_KERNEL = _GROUPED_MM is not None and _TORCH_VERSION >= "2.9"
 _CPU_NEEDS_ALIGNMENT = _TORCH_VERSION < "2.11"
 
 
-def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+def expert_counts(
+    topk_idx: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Number of token-slots routed to each expert: LongTensor [E].
 
+    `token_mask` (T,) (1 = real token) leaves padding out: padding is not load (design.md, `expert_counts`).
     Uses `scatter_add_` on integers rather than `bincount`, which would need a device-to-host sync on CUDA.
     """
     flat = topk_idx.reshape(-1)  # (S,)
+    ones = torch.ones_like(flat)
+    if token_mask is not None:
+        ones = token_mask.to(flat.dtype).repeat_interleave(topk_idx.shape[-1])  # (S,): slots of token t
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
+    return counts.scatter_add_(0, flat, ones)  # (E,)
+
+
+def micro_batch_share(targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor | float:
+    """The weight of a per-micro-batch balance loss: this micro-batch's share of the global targets.
+
+    With `num_items_in_batch` the trainer sums micro-batch losses (gradient accumulation) and averages ranks, so a
+    per-micro-batch mean (router / sequence balance loss) weighted by `local targets / num_items_in_batch` is
+    averaged over the global batch instead of multiplied by the number of micro-batches. Without it: 1.
+    `targets` are the shifted LM targets (-100 = ignored).
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    local = (targets != IGNORE_INDEX).sum()
+    return local / torch.as_tensor(num_items_in_batch, device=local.device)
 
 
 @dataclass

@@ -10,7 +10,6 @@ from minillm.models.mini_deepseekv3.modeling_mini_deepseekv3 import (
 
 CONFIG_CLASS = MiniDeepSeekV3Config
 MODEL_CLASS = MiniDeepSeekV3ForCausalLM
-REFERENCE_CLASS_NAME = "DeepseekV3ForCausalLM"
 
 PRESETS: dict[str, dict] = {
     # 2.6M parameters (2.0M of them the tied 32k embedding): for CPU, tests and the quick start.

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+from minillm.models.export import copy_weights
 from minillm.models.mini_deepseekv3.configuration_mini_deepseekv3 import MiniDeepSeekV3Config
 from minillm.models.mini_deepseekv3.modeling_mini_deepseekv3 import MiniDeepSeekV3ForCausalLM
 
@@ -89,23 +89,10 @@ def from_reference_config(config: DeepseekV3Config, **overrides: Any) -> MiniDee
     return MiniDeepSeekV3Config(**fields)
 
 
-def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    state = {k: v for k, v in src.state_dict().items() if not k.startswith(MTP_PREFIX)}
-    missing, unexpected = dst.load_state_dict(state, strict=False)
-    # With tied embeddings the head is an alias of the embedding and may be absent from one side's state dict; a
-    # freshly built MTP module keeps its own initialisation.
-    missing = [
-        k for k in missing
-        if not (k == "lm_head.weight" and dst.config.tie_word_embeddings) and not k.startswith(MTP_PREFIX)
-    ]
-    if missing or unexpected:
-        raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
-
-
 def to_reference(model: MiniDeepSeekV3ForCausalLM) -> DeepseekV3ForCausalLM:
     """A `DeepseekV3ForCausalLM` with the same config and weights (MTP dropped; same dtype and device)."""
     ref = DeepseekV3ForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
-    _copy_weights(model, ref)
+    copy_weights(model, ref, skip=(MTP_PREFIX,))
     return ref.eval() if not model.training else ref
 
 
@@ -116,5 +103,5 @@ def from_reference(ref: DeepseekV3ForCausalLM, **overrides: Any) -> MiniDeepSeek
     """
     model = MiniDeepSeekV3ForCausalLM(from_reference_config(ref.config, **overrides))
     model = model.to(dtype=ref.dtype, device=ref.device)
-    _copy_weights(ref, model)
+    copy_weights(ref, model, skip=(MTP_PREFIX,))
     return model.eval() if not ref.training else model

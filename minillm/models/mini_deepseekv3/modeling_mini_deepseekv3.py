@@ -55,9 +55,9 @@ from minillm.models.layers.attention import (
     document_ids_from_position_ids,
     sdpa_attention,
 )
-from minillm.models.layers.loss import IGNORE_INDEX, LMHead, shift_targets
+from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
-from minillm.models.layers.moe import RoutedExperts, expert_counts
+from minillm.models.layers.moe import RoutedExperts, expert_counts, micro_batch_share
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding, apply_rotary
 from minillm.models.mini_deepseekv3.configuration_mini_deepseekv3 import MiniDeepSeekV3Config
@@ -74,12 +74,6 @@ class MLACache(DynamicCache):
     `generate()` feature that works on a `DynamicCache` (greedy, sampling, beam reordering, cropping) works here.
     `generate()` creates one automatically (see `_prepare_cache_for_generation`).
     """
-
-    def update_latent(
-        self, latent: torch.Tensor, k_rope: torch.Tensor, layer_idx: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's latent (B, 1, L, C) and RoPE key (B, 1, L, R); return all of them (B, 1, P+L, ...)."""
-        return self.update(latent, k_rope, layer_idx)
 
     def bytes_per_token(self) -> int:
         """Cache bytes per token over all layers: (C + R) x layers x dtype size for MLA."""
@@ -291,12 +285,7 @@ class MiniDeepSeekV3MoE(nn.Module):
         out = self.experts(x, topk_idx, topk_weight)  # (T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        if routing.token_mask is None:
-            counts = expert_counts(topk_idx, self.gate.num_experts)
-        else:  # padding tokens are not load
-            weights = routing.token_mask.repeat_interleave(topk_idx.shape[1])  # (T * K,)
-            counts = torch.zeros(self.gate.num_experts, dtype=torch.long, device=x.device)
-            counts = counts.scatter_add_(0, topk_idx.reshape(-1), weights.long())
+        counts = expert_counts(topk_idx, self.gate.num_experts, routing.token_mask)  # padding is not load
         balance = None
         if routing.segment_ids is not None:
             balance = sequence_balance_loss(scores, topk_idx, routing.segment_ids, routing.num_segments)
@@ -373,10 +362,7 @@ class MiniDeepSeekV3PreTrainedModel(MiniLLMPreTrainedModel):
         if isinstance(module, MiniDeepSeekV3Router):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
-        elif isinstance(module, RoutedExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        else:
+        else:  # RoutedExperts included (base class)
             super()._init_weights(module)
 
 
@@ -546,13 +532,7 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
             aux["mtp"] = mtp_loss.detach()
         if out["balance"] is not None:
             balance = out["balance"]
-            if num_items_in_batch is not None:
-                # Weight this micro-batch's mean by its share of the global targets, so summing micro-batch losses
-                # (gradient accumulation) averages the balance loss instead of multiplying it.
-                local = (shift_targets(labels, position_ids) != IGNORE_INDEX).sum()
-                balance_weight = local / torch.as_tensor(num_items_in_batch, device=local.device)
-            else:
-                balance_weight = 1.0
+            balance_weight = micro_batch_share(shift_targets(labels, position_ids), num_items_in_batch)
             loss = loss + self.config.seq_aux_alpha * balance * balance_weight
             aux["seq_aux"] = balance.detach()
         return MiniLLMOutput(loss=loss, cache=out["cache"], aux_losses=aux, expert_counts=counts)

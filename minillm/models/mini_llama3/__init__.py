@@ -6,7 +6,6 @@ from minillm.models.mini_llama3.modeling_mini_llama3 import MiniLlama3ForCausalL
 
 CONFIG_CLASS = MiniLlama3Config
 MODEL_CLASS = MiniLlama3ForCausalLM
-REFERENCE_CLASS_NAME = "LlamaForCausalLM"
 
 PRESETS: dict[str, dict] = {
     # 3.5M parameters (3.1M of them the tied 32k embedding): for CPU, tests and the quick start.

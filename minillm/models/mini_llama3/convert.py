@@ -6,9 +6,9 @@ the other class, and copy the state dict. `to_reference(from_reference(m))` repr
 
 from __future__ import annotations
 
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from minillm.models.export import copy_weights
 from minillm.models.mini_llama3.configuration_mini_llama3 import MiniLlama3Config
 from minillm.models.mini_llama3.modeling_mini_llama3 import MiniLlama3ForCausalLM
 
@@ -58,24 +58,15 @@ def from_reference_config(config: LlamaConfig) -> MiniLlama3Config:
     return MiniLlama3Config(**fields, pad_token_id=pad, rope_parameters=dict(config.rope_parameters))
 
 
-def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    state = src.state_dict()
-    missing, unexpected = dst.load_state_dict(state, strict=False)
-    # With tied embeddings the head is an alias of the embedding and may be absent from one side's state dict.
-    missing = [k for k in missing if not (k == "lm_head.weight" and dst.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
-
-
 def to_reference(model: MiniLlama3ForCausalLM) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` with the same config and weights (same dtype and device)."""
     ref = LlamaForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
-    _copy_weights(model, ref)
+    copy_weights(model, ref)
     return ref.eval() if not model.training else ref
 
 
 def from_reference(ref: LlamaForCausalLM) -> MiniLlama3ForCausalLM:
     """A `MiniLlama3ForCausalLM` with the same config and weights as a `LlamaForCausalLM`."""
     model = MiniLlama3ForCausalLM(from_reference_config(ref.config)).to(dtype=ref.dtype, device=ref.device)
-    _copy_weights(ref, model)
+    copy_weights(ref, model)
     return model.eval() if not ref.training else model

@@ -9,7 +9,6 @@ from minillm.models.mini_qwen3_next.modeling_mini_qwen3_next import (
 
 CONFIG_CLASS = MiniQwen3NextConfig
 MODEL_CLASS = MiniQwen3NextForCausalLM
-REFERENCE_CLASS_NAME = "Qwen3NextForCausalLM"
 
 PRESETS: dict[str, dict] = {
     # For CPU, tests and the quick start: 4 layers (3 DeltaNet + 1 gated attention), 8 experts of which 2 per

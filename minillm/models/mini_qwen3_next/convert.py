@@ -10,9 +10,9 @@ sets it so both models return the same total loss.
 
 from __future__ import annotations
 
-import torch
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
+from minillm.models.export import copy_weights
 from minillm.models.mini_qwen3_next.configuration_mini_qwen3_next import MiniQwen3NextConfig
 from minillm.models.mini_qwen3_next.modeling_mini_qwen3_next import MiniQwen3NextForCausalLM
 
@@ -82,23 +82,15 @@ def from_reference_config(config: Qwen3NextConfig) -> MiniQwen3NextConfig:
     )
 
 
-def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
-    # With tied embeddings the head is an alias of the embedding and may be absent from one side's state dict.
-    missing = [k for k in missing if not (k == "lm_head.weight" and dst.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
-
-
 def to_reference(model: MiniQwen3NextForCausalLM) -> Qwen3NextForCausalLM:
     """A `Qwen3NextForCausalLM` with the same config and weights (same dtype, device and train/eval mode)."""
     ref = Qwen3NextForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
-    _copy_weights(model, ref)
+    copy_weights(model, ref)
     return ref.train(model.training)
 
 
 def from_reference(ref: Qwen3NextForCausalLM) -> MiniQwen3NextForCausalLM:
     """A `MiniQwen3NextForCausalLM` with the same config and weights as a `Qwen3NextForCausalLM`."""
     model = MiniQwen3NextForCausalLM(from_reference_config(ref.config)).to(dtype=ref.dtype, device=ref.device)
-    _copy_weights(ref, model)
+    copy_weights(ref, model)
     return model.train(ref.training)

@@ -36,9 +36,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import build_attention_mask, sdpa_attention
-from minillm.models.layers.loss import IGNORE_INDEX, LMHead, shift_targets
+from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
-from minillm.models.layers.moe import RoutedExperts
+from minillm.models.layers.moe import RoutedExperts, micro_batch_share
+from minillm.models.layers.moe import expert_counts as count_experts
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding, apply_rotary
 from minillm.models.mini_qwen3_next.configuration_mini_qwen3_next import MiniQwen3NextConfig
@@ -171,15 +172,11 @@ class MiniQwen3NextPreTrainedModel(MiniLLMPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
         if isinstance(module, GatedDeltaNet):
             init.ones_(module.dt_bias)
             # A in [0.01, 16]: per-head decay rates from slow to fast (the reference's range).
             init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(0.01, 16).log_())
-        elif isinstance(module, RoutedExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        else:
+        else:  # RoutedExperts included (base class)
             super()._init_weights(module)
 
 
@@ -356,17 +353,8 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
             token_mask = attention_mask[:, -hidden_states.shape[1] :].reshape(-1)  # (T,)
         if routings:
             with torch.no_grad():
-                counts = []
-                for _, topk_idx in routings:
-                    weights = torch.ones_like(topk_idx, dtype=torch.float32)  # (T, K)
-                    if token_mask is not None:
-                        weights = weights * token_mask[:, None]
-                    counts.append(
-                        torch.zeros(self.config.num_experts, device=topk_idx.device).scatter_add_(
-                            0, topk_idx.reshape(-1), weights.reshape(-1)
-                        )
-                    )
-                expert_counts = torch.stack(counts)  # (n_moe_layers, E)
+                counts = [count_experts(idx, self.config.num_experts, token_mask) for _, idx in routings]
+                expert_counts = torch.stack(counts).float()  # (n_moe_layers, E); padding is not load
 
         if labels is not None:
             labels = mask_padding_labels(labels, attention_mask)
@@ -376,12 +364,7 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
             aux_losses = {"lm": lm_loss.detach()}
             if routings and self.training and self.config.router_aux_loss_coef > 0:
                 aux = router_aux_loss(routings, self.config.num_experts, token_mask)
-                weight = 1.0
-                if num_items_in_batch is not None:
-                    # Weight this micro-batch's mean by its share of the global targets, so summing micro-batch
-                    # losses (gradient accumulation) averages the balance loss instead of multiplying it.
-                    local = (shift_targets(labels, given_position_ids) != IGNORE_INDEX).sum()
-                    weight = local / torch.as_tensor(num_items_in_batch, device=local.device)
+                weight = micro_batch_share(shift_targets(labels, given_position_ids), num_items_in_batch)
                 loss = loss + self.config.router_aux_loss_coef * aux * weight
                 aux_losses["router_aux"] = aux.detach()
             return MiniLLMOutput(loss=loss, cache=cache, aux_losses=aux_losses, expert_counts=expert_counts)
