@@ -80,6 +80,9 @@ def _run(stage: str, recipe: str | None, launcher: str | None, values: dict[str,
         launcher_cfg, _ = launch.read_launcher(launcher)
         launch.check_world(launcher_cfg, resolved.micro_batch_size, resolved.global_batch_size)
         launch.check_deepspeed_file(launcher_cfg, resolved)
+        from minillm.training.trainer import check_expert_parallel
+
+        check_expert_parallel(resolved, launch.launch_facts(launcher_cfg))
         raise typer.Exit(launch.relaunch(launcher, _argv(stage, recipe, overrides)))
     from minillm.training.trainer import train
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,18 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Save the full training state of `step` (all ranks call this); returns the checkpoint directory."""
+def save_checkpoint(
+    accelerator,
+    run_dir: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    save_extra: Callable[[Path], Any] | None = None,
+) -> Path:
+    """Save the full training state of `step` (all ranks call this); returns the checkpoint directory.
+
+    `save_extra(directory)` runs on every rank after `save_state`, for state Accelerate does not know about (the
+    expert shards of expert parallelism)."""
     base = Path(run_dir) / CHECKPOINTS
     final = base / checkpoint_name(step)
     tmp = base / f".tmp-{checkpoint_name(step)}"
@@ -49,6 +60,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict[s
             shutil.rmtree(tmp)  # a leftover of a crashed save of this same step
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if save_extra is not None:
+        save_extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2), encoding="utf-8")

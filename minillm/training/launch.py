@@ -103,6 +103,23 @@ def check_deepspeed_file(launcher_cfg: dict[str, Any], config) -> None:
     fill_deepspeed_config(ds, config, int(launcher_cfg.get("num_processes", 1) or 1), path)
 
 
+def launch_facts(launcher_cfg: dict[str, Any]) -> tuple[int, bool, int | None]:
+    """(processes, DeepSpeed?, ZeRO stage) of an accelerate config, for checks before spawning."""
+    import json
+
+    world = int(launcher_cfg.get("num_processes", 1) or 1)
+    uses_deepspeed = str(launcher_cfg.get("distributed_type", "")).upper() == "DEEPSPEED"
+    ds_cfg = launcher_cfg.get("deepspeed_config") or {}
+    stage = ds_cfg.get("zero_stage")
+    if ds_cfg.get("deepspeed_config_file"):
+        try:
+            ds = json.loads(Path(ds_cfg["deepspeed_config_file"]).read_text(encoding="utf-8"))
+            stage = ds.get("zero_optimization", {}).get("stage", stage)
+        except (OSError, json.JSONDecodeError):
+            pass  # reported by check_deepspeed_file
+    return world, uses_deepspeed, int(stage) if uses_deepspeed and stage not in (None, "auto") else None
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:

@@ -5,12 +5,15 @@ read) and the same scalars in TensorBoard under `<run>/logs/`. Only the main pro
 
 MFU (model FLOPs utilisation) = achieved training FLOP/s / peak FLOP/s of the devices. Training FLOPs per token
 come from `minillm.models.stats` when it knows the model (it counts only the active experts of an MoE and the
-attention term), else from the classic 6 x parameters. The peak is looked up by GPU name (dense bf16 numbers from
-the vendors' sheets) or given with `peak_tflops`; on a CPU it is unknown and MFU is not logged.
+attention term), else from the classic 6 x parameters. The peak is given with `peak_tflops`, else looked up by
+GPU name and precision (`minillm.training.perf.GPU_PEAK_TFLOPS`, dense numbers from the vendors' sheets), else, on
+a CPU, measured once per process with a large matmul in the run's precision (`perf.measure_cpu_peak_flops`; on a
+CPU shared with other jobs the measured peak drops with the load).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -18,22 +21,26 @@ from typing import Any
 
 import torch
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of the device name.
-GPU_PEAK_TFLOPS = {
-    "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
-    "A6000": 155.0, "4090": 165.0, "3090": 71.0, "A10": 125.0, "L4": 121.0, "V100": 125.0, "T4": 65.0,
-}
+from minillm.training import perf
 
 
-def peak_flops(configured_tflops: float | None) -> float | None:
-    """Peak FLOP/s of one device, or None when unknown (CPU, unlisted GPU)."""
+@functools.lru_cache(maxsize=8)
+def _cpu_peak(dtype: str, threads: int) -> float:
+    return perf.measure_cpu_peak_flops(dtype, size=1024, seconds=0.25)
+
+
+def peak_flops(configured_tflops: float | None, device: torch.device | str | None = None,
+               dtype: str = "bf16") -> float | None:
+    """Peak FLOP/s of one device in `dtype` ("fp32", "bf16", "fp16"), or None when unknown (unlisted GPU)."""
     if configured_tflops:
         return configured_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return perf.gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+    if device.type == "cpu":
+        return _cpu_peak(dtype, torch.get_num_threads())
     return None
 
 

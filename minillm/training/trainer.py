@@ -16,8 +16,9 @@ Notable choices:
 - A non-finite loss on any rank skips the step on all ranks (no backward for that micro-batch, no optimizer step,
   gradients dropped) and is counted; `max_bad_steps` in a row stop the run with a clear message.
 - MoE: after each optimizer step, expert counts summed over the global batch drive `update_expert_bias`.
-- The model/optimizer preparation is one function, `prepare_model_and_optimizer`, so other parallelisms (expert
-  parallelism) can slot in there.
+- The model/optimizer preparation is one function, `prepare_model_and_optimizer`; expert parallelism
+  (`expert_parallel_size` > 1, `minillm.parallel.expert_parallel`) shards the routed experts there, before the
+  optimizer, and its expert shards ride along with checkpoints (`save_extra`) and are gathered for the export.
 - DeepSpeed on a machine without CUDA runs on DeepSpeed's CPU accelerator with the gloo backend. Never
   `Accelerator(cpu=True)` in that case: it silently drops DeepSpeed.
 """
@@ -25,6 +26,7 @@ Notable choices:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import shutil
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 
 from minillm.errors import UserError
+from minillm.parallel import expert_parallel
 from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, count_targets
 from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
@@ -105,6 +108,22 @@ def make_accelerator(config: TrainConfig):
 # Model and optimizer
 
 
+def compile_layers(model) -> int:
+    """`torch.compile` every decoder layer (regional compilation); returns how many.
+
+    Layers of one class share their compiled code, so compiling costs one or two graphs, not one per layer; the
+    embedding, the chunked loss (an autograd Function that never materialises the logits) and the optimizer stay
+    eager. Activation checkpointing wraps the compiled layer, so both options combine.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        raise UserError(f"--compile: found no decoder layers ({', '.join(sorted(names)) or 'none declared'}) to compile")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def prepare_model_and_optimizer(accelerator, model, config: TrainConfig, total_steps: int):
     """Wrap the model and build optimizer + scheduler for the distributed backend in use.
 
@@ -114,6 +133,17 @@ def prepare_model_and_optimizer(accelerator, model, config: TrainConfig, total_s
     """
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    plugin = accelerator.state.deepspeed_plugin
+    if config.expert_parallel_size > 1:
+        # each rank keeps its share of the routed experts; must precede the optimizer (DeepSpeed MoE groups)
+        name = getattr(model.config, "model_type", type(model).__name__)
+        expert_parallel.check_expert_parallel_launch(config.expert_parallel_size, model.config, name, accelerator)
+        expert_parallel.enable_expert_parallel(model, config.expert_parallel_size)
+    elif plugin is not None and plugin.zero_stage == 3:
+        # one ZeRO-3 unit per MoE block: a rank whose tokens skip an expert still gathers its weights
+        expert_parallel.set_zero3_leaf_moe_blocks(model)
+    if config.compile:
+        compile_layers(model)
     model, optimizer = accelerator.prepare(model, build_optimizer(model, config))
     # built on the prepared optimizer: DeepSpeed may swap ours for its own (CPU Adam under offload)
     scheduler = build_scheduler(optimizer, total_steps, config)
@@ -248,6 +278,31 @@ def build_run(config: TrainConfig) -> Run:
     return setup.build_run(config)
 
 
+def check_expert_parallel(config: TrainConfig, launch: tuple[int, bool, int | None] | None = None) -> None:
+    """Refuse an impossible `expert_parallel_size` before anything starts (the model config is cheap to get; the
+    launch is `launch` = (processes, DeepSpeed?, ZeRO stage) or read from the environment).
+    `prepare_model_and_optimizer` checks again against the accelerator."""
+    if config.expert_parallel_size == 1:
+        return
+    if config.stage == "pretrain":
+        from minillm.models.registry import build_config
+
+        try:
+            model_config = build_config(config.model, config.preset, **config.model_args)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"model {config.model} ({config.preset}): {err}") from None
+        name = config.model
+    else:
+        from transformers import AutoConfig
+
+        import minillm  # noqa: F401  (registers our architectures with the Auto classes)
+        from minillm.training.setup import sft_model_dir
+
+        model_config = AutoConfig.from_pretrained(sft_model_dir(config.model_path))
+        name = model_config.model_type
+    expert_parallel.check_expert_parallel_launch(config.expert_parallel_size, model_config, name, launch=launch)
+
+
 def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
     """The run directory and, when resuming, the checkpoint to load; refuses to clobber another run."""
     from accelerate.utils import broadcast_object_list
@@ -346,9 +401,13 @@ def save_final_model(accelerator, model, tokenizer, run_dir: Path) -> Path:
     """
     final = run_dir / "final"
     tmp = run_dir / ".tmp-final"
-    state_dict = accelerator.get_state_dict(model)  # full weights on the main process (ZeRO-3 gathers)
+    unwrapped = accelerator.unwrap_model(model)
+    ep = expert_parallel.model_expert_parallel(unwrapped)
+    if ep is not None:  # all experts gathered from their ranks: an ordinary checkpoint that loads with EP = 1
+        state_dict = expert_parallel.gather_full_state_dict(unwrapped, ep)
+    else:
+        state_dict = accelerator.get_state_dict(model)  # full weights on the main process (ZeRO-3 gathers)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         export_config = copy.deepcopy(unwrapped.config)
         if getattr(export_config, "num_mtp_layers", 0):
             export_config.num_mtp_layers = 0
@@ -393,7 +452,7 @@ def _progress(enabled: bool):
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -417,6 +476,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         model_dir = sft_model_dir(config.model_path, config.model)
         config = config.replace(model_path=str(model_dir), model=sft_model_type(model_dir))
     config = config.resolve()
+    if run is None:
+        check_expert_parallel(config)
     accelerator = make_accelerator(config)
     run_dir, resume_from = resolve_run_dir(config, accelerator)  # checks only; nothing is written yet
     set_seed(config.seed)  # identical initial weights on every rank
@@ -433,12 +494,16 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     accelerator.wait_for_everyone()
     model = run.model
 
+    flops_token = flops_per_token(model, config.seq_len)  # the whole model: before EP shards its experts
     model, optimizer, scheduler = prepare_model_and_optimizer(accelerator, model, config, total_steps)
     batches = GlobalBatches(run.train_data, run.sampler, run.collate, config.global_batch_size,
                             config.micro_batch_size, accelerator.process_index, accelerator.num_processes)
     start_step, skipped_total, bad_in_row = 0, 0, 0
+    ep = expert_parallel.model_expert_parallel(accelerator.unwrap_model(model))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        if ep is not None:  # DeepSpeed restored the dense weights; the experts come from this rank's shard
+            expert_parallel.load_expert_shards(accelerator.unwrap_model(model), resume_from, ep)
         state = ckpt.read_trainer_state(resume_from)
         start_step, skipped_total = state["step"], state.get("skipped_steps", 0)
         bad_in_row = state.get("bad_in_row", 0)
@@ -447,8 +512,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
             accelerator.print(f"resuming {run_dir} from {resume_from.name} (step {start_step})")
 
     logger = MetricsLogger(accelerator, run_dir, config.to_dict(), start_step=start_step)
-    flops_token = flops_per_token(accelerator.unwrap_model(model), config.seq_len)
-    peak = peak_flops(config.peak_tflops)
+    precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[str(accelerator.mixed_precision)]
+    peak = peak_flops(config.peak_tflops, accelerator.device, precision)
     model.train()
     window_tokens, window_start = 0, time.perf_counter()
     last = StepResult(loss=float("nan"))
@@ -457,7 +522,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                           f"{config.global_batch_size} x {config.seq_len} tokens, {accelerator.num_processes} "
                           f"process(es), accumulation {accelerator.gradient_accumulation_steps})")
     with _progress(accelerator.is_main_process) as progress:
-        task = progress.add_task(config.stage, total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
+        task = progress.add_task(config.stage, total=total_steps, completed=start_step, loss="-", lr="-", tps="-", mfu="-")
         for step in range(start_step + 1, total_steps + 1):
             lr = scheduler.get_last_lr()[0]
             result = forward_backward(accelerator, model, batches.next_step())
@@ -474,8 +539,10 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
             else:
                 bad_in_row = 0
                 last = result
+            tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            mfu = tokens_per_s * flops_token / (peak * accelerator.num_processes) if peak else None
             progress.update(task, completed=step, loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
-                            tps=f"{window_tokens / max(time.perf_counter() - window_start, 1e-9):,.0f}")
+                            tps=f"{tokens_per_s:,.0f}", mfu=f"{100 * mfu:.0f}%" if mfu is not None else "-")
 
             if step % config.log_every == 0 or step == total_steps or result.skipped:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -500,9 +567,11 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                 if metrics:
                     logger.log(step, metrics)
             if config.save_every and step % config.save_every == 0 and step < total_steps:
+                save_experts = None if ep is None else functools.partial(
+                    expert_parallel.save_expert_shards, accelerator.unwrap_model(model), ep=ep)
                 ckpt.save_checkpoint(accelerator, run_dir, step, {
                     "data": batches.state_dict(), "skipped_steps": skipped_total, "bad_in_row": bad_in_row,
-                }, config.keep_last)
+                }, config.keep_last, save_extra=save_experts)
                 if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
                     plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
 
@@ -510,6 +579,6 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     if accelerator.is_main_process:
         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
         accelerator.print(f"final loss {last.loss:.4f}; model saved to {final}")
-    logger.close()
     accelerator.wait_for_everyone()
+    logger.close()
     return run_dir

@@ -1,0 +1,42 @@
+"""The trainer's speed options: fused AdamW on the CPU, a measured CPU peak for MFU, regional torch.compile."""
+
+import pytest
+import torch
+from torch import nn
+
+from minillm.models.registry import build_model
+from minillm.training.config import TrainConfig
+from minillm.training.metrics import peak_flops
+from minillm.training.optim import build_optimizer
+from minillm.training.trainer import compile_layers
+
+
+def tiny_llama():
+    return build_model("mini_llama3", "tiny", vocab_size=128, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+
+
+def test_adamw_is_fused_on_cpu():
+    optimizer = build_optimizer(tiny_llama(), TrainConfig(model="mini_llama3").resolve())
+    assert optimizer.defaults["fused"] is True
+
+
+def test_cpu_peak_is_measured_once_per_dtype():
+    fp32 = peak_flops(None, "cpu", "fp32")
+    assert fp32 is not None and 1e8 < fp32 < 1e14
+    assert peak_flops(None, "cpu", "fp32") == fp32  # cached: the trainer asks once per run, tests many times
+    assert peak_flops(2.0, "cpu", "fp32") == pytest.approx(2e12)  # --peak-tflops wins
+
+
+def test_compile_layers_compiles_each_decoder_layer(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    model = tiny_llama()
+    assert compile_layers(model) == 2
+    assert compiled == ["MiniLlama3DecoderLayer"] * 2
+
+
+def test_compile_flag_is_a_train_option():
+    assert TrainConfig(model="mini_llama3", compile=True).resolve().compile is True
+    assert "compile" in TrainConfig.field_names()
+    assert torch.compile is not None
