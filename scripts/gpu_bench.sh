@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_bench_results}
 BATCH=${BATCH:-32}     # rows of 512 tokens per step (16k tokens): enough work per kernel for a 125-175M model
 STEPS=${STEPS:-20}     # timed steps per round
-ROUNDS=${ROUNDS:-2}    # rounds, interleaved with the reference
+ROUNDS=${ROUNDS:-1}    # trainer runs per model (the reference alternates with the trainer step by step)
 PER_RUN=${PER_RUN:-140}  # seconds allowed per model run
 mkdir -p "$OUT"
 deadline=$((SECONDS + 470))

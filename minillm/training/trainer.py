@@ -303,6 +303,17 @@ def check_expert_parallel(config: TrainConfig, launch: tuple[int, bool, int | No
     expert_parallel.check_expert_parallel_launch(config.expert_parallel_size, model_config, name, launch=launch)
 
 
+def _output_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
+    """Why a new run may not be written into `run_dir` (None when it may)."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return None
+    if not run_dir.is_dir():
+        return f"--output-dir {run_dir} exists and is not a directory"
+    if not overwrite:
+        return f"--output-dir {run_dir} already holds a run; pass --overwrite, --resume latest, or another directory"
+    return None
+
+
 def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
     """The run directory and, when resuming, the checkpoint to load; refuses to clobber another run."""
     from accelerate.utils import broadcast_object_list
@@ -329,14 +340,13 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
         return run_dir, checkpoint
     if config.output_dir:
         run_dir = Path(config.output_dir)
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            if not run_dir.is_dir():
-                raise UserError(f"--output-dir {run_dir} exists and is not a directory")
-            if not config.overwrite:
-                raise UserError(
-                    f"--output-dir {run_dir} already holds a run; pass --overwrite, --resume latest, or another "
-                    "directory"
-                )
+        # Judged on the main process and shared: another rank looking later would see the files rank 0 has
+        # started to write and refuse a run that is its own.
+        problem = [_output_dir_problem(run_dir, config.overwrite) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(problem)
+        if problem[0]:
+            raise UserError(problem[0])
         return run_dir, None
     name = [str(runs.new_run_dir(config.stage, model_tag)) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
