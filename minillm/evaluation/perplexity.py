@@ -41,6 +41,19 @@ TEXT_SUFFIXES = (".txt", ".md")
 ROW_SUFFIXES = (".jsonl", ".parquet")
 
 
+def _scores(nll: float, tokens: int, n_bytes: int) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte from summed NLL (nats), scored tokens and UTF-8 bytes."""
+    loss = nll / tokens
+    return {
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "nll": nll,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "bpb": nll / math.log(2) / n_bytes,
+    }
+
+
 def expand_data_paths(patterns: Sequence[str | Path]) -> list[Path]:
     """Files named by `patterns` (paths, globs, or token shard directories), in order; missing ones are errors."""
     if not patterns:
@@ -172,31 +185,14 @@ def evaluate_perplexity(
         )
     finally:
         model.train(was_training)
-    loss = total.nll / total.tokens
-    return {
-        "documents": len(texts),
-        "tokens": total.tokens,
-        "bytes": n_bytes,
-        "nll": total.nll,
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "bpb": total.nll / math.log(2) / n_bytes,
-    }
+    return {"documents": len(texts), **_scores(total.nll, total.tokens, n_bytes)}
 
 
 def combine(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Totals over several `evaluate_perplexity` results (sums of NLL, tokens and bytes, not a mean of means)."""
-    nll = sum(r["nll"] for r in results)
-    tokens = sum(r["tokens"] for r in results)
-    n_bytes = sum(r["bytes"] for r in results)
     return {
         "documents": sum(r["documents"] for r in results),
-        "tokens": tokens,
-        "bytes": n_bytes,
-        "nll": nll,
-        "loss": nll / tokens,
-        "ppl": math.exp(nll / tokens),
-        "bpb": nll / math.log(2) / n_bytes,
+        **_scores(sum(r["nll"] for r in results), sum(r["tokens"] for r in results), sum(r["bytes"] for r in results)),
     }
 
 
@@ -307,15 +303,7 @@ def evaluate_token_windows(
         )
     finally:
         model.train(was_training)
-    loss = total.nll / total.tokens
-    return {
-        "tokens": total.tokens,
-        "bytes": n_bytes,
-        "nll": total.nll,
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "bpb": total.nll / math.log(2) / n_bytes,
-    }
+    return _scores(total.nll, total.tokens, n_bytes)
 
 
 def evaluate_shards(
