@@ -2,8 +2,10 @@
 
     minillm info --model mini_deepseekv3 --preset base
     minillm info --model mini_llama3 --preset base --seq-len 1024
+    minillm info --config recipes/pretrain_llama3_base.yaml --data data/pretrain --gpu H100   # a run's budget
 
-The numbers come from `minillm.models.stats` (the model is built on the meta device: instant, no memory).
+The numbers come from `minillm.models.stats` (the model is built on the meta device: instant, no memory); the
+budget of a recipe (steps, tokens, FLOPs, expected wall time) from `minillm.training.budget`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(
             0, "--seq-len", help="Sequence length for attention FLOPs (0: the model's max)."
         ),
+        config: str = typer.Option(
+            None, "--config", help="A training recipe: print its budget (steps, tokens, FLOPs, wall time) instead."
+        ),
+        data: str = typer.Option(None, "--data", help="With --config: the built data to count (default: the recipe's)."),
+        tokens: float = typer.Option(
+            None, "--tokens", help="With --config: the dataset's size in tokens, when it is not built yet."
+        ),
+        gpu: str = typer.Option("H100", "--gpu", help="With --config: the GPU for the wall time (e.g. H100, A100, 4090)."),
+        gpus: int = typer.Option(1, "--gpus", help="With --config: number of GPUs."),
+        mfu: float = typer.Option(
+            None, "--mfu", help="With --config: assumed MFU (default: 0.40 dense, 0.25 MoE, our GPU goals)."
+        ),
     ) -> None:
         """Print total, activated (MoE), MTP and non-embedding parameters and training FLOPs per token."""
         from rich.console import Console
@@ -31,6 +45,9 @@ def register(app: typer.Typer) -> None:
         from minillm.errors import UserError
         from minillm.models.stats import config_stats
 
+        if config is not None:
+            _print_budget(config, data, tokens, gpu, gpus, mfu)
+            return
         if seq_len < 0:
             raise UserError(f"--seq-len {seq_len}: must be positive (or 0 for the model's maximum)")
         stats = config_stats(model, preset, seq_len=seq_len or None)
@@ -50,3 +67,87 @@ def register(app: typer.Typer) -> None:
         for name, value in rows:
             table.add_row(name, f"{value:,}", f"{value / 1e6:,.1f}")
         Console().print(table)
+
+
+def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str, gpus: int, mfu: float | None) -> None:
+    """The budget table of a recipe (see `minillm.training.budget`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from minillm.errors import UserError
+    from minillm.training import budget
+    from minillm.training.config import build_config, load_recipe
+    from minillm.training.perf import GPU_PEAK_TFLOPS, gpu_peak_flops
+
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus}: must be at least 1")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu}: must be in (0, 1]")
+    if tokens is not None and tokens < 1:
+        raise UserError(f"--tokens {tokens:g}: must be positive")
+    stage = load_recipe(recipe).get("stage", "pretrain")
+    cfg = build_config(stage, recipe, {"data": data} if data else {}).resolve()
+    precision = "bf16" if cfg.precision in ("auto", "bf16") else cfg.precision
+    peak = gpu_peak_flops(gpu, precision)
+    if peak is None:
+        raise UserError(f"--gpu {gpu!r}: no {precision} peak known (known: {', '.join(GPU_PEAK_TFLOPS)})")
+    stats, model_label = _recipe_model_stats(cfg)
+    moe = stats.activated < stats.total
+    mfu = mfu if mfu is not None else budget.DEFAULT_MFU["moe" if moe else "dense"]
+    num_rows = None
+    if not cfg.max_steps and tokens is None:
+        if not cfg.data:
+            raise UserError("the recipe uses the built-in sample: run it, or give --data DIR or --tokens N")
+        num_rows = budget.count_rows(cfg, cfg.data)
+    run = budget.plan(cfg, stats.flops_per_token, num_rows=num_rows, tokens=int(tokens) if tokens else None)
+    table = Table(title=f"budget of {recipe}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    if num_rows is not None:
+        rows_source = f"{num_rows:,} rows in {cfg.data}"
+    elif tokens is not None:
+        rows_source = f"{int(tokens):,} tokens (as given by --tokens)"
+    else:
+        rows_source = "max_steps (data size not needed)"
+    for name, value in [
+        ("model", model_label),
+        ("parameters (activated / token)", f"{stats.total / 1e6:,.1f}M ({stats.activated / 1e6:,.1f}M)"),
+        ("data", rows_source),
+        ("steps", f"{run.steps:,}" + (f" ({cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'})" if not cfg.max_steps else "")),
+        ("tokens per step", f"{run.tokens_per_step:,} ({cfg.global_batch_size} rows x {cfg.seq_len})"),
+        ("token budget", f"{run.tokens:,} ({run.tokens / 1e9:,.2f}B)"),
+        ("learning rate", f"{cfg.lr:g} -> {cfg.min_lr:g}"),
+        ("training FLOPs", f"{run.flops:.3g} ({stats.flops_per_token / 1e6:,.0f}M / token)"),
+        ("GPU", f"{gpus} x {gpu}, {peak / 1e12:,.0f} TFLOP/s {precision} dense peak"),
+        ("assumed MFU", f"{mfu:.0%}"),
+        ("expected wall time", budget.format_duration(run.seconds(peak, mfu, gpus))),
+    ]:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+def _recipe_model_stats(cfg):
+    """(stats, label) of the model a resolved config trains: its preset, or for SFT the model it starts from
+    (the base preset of its architecture when that run does not exist yet)."""
+    from transformers import AutoConfig
+
+    import minillm  # noqa: F401  (registers our architectures)
+    from minillm.errors import UserError
+    from minillm.models.stats import config_stats, model_stats
+
+    if cfg.stage == "pretrain":
+        return config_stats(cfg.model, cfg.preset, seq_len=cfg.seq_len, **cfg.model_args), f"{cfg.model} ({cfg.preset})"
+    try:
+        from minillm.training.setup import sft_model_dir
+
+        model_dir = sft_model_dir(cfg.model_path, cfg.model)
+    except UserError:
+        if not cfg.model:
+            raise
+        return config_stats(cfg.model, "base", seq_len=cfg.seq_len), f"{cfg.model} (base preset: not pretrained yet)"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return model_stats(model, cfg.seq_len), f"{model.config.model_type} from {model_dir}"

@@ -73,3 +73,63 @@ def test_moe_activated_counts_only_top_k_routed_experts():
     routed = sum(p.numel() for m in experts for p in m.parameters())
     k, e = model.config.num_experts_per_tok, experts[0].num_experts
     assert s.non_embedding - s.activated_non_embedding == routed - routed * k // e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `minillm info --config RECIPE`: the budget of a run before it starts
+
+
+def _recipe(tmp_path, **values):
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return str(path)
+
+
+def test_budget_counts_the_built_shards_like_the_trainer(tmp_path, capsys):
+    from minillm.data.pretrain import PretrainDataset
+    from minillm.training.budget import total_steps
+    from minillm.training.config import build_config
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"Document {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(400)),
+                    encoding="utf-8")
+    shards = tmp_path / "shards"
+    assert run_cli("data", "pretrain", "--input", str(text), "--out", str(shards)) == 0
+    recipe = _recipe(tmp_path, stage="pretrain", model="mini_llama3", preset="tiny", data=str(shards), seq_len=32,
+                     micro_batch_size=4, global_batch_size=8, epochs=2.5, precision="bf16")
+    capsys.readouterr()
+    assert run_cli("info", "--config", recipe, "--gpu", "A100", "--mfu", "0.5") == 0
+    out = capsys.readouterr().out
+    rows = len(PretrainDataset(shards, 32, split="train"))
+    steps = int(2.5 * (rows // 8))
+    assert steps == total_steps(build_config("pretrain", recipe).resolve(), rows) and steps > 10
+    assert f"{rows:,} rows" in out and f"{steps:,} (2.5 epochs)" in out
+    assert f"{steps * 8 * 32:,}" in out  # token budget = steps x global batch x seq_len
+    assert "312 TFLOP/s bf16" in out and "50%" in out
+
+
+def test_budget_wall_time_is_flops_over_peak_times_mfu(tmp_path):
+    from minillm.models.stats import config_stats
+    from minillm.training.budget import plan
+    from minillm.training.config import build_config
+
+    config = build_config("pretrain", _recipe(tmp_path, model="mini_deepseekv3", preset="base", seq_len=512,
+                                              micro_batch_size=32, global_batch_size=32, max_steps=1000)).resolve()
+    flops = config_stats("mini_deepseekv3", "base", seq_len=512).flops_per_token
+    run = plan(config, flops)  # max_steps: no data needed
+    assert run.steps == 1000 and run.tokens == 1000 * 32 * 512
+    assert run.seconds(989e12, 0.25, devices=2) == pytest.approx(1000 * 32 * 512 * flops / (989e12 * 0.25 * 2))
+
+
+def test_budget_bad_input_is_one_line(tmp_path, capsys):
+    recipe = _recipe(tmp_path, model="mini_llama3", preset="base", data=str(tmp_path / "not_built"))
+    capsys.readouterr()
+    assert run_cli("info", "--config", recipe) == 2
+    assert "does not exist yet" in capsys.readouterr().err
+    assert run_cli("info", "--config", recipe, "--tokens", "1e9", "--gpu", "Voodoo5") == 2
+    assert "Voodoo5" in capsys.readouterr().err
+    assert run_cli("info", "--config", recipe, "--tokens", "1e9", "--mfu", "1.5") == 2
+    assert run_cli("info", "--config", recipe, "--tokens", "1e9", "--gpus", "0") == 2
+    assert run_cli("info", "--config", recipe, "--tokens", "1e9") == 0
