@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_helpers import run_cli_err
 
-from cli.main import main
 from minillm.data.pretrain import PretrainDataset, build_pretrain_shards, check_shards_match
 from minillm.data.sampler import ResumableSampler
 from minillm.errors import UserError
@@ -23,15 +23,6 @@ WORDS = ["alpha", "beta", "gamma", "delta", "model", "data", "的", "模型", "�
 def docs(n: int, seed: int = 0) -> list[str]:
     r = random.Random(seed)
     return [" ".join(r.choice(WORDS) for _ in range(r.randint(3, 40))) for _ in range(n)]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +45,7 @@ def corpus(tmp_path_factory):
 
 def test_shards_hold_every_document_followed_by_eos(corpus, tok, tmp_path, capsys):
     d, texts = corpus
-    code, err = run_cli(
+    code, err = run_cli_err(
         [
             "data",
             "pretrain",
@@ -147,13 +138,13 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, cap
         args = ["data", "pretrain", "--out", str(out), *extra]
         for i in inputs:
             args += ["--input", i]
-        code, err = run_cli(args, capsys)
+        code, err = run_cli_err(args, capsys)
         assert code == 2, (message, err)
         assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert (
         "pass a local path"
-        in run_cli(["data", "pretrain", "--input", "someone/x", "--out", str(out)], capsys)[1]
+        in run_cli_err(["data", "pretrain", "--input", "someone/x", "--out", str(out)], capsys)[1]
     )
 
 
@@ -196,12 +187,12 @@ def test_datasets_pickle_without_token_data(corpus, tmp_path):
 def test_existing_output_is_kept_unless_overwrite(corpus, tmp_path, capsys):
     d, _ = corpus
     args = ["data", "pretrain", "--input", str(d / "b.jsonl"), "--out", str(tmp_path / "s")]
-    assert run_cli(args, capsys)[0] == 0
+    assert run_cli_err(args, capsys)[0] == 0
     before = (tmp_path / "s" / "manifest.json").read_text()
-    code, err = run_cli(args, capsys)
+    code, err = run_cli_err(args, capsys)
     assert code == 2 and "already exists" in err and (tmp_path / "s" / "manifest.json").read_text() == before
-    assert run_cli([*args, "--overwrite"], capsys)[0] == 0
+    assert run_cli_err([*args, "--overwrite"], capsys)[0] == 0
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("user data")
-    code, err = run_cli([*args[:-1], str(tmp_path / "mine"), "--overwrite"], capsys)
+    code, err = run_cli_err([*args[:-1], str(tmp_path / "mine"), "--overwrite"], capsys)
     assert code == 2 and "not a minillm data directory" in err and (tmp_path / "mine" / "notes.txt").exists()

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_helpers import run_cli_err
 
-from cli.main import main
 from minillm.data.builtin import builtin_pretrain_shards, builtin_sft_dataset
 from minillm.data.collate import PackedCollator, PaddedCollator
 from minillm.data.packing import pack_best_fit_decreasing, padding_ratio
@@ -19,15 +19,6 @@ from minillm.data.pretrain import PretrainDataset, check_shards_match
 from minillm.data.sft import InvalidRow, SFTDataset, build_sft_dataset, parse_conversation
 from minillm.errors import UserError
 from minillm.tokenizer import load_tokenizer
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
 
 
 def chat(q: str, a: str) -> dict:
@@ -88,7 +79,7 @@ def test_labels_cover_assistant_content_and_im_end_only(tok, tmp_path, capsys):
         "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
         encoding="utf-8",
     )
-    code, err = run_cli(
+    code, err = run_cli_err(
         ["data", "sft", "--input", str(path), "--out", str(tmp_path / "sft"), "--max-seq-len", "64"], capsys
     )
     assert code == 0, err
@@ -139,7 +130,7 @@ def test_packing_keeps_every_conversation_with_restarting_positions(tok, tmp_pat
     plain = build_sft_dataset(
         [str(tmp_path / "c.parquet")], tmp_path / "plain", max_seq_len=128, progress=False
     )
-    code, err = run_cli(
+    code, err = run_cli_err(
         [
             "data",
             "sft",
@@ -203,13 +194,13 @@ def test_sft_bad_inputs(tmp_path, capsys):
         ("junk.jsonl", "none of the 2 rows is a valid"),
         ("nope.jsonl", "nope.jsonl: no such file"),
     ]:
-        code, err = run_cli(
+        code, err = run_cli_err(
             ["data", "sft", "--input", str(tmp_path / name), "--out", str(tmp_path / "o")], capsys
         )
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "o").exists()
     (tmp_path / "ok.jsonl").write_text(json.dumps(chat("q", "a")) + "\n")
-    code, err = run_cli(
+    code, err = run_cli_err(
         [
             "data",
             "sft",
@@ -231,7 +222,7 @@ def test_sft_bad_inputs(tmp_path, capsys):
     (tmp_path / "tok" / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
-    code, err = run_cli(
+    code, err = run_cli_err(
         [
             "data",
             "sft",

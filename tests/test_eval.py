@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import run_cli
 
-from cli.main import main as cli_main
 from minillm.errors import UserError
 from minillm.evaluation import chat as chat_eval
 from minillm.evaluation import evaluate_chat, evaluate_perplexity
@@ -361,22 +361,13 @@ def test_read_conversations_rejects_bad_rows(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 
-def run_cli(args: list[str]) -> int:
-    try:
-        cli_main(args)
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
-
-
 def test_cli_ppl_prints_table_and_writes_json(tiny, tmp_path, capsys):
     model_dir, model, tokenizer = tiny
     data = tmp_path / "heldout.jsonl"
     texts = sentences(6, seed=11)
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     out = tmp_path / "out" / "ppl.json"
-    code = run_cli(
-        [
+    code = run_cli(*[
             "eval",
             "ppl",
             "--model",
@@ -414,8 +405,7 @@ def test_cli_chat_writes_json(tiny, tmp_path):
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "chat.json"
-    code = run_cli(
-        [
+    code = run_cli(*[
             "eval",
             "chat",
             "--model",
@@ -463,7 +453,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case):
         "too_long": ["--model", str(model_dir), "--data", str(data), "--max-seq-len", "4096"],
     }[case]
     out = tmp_path / "r.json"
-    assert run_cli(["eval", "ppl", *args, "--json", str(out), "--device", "cpu"]) == 2
+    assert run_cli(*["eval", "ppl", *args, "--json", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert {"missing_data": "nope.parquet", "not_a_model": "not a model directory", "too_long": "4096"}[

@@ -2,11 +2,10 @@
 
 import json
 
-import pytest
 import torch
+from cli_helpers import run_cli
 from model_checks import check_hf_export, write_tiny_tokenizer
 
-from cli.main import main as cli_main
 from minillm.models.registry import build_model
 
 VOCAB = 256
@@ -17,12 +16,6 @@ def tiny_llama():
     return build_model(
         "mini_llama3", "tiny", vocab_size=VOCAB, num_hidden_layers=2, tie_word_embeddings=False
     )
-
-
-def run_cli(*argv):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(list(argv))
-    return exc.value.code
 
 
 def test_export_llama_loads_without_minillm(tmp_path):

@@ -1,16 +1,10 @@
 """`minillm info` and the parameter / FLOPs counts behind it."""
 
 import pytest
+from cli_helpers import run_cli
 
-from cli.main import main as cli_main
 from minillm.models.registry import build_model
 from minillm.models.stats import config_stats, model_stats
-
-
-def run_cli(*argv):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(list(argv))
-    return exc.value.code
 
 
 def test_llama_base_counts_by_hand():

@@ -6,8 +6,8 @@ import json
 import random
 
 import pytest
+from cli_helpers import run_cli_err
 
-from cli.main import main
 from minillm.errors import UserError
 from minillm.tokenizer import (
     ADDED_TOKENS,
@@ -34,15 +34,6 @@ WORDS = [
     "训练",
     "数据",
 ]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
 
 
 def generated_text(n: int, seed: int = 0) -> list[str]:
@@ -112,7 +103,7 @@ def test_train_tiny_tokenizer_and_cli(tmp_path, capsys):
     corpus.write_text(
         "".join(json.dumps({"body": t}) + "\n" for t in generated_text(200, seed=1)), encoding="utf-8"
     )
-    code, err = run_cli(
+    code, err = run_cli_err(
         [
             "tokenizer",
             "train",
@@ -150,6 +141,6 @@ def test_load_tokenizer_errors(tmp_path, capsys):
         load_tokenizer(tmp_path / "plain")
     (tmp_path / "x.txt").write_text("some text\n")
     args = ["data", "pretrain", "--input", str(tmp_path / "x.txt"), "--tokenizer", str(tmp_path / "plain")]
-    code, err = run_cli([*args, "--out", str(tmp_path / "o")], capsys)
+    code, err = run_cli_err([*args, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "plain lacks the special tokens" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
