@@ -41,6 +41,8 @@ for model in mini_llama3 mini_deepseekv3 mini_qwen3_next; do
 done
 # torch.compile of the decoder layers (the loss stays chunked, outside the compiled region)
 run mini_llama3_compiled --model mini_llama3 --compile
+# Packed-document attention paths (block-mask SDPA vs flex vs flash-attn varlen), in the time left; text, not JSON.
+(( deadline - SECONDS > 30 )) && timeout $((deadline - SECONDS)) python scripts/bench_attention.py --device cuda --dtype bf16 --seq 1024 2048 4096 2>&1 | tee "$OUT/attention.txt" || echo "bench_attention: skipped, failed or timed out"
 
 python - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys

@@ -4,16 +4,20 @@ after SIGKILL, and every bad input (one line, exit code 2, nothing written or ov
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import ROOT, build_shards, relative_error, step_gradients, write_text_corpus
+from train_helpers import (
+    ROOT,
+    build_shards,
+    kill_after_step,
+    relative_error,
+    start,
+    step_gradients,
+    write_text_corpus,
+)
 
 from cli.main import main
 
@@ -125,45 +129,20 @@ def test_non_finite_loss_skips_the_step_and_several_stop_the_run(tmp_path, shard
         train(config.replace(output_dir=str(tmp_path / "many")), run=make_run(set(range(3, 100))))
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "cli" / "main.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _kill_after_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
-    """SIGKILL `proc` as soon as metrics.jsonl shows `step` (it must still be running then)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.is_file() and step in losses_or_empty(path):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"step {step} never logged")
-
-
-def losses_or_empty(path: Path) -> dict[int, float]:
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    except json.JSONDecodeError:
-        return {}
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "cli" / "main.py"), *args]
 
 
 def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards):
     """Kill a run between checkpoints, resume it, and get bit-identical per-step losses (fp32, one process)."""
     args = ["pretrain", "--model", "mini_deepseekv3", "--data", str(shards), *TINY, "--max-steps", "10000",
             "--save-every", "2", "--keep-last", "2", "--model-arg", "num_hidden_layers=2"]
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    _kill_after_step(_start(args + ["--output-dir", str(reference)]), reference, 6)
-    _kill_after_step(_start(args + ["--output-dir", str(resumed)]), resumed, 3)
+    reference, resumed, log = tmp_path / "reference", tmp_path / "resumed", tmp_path / "stderr.log"
+    kill_after_step(start(_cli(args + ["--output-dir", str(reference)]), log), reference, 6, log)
+    kill_after_step(start(_cli(args + ["--output-dir", str(resumed)]), log), resumed, 3, log)
     checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert checkpoints[-1] in ("step_00000002", "step_00000004")  # killed after step 3, maybe mid-save of 4
-    _kill_after_step(_start(args + ["--output-dir", str(resumed), "--resume", "latest"]), resumed, 6)
+    kill_after_step(start(_cli(args + ["--output-dir", str(resumed), "--resume", "latest"]), log), resumed, 6, log)
     ref, res = losses(reference), losses(resumed)
     common = [s for s in range(1, 7) if s in ref and s in res]
     assert common == list(range(1, 7))

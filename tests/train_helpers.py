@@ -7,14 +7,20 @@
   GlobalBatches -> forward_backward), returning the synchronised gradients; run in-process or, through
   `grad_probe.py`, under `accelerate launch`.
 - `write_text_corpus` / `build_shards`: a small pretraining corpus written by the test (never third-party text).
+- `launch_command` / `accelerate_launch`: `accelerate launch --config_file accelerate_configs/X.yaml ...` as a user
+  runs it; `start` / `kill_after_step`: start a run in its own process group and SIGKILL the whole group (the
+  launcher and every rank) as soon as metrics.jsonl shows a given step.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -82,16 +88,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(config_file: str, script: str, args: list[str], timeout: int = 300,
-                      num_processes: int | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/<config_file> <script> <args>`, as a user runs it."""
+def launch_command(config_file: str, script: str, args: list[str],
+                   num_processes: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `accelerate launch --config_file accelerate_configs/<config_file>
+    <script> <args>`, as a user runs it (one thread per rank, DeepSpeed on its CPU accelerator)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / config_file), "--main_process_port", str(free_port())]
     if num_processes:
         cmd += ["--num_processes", str(num_processes)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd + [script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return cmd + [script, *args], env
+
+
+def accelerate_launch(config_file: str, script: str, args: list[str], timeout: int = 300,
+                      num_processes: int | None = None, env: dict[str, str] | None = None,
+                      ) -> subprocess.CompletedProcess:
+    """Run `accelerate launch` to completion; `env` adds variables to the launch environment."""
+    cmd, launch_env = launch_command(config_file, script, args, num_processes)
+    return subprocess.run(cmd, cwd=ROOT, env={**launch_env, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `cmd` in a new session (its own process group), stderr to the file `log` (a pipe nobody reads
+    could fill up and stall the run)."""
+    with log.open("w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """{step: loss} of a run's metrics.jsonl; tolerates a missing file or a last line cut short by a kill."""
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def kill_after_step(proc: subprocess.Popen, run_dir: Path, step: int, log: Path, timeout: float = 240) -> None:
+    """SIGKILL the process group of `proc` (launcher and all ranks) as soon as metrics.jsonl shows `step`;
+    the run must still be going then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if step in logged_losses(run_dir):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        assert proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    raise AssertionError(f"step {step} never logged:\n{log.read_text()[-4000:]}")
 
 
 def write_text_corpus(path: Path, n_docs: int = 400, seed: int = 0) -> Path:

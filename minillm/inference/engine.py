@@ -3,13 +3,16 @@
 Two engines share one front end (`BaseEngine.stream`): stop tokens, stop strings, text deltas, `max_new_tokens`,
 cancellation. They differ only in how they produce the next token of each row:
 
-- `Engine` (ours): one prefill forward over the left-padded prompts, then one forward per token that passes the
-  cache the model returned (`past_key_values`: a KV cache for Llama, the compressed MLA latent cache for DeepSeek,
-  conv + recurrent states for Gated DeltaNet). It asks for the last position's logits only (`logits_to_keep=1`),
-  skips the attention mask when no row is padded, and does none of `generate()`'s per-step bookkeeping
-  (logits-processor lists, stopping-criteria lists, kwargs re-preparation, growing `input_ids` copies). On CUDA
-  it queues the next forward before waiting for the current tokens (`overlap`), so the GPU never idles while the
-  host detokenizes and streams.
+- `Engine` (ours): one prefill forward over the left-padded prompts (last position's logits only,
+  `logits_to_keep=1`), then one step per token. For our three models a step is the model's decode fast path
+  (`begin_decode` / `decode_step`, minillm/models/decode.py): the prefill's cache (K/V for Llama, the compressed
+  MLA latent for DeepSeek, conv + recurrent states for Gated DeltaNet) moves into buffers preallocated for the
+  whole decode and written in place, RoPE comes from a table, the padding mask is built once, and the step runs
+  the same math as `forward` in a fraction of the small ops. Any other model (or `fast_path=False`) steps
+  through `forward` with the cache it returned, skipping the attention mask when no row is padded. Either way
+  the loop does none of `generate()`'s per-step bookkeeping (logits-processor lists, stopping-criteria lists,
+  kwargs re-preparation, growing `input_ids` copies). On CUDA it queues the next step before waiting for the
+  current tokens (`overlap`), so the GPU never idles while the host detokenizes and streams.
 - `HFEngine`: `model.generate()` with a streamer, running in a helper thread (`--engine hf`); the reference our
   loop must match token for token under greedy decoding.
 
@@ -196,14 +199,19 @@ class Engine(BaseEngine):
 
     name = "minillm"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, overlap: bool | None = None) -> None:
-        """`overlap` (default: on for CUDA) queues step t+1 on the GPU before step t's tokens reach the host."""
+    def __init__(
+        self, model: torch.nn.Module, tokenizer, overlap: bool | None = None, fast_path: bool = True
+    ) -> None:
+        """`overlap` (default: on for CUDA) queues step t+1 on the GPU before step t's tokens reach the host.
+        `fast_path` uses the model's `begin_decode` / `decode_step` when it has them (minillm/models/decode.py);
+        False (or a model without them) decodes through `forward` with the cache it returns."""
         super().__init__(model, tokenizer)
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         # transformers 5.x names the argument `cache` (`past_key_values` is deprecated there); our models accept
         # both, a model written for older transformers only `past_key_values`
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.fast_path = fast_path and hasattr(model, "decode_step") and hasattr(model, "begin_decode")
 
     def _forward(self, ids, mask, pos, cache):
         kwargs = {self._cache_arg: cache}
@@ -212,6 +220,12 @@ class Engine(BaseEngine):
         )
         new_cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
         return out.logits[:, -1, :], new_cache  # (B, V)
+
+    def _decode(self, tok: torch.Tensor, mask, positions: torch.Tensor, cache, state):
+        """One decode step for tokens (B,): the model's fast path when there is a `state`, else `forward`."""
+        if state is not None:
+            return self.model.decode_step(tok.unsqueeze(1), positions, state), None
+        return self._forward(tok.unsqueeze(1), mask, positions, cache)
 
     @torch.inference_mode()
     def _steps(self, prompts, params, max_new, done):
@@ -235,6 +249,10 @@ class Engine(BaseEngine):
 
         logits, cache = self._forward(ids, full_mask[:, :width] if padded else None, pos, None)  # prefill
         next_pos = pos[:, -1:] + 1  # (B, 1)
+        state = None
+        if self.fast_path:  # the prefill's cache moves into buffers preallocated for the whole decode
+            state = self.model.begin_decode(cache, width + max_new, full_mask[:, :width] if padded else None)
+            cache = None
         for step in range(max_new):
             tok = sample_next(logits, params, seen, generators)  # (B,)
             if any(done):
@@ -251,7 +269,7 @@ class Engine(BaseEngine):
                 if ready is not None:
                     ready.record()
                 if not last:
-                    logits, cache = self._forward(tok.unsqueeze(1), step_mask, next_pos, cache)
+                    logits, cache = self._decode(tok, step_mask, next_pos, cache, state)
                 if ready is not None:
                     ready.synchronize()
                 yield host.tolist()
@@ -261,7 +279,7 @@ class Engine(BaseEngine):
                 yield tok.tolist()
                 if all(done) or last:
                     return
-                logits, cache = self._forward(tok.unsqueeze(1), step_mask, next_pos, cache)
+                logits, cache = self._decode(tok, step_mask, next_pos, cache, state)
             next_pos = next_pos + 1
 
 

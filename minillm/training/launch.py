@@ -87,6 +87,40 @@ def fill_deepspeed_config(ds: dict[str, Any], config, world: int, name: str) -> 
                 f"{name}: {dtype}.enabled={enabled} contradicts the recipe (precision={config.precision}); set it "
                 "to \"auto\""
             )
+    check_skips_nonfinite(ds, precision, name)
+
+
+def check_skips_nonfinite(ds: dict[str, Any], precision: str, name: str) -> None:
+    """Refuse a DeepSpeed setup whose engine would apply a step with non-finite gradients (`precision`: Accelerate's
+    mixed_precision value, which "auto" dtypes follow).
+
+    The trainer skips a non-finite step under DeepSpeed through the engine's own overflow check (see
+    `minillm.training.trainer`). DeepSpeed 0.19 runs it with fp16 loss scaling, in ZeRO-3 always, in bf16 without
+    ZeRO, and in ZeRO-1/2 on the gradients in bf16 (unless `bf16.check_grad_overflow` is false) or on their norm in
+    fp32 (unless `zero_optimization.compute_grad_norm` is false); fp32 without ZeRO and those two opt-outs apply
+    NaN gradients to the weights.
+    """
+    def enabled(section: dict[str, Any], dtype: str) -> bool:
+        value = section.get("enabled", "auto")
+        return precision == dtype if value == "auto" else bool(value)
+
+    bf16 = ds.get("bf16") or ds.get("bfloat16") or {}
+    if enabled(ds.get("fp16") or {}, "fp16"):
+        return
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    stage = 0 if stage == "auto" else int(stage)
+    if stage == 0 and not enabled(bf16, "bf16"):
+        raise UserError(f"{name}: DeepSpeed without ZeRO in fp32 cannot skip a step with a non-finite loss; set "
+                        "zero_optimization.stage to 1, 2 or 3")
+    if stage in (1, 2):  # the check runs on the gradients (bf16 opt-out) or on their norm (fp32)
+        if enabled(bf16, "bf16"):
+            option = "bf16.check_grad_overflow" if bf16.get("check_grad_overflow") is False else None
+        else:
+            zero = ds.get("zero_optimization") or {}
+            option = "zero_optimization.compute_grad_norm" if zero.get("compute_grad_norm") is False else None
+        if option:
+            raise UserError(f"{name}: {option}=false makes DeepSpeed apply non-finite gradients, but a step with a "
+                            "non-finite loss must be skipped; remove it")
 
 
 def check_deepspeed_file(launcher_cfg: dict[str, Any], config) -> None:

@@ -13,8 +13,16 @@ Notable choices:
   ZeRO) gives exactly the gradient of the global mean, whatever the accumulation, world size or padding.
   Accelerate (and DeepSpeed) divide the loss by the accumulation steps, so we multiply it back.
 - Data: `batches.GlobalBatches` makes the data of a step independent of world size and accumulation.
-- A non-finite loss on any rank skips the step on all ranks (no backward for that micro-batch, no optimizer step,
-  gradients dropped) and is counted; `max_bad_steps` in a row stop the run with a clear message.
+- A non-finite loss on any rank skips the step on all ranks, the same way on every backend: no weight, optimizer
+  state, scheduler or MoE-bias change; the step is counted (`skipped_steps`) and logged, and `max_bad_steps` in a
+  row stop the run with a clear message. Plain / DDP: no backward for the rest of the step, gradients dropped,
+  no optimizer step. DeepSpeed steps the engine inside the last backward, so there the rest of the step's
+  micro-batches back-propagate a NaN-scaled loss: the engine's own overflow check (ZeRO-1/2 in fp32 and bf16, ZeRO-3
+  in any precision, fp16 loss scaling) then discards the step, clears its gradients and counts it in the engine's
+  `skipped_steps`, which the loop verifies. DeepSpeed setups that would apply NaN gradients instead (ZeRO-0 in fp32,
+  and opt-outs of that check) are refused at start (`launch.check_skips_nonfinite`).
+- Test-only fault injection: `MINILLM_TEST_NONFINITE_STEPS` (see `injected_nonfinite_steps`) makes the loss of
+  chosen steps +inf, so tests can drive a real (even multi-process, launched) run through a non-finite step.
 - MoE: after each optimizer step, expert counts summed over the global batch drive `update_expert_bias`.
 - The model/optimizer preparation is one function, `prepare_model_and_optimizer`; expert parallelism
   (`expert_parallel_size` > 1, `minillm.parallel.expert_parallel`) shards the routed experts there, before the
@@ -49,6 +57,7 @@ from minillm.training.optim import build_optimizer, build_scheduler
 from minillm.training.plots import plot_curves
 
 SUMMED_TERMS = ("mtp",)  # aux_losses entries that, like "lm", are sum(CE) / num_items_in_batch
+NONFINITE_ENV = "MINILLM_TEST_NONFINITE_STEPS"  # test-only fault injection, read by `injected_nonfinite_steps`
 EvalFn = Callable[[Any, Any, int], dict[str, float]]
 
 
@@ -102,6 +111,7 @@ def make_accelerator(config: TrainConfig):
         name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
         fill_deepspeed_config(plugin.deepspeed_config, config, accelerator.num_processes, name)
     return accelerator
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,9 +183,30 @@ def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
         else tensor
 
 
-def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+def injected_nonfinite_steps(rank: int) -> set[int]:
+    """Test-only: the steps whose last micro-batch loss this rank makes non-finite (+inf).
+
+    Read from `MINILLM_TEST_NONFINITE_STEPS` (unset in normal use): comma-separated steps, each optionally
+    `@RANK` for one rank only, e.g. `3` (step 3, every rank) or `3@1,4` (step 3 on rank 1, step 4 everywhere).
+    It lets tests drive a real run, even a launched multi-process one, through a non-finite step.
+    """
+    steps = set()
+    for item in filter(None, os.environ.get(NONFINITE_ENV, "").replace(" ", "").split(",")):
+        step, _, only = item.partition("@")
+        try:
+            if not only or int(only) == rank:
+                steps.add(int(step))
+        except ValueError:
+            raise UserError(f"{NONFINITE_ENV}={os.environ[NONFINITE_ENV]!r}: expected steps like '3' or '3@1'") \
+                from None
+    return steps
+
+
+def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Tensor]],
+                     poison_last: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches of one step; gradients end up accumulated (and, on the
-    last micro-batch, synchronised across ranks). Does not step the optimizer."""
+    last micro-batch, synchronised across ranks). Does not step the optimizer (DeepSpeed's engine does, inside the
+    last backward). `poison_last` (test-only fault injection) makes the last micro-batch's loss +inf."""
     device = accelerator.device
     local = torch.tensor([sum(count_targets(b) for b in micro_batches),
                           sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64)
@@ -188,19 +219,22 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     aux_sums: dict[str, torch.Tensor] = {}
     counts = None
     bad = False
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         with accelerator.accumulate(model), accelerator.autocast():
             outputs = model(**batch, num_items_in_batch=num_items, use_cache=False)
             loss = outputs.loss
+            if poison_last and i == accumulation - 1:
+                loss = loss + float("inf")  # its gradient stays finite: skipping must not rely on NaN gradients
             finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
             if accelerator.num_processes > 1:
                 finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
             if finite.item() < 1.0 or bad:
                 bad = True  # some rank saw a non-finite loss: every rank drops this step
-                if uses_deepspeed() and accelerator.sync_gradients:
-                    # DeepSpeed steps inside the last backward; give it zero gradients (the step is discarded)
-                    accelerator.backward(torch.nan_to_num(loss, 0.0, 0.0, 0.0) * 0.0)
+                if uses_deepspeed():
+                    # The engine steps inside the last backward, on whatever this step accumulated: NaN gradients
+                    # make its overflow check discard the whole step (and count it in its skipped_steps).
+                    accelerator.backward(loss * float("nan"))
                 continue
             # Accelerate / DeepSpeed divide by the accumulation steps; the loss is already globally normalised
             accelerator.backward(loss * accumulation)
@@ -231,11 +265,19 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     return result
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, config: TrainConfig, result: StepResult) -> None:
-    """Clip, step, schedule, zero; then the MoE bias update. A skipped step only drops the gradients."""
+def optimizer_step(accelerator, model, optimizer, scheduler, config: TrainConfig, result: StepResult,
+                   engine_skips_before: int = 0) -> None:
+    """Clip, step, schedule, zero; then the MoE bias update. A skipped step only drops the gradients: weights,
+    optimizer, scheduler and MoE biases stay as they were.
+
+    Under DeepSpeed the engine already stepped (or skipped) inside the last backward; `engine_skips_before` is its
+    `skipped_steps` before this step, to check that it really skipped a step the loop skips."""
     if result.skipped:
         if not uses_deepspeed():
             optimizer.zero_grad(set_to_none=True)
+        elif result.targets > 0 and model.skipped_steps != engine_skips_before + 1:
+            raise RuntimeError("DeepSpeed applied an optimizer step with non-finite gradients instead of skipping it "
+                               f"(engine skipped_steps {engine_skips_before} -> {model.skipped_steps})")
         return
     if uses_deepspeed():
         # the engine clipped and stepped inside the last backward (gradient_clipping from the recipe)
@@ -525,6 +567,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[str(accelerator.mixed_precision)]
     peak = peak_flops(config.peak_tflops, accelerator.device, precision)
     model.train()
+    poisoned = injected_nonfinite_steps(accelerator.process_index)
     window_tokens, window_start = 0, time.perf_counter()
     last = StepResult(loss=float("nan"))
     if accelerator.is_main_process:
@@ -535,17 +578,17 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         task = progress.add_task(config.stage, total=total_steps, completed=start_step, loss="-", lr="-", tps="-", mfu="-")
         for step in range(start_step + 1, total_steps + 1):
             lr = scheduler.get_last_lr()[0]
-            result = forward_backward(accelerator, model, batches.next_step())
-            optimizer_step(accelerator, model, optimizer, scheduler, config, result)
+            engine_skips = getattr(model, "skipped_steps", 0)  # DeepSpeed's count of the steps it discarded
+            result = forward_backward(accelerator, model, batches.next_step(), poison_last=step in poisoned)
+            optimizer_step(accelerator, model, optimizer, scheduler, config, result, engine_skips)
             window_tokens += result.tokens
             if result.skipped:
                 skipped_total += 1
                 bad_in_row += 1
-                if bad_in_row >= config.max_bad_steps:
-                    raise UserError(
-                        f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss (diverged); "
-                        f"lower --lr, check the data, or resume from an earlier checkpoint"
-                    )
+                if accelerator.is_main_process:
+                    why = "non-finite loss" if result.targets else "no target tokens"
+                    progress.console.print(f"step {step}: {why}, step skipped ({bad_in_row} in a row, "
+                                           f"{skipped_total} in all)")
             else:
                 bad_in_row = 0
                 last = result
@@ -569,6 +612,12 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                     values.update(expert_load_stats(result.expert_counts.cpu()))
                 logger.log(step, values)
                 window_tokens, window_start = 0, time.perf_counter()
+            if result.skipped and bad_in_row >= config.max_bad_steps:  # stop after logging the last one
+                logger.close()
+                raise UserError(
+                    f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss (diverged); "
+                    f"lower --lr, check the data, or resume from an earlier checkpoint"
+                )
 
             if config.eval_every and step % config.eval_every == 0:
                 metrics = (eval_fn(accelerator, model, step) if eval_fn is not None else

@@ -2,18 +2,23 @@
 
 - `norm`: RMSNorm (and its zero-centered Qwen3-Next variant)
 - `rope`: rotary embeddings (partial rotary, rotate-half and interleaved layouts)
-- `attention`: causal SDPA with GQA, padding, KV cache and packed-document masks
+- `attention`: causal attention with GQA, padding, KV cache and packed documents (SDPA; flash-attn varlen or
+  flex_attention on CUDA)
 - `mlp`: SwiGLU feed-forward
 - `loss`: chunked cross-entropy through the output head
 - `moe`: routed experts with grouped matmuls (used by the two MoE models)
 """
 
 from minillm.models.layers.attention import (
+    PackedDocs,
     build_attention_mask,
     document_ids_from_position_ids,
+    force_attention_backend,
     has_document_restarts,
     position_ids_from_cu_seqlens,
+    prepare_attention,
     sdpa_attention,
+    varlen_index,
 )
 from minillm.models.layers.loss import (
     IGNORE_INDEX,
@@ -28,6 +33,7 @@ from minillm.models.layers.rope import RotaryEmbedding, apply_rotary, rotate_hal
 __all__ = [
     "IGNORE_INDEX",
     "LMHead",
+    "PackedDocs",
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLUMLP",
@@ -35,9 +41,12 @@ __all__ = [
     "build_attention_mask",
     "chunked_cross_entropy",
     "document_ids_from_position_ids",
+    "force_attention_backend",
     "has_document_restarts",
     "position_ids_from_cu_seqlens",
+    "prepare_attention",
     "rotate_half",
     "sdpa_attention",
     "shift_targets",
+    "varlen_index",
 ]

@@ -1,29 +1,49 @@
 """Causal softmax attention over (B, H, L, D) tensors, shared by every softmax-attention layer of the zoo.
 
-One mask describes everything a query may see, built once per forward by `build_attention_mask` and reused by every
-layer:
+What a query may see is decided once per model forward by `prepare_attention` and reused by every layer:
 - causality, aligned to the *end* of the keys, so it is right with a KV cache (query length < key length);
 - padding: a 2-D `attention_mask` (1 = real token) over all keys, past and present (left padding for generation);
 - packed documents: `position_ids` that restart at 0 start a new document; a query sees only keys of its own
-  document (block-diagonal causal mask), so packing never lets one document attend to another.
+  document (block-diagonal causal attention), so packing never lets one document attend to another.
 
-When nothing but causality applies the mask is `None` and SDPA runs with `is_causal=True` (its fastest kernels).
-Otherwise the mask is boolean (True = may attend). Every query may always attend to itself, so rows that are pure
-padding produce finite garbage instead of NaN; real tokens never see a padding key.
+`prepare_attention` returns one of three things, all accepted by `sdpa_attention`:
+- `None`: nothing but causality applies; SDPA runs with `is_causal=True` (its fastest kernels);
+- a boolean mask (B or 1, 1, Lq, Lk) (True = may attend): padding or packing with a KV cache (generation);
+- `PackedDocs`: a forward without past (training, prefill) whose rows hold several documents or padding. It keeps
+  the document ids and builds, on first use and once for all layers, whatever form the chosen kernel needs.
 
-Grouped-query attention is SDPA's `enable_gqa`: K/V keep their `n_kv_heads`, no `repeat_kv` copy.
+Dispatch for `PackedDocs` (`sdpa_attention`; `force_attention_backend` overrides it, e.g. in tests):
+1. "flash": CUDA, fp16/bf16, `flash_attn` installed (extra `gpu`): `flash_attn_varlen_func` over the unpadded
+   tokens with `cu_seqlens`. Masked blocks cost nothing and no (L, L) mask exists. flash-attn 3
+   (`flash_attn_interface`) is preferred when present.
+2. "flex": CUDA otherwise (fp32, or no flash-attn), without dropout: `flex_attention`, compiled once per process,
+   with a document-causal `BlockMask`, which also skips the masked blocks.
+3. "sdpa": everywhere else (CPU above all: flex_attention has no CPU backward): SDPA with the dense block-diagonal
+   mask, the exact reference of the two paths above.
 
-CUDA hook: on GPU the boolean mask makes SDPA fall back to its memory-efficient kernel, which is correct but does not
-skip the masked blocks of packed rows. `sdpa_attention` is the single place to add a varlen (flash-attn
-`cu_seqlens`) or flex-attention path; flex_attention has no CPU backward, which is why CPU uses the dense mask.
+Every query may always attend to itself, so rows that are pure padding produce finite garbage (SDPA, flex) or
+zeros (flash) instead of NaN; real tokens never see a padding key.
 
-Shape legend: B batch, H query heads, Hk key/value heads, Lq queries, Lk keys, D head dim, Dv value head dim.
+Grouped-query attention is SDPA's `enable_gqa` (flex: `enable_gqa`, flash-attn: native): K/V keep their
+`n_kv_heads`, no `repeat_kv` copy.
+
+Shape legend: B batch, H query heads, Hk key/value heads, Lq queries, Lk keys, D head dim, Dv value head dim,
+T real (non-padding) tokens of a batch, N documents.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flex", "flash")
 
 
 def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -98,19 +118,297 @@ def build_attention_mask(
     return mask[:, None]  # (B or 1, 1, Lq, Lk)
 
 
+@dataclass(frozen=True)
+class VarlenIndex:
+    """A padded and/or packed batch as flash-attn's varlen kernels see it: the real tokens back to back, cut into
+    documents by `cu_seqlens`."""
+
+    cu_seqlens: torch.Tensor  # (N + 1,) int32: where each document starts in the (T,) tokens, then T
+    max_seqlen: int  # tokens of the longest document (a host int: the kernels size their grid with it)
+    token_index: torch.Tensor | None  # (T,) int64: the real tokens' places in the flattened (B * L); None = all
+
+
+def varlen_index(doc_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> VarlenIndex:
+    """flash-attn's `cu_seqlens` from (B, L) document ids: padding (token_mask False) is dropped, then a document
+    ends wherever the id changes or a row ends.
+
+    Rows `[[1 1 1 2 2], [1 1 1 pad pad]]` give cu_seqlens `[0, 3, 5, 8]`, max_seqlen 3 and token_index
+    `[0 1 2 3 4 5 6 7]`. Padding inside a document (not produced by our collators) joins its two halves, as the
+    dense mask does.
+    """
+    bsz, seq_len = doc_ids.shape
+    doc = doc_ids.reshape(-1)  # (B * L,)
+    row = torch.arange(bsz, device=doc.device).repeat_interleave(seq_len)  # (B * L,)
+    token_index = None
+    if token_mask is not None:
+        token_index = token_mask.reshape(-1).nonzero().squeeze(1)  # (T,)
+        doc, row = doc[token_index], row[token_index]
+    total = doc.numel()
+    starts = torch.ones(total, dtype=torch.bool, device=doc.device)  # (T,) True where a document begins
+    starts[1:] = (doc[1:] != doc[:-1]) | (row[1:] != row[:-1])
+    end = torch.tensor([total], device=doc.device)
+    cu_seqlens = torch.cat([starts.nonzero().squeeze(1), end]).to(torch.int32)  # (N + 1,)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if total else 0
+    return VarlenIndex(cu_seqlens, max_seqlen, token_index)
+
+
+class PackedDocs:
+    """The documents of a batch without past (training, prefill): which tokens are real, which document each is in.
+
+    `prepare_attention` builds it once per model forward; every layer hands it to `sdpa_attention`. Each path reads
+    the form it needs (`dense_mask()`, `varlen()`, `block_mask()`), built on first use and cached here, so once per
+    forward whatever the number of layers (the MTP block of mini_deepseekv3 reuses the trunk's). The builders run
+    eagerly even inside a compiled layer (`torch.compiler.disable`): they are data-dependent (nonzero, host ints).
+    """
+
+    def __init__(
+        self,
+        position_ids: torch.Tensor,  # (B or 1, L)
+        attention_mask: torch.Tensor | None,  # (B, L) 1 = real token, or None (no padding)
+        batch_size: int,
+        device: torch.device | None = None,
+    ) -> None:
+        self.position_ids = position_ids.to(device).expand(batch_size, -1)  # (B, L)
+        self.attention_mask = None if attention_mask is None else attention_mask.to(device).expand(batch_size, -1)
+        self.doc_ids = document_ids_from_position_ids(self.position_ids)  # (B, L)
+        self.token_mask = None if self.attention_mask is None else self.attention_mask.bool()  # (B, L)
+        self._cache: dict[str, object] = {}
+
+    @property
+    def seq_len(self) -> int:
+        return self.doc_ids.shape[1]
+
+    @torch.compiler.disable
+    def dense_mask(self) -> torch.Tensor | None:
+        """The (B, 1, L, L) boolean block-diagonal causal mask of the SDPA path (None: plain causal is exact)."""
+        if "dense" not in self._cache:
+            length = self.seq_len
+            self._cache["dense"] = build_attention_mask(
+                length, length, self.attention_mask, self.position_ids, self.doc_ids.device
+            )
+        return self._cache["dense"]
+
+    @torch.compiler.disable
+    def varlen(self) -> VarlenIndex:
+        """Unpadding indices, `cu_seqlens` and `max_seqlen` for `flash_attn_varlen_func` (one host sync)."""
+        if "varlen" not in self._cache:
+            self._cache["varlen"] = varlen_index(self.doc_ids, self.token_mask)
+        return self._cache["varlen"]
+
+    @torch.compiler.disable
+    def block_mask(self):
+        """flex_attention's document-causal `BlockMask`: q sees kv when kv <= q in the same document; padding keys
+        carry document -1, which no real query has."""
+        if "block" not in self._cache:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            doc = self.doc_ids if self.token_mask is None else self.doc_ids.masked_fill(~self.token_mask, -1)  # (B, L)
+
+            def document_causal(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+            bsz, length = doc.shape
+            # Compiled on CUDA so the (L, L) mask is never materialised; eager on CPU (tests) to save compile time.
+            self._cache["block"] = create_block_mask(
+                document_causal, bsz, None, length, length, device=doc.device, _compile=doc.is_cuda
+            )
+        return self._cache["block"]
+
+
+AttentionMask = torch.Tensor | PackedDocs | None  # what `prepare_attention` returns and `sdpa_attention` takes
+
+
+def prepare_attention(
+    query_len: int,
+    key_len: int,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+    batch_size: int = 1,
+) -> AttentionMask:
+    """What every layer's `sdpa_attention` takes for one forward; call it once per model forward.
+
+    `PackedDocs` for a forward without past whose rows hold several documents or padding (the case that has a
+    varlen/flex path on CUDA); otherwise `build_attention_mask` (a dense mask with a cache, None for plain causal).
+    """
+    if attention_mask is None or attention_mask.dim() == 2:
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        no_past = query_len == key_len and query_len > 1 and position_ids is not None
+        if no_past and (not padded or attention_mask.shape[-1] == key_len):
+            if padded or has_document_restarts(position_ids):
+                return PackedDocs(position_ids, attention_mask if padded else None, batch_size, device)
+    return build_attention_mask(query_len, key_len, attention_mask, position_ids, device)
+
+
+# ---------------------------------------------------------------- backends for PackedDocs
+
+_forced_backend: str | None = None
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2/3 kernels exist for head dims up to 256
+
+
+@contextlib.contextmanager
+def force_attention_backend(name: str | None) -> Iterator[None]:
+    """Use backend `name` ("sdpa", "flex", "flash") for every `PackedDocs` attention in this block, whatever the
+    device and dtype (None: automatic). Tests and benchmarks use it; the environment variable
+    `MINILLM_ATTENTION_BACKEND` does the same for a whole process."""
+    global _forced_backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def _forced() -> str | None:
+    name = _forced_backend or os.environ.get("MINILLM_ATTENTION_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"MINILLM_ATTENTION_BACKEND={name!r}: known backends are {', '.join(BACKENDS)}")
+    return name
+
+
+@functools.cache
+def flash_varlen_function() -> tuple[Callable, bool] | None:
+    """flash-attn's `flash_attn_varlen_func` and whether it takes `dropout_p`, or None when not installed.
+
+    flash-attn 3 (`flash_attn_interface`, Hopper) first, then flash-attn 2 (`flash_attn`). Cached; tests that put
+    a stand-in module in `sys.modules` call `flash_varlen_function.cache_clear()`.
+    """
+    import importlib
+
+    for module, takes_dropout in (("flash_attn_interface", False), ("flash_attn", True)):
+        try:
+            return importlib.import_module(module).flash_attn_varlen_func, takes_dropout
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable | None:
+    """`flex_attention` wrapped in torch.compile once per process (eager flex is a slow reference), or None."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    return torch.compile(flex_attention)
+
+
+def flash_head_dim(qk_dim: int, v_dim: int) -> int:
+    """The one head dim flash-attn runs q, k and v at: the larger, rounded up to a multiple of 8.
+
+    flash-attn 2 needs equal q/k/v head dims (MLA has qk_head_dim != v_head_dim): the smaller side is zero-padded,
+    which changes no score (zeros add nothing to q.k; the scale is passed explicitly) and only adds zero output
+    channels, sliced off afterwards.
+    """
+    return -(-max(qk_dim, v_dim) // 8) * 8
+
+
+def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """The path `sdpa_attention` takes for a `PackedDocs` mask with these tensors (see the module docstring)."""
+    forced = _forced()
+    if forced is not None:
+        return forced
+    if not q.is_cuda:
+        return "sdpa"
+    flash = flash_varlen_function()
+    if (
+        flash is not None
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and flash_head_dim(q.shape[-1], v.shape[-1]) <= FLASH_MAX_HEAD_DIM
+        and (dropout_p == 0.0 or flash[1])
+    ):
+        return "flash"
+    if dropout_p == 0.0 and _compiled_flex_attention() is not None:
+        return "flex"
+    return "sdpa"
+
+
+def flex_packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs, scale: float | None = None
+) -> torch.Tensor:
+    """Document-causal attention with compiled flex_attention: q (B, H, L, D), k (B, Hk, L, D), v (B, Hk, L, Dv)
+    -> (B, L, H, Dv). No dropout (flex has none); CPU runs forward only (no CPU backward in torch)."""
+    flex = _compiled_flex_attention()
+    if flex is None:
+        raise RuntimeError("this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)")
+    out = flex(q, k, v, block_mask=docs.block_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)  # (B, L, H, Dv)
+
+
+def flash_packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    docs: PackedDocs,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Document-causal attention with `flash_attn_varlen_func`: q (B, H, L, D), k (B, Hk, L, D), v (B, Hk, L, Dv)
+    -> (B, L, H, Dv), zeros at padding tokens.
+
+    The real tokens are gathered into flash-attn's (T, heads, dim) layout, documents given by `cu_seqlens` (the same
+    for queries and keys: no past); GQA is native (Hk divides H); head dims are padded to one (`flash_head_dim`).
+    """
+    flash = flash_varlen_function()
+    if flash is None:
+        raise RuntimeError("flash-attn is not installed (pip install 'minillm[gpu]' on a CUDA machine)")
+    fn, takes_dropout = flash
+    if dropout_p and not takes_dropout:
+        raise ValueError("flash-attn 3 has no attention dropout; set attention_dropout to 0")
+    bsz, heads, seq_len, qk_dim = q.shape
+    v_dim = v.shape[-1]
+    dim = flash_head_dim(qk_dim, v_dim)
+    index = docs.varlen()
+    if index.max_seqlen == 0:  # every token is padding
+        return q.new_zeros(bsz, seq_len, heads, v_dim)
+
+    def unpad(x: torch.Tensor) -> torch.Tensor:  # (B, h, L, d) -> (T, h, dim)
+        x = x.transpose(1, 2).reshape(bsz * seq_len, x.shape[1], x.shape[3])  # (B * L, h, d)
+        if index.token_index is not None:
+            x = x.index_select(0, index.token_index)  # (T, h, d)
+        return F.pad(x, (0, dim - x.shape[-1])) if x.shape[-1] < dim else x
+
+    kwargs = {"softmax_scale": scale if scale is not None else 1.0 / math.sqrt(qk_dim), "causal": True}
+    if dropout_p:
+        kwargs["dropout_p"] = dropout_p
+    out = fn(
+        unpad(q), unpad(k), unpad(v),
+        index.cu_seqlens, index.cu_seqlens, index.max_seqlen, index.max_seqlen,
+        **kwargs,
+    )
+    if isinstance(out, tuple):  # some flash-attn 3 releases return (out, softmax_lse)
+        out = out[0]
+    out = out[..., :v_dim]  # (T, H, Dv)
+    if index.token_index is not None:
+        out = out.new_zeros(bsz * seq_len, heads, v_dim).index_copy(0, index.token_index, out)  # (B * L, H, Dv)
+    return out.reshape(bsz, seq_len, heads, v_dim)
+
+
 def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: AttentionMask,
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) -> (B, Lq, H, Dv).
 
-    `mask` comes from `build_attention_mask`; None means causal (Lq == Lk) or, for a single query, everything.
-    The output is transposed to (B, Lq, H, Dv) so callers can `reshape(B, Lq, H * Dv)` for the output projection.
+    `mask` comes from `prepare_attention` (or `build_attention_mask`); None means causal (Lq == Lk) or, for a single
+    query, everything. A `PackedDocs` goes to the flash/flex/SDPA path of `packed_backend`. The output is
+    transposed to (B, Lq, H, Dv) so callers can `reshape(B, Lq, H * Dv)` for the output projection.
     """
+    if isinstance(mask, PackedDocs):
+        backend = packed_backend(q, v, dropout_p)
+        if backend == "flash":
+            return flash_packed_attention(q, k, v, mask, scale, dropout_p)
+        if backend == "flex":
+            if dropout_p:
+                raise ValueError("flex_attention has no attention dropout; set attention_dropout to 0")
+            return flex_packed_attention(q, k, v, mask, scale)
+        mask = mask.dense_mask()
     is_causal = mask is None and q.shape[2] > 1
     gqa = q.shape[1] != k.shape[1]
     if gqa and mask is not None and q.is_cuda:

@@ -49,10 +49,12 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from minillm.models import decode as fast
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import (
-    build_attention_mask,
+    AttentionMask,
     document_ids_from_position_ids,
+    prepare_attention,
     sdpa_attention,
 )
 from minillm.models.layers.loss import LMHead, shift_targets
@@ -128,7 +130,7 @@ class MiniDeepSeekV3Attention(nn.Module):
         self,
         hidden_states: torch.Tensor,  # (B, L, D)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, L, R)
-        attention_mask: torch.Tensor | None,  # (B or 1, 1, L, P + L) bool, or None = causal
+        attention_mask: AttentionMask,  # from `prepare_attention` (None = causal)
         cache: Cache | None = None,
     ) -> torch.Tensor:
         bsz, seq_len, _ = hidden_states.shape
@@ -307,7 +309,7 @@ class MiniDeepSeekV3DecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,  # (B, L, D)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: AttentionMask = None,
         cache: Cache | None = None,
         routing: RoutingContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -342,7 +344,7 @@ class MiniDeepSeekV3MTP(nn.Module):
         hidden_states: torch.Tensor,  # (B, L, D) the main model's final normed hidden states
         next_embeds: torch.Tensor,  # (B, L, D) embedding of token i+1 at position i (zero where none)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
+        attention_mask: AttentionMask,  # the trunk's: same documents
     ) -> torch.Tensor:
         """Return the MTP hidden states (B, L, D), final-normed, ready for the shared output head."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden_states)], dim=-1))  # (B, L, D)
@@ -406,7 +408,10 @@ class MiniDeepSeekV3Model(MiniDeepSeekV3PreTrainedModel):
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]  # (1, L)
-        mask = build_attention_mask(seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device)
+        # Once per forward, shared by all layers and the MTP block: None, a dense mask (cache), or PackedDocs.
+        mask = prepare_attention(
+            seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device, inputs_embeds.shape[0]
+        )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, L, R)
         hidden_states = inputs_embeds
         counts, balances = [], []
@@ -594,3 +599,78 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
         for router, layer_error in zip(routers, error, strict=True):
             bias = router.e_score_correction_bias
             bias.add_(speed * torch.sign(layer_error.to(bias.device, bias.dtype)))
+
+    # -- decode fast path of our decode loop (see minillm/models/decode.py) ----------------------------------------
+    @torch.no_grad()
+    def begin_decode(
+        self, cache: Cache, max_len: int, attention_mask: torch.Tensor | None = None
+    ) -> fast.DecodeState:
+        """Move the prefill's `MLACache` (latent + RoPE key per layer) into one preallocated buffer per layer;
+        `attention_mask` (B, T) is the prefill's padding mask (None: no padding)."""
+        state = fast.DecodeState(cache.get_seq_length(), max_len, attention_mask)
+        for layer, cache_layer in zip(self.model.layers, cache.layers, strict=True):
+            attn = layer.self_attn
+            state.layers.append(fast.StaticLatent(cache_layer.keys, cache_layer.values, max_len))
+            w_kv = attn.kv_b_proj.weight.view(attn.num_heads, attn.qk_nope_head_dim + attn.v_head_dim, -1)
+            w_uk, w_uv = w_kv.split([attn.qk_nope_head_dim, attn.v_head_dim], dim=1)  # (H, N, C), (H, Dv, C)
+            norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.kv_a_layernorm]
+            if not hasattr(attn, "q_proj"):
+                norms.append(attn.q_a_layernorm)
+            state.weights.append(([fast.norm_weight(norm) for norm in norms], w_uk, w_uv))
+        state.rope = fast.RopeTable(
+            self.model.rotary_emb, max_len, self.model.embed_tokens.weight, self.config.rope_interleave
+        )
+        state.final_norm = fast.norm_weight(self.model.norm)
+        return state
+
+    @torch.no_grad()
+    def decode_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, state: fast.DecodeState
+    ) -> torch.Tensor:
+        """One token per row: input_ids and position_ids (B, 1) -> next-token logits (B, V); updates `state`.
+
+        The same math as `forward` with a cache (MLA attending in latent space, as `_attend_absorbed`), minus its
+        per-step overhead (see minillm/models/decode.py).
+        """
+        state.check_room()
+        n, mask = state.length, state.mask()
+        cos, sin = state.rope(position_ids)  # (B, 1, 1, R)
+        x = F.embedding(input_ids[:, 0], self.model.embed_tokens.weight)  # (B, D)
+        B = x.shape[0]
+        for layer, latent_cache, (norms, w_uk, w_uv) in zip(
+            self.model.layers, state.layers, state.weights, strict=True
+        ):
+            attn = layer.self_attn
+            H, N, R = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+            h = fast.rms_norm(x, layer.input_layernorm, norms[0])
+            if hasattr(attn, "q_proj"):
+                q = fast.linear(h, attn.q_proj)
+            else:
+                q_a = fast.rms_norm(fast.linear(h, attn.q_a_proj), attn.q_a_layernorm, norms[3])
+                q = fast.linear(q_a, attn.q_b_proj)
+            q_nope, q_rope = q.view(B, H, 1, N + R).split([N, R], dim=-1)  # (B, H, 1, N), (B, H, 1, R)
+            latent, k_rope = fast.linear(h, attn.kv_a_proj_with_mqa).split([attn.kv_lora_rank, R], dim=-1)
+            latent = fast.rms_norm(latent, attn.kv_a_layernorm, norms[2]).view(B, 1, 1, -1)  # (B, 1, 1, C)
+            q_rope = fast.rotate(q_rope, cos, sin, attn.rope_interleave)
+            k_rope = fast.rotate(k_rope.view(B, 1, 1, R), cos, sin, attn.rope_interleave)
+            keys, values = latent_cache.append(latent, k_rope, n)  # (B, 1, n + 1, C + R), (B, 1, n + 1, C)
+            q = torch.cat([torch.einsum("bhln,hnc->bhlc", q_nope, w_uk), q_rope], dim=-1)  # (B, H, 1, C + R)
+            out = sdpa_attention(q, keys, values, mask, scale=attn.scaling)  # (B, 1, H, C)
+            out = torch.einsum("blhc,hdc->blhd", out, w_uv)  # (B, 1, H, Dv)
+            x = x + fast.linear(out.reshape(B, -1), attn.o_proj)
+            h = fast.rms_norm(x, layer.post_attention_layernorm, norms[1])
+            x = x + (self._decode_moe(layer.mlp, h) if layer.is_moe else fast.swiglu(h, layer.mlp))
+        state.length = n + 1
+        return F.linear(fast.rms_norm(x, self.model.norm, state.final_norm), self.lm_head.weight)  # (B, V)
+
+    @staticmethod
+    def _decode_moe(block: MiniDeepSeekV3MoE, x: torch.Tensor) -> torch.Tensor:
+        """`MiniDeepSeekV3MoE` on x (T, D) for decoding: same routing, no expert counts kept."""
+        _, topk_idx, topk_weight = block.gate.forward(x)  # (T, K) each
+        if fast.use_small_experts(block.experts, x.shape[0], block.gate.top_k):
+            out = fast.routed_experts_small(block.experts, x, topk_idx, topk_weight)
+        else:
+            out = block.experts.forward(x, topk_idx, topk_weight)
+        if block.shared_experts is not None:
+            out = out + fast.swiglu(x, block.shared_experts)
+        return out  # (T, D)

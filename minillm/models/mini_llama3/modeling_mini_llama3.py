@@ -9,8 +9,9 @@ Notable choices:
 - Grouped-query attention: `num_key_value_heads` K/V heads shared by groups of query heads (SDPA `enable_gqa`).
 - KV cache: transformers' `DynamicCache`, the cache `generate()` creates for us and passes back as `cache`. Every
   layer appends its rotated K and V; positions come from `position_ids` (left padding and packing included).
-- Packed rows: the attention mask is built once per forward from `position_ids` (documents restart at 0) and
-  `attention_mask` (padding), and shared by all layers.
+- Packed rows: the attention mask is prepared once per forward from `position_ids` (documents restart at 0) and
+  `attention_mask` (padding), and shared by all layers; on CUDA packed rows run flash-attn varlen or flex_attention
+  (see `layers/attention.py`).
 - Loss: labels are unshifted; the chunked cross-entropy never materialises the logits (`logits` is None then).
 
 Shape legend: B batch, L tokens in this forward, P cached tokens, D hidden, H query heads, Hk kv heads, Dh head dim.
@@ -19,13 +20,15 @@ Shape legend: B batch, L tokens in this forward, P cached tokens, D hidden, H qu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from minillm.models import decode as fast
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
-from minillm.models.layers.attention import build_attention_mask, sdpa_attention
+from minillm.models.layers.attention import AttentionMask, prepare_attention, sdpa_attention
 from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.norm import RMSNorm
@@ -53,7 +56,7 @@ class MiniLlama3Attention(nn.Module):
         self,
         hidden_states: torch.Tensor,  # (B, L, D)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, L, Dh)
-        attention_mask: torch.Tensor | None,  # (B or 1, 1, L, P + L) bool, or None = causal
+        attention_mask: AttentionMask,  # from `prepare_attention` (None = causal)
         cache: Cache | None = None,
     ) -> torch.Tensor:
         bsz, seq_len, _ = hidden_states.shape
@@ -85,7 +88,7 @@ class MiniLlama3DecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,  # (B, L, D)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: AttentionMask = None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(
@@ -135,8 +138,9 @@ class MiniLlama3Model(MiniLlama3PreTrainedModel):
         if position_ids is None:
             # (1, L): the positions after the cached ones
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]
-        mask = build_attention_mask(
-            seq_len, past_len + seq_len, attention_mask, position_ids, device=inputs_embeds.device
+        # Once per forward, shared by all layers: None (causal), a dense mask (cache), or PackedDocs (packed/padded).
+        mask = prepare_attention(
+            seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device, inputs_embeds.shape[0]
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, L, Dh)
         hidden_states = inputs_embeds
@@ -190,3 +194,47 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
             loss = self.lm_head(hidden_states, targets, num_items_in_batch)
             return MiniLLMOutput(loss=loss, cache=cache, aux_losses={"lm": loss.detach()})
         return MiniLLMOutput(logits=self._logits(hidden_states, logits_to_keep), cache=cache, aux_losses={})
+
+    # -- decode fast path of our decode loop (see minillm/models/decode.py) ----------------------------------------
+    @torch.no_grad()
+    def begin_decode(
+        self, cache: Cache, max_len: int, attention_mask: torch.Tensor | None = None
+    ) -> fast.DecodeState:
+        """Move the prefill's `DynamicCache` into preallocated buffers for `max_len` tokens; `attention_mask`
+        (B, T) is the prefill's padding mask (None: no padding)."""
+        state = fast.DecodeState(cache.get_seq_length(), max_len, attention_mask)
+        state.layers = [fast.StaticKV(layer.keys, layer.values, max_len) for layer in cache.layers]
+        state.rope = fast.RopeTable(self.model.rotary_emb, max_len, self.model.embed_tokens.weight)
+        state.weights = [
+            (fast.norm_weight(layer.input_layernorm), fast.norm_weight(layer.post_attention_layernorm))
+            for layer in self.model.layers
+        ]
+        state.final_norm = fast.norm_weight(self.model.norm)
+        return state
+
+    @torch.no_grad()
+    def decode_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, state: fast.DecodeState
+    ) -> torch.Tensor:
+        """One token per row: input_ids and position_ids (B, 1) -> next-token logits (B, V); updates `state`.
+
+        The same math as `forward` with a cache, minus its per-step overhead (see minillm/models/decode.py).
+        """
+        state.check_room()
+        n, mask = state.length, state.mask()
+        cos, sin = state.rope(position_ids)  # (B, 1, 1, Dh)
+        x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (B, 1, D)
+        bsz = x.shape[0]
+        for layer, kv, (w_in, w_post) in zip(self.model.layers, state.layers, state.weights, strict=True):
+            attn = layer.self_attn
+            h = fast.rms_norm(x, layer.input_layernorm, w_in)
+            q = fast.linear(h, attn.q_proj).view(bsz, attn.num_heads, 1, attn.head_dim)  # (B, H, 1, Dh)
+            k = fast.linear(h, attn.k_proj).view(bsz, attn.num_kv_heads, 1, attn.head_dim)  # (B, Hk, 1, Dh)
+            v = fast.linear(h, attn.v_proj).view(bsz, attn.num_kv_heads, 1, attn.head_dim)
+            qk = fast.rotate(torch.cat([q, k], dim=1), cos, sin)  # q and k rotated together
+            k, v = kv.append(qk[:, attn.num_heads :], v, n)  # (B, Hk, n + 1, Dh)
+            out = sdpa_attention(qk[:, : attn.num_heads], k, v, mask)  # (B, 1, H, Dh)
+            x = x + fast.linear(out.reshape(bsz, 1, -1), attn.o_proj)
+            x = x + fast.swiglu(fast.rms_norm(x, layer.post_attention_layernorm, w_post), layer.mlp)
+        state.length = n + 1
+        return F.linear(fast.rms_norm(x[:, -1], self.model.norm, state.final_norm), self.lm_head.weight)  # (B, V)

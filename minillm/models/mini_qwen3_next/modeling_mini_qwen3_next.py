@@ -34,8 +34,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from minillm.models import decode as fast
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
-from minillm.models.layers.attention import build_attention_mask, sdpa_attention
+from minillm.models.layers.attention import AttentionMask, prepare_attention, sdpa_attention
 from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.moe import RoutedExperts, micro_batch_share
@@ -72,7 +73,7 @@ class MiniQwen3NextAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,  # (B, L, D)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, L, rotary_dim)
-        attention_mask: torch.Tensor | None,  # (B or 1, 1, L, P + L) bool, or None = causal
+        attention_mask: AttentionMask,  # from `prepare_attention` (None = causal)
         cache: Cache | None = None,
     ) -> torch.Tensor:
         B, L, _ = hidden_states.shape
@@ -142,7 +143,7 @@ class MiniQwen3NextDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,  # (B, L, D)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,  # 4-D mask for attention layers
+        attention_mask: AttentionMask = None,  # for attention layers, from `prepare_attention`
         linear_mask: torch.Tensor | None = None,  # (B, L) padding mask for DeltaNet layers
         doc_starts: torch.Tensor | None = None,  # (B, L) bool document starts for DeltaNet layers
         cache: Cache | None = None,
@@ -286,7 +287,8 @@ class MiniQwen3NextModel(MiniQwen3NextPreTrainedModel):
             doc_starts = document_starts(position_ids, B, has_past)
         mask = None
         if "full_attention" in self.config.layer_types:
-            mask = build_attention_mask(L, past_len + L, attention_mask, position_ids, device=device)
+            # Once per forward, shared by the attention layers: None, a dense mask (cache), or PackedDocs.
+            mask = prepare_attention(L, past_len + L, attention_mask, position_ids, device, B)
         linear_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
             linear_mask = attention_mask[:, -L:]  # (B, L)
@@ -370,3 +372,75 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
             return MiniLLMOutput(loss=loss, cache=cache, aux_losses=aux_losses, expert_counts=expert_counts)
         logits = self._logits(hidden_states, logits_to_keep)
         return MiniLLMOutput(logits=logits, cache=cache, aux_losses={}, expert_counts=expert_counts)
+
+    # -- decode fast path of our decode loop (see minillm/models/decode.py) ----------------------------------------
+    @torch.no_grad()
+    def begin_decode(
+        self, cache: Cache, max_len: int, attention_mask: torch.Tensor | None = None
+    ) -> fast.DecodeState:
+        """Move the prefill's hybrid cache into decode buffers: preallocated K/V for the attention layers, the conv
+        window and recurrent state for the DeltaNet layers. `attention_mask` (B, T): the prefill's padding."""
+        self.model._check_cache(cache)
+        state = fast.DecodeState(self.model._past_length(cache), max_len, attention_mask)
+        for layer, cache_layer in zip(self.model.layers, cache.layers, strict=True):
+            if layer.layer_type == "linear_attention":
+                state.layers.append(layer.linear_attn.begin_decode(cache))
+            else:
+                state.layers.append(fast.StaticKV(cache_layer.keys, cache_layer.values, max_len))
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            if layer.layer_type != "linear_attention":
+                norms += [layer.self_attn.q_norm, layer.self_attn.k_norm]
+            state.weights.append([fast.norm_weight(norm) for norm in norms])
+        state.rope = fast.RopeTable(self.model.rotary_emb, max_len, self.model.embed_tokens.weight)
+        state.final_norm = fast.norm_weight(self.model.norm)
+        return state
+
+    @torch.no_grad()
+    def decode_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, state: fast.DecodeState
+    ) -> torch.Tensor:
+        """One token per row: input_ids and position_ids (B, 1) -> next-token logits (B, V); updates `state`.
+
+        The same math as `forward` with a cache, minus its per-step overhead (see minillm/models/decode.py).
+        """
+        state.check_room()
+        n, mask = state.length, state.mask()
+        cos, sin = state.rope(position_ids)  # (B, 1, 1, rotary_dim)
+        x = F.embedding(input_ids[:, 0], self.model.embed_tokens.weight)  # (B, D)
+        B = x.shape[0]
+        for layer, layer_state, weights in zip(self.model.layers, state.layers, state.weights, strict=True):
+            h = fast.rms_norm(x, layer.input_layernorm, weights[0])
+            if layer.layer_type == "linear_attention":
+                x = x + layer.linear_attn.decode_step(h, layer_state)
+            else:
+                attn = layer.self_attn
+                q, gate = fast.linear(h, attn.q_proj).view(B, attn.num_heads, 2 * attn.head_dim).chunk(2, dim=-1)
+                q = fast.rms_norm(q, attn.q_norm, weights[2]).unsqueeze(2)  # (B, H, 1, Dh)
+                k = fast.linear(h, attn.k_proj).view(B, attn.num_kv_heads, 1, attn.head_dim)
+                k = fast.rms_norm(k, attn.k_norm, weights[3])  # (B, Hk, 1, Dh)
+                v = fast.linear(h, attn.v_proj).view(B, attn.num_kv_heads, 1, attn.head_dim)
+                qk = fast.rotate(torch.cat([q, k], dim=1), cos, sin)  # q and k rotated together
+                k, v = layer_state.append(qk[:, attn.num_heads :], v, n)  # (B, Hk, n + 1, Dh)
+                out = sdpa_attention(qk[:, : attn.num_heads], k, v, mask)  # (B, 1, H, Dh)
+                out = out.reshape(B, -1) * torch.sigmoid(gate.reshape(B, -1))
+                x = x + fast.linear(out, attn.o_proj)
+            h = fast.rms_norm(x, layer.post_attention_layernorm, weights[1])
+            x = x + (self._decode_moe(layer.mlp, h) if layer.is_moe else fast.swiglu(h, layer.mlp))
+        state.length = n + 1
+        return F.linear(fast.rms_norm(x, self.model.norm, state.final_norm), self.lm_head.weight)  # (B, V)
+
+    @staticmethod
+    def _decode_moe(block: MiniQwen3NextSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
+        """`MiniQwen3NextSparseMoeBlock` on x (T, D) for decoding: same routing, no routing statistics kept."""
+        router_logits = fast.linear(x, block.gate)  # (T, E)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        topk_weight, topk_idx = torch.topk(probs, block.top_k, dim=-1)  # (T, K)
+        if block.norm_topk_prob:
+            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+        topk_weight = topk_weight.to(router_logits.dtype)
+        if fast.use_small_experts(block.experts, x.shape[0], block.top_k):
+            routed = fast.routed_experts_small(block.experts, x, topk_idx, topk_weight)
+        else:
+            routed = block.experts.forward(x, topk_idx, topk_weight)
+        shared = torch.sigmoid(fast.linear(x, block.shared_expert_gate)) * fast.swiglu(x, block.shared_expert)
+        return routed + shared  # (T, D)

@@ -1,0 +1,197 @@
+"""Packed-document attention speed: forward + backward of each path `sdpa_attention` can take for packed rows.
+
+Paths (minillm/models/layers/attention.py): "sdpa" (the dense block-diagonal mask, the CPU path and the reference),
+"flex" (compiled flex_attention with a document BlockMask) and "flash" (flash-attn's varlen kernel over the
+unpadded tokens). Each runs on the same random packed batch: rows of `--seq` tokens cut into documents of random
+lengths (mean `--doc-len`), the heads of the `base` presets by default (12 query heads, 4 kv heads, head dim 64).
+Paths that cannot run here are listed with the reason (flash-attn needs CUDA and fp16/bf16; flex_attention has no
+CPU backward, so on CPU it is timed only with `--fwd-only`). For reference, "causal" is plain causal SDPA over the
+whole row (flash kernel on CUDA): it ignores the documents, so it is not a correct path, only the speed of an
+unmasked causal kernel doing more work.
+
+Per path: milliseconds per step (median of `--steps`), the one-off preparation per forward (mask, cu_seqlens or
+BlockMask; shared by all layers of a model), peak extra GPU memory, the max abs difference from "sdpa" at real
+tokens, and the speed-up over "sdpa".
+
+    python scripts/bench_attention.py                          # CPU: fp32, short rows, what runs here
+    python scripts/bench_attention.py --fwd-only               # CPU: includes forward-only flex
+    python scripts/bench_attention.py --device cuda --dtype bf16 --seq 1024 2048 4096 8192
+    python scripts/bench_attention.py --device cuda --dtype fp32 --json attention.json   # flex vs sdpa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minillm.models.layers import attention  # noqa: E402
+from minillm.models.layers.attention import force_attention_backend, prepare_attention, sdpa_attention  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def packed_positions(batch: int, seq: int, doc_len: int, seed: int) -> torch.Tensor:
+    """(B, L) position ids restarting at 0 at each document; lengths uniform in [1, 2 * doc_len - 1], the first
+    at most L / 2 so every row is packed."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        parts, filled = [], 0
+        while filled < seq:
+            n = min(int(torch.randint(1, 2 * doc_len, (1,), generator=gen)), seq - filled, max(seq // 2, 1))
+            parts.append(torch.arange(n))
+            filled += n
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def unavailable(backend: str, device: torch.device, dtype: torch.dtype, fwd_only: bool) -> str | None:
+    """Why `backend` cannot run here, or None."""
+    if backend == "flash":
+        if device.type != "cuda":
+            return "needs CUDA"
+        if dtype == torch.float32:
+            return "no fp32 kernels"
+        if attention.flash_varlen_function() is None:
+            return "flash-attn not installed (extra `gpu`)"
+    if backend == "flex":
+        if attention._compiled_flex_attention() is None:
+            return "this torch has no flex_attention"
+        if device.type == "cpu" and not fwd_only:
+            return "no CPU backward (try --fwd-only)"
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(backend, q, k, v, pos, steps: int, warmup: int, fwd_only: bool):
+    """(median ms per step, preparation ms, peak extra bytes or None, output at real tokens)."""
+    device = q.device
+    length = q.shape[2]
+
+    def prepare():
+        if backend == "causal":
+            return None
+        docs = prepare_attention(length, length, None, pos, device, q.shape[0])  # PackedDocs: rows are packed
+        {"sdpa": docs.dense_mask, "flex": docs.block_mask, "flash": docs.varlen}[backend]()
+        return docs
+
+    mask = prepare()  # warm (flex: compiles create_block_mask)
+    sync(device)
+    start = time.perf_counter()
+    mask = prepare()
+    sync(device)
+    prep_ms = 1e3 * (time.perf_counter() - start)
+
+    leaves = [t.detach().clone().requires_grad_(not fwd_only) for t in (q, k, v)]
+    grad_out = None
+
+    def step():
+        nonlocal grad_out
+        with force_attention_backend(None if backend == "causal" else backend), torch.set_grad_enabled(not fwd_only):
+            out = sdpa_attention(*leaves, mask)  # (B, L, H, D)
+            if not fwd_only:
+                if grad_out is None:
+                    grad_out = torch.randn_like(out)
+                out.backward(grad_out)
+                for t in leaves:
+                    t.grad = None
+        return out
+
+    for _ in range(warmup):
+        out = step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        out = step()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated(device) - base_mem if device.type == "cuda" else None
+    return statistics.median(times), prep_ms, peak, out.detach().float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--seq", type=int, nargs="+", default=None, help="row lengths (default by device)")
+    parser.add_argument("--batch", type=int, default=None, help="rows (default 8 on CUDA, 1 on CPU)")
+    parser.add_argument("--doc-len", type=int, default=256, help="mean document length")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--fwd-only", action="store_true", help="time the forward pass only (no_grad)")
+    parser.add_argument("--backends", nargs="+", default=["sdpa", "flex", "flash", "causal"])
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
+    lengths = args.seq or ([1024, 2048, 4096, 8192] if on_cuda else [256, 512, 1024])
+    batch = args.batch or (8 if on_cuda else 1)
+    steps = args.steps or (20 if on_cuda else 3)
+    name = torch.cuda.get_device_name(device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
+    mode = "forward" if args.fwd_only else "forward + backward"
+    print(f"{name}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, {mode}, batch {batch}, "
+          f"heads {args.heads}/{args.kv_heads} x {args.head_dim}, mean document {args.doc_len} tokens")
+    for backend in args.backends:
+        why = unavailable(backend, device, dtype, args.fwd_only)
+        if why:
+            print(f"  {backend}: skipped, {why}")
+
+    results = []
+    header = f"{'L':>6} {'path':>7} {'ms/step':>9} {'prep ms':>8} {'peak MiB':>9} {'max diff':>9} {'vs sdpa':>8}"
+    print(header)
+    for length in lengths:
+        gen = torch.Generator().manual_seed(length)
+        q = torch.randn(batch, args.heads, length, args.head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(batch, args.kv_heads, length, args.head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(batch, args.kv_heads, length, args.head_dim, generator=gen).to(device, dtype)
+        pos = packed_positions(batch, length, args.doc_len, seed=length).to(device)
+        reference_ms, reference_out = None, None
+        for backend in args.backends:
+            if unavailable(backend, device, dtype, args.fwd_only):
+                continue
+            try:
+                ms, prep_ms, peak, out = bench_one(backend, q, k, v, pos, steps, args.warmup, args.fwd_only)
+            except torch.OutOfMemoryError:
+                print(f"{length:>6} {backend:>7}   out of memory")
+                torch.cuda.empty_cache()
+                continue
+            if backend == "sdpa":
+                reference_ms, reference_out = ms, out
+            diff = (out - reference_out).abs().max().item() if reference_out is not None else float("nan")
+            speedup = reference_ms / ms if reference_ms else float("nan")
+            peak_mib = f"{peak / 2**20:.0f}" if peak is not None else "-"
+            print(f"{length:>6} {backend:>7} {ms:>9.2f} {prep_ms:>8.2f} {peak_mib:>9} {diff:>9.2g} {speedup:>7.2f}x")
+            results.append(
+                dict(seq=length, backend=backend, ms=ms, prep_ms=prep_ms, peak_bytes=peak, max_diff=diff,
+                     speedup_vs_sdpa=speedup)
+            )
+            del out
+    if args.json:
+        meta = dict(device=name, dtype=str(dtype), mode=mode, batch=batch, heads=args.heads, kv_heads=args.kv_heads,
+                    head_dim=args.head_dim, doc_len=args.doc_len, torch=torch.__version__)
+        args.json.write_text(json.dumps(dict(meta, results=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""A non-finite loss skips its step for real, the same way in one process, with DDP and with DeepSpeed ZeRO-2.
+
+Each run injects non-finite (+inf) losses at chosen steps through the trainer's test-only `MINILLM_TEST_NONFINITE_STEPS`
+(`minillm.training.trainer.injected_nonfinite_steps`) and saves a checkpoint after every step, so the full training
+state before and after a skipped step can be compared: weights, MoE routing biases, optimizer moments and step
+counts, and the scheduler must be bit-identical. The schedule of every run:
+
+    step 1, 2 trained | step 3 non-finite (one rank only when launched) | step 4 trained | step 5, 6 non-finite
+    -> with --max-bad-steps 2 the run stops at step 6 with one "error: stopping at step 6 ..." line.
+
+The losses of the trained steps agree across backends (same global batch, 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from train_helpers import ROOT, accelerate_launch, build_shards, logged_losses
+
+from cli.main import main
+from minillm.training.trainer import NONFINITE_ENV
+
+STOP = "stopping at step 6: 2 steps in a row had a non-finite loss"
+ARGS = ["pretrain", "--model", "mini_deepseekv3", "--seq-len", "32", "--micro-batch-size", "2",
+        "--global-batch-size", "8", "--max-steps", "8", "--precision", "fp32", "--log-every", "1",
+        "--save-every", "1", "--keep-last", "8", "--max-bad-steps", "2", "--model-arg", "num_hidden_layers=2"]
+
+
+def _tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    """Every tensor and number inside `obj` (nested dicts / lists), by path."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _tensors(value, f"{prefix}/{key}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _tensors(value, f"{prefix}/{i}", out)
+    elif torch.is_tensor(obj):
+        out[prefix] = obj
+    elif isinstance(obj, (int, float)):
+        out[prefix] = torch.tensor(obj)
+
+
+def training_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Weights (with MoE biases), optimizer state and scheduler state of a checkpoint, plain/DDP or DeepSpeed."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    if (checkpoint / "model.safetensors").is_file():  # Accelerate's own format
+        _tensors(load_file(checkpoint / "model.safetensors"), "model", out)
+        _tensors(torch.load(checkpoint / "optimizer.bin", weights_only=False), "optimizer", out)
+    else:  # DeepSpeed: the module, then each rank's ZeRO partition of the fp32 weights and Adam moments
+        engine = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
+        _tensors(engine["module"], "model", out)
+        for part in sorted((checkpoint / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt")):
+            zero = torch.load(part, weights_only=False)["optimizer_state_dict"]
+            _tensors(zero["base_optimizer_state"], f"{part.name}/optimizer", out)
+            _tensors(zero["single_partition_of_fp32_groups"], f"{part.name}/fp32", out)
+    _tensors(torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False), "scheduler", out)
+    assert any("e_score_correction_bias" in k for k in out) and any("exp_avg_sq" in k for k in out)
+    return out
+
+
+def check_run(run_dir: Path, expected_skips: list[int]) -> dict[int, float]:
+    """The run skipped steps 3, 5 and 6 without touching the training state and stopped at 6; returns its losses."""
+    state = {s: training_state(run_dir / "checkpoints" / f"step_{s:08d}") for s in range(1, 6)}
+    for before, after in ((2, 3), (4, 5)):  # across a skipped step: bit-identical
+        assert state[before].keys() == state[after].keys()
+        changed = [k for k in state[before] if not torch.equal(state[before][k], state[after][k])]
+        assert not changed, f"skipped step {after} changed {changed[:5]}"
+    trained = [k for k in state[1] if not torch.equal(state[1][k], state[2][k])]  # a real step changes all
+    assert any("e_score_correction_bias" in k for k in trained) and any("exp_avg" in k for k in trained)
+    assert not (run_dir / "checkpoints" / "step_00000006").exists() and not (run_dir / "final").exists()
+
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert [rows[s]["skipped_steps"] for s in range(1, 7)] == expected_skips
+    assert all("loss" not in rows[s] for s in (3, 5, 6))  # counted and logged, without a loss
+    assert rows[4]["lr"] == rows[3]["lr"]  # the scheduler did not advance on the skipped step
+    return logged_losses(run_dir)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return build_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(shards, tmp_path_factory) -> dict[int, float]:
+    """One process (accumulation 4), +inf losses injected at steps 3, 5, 6; `minillm pretrain` exits 2 with one line."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    mp = pytest.MonkeyPatch()
+    mp.setenv(NONFINITE_ENV, "3,5,6")
+    try:
+        main([*ARGS, "--data", str(shards), "--output-dir", str(out)])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        mp.undo()
+    assert code == 2
+    return check_run(out, [0, 0, 1, 1, 2, 3])
+
+
+def test_single_process_skips_non_finite_steps_and_stops(single_process_losses):
+    assert sorted(single_process_losses) == [1, 2, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_file", ["cpu_multiprocess.yaml", "deepspeed_zero2.yaml"])
+def test_two_processes_skip_a_step_that_one_rank_found_non_finite(config_file, shards, single_process_losses,
+                                                                   tmp_path):
+    """DDP and ZeRO-2 (2 processes x accumulation 2): +inf on rank 1 only at step 3, then everywhere at 5 and 6.
+    DeepSpeed's engine must discard the step itself (its overflow check), not apply the accumulated gradients."""
+    out = tmp_path / "run"
+    result = accelerate_launch(config_file, "cli/main.py", [*ARGS, "--data", str(shards), "--output-dir", str(out)],
+                               env={NONFINITE_ENV: "3@1,5,6"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all(STOP in line for line in errors), result.stderr[-4000:]
+    assert "step 3: non-finite loss, step skipped (1 in a row, 1 in all)" in result.stdout
+    losses = check_run(out, [0, 0, 1, 1, 2, 3])
+    assert sorted(losses) == [1, 2, 4]
+    for step, ref in single_process_losses.items():
+        assert abs(losses[step] - ref) <= 1e-4 * abs(ref), (losses, single_process_losses)
+
+
+@pytest.mark.parametrize("ds_file", ["zero2.json", "zero2_offload.json", "zero2_ep.json", "zero3.json"])
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_shipped_deepspeed_configs_can_skip_a_step(ds_file, precision):
+    from minillm.training.launch import check_skips_nonfinite
+
+    check_skips_nonfinite(json.loads((ROOT / "ds_configs" / ds_file).read_text()), precision, ds_file)
+
+
+@pytest.mark.parametrize(("ds", "precision", "message"), [
+    ({"zero_optimization": {"stage": 0}}, "no", "without ZeRO in fp32"),
+    ({}, "no", "without ZeRO in fp32"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto", "check_grad_overflow": False}}, "bf16",
+     "check_grad_overflow=false"),
+    ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}}, "no", "compute_grad_norm=false"),
+])
+def test_deepspeed_setups_that_would_apply_non_finite_gradients_are_refused(ds, precision, message):
+    from minillm.errors import UserError
+    from minillm.training.launch import check_skips_nonfinite
+
+    with pytest.raises(UserError, match=message):
+        check_skips_nonfinite(ds, precision, "ds.json")
+    check_skips_nonfinite({**ds, "zero_optimization": {"stage": 3}}, precision, "ds.json")  # ZeRO-3 always checks
