@@ -94,6 +94,13 @@ def test_decode_step_equals_cached_forward(name, overrides, tokenizer):
 
 
 @pytest.mark.parametrize("name", our_model_names())
+def test_decode_step_in_bfloat16(name, tokenizer):
+    """In bf16 (GPU inference) the fast path keeps the modules' own rounding order (norms, gated norm)."""
+    model = build_model(name, len(tokenizer)).to(torch.bfloat16)
+    assert compare_with_forward(model, *left_padded(len(tokenizer), [9, 4, 7, 1, 9], seed=1)) <= 1e-2
+
+
+@pytest.mark.parametrize("name", our_model_names())
 def test_engine_fast_path_decodes_what_forward_decodes(name, tokenizer):
     model = build_model(name, len(tokenizer))
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["The cat sat on", "Hello world"]]

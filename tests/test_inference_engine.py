@@ -192,7 +192,7 @@ def test_incremental_text_streams_exactly_the_decoded_text(tokenizer):
 
 
 def test_bench_script_reports_both_engines(tokenizer):
-    """scripts/bench_decode.py on a tiny model: both engines produce all tokens and get timed."""
+    """scripts/bench_decode.py on a tiny model: every engine produces all tokens and gets timed."""
     import argparse
     import importlib.util
     from pathlib import Path
@@ -214,3 +214,10 @@ def test_bench_script_reports_both_engines(tokenizer):
         (2, "minillm"),
     ]
     assert all(r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    # a model with a decode fast path is also timed through plain forward() (the before/after in one run)
+    args.batch_sizes = [1]
+    rows = bench.bench_model(
+        "mini_llama3", build_model("mini_llama3", len(tokenizer)), tokenizer, args, "cpu", Table()
+    )
+    assert [r["engine"] for r in rows] == ["generate()", "minillm forward()", "minillm"]
+    assert all(r["decode_tok_s"] > 0 for r in rows) and rows[0]["speedup_vs_generate"] == 1.0

@@ -13,15 +13,17 @@ The losses of the trained steps agree across backends (same global batch, 1e-4 r
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cli_helpers import run_cli
 from train_helpers import ROOT, accelerate_launch, build_shards, logged_losses
 
-from cli.main import main
 from minillm.training.trainer import NONFINITE_ENV
 
 STOP = "stopping at step 6: 2 steps in a row had a non-finite loss"
@@ -71,7 +73,7 @@ def check_run(run_dir: Path, expected_skips: list[int]) -> dict[int, float]:
         assert state[before].keys() == state[after].keys()
         changed = [k for k in state[before] if not torch.equal(state[before][k], state[after][k])]
         assert not changed, f"skipped step {after} changed {changed[:5]}"
-    trained = [k for k in state[1] if not torch.equal(state[1][k], state[2][k])]  # a real step changes all
+    trained = [k for k in state[1] if not torch.equal(state[1][k], state[2][k])]  # while a real step changes them
     assert any("e_score_correction_bias" in k for k in trained) and any("exp_avg" in k for k in trained)
     assert not (run_dir / "checkpoints" / "step_00000006").exists() and not (run_dir / "final").exists()
 
@@ -92,16 +94,14 @@ def shards(tmp_path_factory) -> Path:
 def single_process_losses(shards, tmp_path_factory) -> dict[int, float]:
     """One process (accumulation 4), +inf losses injected at steps 3, 5, 6; `minillm pretrain` exits 2 with one line."""
     out = tmp_path_factory.mktemp("single") / "run"
-    mp = pytest.MonkeyPatch()
+    mp, err = pytest.MonkeyPatch(), io.StringIO()
     mp.setenv(NONFINITE_ENV, "3,5,6")
     try:
-        main([*ARGS, "--data", str(shards), "--output-dir", str(out)])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
+        with contextlib.redirect_stderr(err):
+            code = run_cli(*ARGS, "--data", str(shards), "--output-dir", str(out))
     finally:
         mp.undo()
-    assert code == 2
+    assert code == 2 and err.getvalue().strip().splitlines()[-1].startswith(f"error: {STOP}"), err.getvalue()
     return check_run(out, [0, 0, 1, 1, 2, 3])
 
 

@@ -14,7 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_helpers import accelerate_launch, build_shards, kill_after_step, launch_command, logged_losses, start
+from train_helpers import (
+    accelerate_launch,
+    build_shards,
+    kill_after_step,
+    launch_command,
+    logged_losses,
+    start,
+)
 
 pytestmark = pytest.mark.slow
 

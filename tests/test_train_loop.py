@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli_err as run_cli
 from train_helpers import (
     ROOT,
     build_shards,
@@ -18,23 +19,9 @@ from train_helpers import (
     step_gradients,
     write_text_corpus,
 )
-
-from cli.main import main
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Run `minillm <argv>` in this process; returns (exit code, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, capsys.readouterr().err
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+from train_helpers import (
+    logged_losses as losses,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
   `grad_probe.py`, under `accelerate launch`.
 - `write_text_corpus` / `build_shards`: a small pretraining corpus written by the test (never third-party text).
 - `launch_command` / `accelerate_launch`: `accelerate launch --config_file accelerate_configs/X.yaml ...` as a user
-  runs it; `start` / `kill_after_step`: start a run in its own process group and SIGKILL the whole group (the
+  runs it; `start` / `kill_after_step`: start a run in the background and SIGKILL it with all its processes (the
   launcher and every rank) as soon as metrics.jsonl shows a given step.
 """
 
@@ -110,11 +110,10 @@ def accelerate_launch(config_file: str, script: str, args: list[str], timeout: i
 
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `cmd` in a new session (its own process group), stderr to the file `log` (a pipe nobody reads
-    could fill up and stall the run)."""
+    """Start `cmd` in the background, stderr to the file `log` (a pipe nobody reads could fill up and stall it)."""
     with log.open("w") as err:
         return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=err)
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
@@ -129,19 +128,36 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` and every process below it, as a crash of the machine would. torchrun starts each rank in
+    a session of its own, so killing the launcher's process group would leave the ranks training on as orphans."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        tree = [psutil.Process(proc.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for process in tree:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
 def kill_after_step(proc: subprocess.Popen, run_dir: Path, step: int, log: Path, timeout: float = 240) -> None:
-    """SIGKILL the process group of `proc` (launcher and all ranks) as soon as metrics.jsonl shows `step`;
-    the run must still be going then."""
+    """SIGKILL `proc` and all its processes (launcher and every rank) as soon as metrics.jsonl shows `step`; the
+    run must still be going then."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if step in logged_losses(run_dir):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             return
         assert proc.poll() is None, log.read_text()[-4000:]
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     raise AssertionError(f"step {step} never logged:\n{log.read_text()[-4000:]}")
 
 

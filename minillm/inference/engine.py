@@ -221,12 +221,6 @@ class Engine(BaseEngine):
         new_cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
         return out.logits[:, -1, :], new_cache  # (B, V)
 
-    def _decode(self, tok: torch.Tensor, mask, positions: torch.Tensor, cache, state):
-        """One decode step for tokens (B,): the model's fast path when there is a `state`, else `forward`."""
-        if state is not None:
-            return self.model.decode_step(tok.unsqueeze(1), positions, state), None
-        return self._forward(tok.unsqueeze(1), mask, positions, cache)
-
     @torch.inference_mode()
     def _steps(self, prompts, params, max_new, done):
         ids, mask = self.left_pad(prompts)  # (B, T)
@@ -247,12 +241,22 @@ class Engine(BaseEngine):
         batch_idx = torch.arange(batch, device=self.device)
         pad = torch.full((batch,), self.pad_id, dtype=torch.long, device=self.device)
 
-        logits, cache = self._forward(ids, full_mask[:, :width] if padded else None, pos, None)  # prefill
+        prefill_mask = full_mask[:, :width] if padded else None
+        logits, cache = self._forward(ids, prefill_mask, pos, None)  # prefill
         next_pos = pos[:, -1:] + 1  # (B, 1)
-        state = None
-        if self.fast_path:  # the prefill's cache moves into buffers preallocated for the whole decode
-            state = self.model.begin_decode(cache, width + max_new, full_mask[:, :width] if padded else None)
-            cache = None
+        state = None  # the model's decode state (fast path)
+
+        def advance(tok: torch.Tensor, step_mask: torch.Tensor | None) -> torch.Tensor:
+            """Feed this step's tokens (B,); return the next logits (B, V)."""
+            nonlocal cache, state
+            if not self.fast_path:
+                logits, cache = self._forward(tok.unsqueeze(1), step_mask, next_pos, cache)
+                return logits
+            if state is None:  # once the first token is out: the prefill's cache moves into preallocated buffers
+                state = self.model.begin_decode(cache, width + max_new, prefill_mask)
+                cache = None
+            return self.model.decode_step(tok.unsqueeze(1), next_pos, state)
+
         for step in range(max_new):
             tok = sample_next(logits, params, seen, generators)  # (B,)
             if any(done):
@@ -269,7 +273,7 @@ class Engine(BaseEngine):
                 if ready is not None:
                     ready.record()
                 if not last:
-                    logits, cache = self._decode(tok, step_mask, next_pos, cache, state)
+                    logits = advance(tok, step_mask)
                 if ready is not None:
                     ready.synchronize()
                 yield host.tolist()
@@ -279,7 +283,7 @@ class Engine(BaseEngine):
                 yield tok.tolist()
                 if all(done) or last:
                     return
-                logits, cache = self._decode(tok, step_mask, next_pos, cache, state)
+                logits = advance(tok, step_mask)
             next_pos = next_pos + 1
 
 

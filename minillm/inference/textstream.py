@@ -22,6 +22,9 @@ class IncrementalText:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
+        # A fast tokenizer's Rust decoder directly: with `clean_up_tokenization_spaces=False` transformers' `decode`
+        # returns exactly its result, after several layers of Python that cost more than the decode (two per token).
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self.stop = [s for s in (stop or []) if s]
         self.ids: list[int] = []
         self.text = ""  # all text decoded so far (cut at a stop string once one is found)
@@ -31,6 +34,8 @@ class IncrementalText:
         self._read = 0  # end of the part of the window already turned into text
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=False)
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def feed(self, token_id: int) -> str:

@@ -15,12 +15,14 @@ FLOPs, so the fast path does the same math with far fewer of both:
   row is padded (a single query then needs no mask at all).
 - Per-session weights (`DecodeState.weights`): anything a step would otherwise rebuild every call (the regrouped
   DeltaNet input projection, `1 + w` of zero-centred norms) is made once per decode.
-- RMSNorm is `F.rms_norm` (one fused op); modules are not called through `nn.Module.__call__` (no hook dispatch);
+- RMSNorm is one `F.rms_norm` call; modules are not called through `nn.Module.__call__` (no hook dispatch); q and
+  k are rotated together; MoE layers gather the few chosen experts' weights instead of sorting tokens by expert;
   the step returns the last logits (B, V) directly instead of building a `ModelOutput`.
 
 The fast path is exercised by `Engine` and tested against the ordinary cached forward (`tests/test_decode_fast_path.py`:
-logits within 1e-5, identical greedy tokens, left-padded batches included). It is inference-only: it never records
-autograd history and must run under `torch.inference_mode()` / `no_grad()`.
+logits within 1e-5 of their scale, identical greedy tokens, left-padded batches included; Llama's are bit-identical,
+the others sum a few float32 terms in another order). It is inference-only (`torch.no_grad`), never writes a weight,
+and copies the prefill's cache, so `forward`, `generate()` and the models' `Cache` classes are untouched by it.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class DecodeState:
         self.layers: list = []
         self.weights: list = []
         self.rope: RopeTable | None = None
+        self.final_norm: torch.Tensor | None = None  # the final norm's `norm_weight`
         # (B, 1, 1, S_max) bool, True = may attend; None = no padding anywhere (one query needs no mask then).
         self.full_mask = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -116,6 +119,7 @@ class DecodeState:
         return None if self.full_mask is None else self.full_mask[..., : self.length + 1]
 
     def check_room(self, steps: int = 1) -> None:
+        """Refuse to write past the preallocated buffers (the caller sized them for the whole decode)."""
         if self.length + steps > self.max_len:
             raise ValueError(f"decode state full: {self.length} tokens cached, room for {self.max_len}")
 

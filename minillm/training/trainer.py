@@ -113,7 +113,6 @@ def make_accelerator(config: TrainConfig):
     return accelerator
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Model and optimizer
 

@@ -223,7 +223,7 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
         state.check_room()
         n, mask = state.length, state.mask()
         cos, sin = state.rope(position_ids)  # (B, 1, 1, Dh)
-        x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (B, 1, D)
+        x = F.embedding(input_ids[:, 0], self.model.embed_tokens.weight)  # (B, D): 2-D matmuls skip a reshape
         bsz = x.shape[0]
         for layer, kv, (w_in, w_post) in zip(self.model.layers, state.layers, state.weights, strict=True):
             attn = layer.self_attn
@@ -234,7 +234,7 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
             qk = fast.rotate(torch.cat([q, k], dim=1), cos, sin)  # q and k rotated together
             k, v = kv.append(qk[:, attn.num_heads :], v, n)  # (B, Hk, n + 1, Dh)
             out = sdpa_attention(qk[:, : attn.num_heads], k, v, mask)  # (B, 1, H, Dh)
-            x = x + fast.linear(out.reshape(bsz, 1, -1), attn.o_proj)
+            x = x + fast.linear(out.reshape(bsz, -1), attn.o_proj)
             x = x + fast.swiglu(fast.rms_norm(x, layer.post_attention_layernorm, w_post), layer.mlp)
         state.length = n + 1
-        return F.linear(fast.rms_norm(x[:, -1], self.model.norm, state.final_norm), self.lm_head.weight)  # (B, V)
+        return F.linear(fast.rms_norm(x, self.model.norm, state.final_norm), self.lm_head.weight)  # (B, V)

@@ -22,6 +22,9 @@ chunk-boundary decays; the recurrence itself is unchanged.
 Shape legend: B batch, L tokens, H value heads (= heads of the recurrence), Hk key heads, Dk key head dim,
 Dv value head dim, N chunks, C chunk size, Cc conv channels (2*Hk*Dk + H*Dv), K conv kernel size.
 
+On CUDA with flash-linear-attention (and causal-conv1d) installed, `fla_kernels.py` runs the rule (and the short
+convolution) in those packages' kernels instead; the torch code here is the fallback everywhere else.
+
 Parameter names and the packed layout of `in_proj_qkvz` / `in_proj_ba` follow transformers' `Qwen3NextGatedDeltaNet`,
 so checkpoints convert by a plain copy. All recurrence math runs in fp32 (as the reference and the FLA kernels do).
 """
@@ -34,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.models.mini_qwen3_next import fla_kernels
+
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x / sqrt(sum(x^2) + eps)` over the last dim (the FLA / transformers convention, eps inside the root)."""
@@ -43,6 +48,40 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Short causal depthwise convolution
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _depthwise_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`out[t] = sum_j weight[:, j] * window[t + j]`: window (B, K-1+L, Cc), weight (Cc, K) -> (B, L, Cc).
+
+    A (1, K) depthwise conv2d over the channels-last view (B, Cc, 1, K-1+L) of the window: oneDNN's depthwise kernel
+    reads and writes our (B, L, Cc) layout directly (no transposes, no tap loop), accumulating in fp32.
+    """
+    out = F.conv2d(window.transpose(1, 2).unsqueeze(2), weight[:, None, None, :], groups=weight.shape[0])
+    return out.squeeze(2).transpose(1, 2)  # (B, L, Cc), a view: oneDNN keeps channels-last
+
+
+class _CausalConv(torch.autograd.Function):
+    """`_depthwise_conv` with a hand-written backward: oneDNN's depthwise backward is ~20x slower than its forward
+    on CPU (its weight gradient), while the gradients here are one more conv and K multiply-reduce passes."""
+
+    @staticmethod
+    def forward(ctx, window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(window, weight)
+        return _depthwise_conv(window, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        window, weight = ctx.saved_tensors
+        K, L = weight.shape[-1], grad.shape[1]
+        grad = grad.contiguous()  # (B, L, Cc)
+        grad_window = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # window[s] reaches out[s - j] through weight[:, j]: correlate the zero-padded grad with the flipped kernel
+            grad_window = _depthwise_conv(F.pad(grad, (0, 0, K - 1, K - 1)), weight.flip(-1))  # (B, K-1+L, Cc)
+        if ctx.needs_input_grad[1]:
+            taps = [(grad * window[:, j : j + L]).sum(dim=(0, 1), dtype=torch.float32) for j in range(K)]
+            grad_weight = torch.stack(taps, dim=-1).to(weight.dtype)  # (Cc, K)
+        return grad_window, grad_weight
 
 
 def causal_conv1d(
@@ -65,33 +104,37 @@ def causal_conv1d(
     """
     B, L, Cc = x.shape
     K = weight.shape[-1]
+    kernel = fla_kernels.conv_applies(x, prev)  # causal-conv1d's CUDA kernel (see fla_kernels.py)
     if prev is None:
         prev = x.new_zeros(B, K - 1, Cc)
     P = prev.shape[1]
     xx = torch.cat([prev.to(x.dtype), x], dim=1)  # (B, P+L, Cc)
-    # Taps accumulate in fp32 (one rounding at the end for bf16 inputs, like a conv kernel's accumulator).
-    w = weight.float()
     if doc_starts is None:
-        # A (1, K) depthwise conv2d over the channels-last view (B, Cc, 1, K-1+L) of our (B, K-1+L, Cc) tensor:
-        # oneDNN's depthwise kernel reads and writes the (B, L, Cc) layout directly (no transposes, no tap loop;
-        # about 2x faster than K multiply-adds on CPU, forward + backward). It accumulates in fp32.
-        window = xx[:, P - (K - 1) :] if P >= K - 1 else F.pad(xx, (0, 0, K - 1 - P, 0))  # (B, K-1+L, Cc)
-        out = F.conv2d(window.transpose(1, 2).unsqueeze(2), weight.to(x.dtype)[:, None, None, :], groups=Cc)
-        out = out.squeeze(2).transpose(1, 2)  # (B, L, Cc), a view when oneDNN kept channels-last
         state = xx[:, -K:] if xx.shape[1] >= K else F.pad(xx, (0, 0, K - xx.shape[1], 0))
+        if kernel:
+            return fla_kernels.causal_conv1d_kernel(x, weight), state
+        # One depthwise conv (`_CausalConv`), ~3x faster than K multiply-adds on CPU, forward + backward.
+        window = xx[:, P - (K - 1) :] if P >= K - 1 else F.pad(xx, (0, 0, K - 1 - P, 0))  # (B, K-1+L, Cc)
+        out = _CausalConv.apply(window, weight.to(x.dtype))  # (B, L, Cc)
         return F.silu(out).to(x.dtype), state
     # Segment ids: the carried-in tokens belong to segment 0, each document start opens the next segment.
     seg = doc_starts.long().cumsum(dim=1)  # (B, L)
     seg_xx = torch.cat([seg.new_zeros(B, P), seg], dim=1)  # (B, P+L)
-    out = xx[:, P : P + L] * w[:, K - 1]
-    for i in range(1, K):
-        same_doc = (seg_xx[:, P - i : P - i + L] == seg).unsqueeze(-1)  # (B, L, 1)
-        out = out + (xx[:, P - i : P - i + L] * same_doc) * w[:, K - 1 - i]
+    if kernel:
+        out = fla_kernels.causal_conv1d_kernel(x, weight, doc_starts)
+    else:
+        # Tap loop with a same-document mask per tap; taps accumulate in fp32 (one rounding at the end for bf16).
+        w = weight.float()
+        out = xx[:, P : P + L] * w[:, K - 1]
+        for i in range(1, K):
+            same_doc = (seg_xx[:, P - i : P - i + L] == seg).unsqueeze(-1)  # (B, L, 1)
+            out = out + (xx[:, P - i : P - i + L] * same_doc) * w[:, K - 1 - i]
+        out = F.silu(out).to(x.dtype)
     if xx.shape[1] < K:
         xx = F.pad(xx, (0, 0, K - xx.shape[1], 0))
         seg_xx = F.pad(seg_xx, (K - seg_xx.shape[1], 0))
     state = xx[:, -K:] * (seg_xx[:, -K:] == seg_xx[:, -1:]).unsqueeze(-1)  # (B, K, Cc)
-    return F.silu(out).to(x.dtype), state
+    return out, state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,8 +458,14 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # (B, L, H), fp32 (A may overflow fp16)
 
         # The recurrence runs in fp32 even under autocast: bf16 matmuls in the state hand-over compound over chunks.
+        # (fla's kernels take the bf16 activations and accumulate in fp32 themselves.)
+        recurrent = cache is not None and recurrent_state is not None and L == 1
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            if cache is not None and recurrent_state is not None and L == 1:
+            if fla_kernels.fla_applies(q):
+                o, final_state = fla_kernels.gated_delta_rule(
+                    q, k, v, g, beta, recurrent_state, doc_starts, recurrent=recurrent
+                )
+            elif recurrent:
                 o, final_state = recurrent_gated_delta_rule(q, k, v, g, beta, recurrent_state, doc_starts)
             else:
                 o, final_state = chunk_gated_delta_rule(
