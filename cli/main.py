@@ -54,8 +54,22 @@ def main(argv: list[str] | None = None) -> None:
 
         if not isinstance(err, UserError):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        report_user_error(str(err))
         sys.exit(2)
+
+
+def report_user_error(message: str) -> None:
+    """Print `error: message` once. Under `accelerate launch` every rank raises the same error, so only rank 0
+    prints it; under `--launcher` rank 0 also leaves it in the file the parent process names, so the parent can
+    repeat it after the launcher's own failure report and exit with 2 too (see `minillm.training.launch`)."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(f"error: {message}", file=sys.stderr)
+    error_file = os.environ.get("MINILLM_ERROR_FILE")
+    if error_file:
+        Path(error_file).write_text(message, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from cli_helpers import run_cli
-from train_helpers import ROOT, accelerate_launch, build_shards, logged_losses
+from train_helpers import ROOT, accelerate_launch, build_shards, launch_command, logged_losses
 
 from minillm.training.trainer import NONFINITE_ENV
 
@@ -116,11 +118,21 @@ def test_two_processes_skip_a_step_that_one_rank_found_non_finite(config_file, s
     """DDP and ZeRO-2 (2 processes x accumulation 2): +inf on rank 1 only at step 3, then everywhere at 5 and 6.
     DeepSpeed's engine must discard the step itself (its overflow check), not apply the accumulated gradients."""
     out = tmp_path / "run"
-    result = accelerate_launch(config_file, "cli/main.py", [*ARGS, "--data", str(shards), "--output-dir", str(out)],
-                               env={NONFINITE_ENV: "3@1,5,6"})
-    assert result.returncode != 0
+    args = [*ARGS, "--data", str(shards), "--output-dir", str(out)]
+    if config_file == "cpu_multiprocess.yaml":  # through the `--launcher` shortcut: exit code 2, the error last
+        cmd, env = launch_command(config_file, "cli/main.py", args)
+        result = subprocess.run([sys.executable, "-m", "cli.main", *args, "--launcher",
+                                 str(ROOT / "accelerate_configs" / config_file)], cwd=ROOT,
+                                env={**env, NONFINITE_ENV: "3@1,5,6"}, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-4000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: {STOP}"), result.stderr[-4000:]
+    else:
+        result = accelerate_launch(config_file, "cli/main.py", args, env={NONFINITE_ENV: "3@1,5,6"})
+        assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and all(STOP in line for line in errors), result.stderr[-4000:]
+    # every rank stops; only rank 0 prints (the `--launcher` parent repeats it after torchrun's report)
+    assert len(errors) == (2 if config_file == "cpu_multiprocess.yaml" else 1), result.stderr[-4000:]
+    assert all(STOP in line for line in errors), result.stderr[-4000:]
     assert "step 3: non-finite loss, step skipped (1 in a row, 1 in all)" in result.stdout
     losses = check_run(out, [0, 0, 1, 1, 2, 3])
     assert sorted(losses) == [1, 2, 4]

@@ -26,6 +26,7 @@ from minillm.errors import UserError
 
 MAIN_SCRIPT = Path(__file__).resolve().parent.parent.parent / "cli" / "main.py"
 LAUNCHED_ENV = "MINILLM_LAUNCHED"
+ERROR_FILE_ENV = "MINILLM_ERROR_FILE"  # where rank 0 leaves the message of a UserError for `relaunch`
 
 
 def read_launcher(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
@@ -174,10 +175,17 @@ def relaunch(launcher: str, argv: list[str]) -> int:
         resolved.write_text(yaml.safe_dump(data), encoding="utf-8")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolved),
                str(MAIN_SCRIPT), *argv]
-        env = {**os.environ, LAUNCHED_ENV: "1"}
+        error_file = Path(tmp) / "error.txt"  # rank 0 writes a UserError's message here (cli/main.py)
+        env = {**os.environ, LAUNCHED_ENV: "1", ERROR_FILE_ENV: str(error_file)}
         if data.get("distributed_type") == "DEEPSPEED":
             env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-        return subprocess.run(cmd, env=env).returncode
+        code = subprocess.run(cmd, env=env).returncode
+        if code != 0 and error_file.is_file():
+            # torchrun turned the ranks' exit code 2 into 1 and printed its failure report after our line:
+            # say the one line again, last, and keep the code that means "bad input"
+            print(f"error: {error_file.read_text(encoding='utf-8')}", file=sys.stderr)
+            return 2
+        return code
 
 
 def strip_launcher(argv: list[str]) -> list[str]:

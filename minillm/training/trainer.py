@@ -48,6 +48,7 @@ import torch
 
 from minillm.errors import UserError
 from minillm.parallel import expert_parallel
+from minillm.training import budget
 from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, count_targets
 from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
@@ -539,7 +540,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         raise UserError(
             f"the data has {len(run.train_data)} rows, fewer than one global batch ({config.global_batch_size})"
         )
-    total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
+    total_steps = budget.total_steps(config, len(run.train_data))  # the formula `minillm info --config` shows
     if accelerator.is_main_process:
         _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
