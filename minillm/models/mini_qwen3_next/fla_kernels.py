@@ -108,7 +108,8 @@ def gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     doc_starts: torch.Tensor | None = None,
     recurrent: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gated delta rule through fla; same arguments and results as `gated_deltanet.chunk_gated_delta_rule`.
 
     Args:
@@ -116,9 +117,10 @@ def gated_delta_rule(
         v: (B, L, H, Dv); g, beta: (B, L, H); initial_state: (B, H, Dk, Dv) or None.
         doc_starts: (B, L) bool document starts (packed rows), or None.
         recurrent: use `fused_recurrent_gated_delta_rule` (decoding) instead of the chunked kernel.
+        output_final_state: False when no cache will keep it (training): fla then skips writing it.
 
     Returns:
-        output (B, L, H, Dv) in q's dtype and the final state (B, H, Dk, Dv) in fp32.
+        output (B, L, H, Dv) in q's dtype and the final state (B, H, Dk, Dv) in fp32 (None when not asked for).
     """
     ops = fla_ops()
     kernel = ops.fused_recurrent_gated_delta_rule if recurrent else ops.chunk_gated_delta_rule
@@ -130,10 +132,10 @@ def gated_delta_rule(
     g = g.float()  # fla expects the log decay in fp32
     beta = beta.to(q.dtype)
     state = None if initial_state is None else initial_state.float()
-    kwargs = dict(scale=Dk**-0.5, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    kwargs = dict(scale=Dk**-0.5, output_final_state=output_final_state, use_qk_l2norm_in_kernel=True)
     if doc_starts is None:
         o, final = kernel(q, k, v, g=g, beta=beta, initial_state=state, cu_seqlens=None, **kwargs)
-        return o.to(q.dtype), final.float()
+        return o.to(q.dtype), (final.float() if output_final_state else None)
 
     # Packed rows: one flattened row, one sequence per document (and per row start).
     cu_seqlens, first, last = _sequences(doc_starts)
@@ -145,7 +147,8 @@ def gated_delta_rule(
     flat = [t.reshape(1, B * L, *t.shape[2:]) for t in (q, k, v, g, beta)]
     o, final = kernel(flat[0], flat[1], flat[2], g=flat[3], beta=flat[4], initial_state=state,
                       cu_seqlens=cu_seqlens, **kwargs)
-    return o.reshape(B, L, *o.shape[2:]).to(q.dtype), final.float().index_select(0, last)
+    final = final.float().index_select(0, last) if output_final_state else None  # each row's last sequence
+    return o.reshape(B, L, *o.shape[2:]).to(q.dtype), final
 
 
 def causal_conv1d_kernel(
@@ -161,6 +164,6 @@ def causal_conv1d_kernel(
         # (B, L) segment index, as in the torch path: tokens before a row's first start are segment 0
         seq_idx = doc_starts.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
     out = conv_ops().causal_conv1d_fn(
-        x.transpose(1, 2), weight.to(x.dtype), None, seq_idx=seq_idx, activation="silu"
+        x.contiguous().transpose(1, 2), weight.to(x.dtype), None, seq_idx=seq_idx, activation="silu"
     )  # (B, Cc, L), channels-last like its input
     return out.transpose(1, 2)
