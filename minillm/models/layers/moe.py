@@ -173,6 +173,14 @@ def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> 
     return out[group_of_row, slot]  # (S, OUT)
 
 
+@torch.compiler.disable
+def _grouped_mm_outside_graph(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The grouped_mm kernel run eagerly from inside a compiled region: the compiler's shape rule for it accepts
+    only bf16 (the CUDA kernel's dtype) while the CPU kernel also takes fp32 and fp16, so `--compile` of a MoE
+    model in those dtypes would fail to trace. One graph break per MoE layer; the kernel is the same."""
+    return _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=offsets))
+
+
 def grouped_mm(
     x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, backend: str | None = None
 ) -> torch.Tensor:
@@ -192,6 +200,8 @@ def grouped_mm(
         backend = "grouped_mm" if grouped_mm_applies(x, weight) else "padded"
     if backend == "grouped_mm":
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (G,) end of each group
+        if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            return _grouped_mm_outside_graph(x, weight, offsets)
         return _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=offsets))
     if backend == "padded":
         return _padded_bmm(x, weight, counts)
