@@ -96,8 +96,10 @@ def make_accelerator(config: TrainConfig):
         gradient_accumulation_steps=per_rank,
     )
     if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator; set even without DeepSpeed (something may import it, and its auto-detection
+        # would print a warning about a missing GPU on every CPU run)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if uses_deepspeed():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         else:
             kwargs["cpu"] = True  # DDP over gloo when launched with several processes
