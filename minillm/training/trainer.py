@@ -221,6 +221,7 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     aux_sums: dict[str, torch.Tensor] = {}
     counts = None
     bad = False
+    all_finite = torch.ones((), dtype=torch.bool, device=device)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         with accelerator.accumulate(model), accelerator.autocast():
@@ -228,16 +229,20 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
             loss = outputs.loss
             if poison_last and i == accumulation - 1:
                 loss = loss + float("inf")  # its gradient stays finite: skipping must not rely on NaN gradients
-            finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-            if accelerator.num_processes > 1:
-                finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-            if finite.item() < 1.0 or bad:
-                bad = True  # some rank saw a non-finite loss: every rank drops this step
+            all_finite &= torch.isfinite(loss.detach())
+            if i == accumulation - 1:
+                # Checked once per step, before the last backward (the one that synchronises gradients across
+                # ranks, and in which DeepSpeed's engine steps): one host sync per step, not per micro-batch.
+                finite = all_finite.to(torch.float32).reshape(1)
+                if accelerator.num_processes > 1:
+                    finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+                bad = finite.item() < 1.0  # some rank saw a non-finite loss: every rank drops this step
+            if bad:
                 if uses_deepspeed():
                     # The engine steps inside the last backward, on whatever this step accumulated: NaN gradients
                     # make its overflow check discard the whole step (and count it in its skipped_steps).
                     accelerator.backward(loss * float("nan"))
-                continue
+                continue  # without DeepSpeed the accumulated gradients are dropped by `optimizer_step`
             # Accelerate / DeepSpeed divide by the accumulation steps; the loss is already globally normalised
             accelerator.backward(loss * accumulation)
         aux = getattr(outputs, "aux_losses", None) or {"lm": loss.detach()}
