@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from model_checks import random_ids
 
 import minillm  # noqa: F401  (registers the Auto classes)
+from minillm.errors import UserError
 from minillm.models.layers import attention
 from minillm.models.layers.attention import (
     PackedDocs,
@@ -141,12 +142,18 @@ def test_dispatch_rules(monkeypatch):
     assert packed_backend(bf16, bf16) == "flash"
     assert packed_backend(bf16, bf16, dropout_p=0.1) == "sdpa"
 
+    # Mixed precision (fp32 weights, CUDA autocast to bf16): RoPE leaves q in fp32, yet attention runs in bf16.
+    with monkeypatch.context() as m:
+        m.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+        m.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+        assert packed_backend(fp32, bf16) == "flash"
+
     with force_attention_backend("flex"):
         assert packed_backend(fake(False, torch.float32), fake(False, torch.float32)) == "flex"
     monkeypatch.setenv("MINILLM_ATTENTION_BACKEND", "sdpa")
     assert packed_backend(bf16, bf16) == "sdpa"
     monkeypatch.setenv("MINILLM_ATTENTION_BACKEND", "xformers")
-    with pytest.raises(ValueError, match="known backends"):
+    with pytest.raises(UserError, match="known backends"):  # a user's setting: one line, no traceback
         packed_backend(bf16, bf16)
     with pytest.raises(ValueError, match="unknown attention backend"):
         with force_attention_backend("xformers"):
@@ -202,6 +209,7 @@ class FlashStandIn:
         assert q.dim() == k.dim() == v.dim() == 3, "flash-attn takes unpadded (total_tokens, heads, dim)"
         assert k.shape[0] == v.shape[0] == total and k.shape[1] == v.shape[1] and heads % k.shape[1] == 0
         assert k.shape[2] == v.shape[2] == dim and dim <= 256, "flash-attn 2 needs one head dim <= 256"
+        assert q.dtype == k.dtype == v.dtype, "flash-attn needs one dtype for q, k and v"
         assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
         assert int(cu_seqlens_q[0]) == 0 and int(cu_seqlens_q[-1]) == total
         lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
@@ -241,6 +249,20 @@ def test_flash_varlen_path_equals_block_mask_sdpa(monkeypatch, qk_dim, v_dim, sc
     assert call["dim"] == max(qk_dim, v_dim) + (-max(qk_dim, v_dim)) % 8  # one padded head dim
     expected_scale = scale if scale is not None else qk_dim**-0.5  # of the real qk dim, not the padded one
     assert call["scale"] == pytest.approx(expected_scale)
+
+
+def test_flash_path_runs_in_the_autocast_dtype(monkeypatch):
+    """Under autocast with fp32 weights, q/k arrive in fp32 and v in bf16 (as RoPE and the projections leave them):
+    flash-attn gets all three in autocast's dtype, as SDPA casts them for itself."""
+    install_flash(monkeypatch, FlashStandIn())
+    q, k, v, pos, mask = packed_inputs()
+    docs, real = docs_for(pos, mask), mask.bool()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = sdpa_attention(q, k, v.bfloat16(), docs.dense_mask())
+        with force_attention_backend("flash"):
+            out = sdpa_attention(q, k, v.bfloat16(), docs)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert torch.allclose(out[real].float(), expected[real].float(), atol=2e-2)
 
 
 def test_flash_path_gradients_equal_block_mask_sdpa(monkeypatch):
@@ -328,5 +350,22 @@ def test_llama_on_the_flex_path():
     with torch.no_grad():
         expected = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
         with force_attention_backend("flex"):
+            logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+    assert (logits[real] - expected[real]).abs().max().item() <= 1e-5
+
+
+def test_compiled_layers_on_the_flash_path(monkeypatch):
+    """`--compile` (each decoder layer in torch.compile) with packed + padded rows: `PackedDocs` crosses the compiled
+    region and the flash path (its data-dependent builders run eagerly) gives the eager dense-mask logits."""
+    from minillm.training.trainer import compile_layers
+
+    install_flash(monkeypatch, FlashStandIn())
+    model = tiny("mini_llama3")
+    ids, pos, mask = packed_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+        assert compile_layers(model) == 2
+        with force_attention_backend("flash"):
             logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
     assert (logits[real] - expected[real]).abs().max().item() <= 1e-5

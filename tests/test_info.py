@@ -126,4 +126,6 @@ def test_budget_bad_input_is_one_line(tmp_path, capsys):
     assert "Voodoo5" in capsys.readouterr().err
     assert run_cli("info", "--config", recipe, "--tokens", "1e9", "--mfu", "1.5") == 2
     assert run_cli("info", "--config", recipe, "--tokens", "1e9", "--gpus", "0") == 2
+    assert run_cli("info", "--config", recipe, "--tokens", "1000") == 2  # not one global batch: no run
+    assert "fewer than one global batch" in capsys.readouterr().err
     assert run_cli("info", "--config", recipe, "--tokens", "1e9") == 0

@@ -72,6 +72,9 @@ def plan(config: TrainConfig, flops_per_token: int, num_rows: int | None = None,
         if tokens is None:
             raise UserError("the recipe trains for epochs: give the data (--data DIR, built) or its size (--tokens N)")
         num_rows = tokens // config.seq_len  # pretraining windows; packed SFT rows are about as full
+    if not config.max_steps and num_rows < config.global_batch_size:  # the trainer refuses such a run at start
+        raise UserError(f"{num_rows:,} training rows are fewer than one global batch ({config.global_batch_size}): "
+                        "the run would not start")
     steps = total_steps(config, num_rows or 0)
     return RunBudget(steps=steps, tokens_per_step=config.global_batch_size * config.seq_len,
                      flops_per_token=flops_per_token)

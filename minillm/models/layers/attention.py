@@ -13,9 +13,9 @@ What a query may see is decided once per model forward by `prepare_attention` an
   the document ids and builds, on first use and once for all layers, whatever form the chosen kernel needs.
 
 Dispatch for `PackedDocs` (`sdpa_attention`; `force_attention_backend` overrides it, e.g. in tests):
-1. "flash": CUDA, fp16/bf16, `flash_attn` installed (extra `gpu`): `flash_attn_varlen_func` over the unpadded
-   tokens with `cu_seqlens`. Masked blocks cost nothing and no (L, L) mask exists. flash-attn 3
-   (`flash_attn_interface`) is preferred when present.
+1. "flash": CUDA, fp16/bf16 (the tensors' dtype, or autocast's under mixed precision), `flash_attn` installed
+   (extra `gpu`): `flash_attn_varlen_func` over the unpadded tokens with `cu_seqlens`. Masked blocks cost nothing
+   and no (L, L) mask exists. flash-attn 3 (`flash_attn_interface`) is preferred when present.
 2. "flex": CUDA otherwise (fp32, or no flash-attn), without dropout: `flex_attention`, compiled once per process,
    with a document-causal `BlockMask`, which also skips the masked blocks.
 3. "sdpa": everywhere else (CPU above all: flex_attention has no CPU backward): SDPA with the dense block-diagonal
@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from minillm.errors import UserError
 
 BACKENDS = ("sdpa", "flex", "flash")
 
@@ -209,9 +211,9 @@ class PackedDocs:
 
             bsz, length = doc.shape
             # Compiled on CUDA so the (L, L) mask is never materialised; eager on CPU (tests) to save compile time.
-            self._cache["block"] = create_block_mask(
-                document_causal, bsz, None, length, length, device=doc.device, _compile=doc.is_cuda
-            )
+            # (torch.compile(create_block_mask) is what torch recommends; its `_compile=True` flag is deprecated.)
+            make = _compiled_create_block_mask() if doc.is_cuda else create_block_mask
+            self._cache["block"] = make(document_causal, bsz, None, length, length, device=doc.device)
         return self._cache["block"]
 
 
@@ -264,7 +266,7 @@ def force_attention_backend(name: str | None) -> Iterator[None]:
 def _forced() -> str | None:
     name = _forced_backend or os.environ.get("MINILLM_ATTENTION_BACKEND") or None
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"MINILLM_ATTENTION_BACKEND={name!r}: known backends are {', '.join(BACKENDS)}")
+        raise UserError(f"MINILLM_ATTENTION_BACKEND={name!r}: known backends are {', '.join(BACKENDS)}")
     return name
 
 
@@ -283,6 +285,14 @@ def flash_varlen_function() -> tuple[Callable, bool] | None:
         except (ImportError, AttributeError):
             continue
     return None
+
+
+@functools.cache
+def _compiled_create_block_mask() -> Callable:
+    """`create_block_mask` wrapped in torch.compile once per process (CUDA: no (B, L, L) mask in memory)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 @functools.cache
@@ -305,6 +315,18 @@ def flash_head_dim(qk_dim: int, v_dim: int) -> int:
     return -(-max(qk_dim, v_dim) // 8) * 8
 
 
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention runs in on `device_type`: autocast's when autocast is on there, else `dtype`.
+
+    Under Accelerate's bf16/fp16 mixed precision the weights stay fp32, so q and k leave RoPE (fp32 cos/sin) in
+    fp32 while v leaves its projection in bf16. SDPA and flex_attention cast to autocast's dtype themselves;
+    flash-attn does not, so the dispatch and the flash path must look at this dtype, not at q's.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> str:
     """The path `sdpa_attention` takes for a `PackedDocs` mask with these tensors (see the module docstring)."""
     forced = _forced()
@@ -315,7 +337,7 @@ def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> 
     flash = flash_varlen_function()
     if (
         flash is not None
-        and q.dtype in (torch.float16, torch.bfloat16)
+        and compute_dtype("cuda", q.dtype) in (torch.float16, torch.bfloat16)
         and flash_head_dim(q.shape[-1], v.shape[-1]) <= FLASH_MAX_HEAD_DIM
         and (dropout_p == 0.0 or flash[1])
     ):
@@ -353,19 +375,23 @@ def flash_packed_attention(
     """
     flash = flash_varlen_function()
     if flash is None:
-        raise RuntimeError("flash-attn is not installed (pip install 'minillm[gpu]' on a CUDA machine)")
+        # only reachable by forcing the backend (MINILLM_ATTENTION_BACKEND): automatic dispatch checks first
+        raise UserError("attention backend 'flash': flash-attn is not installed (pip install 'minillm[gpu]' on a "
+                        "CUDA machine)")
     fn, takes_dropout = flash
     if dropout_p and not takes_dropout:
-        raise ValueError("flash-attn 3 has no attention dropout; set attention_dropout to 0")
+        raise UserError("attention backend 'flash': flash-attn 3 has no attention dropout; set attention_dropout "
+                        "to 0")
     bsz, heads, seq_len, qk_dim = q.shape
     v_dim = v.shape[-1]
     dim = flash_head_dim(qk_dim, v_dim)
+    dtype = compute_dtype(q.device.type, q.dtype)  # under autocast q/k may be fp32 and v bf16: one dtype for all
     index = docs.varlen()
     if index.max_seqlen == 0:  # every token is padding
-        return q.new_zeros(bsz, seq_len, heads, v_dim)
+        return q.new_zeros(bsz, seq_len, heads, v_dim, dtype=dtype)
 
     def unpad(x: torch.Tensor) -> torch.Tensor:  # (B, h, L, d) -> (T, h, dim)
-        x = x.transpose(1, 2).reshape(bsz * seq_len, x.shape[1], x.shape[3])  # (B * L, h, d)
+        x = x.to(dtype).transpose(1, 2).reshape(bsz * seq_len, x.shape[1], x.shape[3])  # (B * L, h, d)
         if index.token_index is not None:
             x = x.index_select(0, index.token_index)  # (T, h, d)
         return F.pad(x, (0, dim - x.shape[-1])) if x.shape[-1] < dim else x
@@ -406,7 +432,8 @@ def sdpa_attention(
             return flash_packed_attention(q, k, v, mask, scale, dropout_p)
         if backend == "flex":
             if dropout_p:
-                raise ValueError("flex_attention has no attention dropout; set attention_dropout to 0")
+                raise UserError("attention backend 'flex': flex_attention has no attention dropout; set "
+                                "attention_dropout to 0")
             return flex_packed_attention(q, k, v, mask, scale)
         mask = mask.dense_mask()
     is_causal = mask is None and q.shape[2] > 1
