@@ -124,6 +124,23 @@ class DecodeState:
             raise ValueError(f"decode state full: {self.length} tokens cached, room for {self.max_len}")
 
 
+def begin_step(
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, state: DecodeState
+) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The start every model's `decode_step` shares: (token embeddings x (B, D), tokens already cached n, the
+    step's padding mask or None, RoPE cos and sin (B, 1, 1, rot)). x is 2-D: the step's matmuls skip a reshape."""
+    state.check_room()
+    cos, sin = state.rope(position_ids)
+    x = F.embedding(input_ids[:, 0], model.model.embed_tokens.weight)  # (B, D)
+    return x, state.length, state.mask(), cos, sin
+
+
+def end_step(model, x: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """The end every `decode_step` shares: one more token cached; final norm and output head -> logits (B, V)."""
+    state.length += 1
+    return F.linear(rms_norm(x, model.model.norm, state.final_norm), model.lm_head.weight)
+
+
 def norm_weight(norm: RMSNorm) -> torch.Tensor:
     """The scale `F.rms_norm` needs for an `RMSNorm`: its weight, or `1 + w` for the zero-centred variant."""
     return 1.0 + norm.weight.float() if norm.zero_centered else norm.weight

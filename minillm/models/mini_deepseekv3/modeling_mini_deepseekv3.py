@@ -632,10 +632,7 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
         The same math as `forward` with a cache (MLA attending in latent space, as `_attend_absorbed`), minus its
         per-step overhead (see minillm/models/decode.py).
         """
-        state.check_room()
-        n, mask = state.length, state.mask()
-        cos, sin = state.rope(position_ids)  # (B, 1, 1, R)
-        x = F.embedding(input_ids[:, 0], self.model.embed_tokens.weight)  # (B, D)
+        x, n, mask, cos, sin = fast.begin_step(self, input_ids, position_ids, state)  # x (B, D)
         B = x.shape[0]
         for layer, latent_cache, (norms, w_uk, w_uv) in zip(
             self.model.layers, state.layers, state.weights, strict=True
@@ -660,8 +657,7 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
             x = x + fast.linear(out.reshape(B, -1), attn.o_proj)
             h = fast.rms_norm(x, layer.post_attention_layernorm, norms[1])
             x = x + (self._decode_moe(layer.mlp, h) if layer.is_moe else fast.swiglu(h, layer.mlp))
-        state.length = n + 1
-        return F.linear(fast.rms_norm(x, self.model.norm, state.final_norm), self.lm_head.weight)  # (B, V)
+        return fast.end_step(self, x, state)  # (B, V)
 
     @staticmethod
     def _decode_moe(block: MiniDeepSeekV3MoE, x: torch.Tensor) -> torch.Tensor:

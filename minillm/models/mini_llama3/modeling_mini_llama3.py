@@ -20,7 +20,6 @@ Shape legend: B batch, L tokens in this forward, P cached tokens, D hidden, H qu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
@@ -220,10 +219,7 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
 
         The same math as `forward` with a cache, minus its per-step overhead (see minillm/models/decode.py).
         """
-        state.check_room()
-        n, mask = state.length, state.mask()
-        cos, sin = state.rope(position_ids)  # (B, 1, 1, Dh)
-        x = F.embedding(input_ids[:, 0], self.model.embed_tokens.weight)  # (B, D): 2-D matmuls skip a reshape
+        x, n, mask, cos, sin = fast.begin_step(self, input_ids, position_ids, state)  # x (B, D)
         bsz = x.shape[0]
         for layer, kv, (w_in, w_post) in zip(self.model.layers, state.layers, state.weights, strict=True):
             attn = layer.self_attn
@@ -236,5 +232,4 @@ class MiniLlama3ForCausalLM(MiniLlama3PreTrainedModel, GenerationMixin):
             out = sdpa_attention(qk[:, : attn.num_heads], k, v, mask)  # (B, 1, H, Dh)
             x = x + fast.linear(out.reshape(bsz, -1), attn.o_proj)
             x = x + fast.swiglu(fast.rms_norm(x, layer.post_attention_layernorm, w_post), layer.mlp)
-        state.length = n + 1
-        return F.linear(fast.rms_norm(x, self.model.norm, state.final_norm), self.lm_head.weight)  # (B, V)
+        return fast.end_step(self, x, state)  # (B, V)

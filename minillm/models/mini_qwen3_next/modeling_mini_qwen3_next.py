@@ -403,10 +403,7 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
 
         The same math as `forward` with a cache, minus its per-step overhead (see minillm/models/decode.py).
         """
-        state.check_room()
-        n, mask = state.length, state.mask()
-        cos, sin = state.rope(position_ids)  # (B, 1, 1, rotary_dim)
-        x = F.embedding(input_ids[:, 0], self.model.embed_tokens.weight)  # (B, D)
+        x, n, mask, cos, sin = fast.begin_step(self, input_ids, position_ids, state)  # x (B, D)
         B = x.shape[0]
         for layer, layer_state, weights in zip(self.model.layers, state.layers, state.weights, strict=True):
             h = fast.rms_norm(x, layer.input_layernorm, weights[0])
@@ -426,8 +423,7 @@ class MiniQwen3NextForCausalLM(MiniQwen3NextPreTrainedModel, GenerationMixin):
                 x = x + fast.linear(out, attn.o_proj)
             h = fast.rms_norm(x, layer.post_attention_layernorm, weights[1])
             x = x + (self._decode_moe(layer.mlp, h) if layer.is_moe else fast.swiglu(h, layer.mlp))
-        state.length = n + 1
-        return F.linear(fast.rms_norm(x, self.model.norm, state.final_norm), self.lm_head.weight)  # (B, V)
+        return fast.end_step(self, x, state)  # (B, V)
 
     @staticmethod
     def _decode_moe(block: MiniQwen3NextSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
