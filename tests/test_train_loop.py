@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,53 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no run directory, nothing replaced
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefetching (the GPU data path, run here on the CPU)
+
+
+def test_prefetcher_yields_the_same_steps_and_reports_the_consumed_position(shards):
+    from minillm.data.pretrain import PretrainDataset
+    from minillm.training.batches import GlobalBatches, Permutation, Prefetcher
+    from minillm.training.setup import stack_collate
+
+    data = PretrainDataset(shards, 32)
+
+    def batches() -> GlobalBatches:  # a small permutation: the 12 steps cross several epochs
+        return GlobalBatches(data, Permutation(10, 3), stack_collate, 4, 2, rank=0, world_size=1)
+
+    plain, ahead = batches(), Prefetcher(batches(), depth=3)
+    try:
+        for _ in range(12):
+            want, got = plain.next_step(), ahead.next_step()
+            assert len(want) == len(got) == 2
+            for a, b in zip(want, got, strict=True):
+                assert all(torch.equal(a[k], b[k]) for k in a)
+            deadline = time.monotonic() + 5
+            while not ahead._ready.full() and time.monotonic() < deadline:
+                time.sleep(0.01)  # let the thread build its 3 steps ahead, so the check below means something
+            assert ahead._ready.full()
+            assert ahead.state_dict() == plain.state_dict()  # the consumed position, not the prefetched one
+    finally:
+        ahead.close()
+    assert not ahead._thread.is_alive()
+
+
+def test_training_with_prefetch_matches_without(tmp_path, shards, monkeypatch):
+    """The trainer's GPU data path (background collation) forced on the CPU: same losses, same data positions in
+    the checkpoints, so a resumed run continues where the prefetching one really was."""
+    from minillm.training import trainer
+    from minillm.training.config import TrainConfig
+
+    config = TrainConfig(stage="pretrain", model="mini_llama3", data=str(shards), seq_len=32, micro_batch_size=2,
+                         global_batch_size=4, max_steps=5, save_every=2, keep_last=5, precision="fp32", log_every=1,
+                         model_args={"num_hidden_layers": 2})
+    plain = trainer.train(config.replace(output_dir=str(tmp_path / "plain")))
+    monkeypatch.setattr(trainer, "prefetch_batches", lambda device: True)
+    ahead = trainer.train(config.replace(output_dir=str(tmp_path / "ahead")))
+    assert losses(ahead) == losses(plain) and len(losses(plain)) == 5
+    for step in ("step_00000002", "step_00000004"):
+        states = [json.loads((run / "checkpoints" / step / "trainer_state.json").read_text())["data"]
+                  for run in (plain, ahead)]
+        assert states[0] == states[1]

@@ -8,10 +8,16 @@ makes 1 process x accumulation 4, 2 processes x accumulation 2 and 1 process x 1
 
 The data position is the sampler's state after the last global batch; a checkpoint stores it and a resumed run
 continues at the exact next sample.
+
+On a GPU, `Prefetcher` builds the next steps' micro-batches in a background thread, in pinned host memory, while
+the current step runs: the step never waits for collation, and the copy to the GPU can overlap with compute.
 """
 
 from __future__ import annotations
 
+import copy
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,6 +65,56 @@ class GlobalBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
         self._stream = self._indices()
+
+
+class Prefetcher:
+    """`GlobalBatches` with the next `depth` steps built ahead in a background thread (the same batches, in order).
+
+    The data position it reports (`state_dict`) is that of the last step handed out, not of the steps built ahead,
+    so a checkpoint taken after step s resumes at step s + 1 exactly as without prefetching. Load a resumed
+    position into the `GlobalBatches` before wrapping it. `pin_memory` (CUDA only) puts the batches in page-locked
+    memory, so `tensor.to("cuda", non_blocking=True)` copies asynchronously.
+    """
+
+    def __init__(self, batches: GlobalBatches, depth: int = 2, pin_memory: bool = False) -> None:
+        self.batches, self.pin_memory = batches, pin_memory
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._state = copy.deepcopy(batches.state_dict())  # the position before the first step
+        self._thread = threading.Thread(target=self._produce, name="minillm-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                micro_batches = self.batches.next_step()
+                if self.pin_memory:
+                    micro_batches = [{k: v.pin_memory() for k, v in b.items()} for b in micro_batches]
+                item = (micro_batches, copy.deepcopy(self.batches.state_dict()))
+                while not self._stop.is_set():
+                    try:
+                        self._ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # handed to the training loop, which raises it where a step was expected
+            self._ready.put((err, None))
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of this rank for the next optimizer step (waits only if the thread is behind)."""
+        micro_batches, state = self._ready.get()
+        if isinstance(micro_batches, BaseException):
+            raise micro_batches
+        self._state = state
+        return micro_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._state)
+
+    def close(self) -> None:
+        """Stop the thread (it may be blocked on a full queue: it polls the stop flag)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
