@@ -62,3 +62,18 @@ def test_compiled_layers_train_like_eager_moe(name):
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_cpu_peak_is_corrected_when_the_run_beats_it(monkeypatch):
+    """A peak measured while other jobs held the cores is too low (MFU > 100%): it is re-measured, and never
+    less than what the run achieved; a run below the peak changes nothing and measures nothing."""
+    from minillm.training import metrics, perf
+
+    key = ("fp32", torch.get_num_threads())
+    monkeypatch.setitem(metrics._CPU_PEAKS, key, 1e9)
+    monkeypatch.setattr(perf, "measure_cpu_peak_flops", lambda *a, **k: pytest.fail("measured again"))
+    assert metrics.cpu_peak_at_least("fp32", 5e8) == 1e9
+    monkeypatch.setattr(perf, "measure_cpu_peak_flops", lambda *a, **k: 3e9)
+    assert metrics.cpu_peak_at_least("fp32", 2e9) == 3e9  # the new measurement
+    assert metrics.cpu_peak_at_least("fp32", 7e9) == 7e9  # the run's own rate is a lower bound of the peak
+    assert metrics.peak_flops(None, "cpu", "fp32") == 7e9

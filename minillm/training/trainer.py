@@ -53,7 +53,13 @@ from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, Prefetcher, count_targets
 from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
 from minillm.training.launch import fill_deepspeed_config
-from minillm.training.metrics import MetricsLogger, expert_load_stats, flops_per_token, peak_flops
+from minillm.training.metrics import (
+    MetricsLogger,
+    cpu_peak_at_least,
+    expert_load_stats,
+    flops_per_token,
+    peak_flops,
+)
 from minillm.training.optim import build_optimizer, build_scheduler
 from minillm.training.plots import plot_curves
 
@@ -611,6 +617,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                     bad_in_row = 0
                     last = result
                 tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                if peak and accelerator.device.type == "cpu" and not config.peak_tflops:
+                    peak = cpu_peak_at_least(precision, tokens_per_s * flops_token / accelerator.num_processes)
                 mfu = tokens_per_s * flops_token / (peak * accelerator.num_processes) if peak else None
                 progress.update(task, completed=step, loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
                                 tps=f"{tokens_per_s:,.0f}", mfu=f"{100 * mfu:.0f}%" if mfu is not None else "-")
