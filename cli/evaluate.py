@@ -3,8 +3,10 @@
     minillm eval ppl --model runs/pretrain_mini_llama3_<stamp>/final --data heldout.parquet --json ppl.json
     minillm eval ppl --model runs/pretrain_mini_llama3_<stamp>/final --data data/pretrain   # its val split
     minillm eval chat --model runs/sft_mini_llama3_<stamp>/final --data heldout_chat.jsonl
+    minillm eval mc --model runs/pretrain_mini_llama3_<stamp>/final --data ceval_val.csv --dev ceval_dev.csv \
+        --few-shot 5 --json ceval.json
 
-Both take any causal LM directory (ours, or one exported to a native transformers architecture) and default to the
+All take any causal LM directory (ours, or one exported to a native transformers architecture) and default to the
 newest finished run. Paths and options are checked before torch is imported, so mistakes fail fast.
 """
 
@@ -24,11 +26,15 @@ DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32), float32, 
 def register(app: typer.Typer) -> None:
     """Add the `eval` command group to the app."""
     eval_app = typer.Typer(
-        help="Evaluate a model: perplexity and bits per byte on held-out text, chat loss and exact match.",
+        help=(
+            "Evaluate a model: perplexity and bits per byte on held-out text, chat loss and exact match, "
+            "multiple-choice accuracy (C-Eval, CMMLU, MMLU, ARC)."
+        ),
         no_args_is_help=True,
     )
     eval_app.command("ppl")(ppl)
     eval_app.command("chat")(chat)
+    eval_app.command("mc")(mc)
     app.add_typer(eval_app, name="eval")
 
 
@@ -105,6 +111,86 @@ def chat(
     )
     results = {"model": str(model_dir), "data": str(data), **results}
     report.print_table(report.chat_table(results))
+    if json_out is not None:
+        report.write_json(results, json_out)
+
+
+def mc(
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="Questions: a .jsonl/.json/.csv/.parquet file, or a Hugging Face dataset name (see --config/--split).",
+    ),
+    model: Path | None = typer.Option(None, "--model", help=MODEL_HELP),
+    config: str | None = typer.Option(
+        None, "--config", help="Dataset configuration (subject) of a hub dataset."
+    ),
+    split: str = typer.Option("test", "--split", help="Split of a hub dataset given as --data."),
+    dev: str | None = typer.Option(
+        None,
+        "--dev",
+        help="Solved examples for --few-shot: a file or hub dataset (C-Eval/CMMLU/MMLU dev sets).",
+    ),
+    dev_split: str = typer.Option("dev", "--dev-split", help="Split of a hub dataset given as --dev."),
+    few_shot: int = typer.Option(0, "--few-shot", help="Solved examples from --dev before each question."),
+    style: str = typer.Option(
+        "cloze",
+        "--style",
+        help="cloze: score each choice's text (ARC style); letters: list the choices, score A/B/C/D (MMLU style).",
+    ),
+    chat: bool = typer.Option(
+        False, "--chat", help="Ask through the tokenizer's chat template (SFT models)."
+    ),
+    max_seq_len: int | None = typer.Option(
+        None,
+        "--max-seq-len",
+        help="Longest input; longer prompts lose their start (default: the model's maximum).",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions per forward pass (all their choices)."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N questions."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Also write the results and every question's scores to this JSON file."
+    ),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+) -> None:
+    """Multiple-choice accuracy by log-likelihood (acc, acc_norm, acc_bytes as in lm-evaluation-harness)."""
+    from minillm.errors import UserError
+    from minillm.evaluation import loading, report
+    from minillm.evaluation import multiple_choice as mc_eval
+
+    _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
+    if few_shot < 0:
+        raise UserError(f"--few-shot {few_shot}: must be 0 or more")
+    if few_shot and dev is None:
+        raise UserError(
+            f"--few-shot {few_shot} needs solved examples: pass --dev FILE (e.g. C-Eval's dev split)"
+        )
+    if dev is not None and not few_shot:
+        raise UserError(f"--dev {dev}: solved examples are only used with --few-shot K (K >= 1)")
+    if style not in mc_eval.STYLES:
+        raise UserError(f"--style {style}: expected one of {', '.join(mc_eval.STYLES)}")
+    questions = mc_eval.load_questions(data, config, split, limit=limit)
+    dev_questions = mc_eval.load_questions(dev, config, dev_split, option="--dev") if few_shot else None
+    model_dir = loading.resolve_model_dir(model)
+    torch_device = loading.resolve_device(device)
+    lm, tokenizer = loading.load_model_and_tokenizer(
+        model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)
+    )
+    results = mc_eval.evaluate_multiple_choice(
+        lm,
+        tokenizer,
+        questions,
+        dev=dev_questions,
+        few_shot=few_shot,
+        style=style,
+        chat=chat,
+        max_seq_len=max_seq_len,
+        batch_size=batch_size,
+        device=torch_device,
+    )
+    results = {"model": str(model_dir), "data": data, "dev": dev if few_shot else None, **results}
+    report.print_table(mc_eval.results_table(results))
     if json_out is not None:
         report.write_json(results, json_out)
 
