@@ -659,7 +659,6 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                     }, config.keep_last, save_extra=save_experts)
                     if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
                         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
-
     finally:
         if isinstance(source, Prefetcher):
             source.close()
