@@ -63,7 +63,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         need_w = grad_enabled and ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # (V, D) fp32, created by the first chunk's product (no zero-filled V x D buffer)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]  # (n, D)
             t = targets[start : start + chunk_size]  # (n,)
@@ -77,7 +77,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + chunk_size] = d_logits @ weight.to(h.dtype)  # (n, D)
                 if need_w:
-                    grad_w += (d_logits.t() @ h).float()  # (V, D)
+                    if grad_w is None:
+                        grad_w = (d_logits.t() @ h).float()  # (V, D)
+                    elif d_logits.dtype == torch.float32:
+                        grad_w.addmm_(d_logits.t(), h)  # accumulate in place: no (V, D) temporary per chunk
+                    else:
+                        grad_w += (d_logits.t() @ h).float()
+        if need_w and grad_w is None:  # no target rows: a zero gradient, not None (DDP expects every gradient)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
