@@ -58,6 +58,14 @@ def copy_weights(src, dst, skip: tuple[str, ...] = ()) -> None:
         raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
 
 
+def convert_model(src, dst_class, dst_config, skip: tuple[str, ...] = ()):
+    """A `dst_class` built from `dst_config` holding `src`'s weights, on its dtype and device and in its train/eval
+    mode: the one body of every architecture's `to_reference` / `from_reference`."""
+    dst = dst_class(dst_config).to(dtype=src.dtype, device=src.device)
+    copy_weights(src, dst, skip=skip)
+    return dst.train(src.training)
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory (holding config.json) from a model directory or a run directory with `final/`."""
     path = Path(path)

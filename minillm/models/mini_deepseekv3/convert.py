@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from minillm.models.export import copy_weights
+from minillm.models.export import convert_model
 from minillm.models.mini_deepseekv3.configuration_mini_deepseekv3 import MiniDeepSeekV3Config
 from minillm.models.mini_deepseekv3.modeling_mini_deepseekv3 import MiniDeepSeekV3ForCausalLM
 
@@ -91,9 +91,7 @@ def from_reference_config(config: DeepseekV3Config, **overrides: Any) -> MiniDee
 
 def to_reference(model: MiniDeepSeekV3ForCausalLM) -> DeepseekV3ForCausalLM:
     """A `DeepseekV3ForCausalLM` with the same config and weights (MTP dropped; same dtype and device)."""
-    ref = DeepseekV3ForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
-    copy_weights(model, ref, skip=(MTP_PREFIX,))
-    return ref.eval() if not model.training else ref
+    return convert_model(model, DeepseekV3ForCausalLM, to_reference_config(model.config), skip=(MTP_PREFIX,))
 
 
 def from_reference(ref: DeepseekV3ForCausalLM, **overrides: Any) -> MiniDeepSeekV3ForCausalLM:
@@ -101,7 +99,5 @@ def from_reference(ref: DeepseekV3ForCausalLM, **overrides: Any) -> MiniDeepSeek
 
     `overrides` set config fields the reference lacks (e.g. `num_mtp_layers=1` to continue pretraining with MTP).
     """
-    model = MiniDeepSeekV3ForCausalLM(from_reference_config(ref.config, **overrides))
-    model = model.to(dtype=ref.dtype, device=ref.device)
-    copy_weights(ref, model, skip=(MTP_PREFIX,))
-    return model.eval() if not ref.training else model
+    return convert_model(ref, MiniDeepSeekV3ForCausalLM, from_reference_config(ref.config, **overrides),
+                         skip=(MTP_PREFIX,))

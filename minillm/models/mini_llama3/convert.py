@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minillm.models.export import copy_weights
+from minillm.models.export import convert_model
 from minillm.models.mini_llama3.configuration_mini_llama3 import MiniLlama3Config
 from minillm.models.mini_llama3.modeling_mini_llama3 import MiniLlama3ForCausalLM
 
@@ -60,13 +60,9 @@ def from_reference_config(config: LlamaConfig) -> MiniLlama3Config:
 
 def to_reference(model: MiniLlama3ForCausalLM) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` with the same config and weights (same dtype and device)."""
-    ref = LlamaForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
-    copy_weights(model, ref)
-    return ref.eval() if not model.training else ref
+    return convert_model(model, LlamaForCausalLM, to_reference_config(model.config))
 
 
 def from_reference(ref: LlamaForCausalLM) -> MiniLlama3ForCausalLM:
     """A `MiniLlama3ForCausalLM` with the same config and weights as a `LlamaForCausalLM`."""
-    model = MiniLlama3ForCausalLM(from_reference_config(ref.config)).to(dtype=ref.dtype, device=ref.device)
-    copy_weights(ref, model)
-    return model.eval() if not ref.training else model
+    return convert_model(ref, MiniLlama3ForCausalLM, from_reference_config(ref.config))

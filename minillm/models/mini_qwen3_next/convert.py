@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-from minillm.models.export import copy_weights
+from minillm.models.export import convert_model
 from minillm.models.mini_qwen3_next.configuration_mini_qwen3_next import MiniQwen3NextConfig
 from minillm.models.mini_qwen3_next.modeling_mini_qwen3_next import MiniQwen3NextForCausalLM
 
@@ -84,13 +84,9 @@ def from_reference_config(config: Qwen3NextConfig) -> MiniQwen3NextConfig:
 
 def to_reference(model: MiniQwen3NextForCausalLM) -> Qwen3NextForCausalLM:
     """A `Qwen3NextForCausalLM` with the same config and weights (same dtype, device and train/eval mode)."""
-    ref = Qwen3NextForCausalLM(to_reference_config(model.config)).to(dtype=model.dtype, device=model.device)
-    copy_weights(model, ref)
-    return ref.train(model.training)
+    return convert_model(model, Qwen3NextForCausalLM, to_reference_config(model.config))
 
 
 def from_reference(ref: Qwen3NextForCausalLM) -> MiniQwen3NextForCausalLM:
     """A `MiniQwen3NextForCausalLM` with the same config and weights as a `Qwen3NextForCausalLM`."""
-    model = MiniQwen3NextForCausalLM(from_reference_config(ref.config)).to(dtype=ref.dtype, device=ref.device)
-    copy_weights(ref, model)
-    return model.train(ref.training)
+    return convert_model(ref, MiniQwen3NextForCausalLM, from_reference_config(ref.config))
