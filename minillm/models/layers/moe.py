@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.models.layers.contiguous_grad import contiguous_grad
 from minillm.models.layers.loss import IGNORE_INDEX
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -113,21 +114,6 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, topk_weight: torch.Tens
     return per_slot.view(plan.num_tokens, plan.top_k, expert_out.shape[-1]).sum(dim=1)  # (T, D)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    The grouped_mm backward rejects expanded gradients (e.g. the gradient of `.sum()` has zero strides).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
 def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
 
@@ -178,7 +164,7 @@ def _grouped_mm_outside_graph(x: torch.Tensor, weight: torch.Tensor, offsets: to
     """The grouped_mm kernel run eagerly from inside a compiled region: the compiler's shape rule for it accepts
     only bf16 (the CUDA kernel's dtype) while the CPU kernel also takes fp32 and fp16, so `--compile` of a MoE
     model in those dtypes would fail to trace. One graph break per MoE layer; the kernel is the same."""
-    return _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=offsets))
+    return contiguous_grad(_GROUPED_MM(x, weight, offs=offsets))
 
 
 def grouped_mm(
@@ -202,7 +188,7 @@ def grouped_mm(
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (G,) end of each group
         if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
             return _grouped_mm_outside_graph(x, weight, offsets)
-        return _ContiguousGrad.apply(_GROUPED_MM(x, weight, offs=offsets))
+        return contiguous_grad(_GROUPED_MM(x, weight, offs=offsets))
     if backend == "padded":
         return _padded_bmm(x, weight, counts)
     raise ValueError(f"unknown grouped_mm backend {backend!r} (expected 'grouped_mm' or 'padded')")

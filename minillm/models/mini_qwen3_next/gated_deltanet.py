@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.models.layers.contiguous_grad import contiguous_grad
 from minillm.models.mini_qwen3_next import fla_kernels
 
 
@@ -221,22 +222,6 @@ class _UnitLowerInverse(torch.autograd.Function):
         return -(Xt @ grad_X @ Xt).tril(-1)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    The chunked output is permuted back to (B, L, H, Dv), so its gradient arrives permuted; batched matmuls on
-    such strides take a slow per-matrix path on CPU. One copy up front is much cheaper.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -333,7 +318,8 @@ def chunk_gated_delta_rule(
         S = torch.baddbmm(S * decay_n, k_n, v_new)  # (BH, Dk, Dv)
     S_in = torch.stack(states).view(N, B, Hk, r, Dk, Dv)  # state entering each chunk
     V_new = torch.stack(values).view(N, B, Hk, r, C, Dv)
-    o = _ContiguousGrad.apply(A @ V_new + q_in @ S_in)  # (N, B, Hk, r, C, Dv)
+    # the permute below hands this product a permuted gradient: made contiguous for the batched matmuls
+    o = contiguous_grad(A @ V_new + q_in @ S_in)  # (N, B, Hk, r, C, Dv)
     o = o.reshape(N, B, H, C, Dv).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, Dv)[:, :L]  # (B, L, H, Dv)
     return o.to(out_dtype), S.view(B, H, Dk, Dv)
 
