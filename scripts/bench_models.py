@@ -43,12 +43,6 @@ def build_pair(name: str, preset: str, device: torch.device, seed: int = 0):
     return ours, reference
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Plain AdamW over every parameter (the same for both models, fused on CUDA)."""
-    on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=on_cuda or None)
-
-
 def timed_steps(model, optimizer, input_ids: torch.Tensor, steps: int, dtype: str) -> float:
     """Seconds of `steps` bare training steps."""
     perf.synchronize(input_ids.device)
@@ -64,7 +58,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     generator = torch.Generator().manual_seed(1)
     vocab = ours.config.vocab_size
     input_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
-    runners = {"ours": (ours, make_optimizer(ours)), "reference": (reference, make_optimizer(reference))}
+    runners = {"ours": (ours, perf.bare_optimizer(ours)), "reference": (reference, perf.bare_optimizer(reference))}
     first_loss = {}
     for key, (model, optimizer) in runners.items():
         # the first step from identical weights: the losses should agree (ours adds its small aux terms)

@@ -293,8 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference = ref_optimizer = input_ids = None
         if args.against_reference:
             reference = model_package(args.model).to_reference(run.model).to(device).train()
-            ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4, weight_decay=0.01,
-                                              fused=device.type == "cuda" or None)
+            ref_optimizer = perf.bare_optimizer(reference)
             generator = torch.Generator().manual_seed(args.seed + 1)
             input_ids = torch.randint(0, reference.config.vocab_size, (args.batch, args.seq),
                                       generator=generator).to(device)

@@ -151,6 +151,12 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype | str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if name == "bf16" else torch.float16)
 
 
+def bare_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The AdamW of the bare loop: fused (one kernel over all tensors, on the CPU and on CUDA) as the trainer's
+    own optimizer is, so a side-by-side comparison times the models, not two AdamW implementations."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+
+
 def bare_train_step(model, optimizer, input_ids: torch.Tensor, dtype: torch.dtype | str = "fp32") -> torch.Tensor:
     """One forward + backward + AdamW step with `labels = input_ids`, nothing else: the loop any causal LM of
     transformers trains with (no clipping, no logging, no host sync). Returns the detached loss."""
