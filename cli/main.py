@@ -11,6 +11,7 @@ transformers) happen inside the commands so `minillm --help` stays fast. Errors 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ if __package__ in (None, ""):  # run as a script path (`accelerate launch cli/ma
 
 import typer  # noqa: E402
 
+# Building the commands reads `TrainConfig`, which imports the `minillm` package; keep that from registering the
+# models (torch + transformers, seconds) for `minillm --help`. The app callback below registers them for commands.
+os.environ["MINILLM_DEFER_MODELS"] = "1"
 from cli import data, evaluate, export, info, serve, train  # noqa: E402
 
 app = typer.Typer(
@@ -31,14 +35,17 @@ app = typer.Typer(
 )
 for module in (data, train, serve, evaluate, export, info):
     module.register(app)
+del os.environ["MINILLM_DEFER_MODELS"]  # child processes (launchers, workers) import minillm normally
 
 
 @app.callback()
-def _quiet_transformers() -> None:
-    """Runs before any command (not for `minillm --help`): transformers' own tqdm bars ("Loading weights",
-    "Writing model shards") would interleave with our rich output on every load and save, so they are switched off;
-    our long steps show their own progress bars."""
+def _before_any_command() -> None:
+    """Runs before any command (not for `minillm --help`): registers our models with the Auto classes, and turns
+    off transformers' own tqdm bars ("Loading weights", "Writing model shards"), which would interleave with our
+    rich output on every load and save; our long steps show their own progress bars."""
     from transformers.utils import logging as hf_logging
+
+    import minillm.models  # noqa: F401  (registers our architectures with the Auto classes: deferred above)
 
     hf_logging.disable_progress_bar()
 

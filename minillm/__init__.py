@@ -6,4 +6,10 @@ transformers' `AutoConfig` and `AutoModelForCausalLM`.
 
 __version__ = "0.1.0"
 
-from minillm import models as _models  # noqa: E402,F401  (registers the Auto classes)
+import os
+
+# The `minillm` command defers this while it builds its commands (cli/main.py): registering the models loads torch
+# and transformers' modeling code (seconds), which `minillm --help` has no use for. Its commands register them
+# before they run.
+if os.environ.get("MINILLM_DEFER_MODELS") != "1":
+    from minillm import models as _models  # noqa: F401  (registers the Auto classes)

@@ -15,6 +15,9 @@ tokens (or `--data` shards), and reports:
   bar). The stages are timed by wrapping the trainer's own functions, never by a copy of its loop; on CUDA the
   timers synchronise, so there the shares come from a separate round and the tokens/s from rounds without them.
 
+`--dtype fp32,bf16` measures both precisions in one run: the rounds alternate between them on the same model and
+data, and the script prints the ratio of their tokens/s (the median of the per-round ratios).
+
 `--against-reference` also trains the transformers reference model of the same architecture, built with the same
 initial weights (`to_reference`), with the bare forward + backward + AdamW loop of `perf.bare_train_step`,
 interleaved step by step with the trainer in this process (one reference step between two trainer steps, timed
@@ -22,6 +25,7 @@ apart), and prints the median over step pairs of the ratio trainer / reference t
 
     python scripts/bench_train.py --model mini_llama3 --against-reference           # CPU, fp32, cpu256, 4 x 256
     python scripts/bench_train.py --model mini_qwen3_next --dtype bf16 --against-reference
+    python scripts/bench_train.py --model mini_llama3 --dtype fp32,bf16 --rounds 4    # bf16 speed-up on this CPU
     python scripts/bench_train.py --model mini_deepseekv3 --preset base --device cuda --dtype bf16 --seq 512 \\
         --batch 16 --steps 30
     python scripts/bench_train.py --model mini_llama3 --preset base --grad-checkpointing --compile --device cuda
@@ -189,14 +193,14 @@ class StageTimer:
         return {k: v / step for k, v in parts.items()} if step > 0 else {}
 
 
-def train_config(args: argparse.Namespace, output_dir: str) -> TrainConfig:
+def train_config(args: argparse.Namespace, output_dir: str, dtype: str) -> TrainConfig:
     base_preset, overrides = perf.preset_and_overrides(args.model, args.preset)
     if args.data:
         overrides.pop("vocab_size", None)  # the tokenizer of the shards decides
     options = dict(
         stage="pretrain", model=args.model, preset=base_preset, model_args=overrides, seq_len=args.seq,
         micro_batch_size=args.batch, global_batch_size=args.batch * args.accumulation,
-        max_steps=args.warmup + args.steps, lr=1e-4, min_lr=1e-5, warmup_steps=1, precision=args.dtype,
+        max_steps=args.warmup + args.steps, lr=1e-4, min_lr=1e-5, warmup_steps=1, precision=dtype,
         gradient_checkpointing=args.grad_checkpointing, output_dir=output_dir, overwrite=True, save_every=0,
         eval_every=0, log_every=args.log_every, data=args.data,
     )
@@ -255,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny or base")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: the GPU when there is one (as the trainer does)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp32,bf16"),
+                        help="bf16 = autocast; fp32,bf16 = both, alternating rounds, with their ratio")
     parser.add_argument("--batch", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--seq", type=int, default=256)
@@ -286,9 +291,28 @@ def main(argv: list[str] | None = None) -> dict:
     if args.against_reference and args.accumulation != 1:
         sys.exit("error: --against-reference compares single-batch steps; drop --accumulation")
 
+    dtypes = args.dtype.split(",")
+    results = measure(args, device, dtypes)
+    for result in results.values():
+        print_result(result)
+    if len(dtypes) == 2:
+        (low, high), ratios = dtypes[::-1], []
+        for fast, slow in zip(results[low]["tokens_per_s_rounds"], results[high]["tokens_per_s_rounds"], strict=True):
+            ratios.append(fast / slow)
+        results["dtype_ratio"] = {"ratio": statistics.median(ratios), "ratio_rounds": ratios}
+        print(f"{low} / {high} tokens/s: {statistics.median(ratios):.2f}x  (per round: "
+              + " ".join(f"{r:.2f}" for r in ratios) + ")")
+    if args.json:
+        payload = results[dtypes[0]] if len(dtypes) == 1 else results
+        Path(args.json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    return results[dtypes[0]] if len(dtypes) == 1 else results
+
+
+def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -> dict[str, dict]:
+    """The results of each dtype in `dtypes`; with two, their rounds alternate on the same model and data."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        config = train_config(args, tmp)
-        run = build_trainer_run(args, config)
+        configs = {dtype: train_config(args, tmp, dtype) for dtype in dtypes}
+        run = build_trainer_run(args, configs[dtypes[0]])
         stats = model_stats(run.model, args.seq)
         reference = ref_optimizer = input_ids = None
         if args.against_reference:
@@ -298,56 +322,63 @@ def main(argv: list[str] | None = None) -> dict:
             input_ids = torch.randint(0, reference.config.vocab_size, (args.batch, args.seq),
                                       generator=generator).to(device)
         tokens_per_step = args.batch * args.accumulation * args.seq
-        between = None
+        between = dict.fromkeys(dtypes)
         if reference is not None:
-            for _ in range(args.warmup):
-                reference_step(reference, ref_optimizer, input_ids, args.dtype)
-            between = lambda: reference_step(reference, ref_optimizer, input_ids, args.dtype)  # noqa: E731
-        rates, step_pairs, peaks, shares = [], [], [], []
+            for dtype in dtypes:
+                for _ in range(args.warmup):
+                    reference_step(reference, ref_optimizer, input_ids, dtype)
+                between[dtype] = lambda dtype=dtype: reference_step(reference, ref_optimizer, input_ids, dtype)
+        measured = {dtype: {"rates": [], "step_pairs": [], "peaks": [], "shares": []} for dtype in dtypes}
         memory = None
         sync_timers = device.type == "cuda"
         for _ in range(args.rounds):
+            for dtype in dtypes:
+                m = measured[dtype]
+                if device.type == "cpu":
+                    m["peaks"].append(perf.measure_cpu_peak_flops(dtype, seconds=0.5, clock=CLOCK))
+                timer = run_trainer_round(configs[dtype], run, device, args.warmup, sync=False,
+                                          between_steps=between[dtype])
+                m["rates"].append(tokens_per_step / statistics.median(timer.step_times))
+                m["step_pairs"] += list(zip(timer.step_times, timer.between_times, strict=False))
+                if not sync_timers:
+                    m["shares"].append(timer.shares())
+                if memory is None:
+                    memory = peak_memory(device)
+        for dtype in dtypes:
+            m = measured[dtype]
+            if sync_timers:  # CUDA: a separate round with synchronising timers for the breakdown
+                m["shares"].append(run_trainer_round(configs[dtype], run, device, args.warmup, sync=True).shares())
             if device.type == "cpu":
-                peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5, clock=CLOCK))
-            timer = run_trainer_round(config, run, device, args.warmup, sync=False, between_steps=between)
-            rates.append(tokens_per_step / statistics.median(timer.step_times))
-            step_pairs += list(zip(timer.step_times, timer.between_times, strict=False))
-            if not sync_timers:
-                shares.append(timer.shares())
-            if memory is None:
-                memory = peak_memory(device)
-        if sync_timers:  # CUDA: a separate round with synchronising timers for the breakdown
-            shares.append(run_trainer_round(config, run, device, args.warmup, sync=True).shares())
-        if device.type == "cpu":
-            peaks.append(perf.measure_cpu_peak_flops(args.dtype, seconds=0.5, clock=CLOCK))
-            peak = max(peaks)
-        else:
-            peak = perf.device_peak_flops(device, args.dtype)
+                m["peaks"].append(perf.measure_cpu_peak_flops(dtype, seconds=0.5, clock=CLOCK))
+                m["peak"] = max(m["peaks"])
+            else:
+                m["peak"] = perf.device_peak_flops(device, dtype)
 
-    tokens_per_s = statistics.median(rates)
-    result = {
-        "model": args.model, "preset": args.preset, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "clock": args.clock, "dtype": args.dtype, "batch": args.batch,
-        "accumulation": args.accumulation, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
-        "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
-        "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": rates, "peak_memory_bytes": memory,
-        "flops_per_token": stats.flops_per_token, "peak_flops": peak,
-        "mfu": perf.mfu(tokens_per_s, stats.flops_per_token, peak),
-        "shares": {k: statistics.median(s[k] for s in shares) for k in STAGES} if shares else {},
-    }
-    if step_pairs:
-        ref_times = [ref for _, ref in step_pairs]
-        result["reference"] = type(reference).__name__
-        result["reference_tokens_per_s"] = tokens_per_step / statistics.median(ref_times)
-        result["reference_mfu"] = perf.mfu(result["reference_tokens_per_s"], stats.flops_per_token, peak)
-        # each trainer step against the reference step run just before it: robust to load that comes and goes
-        result["ratio_steps"] = [ref / ours for ours, ref in step_pairs]
-        result["ratio"] = statistics.median(result["ratio_steps"])
-    print_result(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
-    return result
+    results = {}
+    for dtype in dtypes:
+        m = measured[dtype]
+        tokens_per_s = statistics.median(m["rates"])
+        result = {
+            "model": args.model, "preset": args.preset, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "clock": args.clock, "dtype": dtype, "batch": args.batch,
+            "accumulation": args.accumulation, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
+            "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": m["rates"], "peak_memory_bytes": memory,
+            "flops_per_token": stats.flops_per_token, "peak_flops": m["peak"],
+            "mfu": perf.mfu(tokens_per_s, stats.flops_per_token, m["peak"]),
+            "shares": {k: statistics.median(s[k] for s in m["shares"]) for k in STAGES} if m["shares"] else {},
+        }
+        if m["step_pairs"]:
+            ref_times = [ref for _, ref in m["step_pairs"]]
+            result["reference"] = type(reference).__name__
+            result["reference_tokens_per_s"] = tokens_per_step / statistics.median(ref_times)
+            result["reference_mfu"] = perf.mfu(result["reference_tokens_per_s"], stats.flops_per_token, m["peak"])
+            # each trainer step against the reference step run just before it: robust to load that comes and goes
+            result["ratio_steps"] = [ref / ours for ours, ref in m["step_pairs"]]
+            result["ratio"] = statistics.median(result["ratio_steps"])
+        results[dtype] = result
+    return results
 
 
 def print_result(res: dict) -> None:

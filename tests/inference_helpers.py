@@ -31,6 +31,32 @@ def build_tokenizer(out_dir: Path):
     return train_tokenizer(tiny_texts(), out_dir, vocab_size=320, min_frequency=1, show_progress=False)
 
 
+def byte_bpe_tokenizer(texts: list[str], vocab_size: int, special_tokens: list[str], chat_template: str):
+    """A byte-level BPE trained on `texts`, as a transformers fast tokenizer with `special_tokens` (the first is
+    both eos and pad) and `chat_template`: for tests that pin their own template and specials instead of minillm's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=special_tokens[0],
+        pad_token=special_tokens[0],
+        additional_special_tokens=special_tokens[1:],
+    )
+    hf.chat_template = chat_template
+    return hf
+
+
 def our_model_names() -> list[str]:
     """The minillm architectures (an import error here fails the tests: there is no silent fallback)."""
     from minillm.models.registry import MODEL_NAMES

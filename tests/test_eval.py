@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_helpers import run_cli
+from inference_helpers import byte_bpe_tokenizer
 
 from minillm.errors import UserError
 from minillm.evaluation import chat as chat_eval
@@ -43,27 +44,7 @@ def sentences(n: int, seed: int) -> list[str]:
 
 
 def build_tokenizer(vocab_size: int = 320):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(sentences(400, seed=1), trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL[1:],
-    )
-    hf.chat_template = CHAT_TEMPLATE
-    return hf
+    return byte_bpe_tokenizer(sentences(400, seed=1), vocab_size, SPECIAL, CHAT_TEMPLATE)
 
 
 def build_model(tokenizer, uniform: bool = False):

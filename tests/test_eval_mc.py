@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 from cli_helpers import run_cli, run_cli_err
+from inference_helpers import byte_bpe_tokenizer
 
 from minillm.errors import UserError
 from minillm.evaluation.multiple_choice import Question, evaluate_multiple_choice, load_questions
@@ -57,27 +58,7 @@ def copy_questions(n: int, seed: int) -> list[dict]:
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(copy_corpus(300, seed=1) + [" ".join(EXTRA)] * 3, trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL[1:],
-    )
-    hf.chat_template = CHAT_TEMPLATE
-    return hf
+    return byte_bpe_tokenizer(copy_corpus(300, seed=1) + [" ".join(EXTRA)] * 3, 400, SPECIAL, CHAT_TEMPLATE)
 
 
 def build_llama(tokenizer, sharpen: float = 1.0):

@@ -1,6 +1,7 @@
 """Peaks, MFU and the two benchmark scripts (a tiny smoke run each; the real numbers are in the README)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,17 @@ def test_bench_train_smoke(tmp_path, capsys):
     assert res["shares"]["forward"] > 0 and res["shares"]["backward"] > 0 and res["shares"]["optimizer"] > 0
     assert (tmp_path / "res.json").is_file()
     assert "ratio" in capsys.readouterr().out
+
+
+def test_bench_train_both_dtypes_in_one_run(tmp_path, capsys):
+    """`--dtype fp32,bf16` alternates the precisions' rounds and reports their per-round speed ratio."""
+    bench = load_script("bench_train")
+    res = bench.main(["--model", "mini_llama3", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "2",
+                      "--warmup", "1", "--rounds", "2", "--dtype", "fp32,bf16", "--json", str(tmp_path / "r.json")])
+    assert res["fp32"]["dtype"] == "fp32" and res["bf16"]["dtype"] == "bf16"
+    ratios = res["dtype_ratio"]["ratio_rounds"]
+    assert len(ratios) == 2
+    rounds = zip(res["bf16"]["tokens_per_s_rounds"], res["fp32"]["tokens_per_s_rounds"], strict=True)
+    assert ratios == [bf16 / fp32 for bf16, fp32 in rounds]
+    assert json.loads((tmp_path / "r.json").read_text())["dtype_ratio"]["ratio"] == res["dtype_ratio"]["ratio"]
+    assert "bf16 / fp32 tokens/s" in capsys.readouterr().out

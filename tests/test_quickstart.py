@@ -36,5 +36,6 @@ def test_quickstart_pretrain_sft_chat_answers_who_it_is(tmp_path):
 
     english = run(["chat", "--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "30"], tmp_path)
     chinese = run(["chat", "--prompt", "你是谁？", "--temperature", "0", "--max-new-tokens", "30"], tmp_path)
-    assert "minillm" in english and "I am" in english
-    assert "minillm" in chinese and "我是" in chinese
+    # any of the built-in chats' own self-introductions: which one wins depends on the last bits of training
+    assert "minillm" in english and any(intro in english for intro in ("I am", "I'm", "My name is"))
+    assert "minillm" in chinese and any(intro in chinese for intro in ("我是", "我叫"))
