@@ -124,6 +124,37 @@ def test_chunked_cross_entropy_matches_plain(normaliser):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, g_ref, strict=True))
 
 
+def test_chunked_cross_entropy_matmuls_run_in_the_autocast_dtype():
+    """Under bf16 autocast every matmul of the loss runs in bf16, in every chunk: the weight gradient of the later
+    chunks too (autocast does not cast an in-place `addmm_`, which would silently run in fp32), and the numbers
+    still match the fp32 loss to bf16 precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("mm", "addmm", "addmm_", "bmm", "matmul"):
+                self.dtypes.append(next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() == 2
+                                        and 50 in a.shape))  # an operand with the vocabulary dimension
+            return func(*args, **(kwargs or {}))
+
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as mode:
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=8)  # 5 chunks
+    assert len(mode.dtypes) == 15 and set(mode.dtypes) == {torch.bfloat16}  # logits, grad_h, grad_w per chunk
+    grad_h, grad_w = torch.autograd.grad(loss, (hidden, weight))
+    expected = reference_cross_entropy(hidden @ weight.t(), targets)
+    ref_h, ref_w = torch.autograd.grad(expected, (hidden, weight))
+    assert abs(loss.item() - expected.item()) < 0.05
+    torch.testing.assert_close(grad_h, ref_h, rtol=0.05, atol=0.01)
+    torch.testing.assert_close(grad_w, ref_w, rtol=0.05, atol=0.01)
+
+
 def test_chunked_cross_entropy_keeps_no_full_logits():
     """Autograd saves only the two gradient tensors (N x D and V x D), never N x V logits."""
     hidden = torch.randn(64, 8, requires_grad=True)

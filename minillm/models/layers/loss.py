@@ -64,6 +64,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None  # (V, D) fp32, created by the first chunk's product (no zero-filled V x D buffer)
+        autocast = torch.is_autocast_enabled(hidden.device.type)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]  # (n, D)
             t = targets[start : start + chunk_size]  # (n,)
@@ -85,9 +86,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 if need_w:
                     if grad_w is None:
                         grad_w = (d_logits.t() @ h).float()  # (V, D)
-                    elif d_logits.dtype == torch.float32:
+                    elif d_logits.dtype == torch.float32 and not autocast:
                         grad_w.addmm_(d_logits.t(), h)  # accumulate in place: no (V, D) temporary per chunk
-                    else:
+                    else:  # (autocast does not cast an in-place addmm_: it would run in fp32)
                         grad_w += (d_logits.t() @ h).float()
         if need_w and grad_w is None:  # no target rows: a zero gradient, not None (DDP expects every gradient)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
