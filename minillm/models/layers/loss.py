@@ -80,7 +80,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if need_h or need_w:
                 d_logits = probs.div_(row_sum)  # softmax
                 d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                d_logits = d_logits.to(h.dtype)  # (n, V)
+                # (n, V) in the dtype of the matmuls: cast once here, not by autocast in each of the two below
+                d_logits = d_logits.to(torch.get_autocast_dtype(h.device.type) if autocast else h.dtype)
                 if need_h:
                     grad_h[start : start + chunk_size] = d_logits @ weight.to(h.dtype)  # (n, D)
                 if need_w:
