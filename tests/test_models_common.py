@@ -155,6 +155,32 @@ def test_chunked_cross_entropy_matmuls_run_in_the_autocast_dtype():
     torch.testing.assert_close(grad_w, ref_w, rtol=0.05, atol=0.01)
 
 
+def test_cpu_low_precision_loss_reuses_its_logit_buffers():
+    """bf16 on a CPU: the chunk buffers are kept between calls (grown when a larger chunk comes) and never leak one
+    call's numbers into the next; fp32 keeps nothing."""
+    import threading
+
+    from minillm.models.layers.loss import _logit_buffers
+
+    low, high = _logit_buffers(1000, torch.bfloat16, torch.device("cpu"))
+    again_low, again_high = _logit_buffers(800, torch.bfloat16, torch.device("cpu"))
+    assert (again_low.data_ptr(), again_high.data_ptr()) == (low.data_ptr(), high.data_ptr())
+    assert high.dtype == torch.float32 and _logit_buffers(5000, torch.bfloat16, torch.device("cpu"))[0].numel() >= 5000
+    other = []
+    thread = threading.Thread(target=lambda: other.append(_logit_buffers(800, torch.bfloat16, torch.device("cpu"))))
+    thread.start()
+    thread.join()
+    assert other[0][0].data_ptr() != low.data_ptr()  # per thread
+    assert _logit_buffers(100, torch.float32, torch.device("cpu"))[1] is None
+    for rows, vocab in ((40, 50), (12, 30), (40, 50)):  # different sizes through the same buffers
+        hidden, weight = torch.randn(rows, 16), torch.randn(vocab, 16)
+        targets = torch.randint(0, vocab, (rows,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+        expected = reference_cross_entropy((hidden.bfloat16() @ weight.bfloat16().t()).float(), targets)
+        assert abs(loss.item() - expected.item()) < 1e-5
+
+
 def test_chunked_cross_entropy_keeps_no_full_logits():
     """Autograd saves only the two gradient tensors (N x D and V x D), never N x V logits."""
     hidden = torch.randn(64, 8, requires_grad=True)
