@@ -295,12 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = measure(args, device, dtypes)
     for result in results.values():
         print_result(result)
-    if len(dtypes) == 2:
-        (low, high), ratios = dtypes[::-1], []
-        for fast, slow in zip(results[low]["tokens_per_s_rounds"], results[high]["tokens_per_s_rounds"], strict=True):
-            ratios.append(fast / slow)
+    if len(dtypes) == 2:  # fp32,bf16: round r of each ran back to back
+        rounds = zip(results["bf16"]["tokens_per_s_rounds"], results["fp32"]["tokens_per_s_rounds"], strict=True)
+        ratios = [bf16 / fp32 for bf16, fp32 in rounds]
         results["dtype_ratio"] = {"ratio": statistics.median(ratios), "ratio_rounds": ratios}
-        print(f"{low} / {high} tokens/s: {statistics.median(ratios):.2f}x  (per round: "
+        print(f"bf16 / fp32 tokens/s: {statistics.median(ratios):.2f}x  (per round: "
               + " ".join(f"{r:.2f}" for r in ratios) + ")")
     if args.json:
         payload = results[dtypes[0]] if len(dtypes) == 1 else results
