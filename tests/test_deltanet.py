@@ -16,14 +16,7 @@ from minillm.models.mini_qwen3_next.gated_deltanet import (
     recurrent_gated_delta_rule,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: one thread avoids inter-thread sync overhead that dominates on a shared 2-core box.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _inputs(B=2, L=45, Hk=2, H=4, Dk=8, Dv=12, seed=0, requires_grad=False):

@@ -18,13 +18,7 @@ from transformers import DynamicCache
 from minillm.models.mini_qwen3_next import MiniQwen3NextConfig, MiniQwen3NextForCausalLM, fla_kernels
 from minillm.models.mini_qwen3_next.gated_deltanet import GatedDeltaNet, causal_conv1d, chunk_gated_delta_rule
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # ----------------------------------------------------------------------------------------------------------------

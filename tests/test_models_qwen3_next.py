@@ -31,13 +31,7 @@ from minillm.models.mini_qwen3_next.modeling_mini_qwen3_next import router_aux_l
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are latency-bound: one thread avoids inter-thread sync overhead on a shared 2-core box.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny_config(**overrides) -> MiniQwen3NextConfig:
