@@ -157,7 +157,7 @@ def test_chunked_cross_entropy_matmuls_run_in_the_autocast_dtype():
 
 def test_cpu_low_precision_loss_reuses_its_logit_buffers():
     """bf16 on a CPU: the chunk buffers are kept between calls (grown when a larger chunk comes) and never leak one
-    call's numbers into the next; fp32 keeps nothing."""
+    call's numbers into the next."""
     import threading
 
     from minillm.models.layers.loss import _logit_buffers
@@ -171,7 +171,6 @@ def test_cpu_low_precision_loss_reuses_its_logit_buffers():
     thread.start()
     thread.join()
     assert other[0][0].data_ptr() != low.data_ptr()  # per thread
-    assert _logit_buffers(100, torch.float32, torch.device("cpu"))[1] is None
     for rows, vocab in ((40, 50), (12, 30), (40, 50)):  # different sizes through the same buffers
         hidden, weight = torch.randn(rows, 16), torch.randn(vocab, 16)
         targets = torch.randint(0, vocab, (rows,))
@@ -207,8 +206,9 @@ def test_chunked_cross_entropy_under_no_grad_computes_no_gradients():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
             for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # new memory
                     self.shapes.add(tuple(t.shape))
             return out
 

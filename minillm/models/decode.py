@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minillm.models.layers import linear as dense
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding
 
@@ -138,7 +139,7 @@ def begin_step(
 def end_step(model, x: torch.Tensor, state: DecodeState) -> torch.Tensor:
     """The end every `decode_step` shares: one more token cached; final norm and output head -> logits (B, V)."""
     state.length += 1
-    return F.linear(rms_norm(x, model.model.norm, state.final_norm), model.lm_head.weight)
+    return dense.linear(rms_norm(x, model.model.norm, state.final_norm), model.lm_head.weight)
 
 
 def norm_weight(norm: RMSNorm) -> torch.Tensor:
@@ -156,7 +157,7 @@ def rms_norm(x: torch.Tensor, norm: RMSNorm, weight: torch.Tensor) -> torch.Tens
 
 def linear(x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
     """`module(x)` for an `nn.Linear` without `nn.Module.__call__`."""
-    return F.linear(x, module.weight, module.bias)
+    return dense.linear(x, module.weight, module.bias)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -176,7 +177,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
 
 def swiglu(x: torch.Tensor, mlp) -> torch.Tensor:
     """`SwiGLUMLP` on x without the module calls."""
-    return F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight), mlp.down_proj.weight)
+    gated = F.silu(dense.linear(x, mlp.gate_proj.weight)) * dense.linear(x, mlp.up_proj.weight)
+    return dense.linear(gated, mlp.down_proj.weight)
 
 
 def routed_experts_small(experts, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:

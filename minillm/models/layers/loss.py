@@ -26,7 +26,8 @@ import threading
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from minillm.models.layers.linear import Linear, addmm_, mm
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 32k fp32 logits = 128 MiB
@@ -54,27 +55,26 @@ def shift_targets(
 _reused = threading.local()  # per thread: the CPU buffers of `_logit_buffers`
 
 
-def _logit_buffers(numel: int, compute: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flat buffers for one chunk's logits: `(low, high)`, `low` in the matmul dtype `compute` and `high` the fp32
-    copy the softmax runs in (None when `compute` is fp32: the softmax then runs in `low` itself).
+def _logit_buffers(numel: int, compute: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat buffers for one chunk's logits when the matmuls run in bf16/fp16 (`compute`): `(low, high)`, `low` in
+    `compute` for the matmul and `high` the fp32 copy the softmax runs in. (In fp32 the matmul's own output is the
+    softmax buffer.)
 
-    With bf16/fp16 on a CPU the two are kept between calls (per thread, grown when needed), since there a step
-    that allocates them afresh pays page faults for tens of MiB every time (glibc returns such blocks to the
-    system): mini_deepseekv3's bf16 step at 2 threads runs 7% faster with them (158 -> 147 ms). Elsewhere they
-    are allocated per call (on a GPU the caching allocator already reuses memory; in fp32 on a CPU keeping them
-    measured no faster). What they hold: chunk x vocabulary x 6 bytes (192 MiB at 1,024 x 32k).
+    On a CPU the two are kept between calls (per thread, grown when needed), since there a step that allocates them
+    afresh pays page faults for tens of MiB every time (glibc returns such blocks to the system): mini_deepseekv3's
+    bf16 step at 2 threads runs 7% faster with them (158 -> 147 ms). On a GPU they are allocated per call (the
+    caching allocator already reuses memory). What they hold: chunk x vocabulary x 6 bytes (192 MiB at 1,024 x 32k).
     """
-    high_dtype = None if compute == torch.float32 else torch.float32
-    if device.type != "cpu" or high_dtype is None:
+    if device.type != "cpu":
         return (torch.empty(numel, dtype=compute, device=device),
-                None if high_dtype is None else torch.empty(numel, dtype=high_dtype, device=device))
+                torch.empty(numel, dtype=torch.float32, device=device))
     buffers = getattr(_reused, "buffers", None)
     if buffers is None:
         buffers = _reused.buffers = {}
-    for dtype in (compute, high_dtype):
+    for dtype in (compute, torch.float32):
         if dtype not in buffers or buffers[dtype].numel() < numel:
             buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buffers[compute], buffers[high_dtype]
+    return buffers[compute], buffers[torch.float32]
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -99,13 +99,18 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         compute = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
         hidden_c, weight_c = hidden.to(compute), weight.to(compute)
         vocab = weight.shape[0]
-        low, high = _logit_buffers(min(chunk_size, hidden.shape[0]) * vocab, compute, hidden.device)
+        low_precision = compute != torch.float32
+        if low_precision:
+            low, high = _logit_buffers(min(chunk_size, hidden.shape[0]) * vocab, compute, hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden_c[start : start + chunk_size]  # (n, D)
             t = targets[start : start + chunk_size]  # (n,)
             n = h.shape[0]
-            logits_c = torch.mm(h, weight_c.t(), out=low[: n * vocab].view(n, vocab))  # (n, V) in `compute`
-            logits = logits_c if high is None else high[: n * vocab].view(n, vocab).copy_(logits_c)  # fp32
+            if low_precision:
+                logits_c = torch.mm(h, weight_c.t(), out=low[: n * vocab].view(n, vocab))  # (n, V) in `compute`
+                logits = high[: n * vocab].view(n, vocab).copy_(logits_c)  # fp32
+            else:
+                logits = mm(h, weight_c.t())  # (n, V) fp32 (oneDNN on a CPU, see layers/linear.py)
             # The softmax is formed in place in the fp32 logits (max, subtract, exp, sum, divide): log_softmax + exp
             # would write a second (n, V) tensor (on a CPU, about a quarter of the loss's non-matmul time).
             target_logit = logits.gather(1, t[:, None])  # (n, 1)
@@ -116,17 +121,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if need_h or need_w:
                 d_logits = probs.div_(row_sum)  # softmax
                 d_logits[torch.arange(n, device=t.device), t] -= 1.0  # in fp32, before any rounding to `compute`
-                if high is not None:
+                if low_precision:
                     d_logits = logits_c.copy_(d_logits)  # back to `compute`, in the low-precision buffer
                 if need_h:
-                    grad_h[start : start + chunk_size] = d_logits @ weight_c  # (n, D)
+                    grad_h[start : start + chunk_size] = mm(d_logits, weight_c)  # (n, D)
                 if need_w:
                     if grad_w is None:
-                        grad_w = (d_logits.t() @ h).float()  # (V, D)
-                    elif compute == torch.float32:
-                        grad_w.addmm_(d_logits.t(), h)  # accumulate in place: no (V, D) temporary per chunk
+                        grad_w = mm(d_logits.t(), h).float()  # (V, D)
+                    elif low_precision:
+                        grad_w += mm(d_logits.t(), h).float()
                     else:
-                        grad_w += (d_logits.t() @ h).float()
+                        addmm_(grad_w, d_logits.t(), h)  # accumulate in place
         if need_w and grad_w is None:  # no target rows: a zero gradient, not None (DDP expects every gradient)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)
@@ -172,7 +177,7 @@ def chunked_cross_entropy(
     return total / num_items_in_batch
 
 
-class LMHead(nn.Linear):
+class LMHead(Linear):
     """Output head (D -> V, no bias) whose forward returns logits, or the chunked loss when given targets.
 
     Parameter name and layout are those of `nn.Linear` (`lm_head.weight`), so checkpoints and weight tying are

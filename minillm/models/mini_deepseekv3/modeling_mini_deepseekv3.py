@@ -57,6 +57,7 @@ from minillm.models.layers.attention import (
     prepare_attention,
     sdpa_attention,
 )
+from minillm.models.layers.linear import Linear
 from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.moe import RoutedExperts, expert_counts, micro_batch_share
@@ -115,16 +116,16 @@ class MiniDeepSeekV3Attention(nn.Module):
         self.scaling = softmax_scale(config)
         hidden, heads = config.hidden_size, config.num_attention_heads
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(hidden, heads * self.qk_head_dim, bias=False)
         else:  # low-rank query: D -> q_lora_rank -> H * (N + R), with a norm in between
-            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=config.attention_bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps=LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, heads * self.qk_head_dim, bias=False)
+            self.q_b_proj = Linear(config.q_lora_rank, heads * self.qk_head_dim, bias=False)
         # One projection gives the latent (C) and the shared RoPE key (R): "MQA" for the RoPE part.
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=config.attention_bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = Linear(heads * self.v_head_dim, hidden, bias=config.attention_bias)
 
     def forward(
         self,
@@ -334,7 +335,7 @@ class MiniDeepSeekV3MTP(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         # layer_idx past the main layers: it never touches the generation cache.
         self.block = MiniDeepSeekV3DecoderLayer(config, layer_idx=config.num_hidden_layers, dense=True)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.models.layers.contiguous_grad import contiguous_grad
+from minillm.models.layers.linear import Linear, linear
 from minillm.models.mini_qwen3_next import fla_kernels
 
 
@@ -371,8 +372,8 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
 
         # Packed per key head: [q (Dk), k (Dk), v (r*Dv), z (r*Dv)] and [b (r), a (r)] with r = H / Hk.
-        self.in_proj_qkvz = nn.Linear(self.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(self.hidden_size, 2 * self.num_v_heads, bias=False)
+        self.in_proj_qkvz = Linear(self.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = Linear(self.hidden_size, 2 * self.num_v_heads, bias=False)
         # Depthwise kernel stored as nn.Conv1d (weight (Cc, 1, K)) for checkpoint compatibility; we never call its
         # forward (see `causal_conv1d`).
         self.conv1d = nn.Conv1d(
@@ -383,7 +384,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
         self.norm = RMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, self.hidden_size, bias=False)
 
     def _input_weight(self) -> torch.Tensor:
         """Both input projections as one (2*Hk*Dk + 2*H*Dv + 2*H, D) weight with rows regrouped by kind.
@@ -402,7 +403,7 @@ class GatedDeltaNet(nn.Module):
         """Project; returns mixed qkv (B, L, Cc), z (B, L, H, Dv), b and a (B, L, H)."""
         B, L, _ = x.shape
         H = self.num_v_heads
-        projected = F.linear(x, self._input_weight())  # (B, L, Cc + H*Dv + 2H)
+        projected = linear(x, self._input_weight())  # (B, L, Cc + H*Dv + 2H)
         mixed_qkv, z, b, a = projected.split([self.conv_dim, self.value_dim, H, H], dim=-1)
         return mixed_qkv, z.reshape(B, L, H, self.head_v_dim), b, a
 
@@ -487,7 +488,7 @@ class GatedDeltaNet(nn.Module):
         token is real: padding only ever precedes the prompt), updating `s` in place."""
         B = x.shape[0]
         H, Hk, Dk, Dv = self.num_v_heads, self.num_k_heads, self.head_k_dim, self.head_v_dim
-        mixed, z, b, a = F.linear(x, s.in_weight).split([self.conv_dim, self.value_dim, H, H], dim=-1)
+        mixed, z, b, a = linear(x, s.in_weight).split([self.conv_dim, self.value_dim, H, H], dim=-1)
         # Short conv over the carried window: `causal_conv1d` itself, so decode rounds exactly as `forward` does.
         mixed, s.window = causal_conv1d(mixed.unsqueeze(1), s.kernel, s.window)  # (B, 1, Cc), (B, K, Cc)
         mixed = mixed[:, 0]  # (B, Cc)
@@ -509,7 +510,7 @@ class GatedDeltaNet(nn.Module):
             o = F.rms_norm(o, (Dv,), self.norm.weight, self.norm.eps) * F.silu(z)  # (B, H, Dv)
         else:
             o = self.norm.forward(o, z)
-        return F.linear(o.reshape(B, self.value_dim), self.out_proj.weight)
+        return linear(o.reshape(B, self.value_dim), self.out_proj.weight)
 
 
 class DeltaNetDecodeState:

@@ -37,6 +37,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from minillm.models import decode as fast
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import AttentionMask, prepare_attention, sdpa_attention
+from minillm.models.layers.linear import Linear
 from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
 from minillm.models.layers.moe import RoutedExperts, micro_batch_share
@@ -62,10 +63,10 @@ class MiniQwen3NextAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim * 2, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim * 2, bias=False)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, zero_centered=True)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, zero_centered=True)
 
@@ -102,10 +103,10 @@ class MiniQwen3NextSparseMoeBlock(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router, weight (E, D)
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # router, weight (E, D)
         self.experts = RoutedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_expert = SwiGLUMLP(config.hidden_size, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, L, D = hidden_states.shape

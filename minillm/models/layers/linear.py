@@ -1,0 +1,132 @@
+"""The models' fp32 matmuls on the CPU through oneDNN; torch's default kernels everywhere else.
+
+Why: on the CPU torch runs fp32 `mm` / `linear` through MKL, and MKL chooses its code path by CPU vendor. On an AMD
+Zen 5 (full-width AVX-512) it runs its AVX2 kernels, at half of what the cores can do. oneDNN, which torch also
+ships (every bf16 CPU matmul already runs in it), dispatches on the instruction sets the CPU reports, and computes
+in fp32 with fp32 accumulation. Measured at 2 threads on a Zen 5 EPYC: a 2048^3 fp32 matmul runs at 207 GFLOP/s
+through `torch.mm` and at 435-460 GFLOP/s through oneDNN; the models' own shapes (1,024 x 256 x 512 ...) gain as
+much, and their whole fp32 training step runs 1.2-1.6x faster (README, "Speed").
+
+torch reaches oneDNN's fp32 matmul only through `torch.ops.mkldnn._linear_pointwise` (the CPU linear op of
+torch.compile's inductor: dense tensors in and out, any strides, no autograd). `mm` calls it for `a @ b`, and
+`linear` wraps it in an autograd Function whose backward is two more of those matmuls.
+
+Where it applies (`onednn_applies`): CPU tensors, both operands fp32, outside CPU autocast (under bf16 autocast
+torch already runs oneDNN) and outside torch.compile (inductor chooses its own kernels), when torch has the op.
+`MINILLM_CPU_MATMUL=torch` (or `force_cpu_matmul("torch")`) keeps torch's default for a process or a block: the
+benchmarks compare both, and a user can rule the kernel out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.errors import UserError
+
+CPU_MATMUL_BACKENDS = ("onednn", "torch")
+_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_forced_backend: str | None = None
+
+
+@contextlib.contextmanager
+def force_cpu_matmul(name: str | None) -> Iterator[None]:
+    """Run the fp32 CPU matmuls of this block through `name` ("onednn" or "torch"; None: the default, oneDNN
+    unless `MINILLM_CPU_MATMUL` says otherwise)."""
+    global _forced_backend
+    if name is not None and name not in CPU_MATMUL_BACKENDS:
+        raise ValueError(f"unknown CPU matmul backend {name!r}; known: {', '.join(CPU_MATMUL_BACKENDS)}")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def cpu_matmul_backend() -> str:
+    """The backend fp32 CPU matmuls use now: "onednn" when torch has the kernel and nothing rules it out."""
+    name = _forced_backend or os.environ.get("MINILLM_CPU_MATMUL") or "onednn"
+    if name not in CPU_MATMUL_BACKENDS:
+        raise UserError(f"MINILLM_CPU_MATMUL={name!r}: known backends are {', '.join(CPU_MATMUL_BACKENDS)}")
+    if name == "onednn" and (_ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available()):
+        return "torch"
+    return name
+
+
+def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a @ b` (or a linear of input `a` and weight `b`) runs through oneDNN (see the module docstring)."""
+    return (
+        a.device.type == "cpu"
+        and a.dtype == torch.float32
+        and b.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and cpu_matmul_backend() == "onednn"
+    )
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias` for x (M, K) and weight (N, K), any strides, in oneDNN."""
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` for 2-D a (M, K) and b (K, N): oneDNN for fp32 on the CPU, `torch.mm` otherwise. No autograd
+    through the oneDNN kernel: for use inside autograd Functions (the linear below, the chunked loss)."""
+    if onednn_applies(a, b):
+        return _onednn_linear(a, b.t())
+    return torch.mm(a, b)
+
+
+def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`out += a @ b` in place (2-D): one `addmm_` with torch's kernels, a product and an add with oneDNN's."""
+    if onednn_applies(a, b):
+        return out.add_(_onednn_linear(a, b.t()))
+    return out.addmm_(a, b)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """`F.linear` with oneDNN matmuls forward and backward (x (..., K), weight (N, K), bias (N,) or None).
+
+    Saves the weight tensor itself, not a view of it, so DeepSpeed ZeRO-3 (which swaps a parameter's data in and
+    out around each module) finds the gathered weight again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias)  # (M, N)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad2, weight.t()).view(x.shape)  # (M, N) @ (N, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn_linear(grad2.t(), x.reshape(-1, x.shape[-1]).t())  # (N, M) @ (M, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2.sum(dim=0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, through oneDNN for fp32 on the CPU (with autograd)."""
+    if onednn_applies(x, weight) and (bias is None or bias.dtype == torch.float32):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, names and initialisation) whose forward is `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

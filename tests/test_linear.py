@@ -1,0 +1,132 @@
+"""The fp32 CPU matmuls through oneDNN (minillm/models/layers/linear.py): same numbers and gradients as torch's
+kernels, taken only where they apply, and switchable off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minillm.errors import UserError
+from minillm.models.layers.linear import (
+    Linear,
+    addmm_,
+    cpu_matmul_backend,
+    force_cpu_matmul,
+    linear,
+    mm,
+    onednn_applies,
+)
+from minillm.models.registry import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_onednn = pytest.mark.skipif(cpu_matmul_backend() != "onednn", reason="this torch has no oneDNN linear")
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _grads(fn, x, weight, bias):
+    out = fn(x, weight, bias)
+    grad_out = torch.randn_like(out)
+    return (out, *torch.autograd.grad(out, (x, weight, bias), grad_out))
+
+
+@needs_onednn
+def test_linear_matches_torch_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    weight = torch.randn(40, 24, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    torch.manual_seed(1)
+    ours = _grads(linear, x, weight, bias)
+    torch.manual_seed(1)
+    expected = _grads(F.linear, x, weight, bias)
+    for a, b in zip(ours, expected, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_fp32_cpu_matmuls_run_in_onednn_and_the_switch_turns_it_off():
+    x, weight = torch.randn(5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    with OpNames() as ops:
+        linear(x, weight).sum().backward()
+    assert ops.names.count("_linear_pointwise") == 3  # forward, grad of x, grad of weight
+    assert not {"mm", "addmm", "linear"} & set(ops.names)
+
+    with force_cpu_matmul("torch"), OpNames() as ops:
+        linear(x, weight).sum().backward()
+        a = mm(x.detach(), weight.detach().t())
+        addmm_(torch.zeros(5, 6), x.detach(), weight.detach().t())
+    assert "_linear_pointwise" not in ops.names and {"mm", "addmm_"} <= set(ops.names)
+    torch.testing.assert_close(a, x.detach() @ weight.detach().t())
+
+
+@needs_onednn
+def test_mm_and_addmm_match_torch_on_strided_operands():
+    a, b = torch.randn(30, 12), torch.randn(20, 30)
+    torch.testing.assert_close(mm(a.t(), b.t()), a.t() @ b.t())  # both operands transposed views
+    acc = torch.randn(12, 20)
+    expected = acc + a.t() @ b.t()
+    torch.testing.assert_close(addmm_(acc, a.t(), b.t()), expected)
+    assert mm(torch.randn(0, 4), torch.randn(4, 3)).shape == (0, 3)  # no rows
+
+
+def test_onednn_is_not_used_under_autocast_or_for_other_dtypes():
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    assert not onednn_applies(x.double(), weight.double())
+    assert not onednn_applies(x.bfloat16(), weight.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_applies(x, weight)
+        assert linear(x, weight).dtype == torch.bfloat16  # autocast's bf16 linear, as F.linear gives
+    assert linear(x.double(), weight.double()).dtype == torch.float64
+
+
+def test_unknown_backend_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("MINILLM_CPU_MATMUL", "blas")
+    with pytest.raises(UserError, match="MINILLM_CPU_MATMUL='blas'.*onednn, torch"):
+        cpu_matmul_backend()
+    monkeypatch.setenv("MINILLM_CPU_MATMUL", "torch")
+    assert cpu_matmul_backend() == "torch"
+    with pytest.raises(ValueError, match="unknown CPU matmul backend"):
+        with force_cpu_matmul("mkl"):
+            pass
+
+
+def test_linear_module_keeps_nn_linear_parameters():
+    layer = Linear(8, 3, bias=False)
+    assert isinstance(layer, torch.nn.Linear) and set(dict(layer.named_parameters())) == {"weight"}
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(layer(x), x @ layer.weight.t())
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
+def test_model_train_step_is_the_same_with_either_kernel(name):
+    """A whole model's loss and gradients agree between oneDNN and torch's kernels to fp32 rounding."""
+    model = build_model(name, "tiny", vocab_size=300, hidden_size=64, num_hidden_layers=2)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("onednn", "torch"):
+        model.zero_grad(set_to_none=True)
+        with force_cpu_matmul(backend):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None})
+    (loss_a, grads_a), (loss_b, grads_b) = results["onednn"], results["torch"]
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for key in grads_a:
+        torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-3, atol=1e-5, msg=key)
