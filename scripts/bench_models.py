@@ -8,8 +8,13 @@ under bf16 autocast. The two run interleaved in one process: `--rounds` rounds o
 first in even rounds and the reference first in odd ones, so load from other processes hits both alike. Reported
 per model: median tokens/s over rounds and the median of the per-round ratios ours / reference.
 
+Our models run their fp32 CPU matmuls through oneDNN (`minillm/models/layers/linear.py`); the reference runs
+torch's default (MKL). `--cpu-matmul both` adds a third runner, ours with torch's kernels, to show how much of the
+ratio is the kernel and how much the model code.
+
     python scripts/bench_models.py                          # the three models, fp32, batch 4 x 256
     python scripts/bench_models.py --dtype bf16             # bf16 autocast (CPUs with bf16 matmuls, GPUs)
+    python scripts/bench_models.py --cpu-matmul both        # also ours with torch's fp32 kernels
     python scripts/bench_models.py --models mini_llama3 --rounds 5 --json bench_models.json
     python scripts/bench_models.py --threads 1 --clock process  # on a busy shared CPU: CPU seconds, not wall time
     python scripts/bench_models.py --preset base --device cuda --dtype bf16 --seq 512 --batch 16
@@ -18,6 +23,7 @@ per model: median tokens/s over rounds and the median of the per-round ratios ou
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -28,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
 from minillm.training import perf  # noqa: E402
 
@@ -43,14 +50,17 @@ def build_pair(name: str, preset: str, device: torch.device, seed: int = 0):
     return ours, reference
 
 
-def timed_steps(model, optimizer, input_ids: torch.Tensor, steps: int, dtype: str) -> float:
-    """Seconds of `steps` bare training steps."""
+def timed_steps(
+    model, optimizer, input_ids: torch.Tensor, steps: int, dtype: str, cpu_matmul: str | None = None
+) -> float:
+    """Seconds of `steps` bare training steps (fp32 CPU matmuls through `cpu_matmul`; None: the default)."""
     perf.synchronize(input_ids.device)
-    start = CLOCK()
-    for _ in range(steps):
-        perf.bare_train_step(model, optimizer, input_ids, dtype)
-    perf.synchronize(input_ids.device)
-    return CLOCK() - start
+    with force_cpu_matmul(cpu_matmul):
+        start = CLOCK()
+        for _ in range(steps):
+            perf.bare_train_step(model, optimizer, input_ids, dtype)
+        perf.synchronize(input_ids.device)
+        return CLOCK() - start
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -58,21 +68,28 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     generator = torch.Generator().manual_seed(1)
     vocab = ours.config.vocab_size
     input_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
-    runners = {"ours": (ours, perf.bare_optimizer(ours)), "reference": (reference, perf.bare_optimizer(reference))}
+    # key -> (model, optimizer, fp32 CPU matmul backend); every model starts from the same weights
+    runners = {"ours": (ours, perf.bare_optimizer(ours), None if args.cpu_matmul == "both" else args.cpu_matmul)}
+    if args.cpu_matmul == "both":
+        torch_kernels = copy.deepcopy(ours)
+        runners["ours_torch_kernels"] = (torch_kernels, perf.bare_optimizer(torch_kernels), "torch")
+    runners["reference"] = (reference, perf.bare_optimizer(reference), None)
     first_loss = {}
-    for key, (model, optimizer) in runners.items():
+    for key, (model, optimizer, backend) in runners.items():
         # the first step from identical weights: the losses should agree (ours adds its small aux terms)
-        first_loss[key] = float(perf.bare_train_step(model, optimizer, input_ids, args.dtype))
-        timed_steps(model, optimizer, input_ids, args.warmup, args.dtype)
+        with force_cpu_matmul(backend):
+            first_loss[key] = float(perf.bare_train_step(model, optimizer, input_ids, args.dtype))
+        timed_steps(model, optimizer, input_ids, args.warmup, args.dtype, backend)
     tokens = args.batch * args.seq * args.steps
-    rates: dict[str, list[float]] = {"ours": [], "reference": []}
+    rates: dict[str, list[float]] = {key: [] for key in runners}
     for r in range(args.rounds):
-        order = ("ours", "reference") if r % 2 == 0 else ("reference", "ours")
+        order = list(runners) if r % 2 == 0 else list(runners)[::-1]
         for key in order:
-            seconds = timed_steps(*runners[key], input_ids, args.steps, args.dtype)
+            model, optimizer, backend = runners[key]
+            seconds = timed_steps(model, optimizer, input_ids, args.steps, args.dtype, backend)
             rates[key].append(tokens / seconds)
     ratios = [o / ref for o, ref in zip(rates["ours"], rates["reference"], strict=True)]
-    return {
+    result = {
         "model": name,
         "reference": type(reference).__name__,
         "ours_tokens_per_s": statistics.median(rates["ours"]),
@@ -81,6 +98,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "ratios": ratios,
         "first_loss": first_loss,
     }
+    if "ours_torch_kernels" in rates:
+        result["ours_torch_kernels_tokens_per_s"] = statistics.median(rates["ours_torch_kernels"])
+        result["ratio_torch_kernels"] = statistics.median(
+            [o / ref for o, ref in zip(rates["ours_torch_kernels"], rates["reference"], strict=True)])
+    return result
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -98,6 +120,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=("wall", "process"),
                         help="process: CPU seconds of this process (steadier on a shared CPU with --threads 1)")
+    parser.add_argument("--cpu-matmul", default="onednn", choices=("onednn", "torch", "both"),
+                        help="fp32 CPU matmuls of our models: oneDNN (the default), torch's (MKL), or both side by "
+                             "side (a third runner: ours with torch's kernels)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -109,13 +134,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     print(f"device {device} ({torch.get_num_threads()} threads, {args.clock} clock), {args.dtype}, preset {args.preset}, "
           f"batch {args.batch} x {args.seq}, {args.rounds} rounds x {args.steps} steps")
-    print(f"{'model':<17} {'reference':<22} {'ours tok/s':>11} {'ref tok/s':>11} {'ratio':>7}  per round")
+    both = args.cpu_matmul == "both"
+    extra = f" {'torch kernels':>14}" if both else ""
+    print(f"{'model':<17} {'reference':<22} {'ours tok/s':>11} {'ref tok/s':>11} {'ratio':>7}{extra}  per round")
     for name in args.models:
         res = bench_model(name, args, device)
         results.append(res)
         rounds = " ".join(f"{r:.2f}" for r in res["ratios"])
+        extra = f" {res['ratio_torch_kernels']:>13.2f}x" if both else ""
         print(f"{name:<17} {res['reference']:<22} {res['ours_tokens_per_s']:>11,.0f} "
-              f"{res['reference_tokens_per_s']:>11,.0f} {res['ratio']:>6.2f}x  {rounds}", flush=True)
+              f"{res['reference_tokens_per_s']:>11,.0f} {res['ratio']:>6.2f}x{extra}  {rounds}", flush=True)
     if args.json:
         meta = {"device": str(device), "threads": torch.get_num_threads(), **{k: v for k, v in vars(args).items()
                                                                           if k != "json"}}

@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
 from minillm.models.stats import model_stats  # noqa: E402
 from minillm.training import perf  # noqa: E402
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clock", default="wall", choices=("wall", "process"),
                         help="process: CPU seconds of this process (steadier on a shared CPU with --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-matmul", default="onednn", choices=("onednn", "torch"),
+                        help="fp32 CPU matmuls of the trainer's model: oneDNN (default) or torch's (MKL); the "
+                             "reference always runs torch's")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("error: --against-reference compares single-batch steps; drop --accumulation")
 
     dtypes = args.dtype.split(",")
-    results = measure(args, device, dtypes)
+    with force_cpu_matmul(args.cpu_matmul):
+        results = measure(args, device, dtypes)
     for result in results.values():
         print_result(result)
     if len(dtypes) == 2:  # fp32,bf16: round r of each ran back to back

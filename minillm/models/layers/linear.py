@@ -53,9 +53,12 @@ def cpu_matmul_backend() -> str:
     name = _forced_backend or os.environ.get("MINILLM_CPU_MATMUL") or "onednn"
     if name not in CPU_MATMUL_BACKENDS:
         raise UserError(f"MINILLM_CPU_MATMUL={name!r}: known backends are {', '.join(CPU_MATMUL_BACKENDS)}")
-    if name == "onednn" and (_ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available()):
-        return "torch"
-    return name
+    return name if name == "torch" or onednn_available() else "torch"
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's linear kernel, whatever the backend setting says."""
+    return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
 
 
 def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -75,18 +78,23 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
+def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` (2-D) in oneDNN, unconditionally (the CPU peak measurement times it next to `torch.mm`)."""
+    return _onednn_linear(a, b.t())
+
+
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` for 2-D a (M, K) and b (K, N): oneDNN for fp32 on the CPU, `torch.mm` otherwise. No autograd
     through the oneDNN kernel: for use inside autograd Functions (the linear below, the chunked loss)."""
     if onednn_applies(a, b):
-        return _onednn_linear(a, b.t())
+        return onednn_mm(a, b)
     return torch.mm(a, b)
 
 
 def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`out += a @ b` in place (2-D): one `addmm_` with torch's kernels, a product and an add with oneDNN's."""
     if onednn_applies(a, b):
-        return out.add_(_onednn_linear(a, b.t()))
+        return out.add_(onednn_mm(a, b))
     return out.addmm_(a, b)
 
 
