@@ -4,6 +4,7 @@
 - `rope`: rotary embeddings (partial rotary, rotate-half and interleaved layouts)
 - `attention`: causal attention with GQA, padding, KV cache and packed documents (SDPA; flash-attn varlen or
   flex_attention on CUDA)
+- `linear`: `nn.Linear` with its fp32 CPU matmuls in oneDNN (twice MKL's rate on AMD Zen 5)
 - `mlp`: SwiGLU feed-forward
 - `loss`: chunked cross-entropy through the output head
 - `moe`: routed experts with grouped matmuls (used by the two MoE models)
@@ -20,6 +21,7 @@ from minillm.models.layers.attention import (
     sdpa_attention,
     varlen_index,
 )
+from minillm.models.layers.linear import Linear, force_cpu_matmul
 from minillm.models.layers.loss import (
     IGNORE_INDEX,
     LMHead,
@@ -33,6 +35,7 @@ from minillm.models.layers.rope import RotaryEmbedding, apply_rotary, rotate_hal
 __all__ = [
     "IGNORE_INDEX",
     "LMHead",
+    "Linear",
     "PackedDocs",
     "RMSNorm",
     "RotaryEmbedding",
@@ -42,6 +45,7 @@ __all__ = [
     "chunked_cross_entropy",
     "document_ids_from_position_ids",
     "force_attention_backend",
+    "force_cpu_matmul",
     "has_document_restarts",
     "position_ids_from_cu_seqlens",
     "prepare_attention",

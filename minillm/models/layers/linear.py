@@ -79,13 +79,26 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b` (2-D) in oneDNN, unconditionally (the CPU peak measurement times it next to `torch.mm`)."""
-    return _onednn_linear(a, b.t())
+    """`a @ b` (2-D) in oneDNN, unconditionally.
+
+    The kernel copies its first operand when that is not contiguous (a transposed view, as in every weight
+    gradient `grad.T @ x`), and that transposing copy can cost half as much as the product itself. So when `a` is
+    not contiguous, the product may instead be formed as `(b.T @ a.T).T`, whichever of `a` and `b.T` is cheaper to
+    make contiguous (nothing, when `b` is itself a transposed view). The result is then a transposed view of a
+    contiguous tensor. In the chunked loss's head gradient this turns a copy of the (tokens x vocabulary) softmax
+    into one of the (tokens x hidden) input: 15 ms less per mini_llama3 step.
+    """
+    copy_a = 0 if a.is_contiguous() else a.numel()
+    copy_bt = 0 if b.t().is_contiguous() else b.numel()
+    if copy_a <= copy_bt:
+        return _onednn_linear(a, b.t())
+    return _onednn_linear(b.t(), a).t()
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b` for 2-D a (M, K) and b (K, N): oneDNN for fp32 on the CPU, `torch.mm` otherwise. No autograd
-    through the oneDNN kernel: for use inside autograd Functions (the linear below, the chunked loss)."""
+    """`a @ b` for 2-D a (M, K) and b (K, N): oneDNN for fp32 on the CPU (possibly as a transposed view, see
+    `onednn_mm`), `torch.mm` otherwise. No autograd through the oneDNN kernel: for use inside autograd Functions
+    (the linear below, the chunked loss)."""
     if onednn_applies(a, b):
         return onednn_mm(a, b)
     return torch.mm(a, b)
@@ -120,7 +133,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(grad2, weight.t()).view(x.shape)  # (M, N) @ (N, K)
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn_linear(grad2.t(), x.reshape(-1, x.shape[-1]).t())  # (N, M) @ (M, K)
+            grad_w = onednn_mm(grad2.t(), x.reshape(-1, x.shape[-1]))  # (N, M) @ (M, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad2.sum(dim=0)
         return grad_x, grad_w, grad_b
