@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minillm.errors import UserError
+from minillm.models.layers import linear as dense
 from minillm.models.layers.linear import (
     Linear,
     addmm_,
@@ -22,6 +23,12 @@ from minillm.models.registry import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_onednn = pytest.mark.skipif(cpu_matmul_backend() != "onednn", reason="this torch has no oneDNN linear")
+
+
+@pytest.fixture(autouse=True)
+def onednn_for_small_products(monkeypatch):
+    """The tests' products are small; below `MIN_ONEDNN_MACS` they would all keep torch's kernel."""
+    monkeypatch.setattr(dense, "MIN_ONEDNN_MACS", 0)
 
 
 class OpNames(TorchDispatchMode):
@@ -85,12 +92,27 @@ def test_mm_and_addmm_match_torch_on_strided_operands():
 
 def test_onednn_is_not_used_under_autocast_or_for_other_dtypes():
     x, weight = torch.randn(4, 8), torch.randn(3, 8)
-    assert not onednn_applies(x.double(), weight.double())
-    assert not onednn_applies(x.bfloat16(), weight.bfloat16())
+    assert not onednn_applies(x.double(), weight.double(), 96)
+    assert not onednn_applies(x.bfloat16(), weight.bfloat16(), 96)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not onednn_applies(x, weight)
+        assert not onednn_applies(x, weight, 96)
         assert linear(x, weight).dtype == torch.bfloat16  # autocast's bf16 linear, as F.linear gives
     assert linear(x.double(), weight.double()).dtype == torch.float64
+
+
+@needs_onednn
+def test_small_products_keep_torchs_kernel(monkeypatch):
+    """Products under a million multiply-adds (a tiny model's one-token decode step) stay in torch's kernel, whose
+    fixed cost per call is lower; larger ones go to oneDNN."""
+    monkeypatch.setattr(dense, "MIN_ONEDNN_MACS", 1 << 20)
+    small, weight = torch.randn(1, 64), torch.randn(300, 64)  # 19,200 multiply-adds
+    large = torch.randn(64, 64)  # 64 x 64 x 300 = 1.2 million
+    with OpNames() as ops:
+        linear(small, weight)
+    assert "_linear_pointwise" not in ops.names
+    with OpNames() as ops:
+        linear(large, weight)
+    assert "_linear_pointwise" in ops.names
 
 
 def test_unknown_backend_is_a_user_error(monkeypatch):

@@ -11,8 +11,9 @@ torch reaches oneDNN's fp32 matmul only through `torch.ops.mkldnn._linear_pointw
 torch.compile's inductor: dense tensors in and out, any strides, no autograd). `mm` calls it for `a @ b`, and
 `linear` wraps it in an autograd Function whose backward is two more of those matmuls.
 
-Where it applies (`onednn_applies`): CPU tensors, both operands fp32, outside CPU autocast (under bf16 autocast
-torch already runs oneDNN) and outside torch.compile (inductor chooses its own kernels), when torch has the op.
+Where it applies (`onednn_applies`): CPU tensors, both operands fp32, products of at least a million multiply-adds
+(below that a oneDNN call's fixed cost outweighs its speed), outside CPU autocast (under bf16 autocast torch already
+runs oneDNN) and outside torch.compile (inductor chooses its own kernels), when torch has the op.
 `MINILLM_CPU_MATMUL=torch` (or `force_cpu_matmul("torch")`) keeps torch's default for a process or a block: the
 benchmarks compare both, and a user can rule the kernel out.
 """
@@ -32,6 +33,7 @@ from minillm.errors import UserError
 CPU_MATMUL_BACKENDS = ("onednn", "torch")
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _forced_backend: str | None = None
+MIN_ONEDNN_MACS = 1 << 20  # smaller products stay in torch's kernel (see `onednn_applies`)
 
 
 @contextlib.contextmanager
@@ -61,10 +63,17 @@ def onednn_available() -> bool:
     return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
 
 
-def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `a @ b` (or a linear of input `a` and weight `b`) runs through oneDNN (see the module docstring)."""
+def onednn_applies(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
+    """Whether a product of operands `a` and `b` (a linear's input and weight, or the two sides of `a @ b`) with
+    `macs` multiply-adds runs through oneDNN (see the module docstring).
+
+    Below `MIN_ONEDNN_MACS` torch's kernel stays: a oneDNN call costs about 10 us more than MKL's before any
+    arithmetic, which decides products of under a million multiply-adds (the one-token decode steps of the tiny
+    presets: 1 x 64 x 300 takes 2.7 us in MKL, 12 us in oneDNN; at 2 threads the two cross near 1-2 million).
+    """
     return (
-        a.device.type == "cpu"
+        macs >= MIN_ONEDNN_MACS
+        and a.device.type == "cpu"
         and a.dtype == torch.float32
         and b.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
@@ -99,14 +108,14 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` for 2-D a (M, K) and b (K, N): oneDNN for fp32 on the CPU (possibly as a transposed view, see
     `onednn_mm`), `torch.mm` otherwise. No autograd through the oneDNN kernel: for use inside autograd Functions
     (the linear below, the chunked loss)."""
-    if onednn_applies(a, b):
+    if onednn_applies(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
         return onednn_mm(a, b)
     return torch.mm(a, b)
 
 
 def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`out += a @ b` in place (2-D): one `addmm_` with torch's kernels, a product and an add with oneDNN's."""
-    if onednn_applies(a, b):
+    if onednn_applies(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
         return out.add_(onednn_mm(a, b))
     return out.addmm_(a, b)
 
@@ -141,7 +150,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through oneDNN for fp32 on the CPU (with autograd)."""
-    if onednn_applies(x, weight) and (bias is None or bias.dtype == torch.float32):
+    if onednn_applies(x, weight, x.numel() * weight.shape[0]) and (bias is None or bias.dtype == torch.float32):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
