@@ -152,3 +152,24 @@ def test_model_train_step_is_the_same_with_either_kernel(name):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for key in grads_a:
         torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+@needs_onednn
+def test_compiled_linear_runs_onednn_through_its_custom_op():
+    """Under torch.compile the layer still computes in oneDNN (inductor lowers the raw kernel only for frozen
+    weights, so compiled graphs call it through `minillm::onednn_linear`), with the eager numbers."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(Linear(32, 64, bias=False), torch.nn.SiLU(), Linear(64, 32, bias=False))
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    eager = block(x)
+    (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(block)
+    with profile() as prof:
+        out = compiled(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+    names = {event.key for event in prof.key_averages()}
+    assert "minillm::onednn_linear" in names and not {"aten::mm", "aten::addmm"} & names
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grad, grad_eager)

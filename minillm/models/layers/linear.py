@@ -13,7 +13,9 @@ torch.compile's inductor: dense tensors in and out, any strides, no autograd). `
 
 Where it applies (`onednn_applies`): CPU tensors, both operands fp32, products of at least a million multiply-adds
 (below that a oneDNN call's fixed cost outweighs its speed), outside CPU autocast (under bf16 autocast torch already
-runs oneDNN) and outside torch.compile (inductor chooses its own kernels), when torch has the op.
+runs oneDNN), when torch has the op. Under torch.compile the kernel is called through the custom op
+`minillm::onednn_linear` (inductor would otherwise put MKL back: it lowers `_linear_pointwise` only for frozen
+inference weights).
 `MINILLM_CPU_MATMUL=torch` (or `force_cpu_matmul("torch")`) keeps torch's default for a process or a block: the
 benchmarks compare both, and a user can rule the kernel out.
 """
@@ -77,14 +79,28 @@ def onednn_applies(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
         and a.dtype == torch.float32
         and b.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
         and cpu_matmul_backend() == "onednn"
     )
 
 
+@torch.library.custom_op("minillm::onednn_linear", mutates_args=())
+def _compiled_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear as an opaque op for torch.compile: inductor lowers `_linear_pointwise` only for frozen
+    (inference) weights, so compiled graphs call the kernel through this op instead."""
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], None)
+
+
+@_compiled_onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias` for x (M, K) and weight (N, K), any strides, in oneDNN."""
-    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    """`x @ weight.T + bias` for x (M, K) and weight (N, K), any strides, in oneDNN (a contiguous (M, N) result).
+    Eager code calls the kernel directly (a custom op's dispatch costs microseconds per call)."""
+    if torch.compiler.is_compiling():
+        return _compiled_onednn_linear(x, weight, bias)
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], None)
 
 
 def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
