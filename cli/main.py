@@ -67,16 +67,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def report_user_error(message: str) -> None:
     """Print `error: message` once. Under `accelerate launch` every rank raises the same error, so only rank 0
-    prints it; under `--launcher` rank 0 also leaves it in the file the parent process names, so the parent can
-    repeat it after the launcher's own failure report and exit with 2 too (see `minillm.training.launch`)."""
+    prints it. Under `--launcher` every rank also leaves its message in the file the parent process names (rank 0
+    in that file, rank N in `<file>.rankN`), so the parent can repeat it after the launcher's own failure report,
+    even when only another rank failed, and exit with 2 too (see `minillm.training.launch`)."""
     import os
 
-    if os.environ.get("RANK", "0") != "0":
-        return
-    print(f"error: {message}", file=sys.stderr)
+    rank = os.environ.get("RANK", "0")
     error_file = os.environ.get("MINILLM_ERROR_FILE")
     if error_file:
-        Path(error_file).write_text(message, encoding="utf-8")
+        Path(error_file if rank == "0" else f"{error_file}.rank{rank}").write_text(message, encoding="utf-8")
+    if rank == "0":
+        print(f"error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,23 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert "model.layers.0.self_attn.q_proj.bias" in plain
     assert "model.layers.0.self_attn.q_proj.weight" in decayed and "lm_head.weight" in decayed
     assert not any("norm" in n or "embed" in n for n in decayed)
+
+
+def test_a_user_error_on_any_rank_reaches_the_launching_process(tmp_path, monkeypatch, capsys):
+    """Under `--launcher` each rank leaves its UserError message for the parent: rank 0's is repeated as is; when
+    only another rank failed (rank 0 saw nothing), the lowest such rank's message is repeated with its rank."""
+    from cli.main import report_user_error
+    from minillm.training.launch import ranks_error
+
+    error_file = tmp_path / "error.txt"
+    monkeypatch.setenv("MINILLM_ERROR_FILE", str(error_file))
+    assert ranks_error(error_file) is None
+    for rank, message in ((11, "shard 11 is missing"), (3, "shard 3 is missing")):
+        monkeypatch.setenv("RANK", str(rank))
+        report_user_error(message)
+    assert capsys.readouterr().err == ""  # other ranks print nothing themselves
+    assert ranks_error(error_file) == "(rank 3) shard 3 is missing"
+    monkeypatch.setenv("RANK", "0")
+    report_user_error("--data does not exist")
+    assert capsys.readouterr().err == "error: --data does not exist\n"
+    assert ranks_error(error_file) == "--data does not exist"

@@ -26,7 +26,7 @@ from minillm.errors import UserError
 
 MAIN_SCRIPT = Path(__file__).resolve().parent.parent.parent / "cli" / "main.py"
 LAUNCHED_ENV = "MINILLM_LAUNCHED"
-ERROR_FILE_ENV = "MINILLM_ERROR_FILE"  # where rank 0 leaves the message of a UserError for `relaunch`
+ERROR_FILE_ENV = "MINILLM_ERROR_FILE"  # where the ranks leave the message of a UserError for `relaunch`
 
 
 def read_launcher(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
@@ -175,17 +175,30 @@ def relaunch(launcher: str, argv: list[str]) -> int:
         resolved.write_text(yaml.safe_dump(data), encoding="utf-8")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolved),
                str(MAIN_SCRIPT), *argv]
-        error_file = Path(tmp) / "error.txt"  # rank 0 writes a UserError's message here (cli/main.py)
+        error_file = Path(tmp) / "error.txt"  # ranks write a UserError's message here (cli/main.py)
         env = {**os.environ, LAUNCHED_ENV: "1", ERROR_FILE_ENV: str(error_file)}
         if data.get("distributed_type") == "DEEPSPEED":
             env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
         code = subprocess.run(cmd, env=env).returncode
-        if code != 0 and error_file.is_file():
+        message = ranks_error(error_file) if code != 0 else None
+        if message is not None:
             # torchrun turned the ranks' exit code 2 into 1 and printed its failure report after our line:
             # say the one line again, last, and keep the code that means "bad input"
-            print(f"error: {error_file.read_text(encoding='utf-8')}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             return 2
         return code
+
+
+def ranks_error(error_file: Path) -> str | None:
+    """The UserError message the ranks left (cli/main.py `report_user_error`): rank 0's, else the lowest rank's
+    (prefixed with its rank, since rank 0 did not see it), else None."""
+    if error_file.is_file():
+        return error_file.read_text(encoding="utf-8")
+    others = sorted(error_file.parent.glob(f"{error_file.name}.rank*"), key=lambda p: int(p.name.rsplit("rank", 1)[1]))
+    if not others:
+        return None
+    rank = others[0].name.rsplit("rank", 1)[1]
+    return f"(rank {rank}) {others[0].read_text(encoding='utf-8')}"
 
 
 def strip_launcher(argv: list[str]) -> list[str]:
