@@ -11,11 +11,11 @@ torch reaches oneDNN's fp32 matmul only through `torch.ops.mkldnn._linear_pointw
 torch.compile's inductor: dense tensors in and out, any strides, no autograd). `mm` calls it for `a @ b`, and
 `linear` wraps it in an autograd Function whose backward is two more of those matmuls.
 
-Where it applies (`onednn_applies`): CPU tensors, both operands fp32, products of at least a million multiply-adds
-(below that a oneDNN call's fixed cost outweighs its speed), outside CPU autocast (under bf16 autocast torch already
-runs oneDNN), when torch has the op. Under torch.compile the kernel is called through the custom op
-`minillm::onednn_linear` (inductor would otherwise put MKL back: it lowers `_linear_pointwise` only for frozen
-inference weights).
+Where it applies (`onednn_applies`): on x86-64 by default (see `cpu_matmul_backend`), for CPU tensors, both operands
+fp32, products of at least a million multiply-adds (below that a oneDNN call's fixed cost outweighs its speed),
+outside CPU autocast (under bf16 autocast torch already runs oneDNN), when torch has the op. Under torch.compile the
+kernel is called through the custom op `minillm::onednn_linear` (inductor would otherwise put MKL back: it lowers
+`_linear_pointwise` only for frozen inference weights).
 `MINILLM_CPU_MATMUL=torch` (or `force_cpu_matmul("torch")`) keeps torch's default for a process or a block: the
 benchmarks compare both, and a user can rule the kernel out.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -36,12 +37,13 @@ CPU_MATMUL_BACKENDS = ("onednn", "torch")
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _forced_backend: str | None = None
 MIN_ONEDNN_MACS = 1 << 20  # smaller products stay in torch's kernel (see `onednn_applies`)
+_DEFAULT_BACKEND = "onednn" if platform.machine().lower() in ("x86_64", "amd64") else "torch"
 
 
 @contextlib.contextmanager
 def force_cpu_matmul(name: str | None) -> Iterator[None]:
-    """Run the fp32 CPU matmuls of this block through `name` ("onednn" or "torch"; None: the default, oneDNN
-    unless `MINILLM_CPU_MATMUL` says otherwise)."""
+    """Run the fp32 CPU matmuls of this block through `name` ("onednn" or "torch"; None: as `cpu_matmul_backend`
+    decides without it)."""
     global _forced_backend
     if name is not None and name not in CPU_MATMUL_BACKENDS:
         raise ValueError(f"unknown CPU matmul backend {name!r}; known: {', '.join(CPU_MATMUL_BACKENDS)}")
@@ -53,8 +55,10 @@ def force_cpu_matmul(name: str | None) -> Iterator[None]:
 
 
 def cpu_matmul_backend() -> str:
-    """The backend fp32 CPU matmuls use now: "onednn" when torch has the kernel and nothing rules it out."""
-    name = _forced_backend or os.environ.get("MINILLM_CPU_MATMUL") or "onednn"
+    """The backend fp32 CPU matmuls use now: `force_cpu_matmul`'s, else `MINILLM_CPU_MATMUL`'s, else the default:
+    "onednn" on x86-64 (where torch's fp32 BLAS is MKL, the case measured above), "torch" elsewhere (on ARM torch
+    uses other BLAS libraries, not measured here). "onednn" falls back to "torch" when torch lacks the kernel."""
+    name = _forced_backend or os.environ.get("MINILLM_CPU_MATMUL") or _DEFAULT_BACKEND
     if name not in CPU_MATMUL_BACKENDS:
         raise UserError(f"MINILLM_CPU_MATMUL={name!r}: known backends are {', '.join(CPU_MATMUL_BACKENDS)}")
     return name if name == "torch" or onednn_available() else "torch"
