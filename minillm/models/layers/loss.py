@@ -10,7 +10,7 @@ Notable choices:
 - Only target tokens go through the head (rows whose target is -100 are dropped first): in SFT most are prompts.
 - The gradients are computed during forward only when autograd needs them (evaluation pays just the loss).
 - Logits are upcast to fp32 for the softmax, as transformers does; the matmuls run in the input dtype (bf16
-  under autocast).
+  under autocast), and in fp32 on a CPU through oneDNN (`layers/linear.py`: `mm`, `addmm_`).
 - Reduction: `sum(CE) / num_items_in_batch` when the trainer gives the global normaliser (correct gradient
   accumulation), else the mean over this batch's targets.
 - Packed rows (design.md): a target whose position id is 0 starts a new document and is never predicted from the
