@@ -134,3 +134,20 @@ def test_engine_without_fast_path_uses_forward(tokenizer):
     assert not engine.fast_path
     out = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))[0]
     assert out.prompt_tokens == 3 and 1 <= out.completion_tokens <= 3
+
+
+def test_decode_gathers_expert_weights_only_while_they_are_small():
+    """A CPU decode step copies the chosen experts' weights only while that copy is small (the tiny presets); larger
+    experts (the base presets) go through the sorted dispatch and grouped matmul, which read them in place. Both
+    give the module's numbers."""
+    from minillm.models import decode as fast
+    from minillm.models.layers.moe import RoutedExperts
+
+    torch.manual_seed(0)
+    small, large = RoutedExperts(8, 64, 32), RoutedExperts(8, 768, 512)
+    assert fast.use_small_experts(small, num_tokens=1, top_k=2)
+    assert not fast.use_small_experts(small, num_tokens=8, top_k=2)  # more slots than experts
+    assert not fast.use_small_experts(large, num_tokens=1, top_k=2)  # 9.4 MB of weights to copy
+    x, idx, weight = torch.randn(1, 64), torch.tensor([[3, 5]]), torch.tensor([[0.7, 0.3]])
+    with torch.no_grad():
+        torch.testing.assert_close(fast.routed_experts_small(small, x, idx, weight), small(x, idx, weight))
