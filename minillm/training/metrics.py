@@ -7,8 +7,9 @@ MFU (model FLOPs utilisation) = achieved training FLOP/s / peak FLOP/s of the de
 come from `minillm.models.stats` when it knows the model (it counts only the active experts of an MoE and the
 attention term), else from the classic 6 x parameters. The peak is given with `peak_tflops`, else looked up by
 GPU name and precision (`minillm.training.perf.GPU_PEAK_TFLOPS`, dense numbers from the vendors' sheets), else, on
-a CPU, measured once per process with a large matmul in the run's precision (`perf.measure_cpu_peak_flops`; on a
-CPU shared with other jobs the measured peak drops with the load).
+a CPU, measured once per process with a large matmul in the run's precision, through the faster of torch's and
+oneDNN's kernels (`perf.measure_cpu_peak_flops`; on a CPU shared with other jobs the measured peak drops with the
+load).
 """
 
 from __future__ import annotations
