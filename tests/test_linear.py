@@ -202,3 +202,19 @@ def test_in_place_weight_updates_are_seen():
                 losses[name].append(perf.bare_train_step(model, optimizers[name], ids).item())
     assert losses["onednn"][-1] < losses["onednn"][0]  # it trains
     assert losses["onednn"] == pytest.approx(losses["torch"], rel=1e-5)
+
+
+def test_a_changed_or_broken_kernel_falls_back_to_torch(monkeypatch):
+    """The oneDNN op is internal to torch: if it rejects our call or answers wrong, the models use torch's kernels."""
+    def rejects(*args):
+        raise TypeError("_linear_pointwise() takes 5 arguments")
+
+    for kernel in (rejects, lambda x, w, *args: x @ w.t() + 1):
+        monkeypatch.setattr(dense, "_ONEDNN_LINEAR", kernel)
+        dense.onednn_available.cache_clear()
+        try:
+            assert not dense.onednn_available() and cpu_matmul_backend() == "torch"
+            x, weight = torch.randn(4, 8, requires_grad=True), torch.randn(3, 8)
+            torch.testing.assert_close(linear(x, weight), x @ weight.t())
+        finally:
+            dense.onednn_available.cache_clear()

@@ -23,6 +23,7 @@ benchmarks compare both, and a user can rule the kernel out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from collections.abc import Iterator
@@ -64,9 +65,18 @@ def cpu_matmul_backend() -> str:
     return name if name == "torch" or onednn_available() else "torch"
 
 
+@functools.cache
 def onednn_available() -> bool:
-    """Whether this torch has oneDNN's linear kernel, whatever the backend setting says."""
-    return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
+    """Whether this torch has oneDNN's linear kernel and it computes a probe product right, whatever the backend
+    setting says. The kernel is an internal op of torch: a torch whose op changed its signature or results falls
+    back to torch's kernels instead of failing or training wrong."""
+    if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available():
+        return False
+    x, weight = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+    try:
+        return bool(torch.equal(_ONEDNN_LINEAR(x, weight, None, "none", [], None), x @ weight.t()))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def onednn_applies(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
