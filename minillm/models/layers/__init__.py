@@ -8,6 +8,7 @@
 - `mlp`: SwiGLU feed-forward
 - `loss`: chunked cross-entropy through the output head
 - `moe`: routed experts with grouped matmuls (used by the two MoE models)
+- `kernel_choice`: the pin behind `force_attention_backend` / `force_cpu_matmul` and their environment variables
 """
 
 from minillm.models.layers.attention import (

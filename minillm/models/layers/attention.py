@@ -36,14 +36,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from minillm.errors import UserError
+from minillm.models.layers.kernel_choice import KernelChoice
 
 BACKENDS = ("sdpa", "flex", "flash")
 
@@ -244,30 +244,15 @@ def prepare_attention(
 
 # ---------------------------------------------------------------- backends for PackedDocs
 
-_forced_backend: str | None = None
 FLASH_MAX_HEAD_DIM = 256  # flash-attn 2/3 kernels exist for head dims up to 256
+_BACKEND_CHOICE = KernelChoice("attention backend", "MINILLM_ATTENTION_BACKEND", BACKENDS)
 
 
-@contextlib.contextmanager
-def force_attention_backend(name: str | None) -> Iterator[None]:
+def force_attention_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Use backend `name` ("sdpa", "flex", "flash") for every `PackedDocs` attention in this block, whatever the
     device and dtype (None: automatic). Tests and benchmarks use it; the environment variable
     `MINILLM_ATTENTION_BACKEND` does the same for a whole process."""
-    global _forced_backend
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}")
-    previous, _forced_backend = _forced_backend, name
-    try:
-        yield
-    finally:
-        _forced_backend = previous
-
-
-def _forced() -> str | None:
-    name = _forced_backend or os.environ.get("MINILLM_ATTENTION_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        raise UserError(f"MINILLM_ATTENTION_BACKEND={name!r}: known backends are {', '.join(BACKENDS)}")
-    return name
+    return _BACKEND_CHOICE.force(name)
 
 
 @functools.cache
@@ -329,7 +314,7 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> str:
     """The path `sdpa_attention` takes for a `PackedDocs` mask with these tensors (see the module docstring)."""
-    forced = _forced()
+    forced = _BACKEND_CHOICE.pinned()
     if forced is not None:
         return forced
     if not q.is_cuda:

@@ -24,44 +24,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import platform
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.errors import UserError
+from minillm.models.layers.kernel_choice import KernelChoice
 
 CPU_MATMUL_BACKENDS = ("onednn", "torch")
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_forced_backend: str | None = None
 MIN_ONEDNN_MACS = 1 << 20  # smaller products stay in torch's kernel (see `onednn_applies`)
 _DEFAULT_BACKEND = "onednn" if platform.machine().lower() in ("x86_64", "amd64") else "torch"
+_BACKEND_CHOICE = KernelChoice("CPU matmul backend", "MINILLM_CPU_MATMUL", CPU_MATMUL_BACKENDS)
 
 
-@contextlib.contextmanager
-def force_cpu_matmul(name: str | None) -> Iterator[None]:
+def force_cpu_matmul(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Run the fp32 CPU matmuls of this block through `name` ("onednn" or "torch"; None: as `cpu_matmul_backend`
     decides without it)."""
-    global _forced_backend
-    if name is not None and name not in CPU_MATMUL_BACKENDS:
-        raise ValueError(f"unknown CPU matmul backend {name!r}; known: {', '.join(CPU_MATMUL_BACKENDS)}")
-    previous, _forced_backend = _forced_backend, name
-    try:
-        yield
-    finally:
-        _forced_backend = previous
+    return _BACKEND_CHOICE.force(name)
 
 
 def cpu_matmul_backend() -> str:
     """The backend fp32 CPU matmuls use now: `force_cpu_matmul`'s, else `MINILLM_CPU_MATMUL`'s, else the default:
     "onednn" on x86-64 (where torch's fp32 BLAS is MKL, the case measured above), "torch" elsewhere (on ARM torch
     uses other BLAS libraries, not measured here). "onednn" falls back to "torch" when torch lacks the kernel."""
-    name = _forced_backend or os.environ.get("MINILLM_CPU_MATMUL") or _DEFAULT_BACKEND
-    if name not in CPU_MATMUL_BACKENDS:
-        raise UserError(f"MINILLM_CPU_MATMUL={name!r}: known backends are {', '.join(CPU_MATMUL_BACKENDS)}")
+    name = _BACKEND_CHOICE.pinned() or _DEFAULT_BACKEND
     return name if name == "torch" or onednn_available() else "torch"
 
 
@@ -74,7 +62,7 @@ def onednn_available() -> bool:
         return False
     x, weight = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
     try:
-        return bool(torch.equal(_ONEDNN_LINEAR(x, weight, None, "none", [], None), x @ weight.t()))
+        return bool(torch.equal(_onednn_linear(x, weight), x @ weight.t()))
     except (RuntimeError, TypeError):
         return False
 
