@@ -40,12 +40,16 @@ del os.environ["MINILLM_DEFER_MODELS"]  # child processes (launchers, workers) i
 
 @app.callback()
 def _before_any_command() -> None:
-    """Runs before any command (not for `minillm --help`): registers our models with the Auto classes, and turns
+    """Runs before any command (not for `minillm --help`): registers our models with the Auto classes, checks the
+    kernel-choice environment variables (a misspelt one is refused before the command writes anything), and turns
     off transformers' own tqdm bars ("Loading weights", "Writing model shards"), which would interleave with our
     rich output on every load and save; our long steps show their own progress bars."""
     from transformers.utils import logging as hf_logging
 
     import minillm.models  # noqa: F401  (registers our architectures with the Auto classes: deferred above)
+    from minillm.models.layers.kernel_choice import check_environment
+
+    check_environment()  # a misspelt MINILLM_ATTENTION_BACKEND / MINILLM_CPU_MATMUL: one line, before any output
 
     hf_logging.disable_progress_bar()
 

@@ -218,3 +218,17 @@ def test_a_changed_or_broken_kernel_falls_back_to_torch(monkeypatch):
             torch.testing.assert_close(linear(x, weight), x @ weight.t())
         finally:
             dense.onednn_available.cache_clear()
+
+
+@pytest.mark.parametrize("variable", ["MINILLM_CPU_MATMUL", "MINILLM_ATTENTION_BACKEND"])
+def test_a_misspelt_kernel_variable_stops_the_command_before_it_writes(variable, tmp_path, monkeypatch, capsys):
+    """Every command checks the kernel-choice variables first: one line, exit code 2, no run directory begun."""
+    from cli_helpers import run_cli_err
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, "blas")
+    code, err = run_cli_err(["pretrain", "--model", "mini_llama3", "--max-steps", "1"], capsys)
+    assert code == 2 and err.strip().splitlines() == [f"error: {variable}='blas': known backends are "
+                                                      + ", ".join(("onednn", "torch") if "MATMUL" in variable
+                                                                  else ("sdpa", "flex", "flash"))]
+    assert list(tmp_path.iterdir()) == []

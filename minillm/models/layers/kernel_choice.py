@@ -2,7 +2,8 @@
 
 The mechanism behind `force_attention_backend` / `MINILLM_ATTENTION_BACKEND` (layers/attention.py) and
 `force_cpu_matmul` / `MINILLM_CPU_MATMUL` (layers/linear.py): `force(name)` pins the choice for a `with` block (tests
-and benchmarks), the environment variable for the process (users), and `pinned()` says which, if any, applies now.
+and benchmarks), the environment variable for the process (users), and `pinned()` says which, if any, applies now. `check_environment()` checks every choice's variable at once, so a
+command can refuse a misspelt one before it writes anything.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 from collections.abc import Iterator
 
 from minillm.errors import UserError
+
+_ALL: list[KernelChoice] = []  # every choice made, for `check_environment`
 
 
 class KernelChoice:
@@ -28,6 +31,7 @@ class KernelChoice:
         self.env_var = env_var
         self.choices = choices
         self._forced: str | None = None
+        _ALL.append(self)
 
     @contextlib.contextmanager
     def force(self, name: str | None) -> Iterator[None]:
@@ -46,3 +50,9 @@ class KernelChoice:
         if name is not None and name not in self.choices:
             raise UserError(f"{self.env_var}={name!r}: known backends are {', '.join(self.choices)}")
         return name
+
+
+def check_environment() -> None:
+    """Raise the UserError of the first kernel-choice environment variable that names no known choice."""
+    for choice in _ALL:
+        choice.pinned()
