@@ -23,7 +23,6 @@ benchmarks compare both, and a user can rule the kernel out.
 from __future__ import annotations
 
 import contextlib
-import functools
 import platform
 
 import torch
@@ -53,11 +52,24 @@ def cpu_matmul_backend() -> str:
     return name if name == "torch" or onednn_available() else "torch"
 
 
-@functools.cache
+_ONEDNN_PROBE: dict[str, bool] = {}  # the probe's answer, once computed (a dict, not functools.cache: dynamo
+# traces through a cache wrapper and would run the probe inside a compiled graph)
+
+
+@torch.compiler.assume_constant_result  # compiled graphs take the probe's answer as a constant
 def onednn_available() -> bool:
     """Whether this torch has oneDNN's linear kernel and it computes a probe product right, whatever the backend
     setting says. The kernel is an internal op of torch: a torch whose op changed its signature or results falls
-    back to torch's kernels instead of failing or training wrong."""
+    back to torch's kernels instead of failing or training wrong. Probed once per process (`cache_clear` forgets)."""
+    if "ok" not in _ONEDNN_PROBE:
+        _ONEDNN_PROBE["ok"] = _probe_onednn()
+    return _ONEDNN_PROBE["ok"]
+
+
+onednn_available.cache_clear = _ONEDNN_PROBE.clear
+
+
+def _probe_onednn() -> bool:
     if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available():
         return False
     x, weight = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
