@@ -13,7 +13,8 @@ a step needs those blocks anyway. What changes is that the process no longer shr
 
 Not covered: blocks above 32 MiB (a `base` preset's logits chunk) are still mapped per allocation, since glibc
 allows no higher threshold; jemalloc or tcmalloc through LD_PRELOAD keep those too. Only glibc's malloc is tuned,
-and only when the user has set none of its own `MALLOC_*` variables; elsewhere this does nothing.
+and only when the user has set none of its own `MALLOC_*` variables or `glibc.malloc` tunables; elsewhere this does
+nothing.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def keep_freed_memory() -> bool:
     """Tune glibc's malloc to keep freed blocks of up to 32 MiB for reuse (see the module docstring).
 
     Returns whether the settings were applied: False on another C library, or when the user set glibc's own
-    variables (their choice stands). Both thresholds are set together: a trim threshold alone turns off glibc's
+    malloc variables or tunables (their choice stands). Both thresholds are set together: a trim threshold alone turns off glibc's
     adaptive mmap threshold and maps every block above 128 KiB afresh (7x more page faults, measured).
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
-    if any(name in os.environ for name in _USER_VARIABLES):
+    if any(name in os.environ for name in _USER_VARIABLES) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
