@@ -48,7 +48,7 @@ import torch
 
 from minillm.errors import UserError
 from minillm.parallel import expert_parallel
-from minillm.training import budget, host_memory
+from minillm.training import budget
 from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, Prefetcher, count_targets
 from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
@@ -550,8 +550,6 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     if run is None:
         check_expert_parallel(config)
     accelerator = make_accelerator(config)
-    if accelerator.device.type == "cpu":
-        host_memory.keep_freed_memory()  # each step reuses the last one's freed blocks instead of fresh pages
     run_dir, resume_from = resolve_run_dir(config, accelerator)  # checks only; nothing is written yet
     set_seed(config.seed)  # identical initial weights on every rank
     if run is None:
