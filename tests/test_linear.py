@@ -204,6 +204,31 @@ def test_in_place_weight_updates_are_seen():
     assert losses["onednn"] == pytest.approx(losses["torch"], rel=1e-5)
 
 
+@needs_onednn
+def test_the_kernel_only_ever_gets_a_dense_weight(monkeypatch):
+    """A weight operand that is neither contiguous nor a transposed contiguous matrix sends oneDNN to a reference
+    kernel ~2,000x slower. The weight gradient of `out.sum()` (a broadcast output gradient) and a weight sliced out
+    of wider rows must both reach the kernel dense, and still give torch's numbers."""
+    weights_seen = []
+    kernel = dense._ONEDNN_LINEAR
+
+    def recording(x, weight, *args):
+        weights_seen.append(weight.is_contiguous() or weight.t().is_contiguous())
+        return kernel(x, weight, *args)
+
+    monkeypatch.setattr(dense, "_ONEDNN_LINEAR", recording)
+    torch.manual_seed(0)
+    wide = torch.randn(40, 48)
+    for weight in (torch.randn(40, 24), wide[:, :24]):  # contiguous; a slice of wider rows
+        weight = weight.detach().requires_grad_()
+        x = torch.randn(3, 7, 24, requires_grad=True)
+        grad_x, grad_w = torch.autograd.grad(linear(x, weight).sum(), (x, weight))
+        expected = torch.autograd.grad(F.linear(x, weight).sum(), (x, weight))
+        torch.testing.assert_close(grad_x, expected[0])
+        torch.testing.assert_close(grad_w, expected[1])
+    assert len(weights_seen) == 6 and all(weights_seen)
+
+
 def test_a_changed_or_broken_kernel_falls_back_to_torch(monkeypatch):
     """The oneDNN op is internal to torch: if it rejects our call or answers wrong, the models use torch's kernels."""
     def rejects(*args):
