@@ -120,7 +120,7 @@ def worker(args: argparse.Namespace) -> None:
         args.out.write_text(json.dumps({
             "ep": args.ep_size, "processes": world, "device": accelerator.device.type, "step_ms": step_s * 1e3,
             "all_to_all_ms": a2a_s * 1e3, "all_to_all_share": a2a_s / step_s, "tokens_per_s": tokens / step_s,
-            "params_per_rank": n_params, "loss": result.loss,
+            "params_per_rank": n_params, "loss": result.read()["loss"],
         }))  # fmt: skip
     accelerator.wait_for_everyone()
 

@@ -40,7 +40,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,15 +181,28 @@ def prepare_model_and_optimizer(accelerator, model, config: TrainConfig, total_s
 
 @dataclass
 class StepResult:
-    """What one optimizer step produced, already reduced over ranks."""
+    """What one optimizer step produced, already reduced over ranks.
 
-    loss: float  # global mean LM loss (nan when skipped)
-    aux: dict[str, float] = field(default_factory=dict)  # other loss terms, averaged over micro-batches and ranks
+    The loss terms and the gradient norm stay on the device: reading one waits for the whole step to finish, so the
+    loop reads them (`read`) only at log intervals, and on a GPU the host can queue the next step meanwhile.
+    """
+
+    terms: torch.Tensor | None = None  # (1 + len(aux_names),) float64: global mean LM loss, then the other terms
+    aux_names: tuple[str, ...] = ()  # the other loss terms, averaged over micro-batches and ranks
     targets: int = 0  # target tokens of the global batch
     tokens: int = 0  # input tokens of the global batch
     skipped: bool = False
-    grad_norm: float | None = None
+    grad_norm: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None  # (n_moe_layers, E) summed over the global batch
+
+    def read(self) -> dict[str, float]:
+        """{"loss", "loss/<term>"..., "grad_norm"} as Python floats (one device-to-host copy); loss nan when
+        skipped."""
+        values = [float("nan")] if self.terms is None else self.terms.tolist()
+        out = {"loss": values[0], **{f"loss/{n}": v for n, v in zip(self.aux_names, values[1:], strict=True)}}
+        if self.grad_norm is not None:
+            out["grad_norm"] = float(self.grad_norm)
+        return out
 
 
 def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -220,13 +233,17 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
                      poison_last: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches of one step; gradients end up accumulated (and, on the
     last micro-batch, synchronised across ranks). Does not step the optimizer (DeepSpeed's engine does, inside the
-    last backward). `poison_last` (test-only fault injection) makes the last micro-batch's loss +inf."""
+    last backward). `poison_last` (test-only fault injection) makes the last micro-batch's loss +inf.
+
+    The host waits for the device once per step here, in one process: for the non-finite check before the last
+    backward, which a skipped step needs decided before anything is applied. With several processes the target count
+    of the step's batch is summed across ranks first (a second wait). The results stay on the device (`StepResult`)."""
     device = accelerator.device
     local = torch.tensor([sum(count_targets(b) for b in micro_batches),
                           sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64)
     targets, tokens = (int(v) for v in _reduce_sum(accelerator, local).tolist())
     if targets == 0:
-        return StepResult(loss=float("nan"), targets=0, tokens=tokens, skipped=True)
+        return StepResult(targets=0, tokens=tokens, skipped=True)
     num_items = torch.tensor(targets / accelerator.num_processes, dtype=torch.float32, device=device)
     accumulation = len(micro_batches)
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -266,19 +283,14 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
         if step_counts is not None:
             counts = step_counts.detach().float() if counts is None else counts + step_counts.detach().float()
     if bad:
-        return StepResult(loss=float("nan"), targets=targets, tokens=tokens, skipped=True)
+        return StepResult(targets=targets, tokens=tokens, skipped=True)
     names = sorted(aux_sums)
     # terms normalised by num_items_in_batch (LM, MTP) add up over micro-batches; the others are per-micro-batch means
     packed = torch.stack([lm_sum] + [aux_sums[n] / (1 if n in SUMMED_TERMS else accumulation) for n in names])
-    packed = packed.to(device)
-    packed = _reduce_sum(accelerator, packed)
-    world = accelerator.num_processes
-    result = StepResult(
-        loss=packed[0].item() / world,  # each rank's micro-batch LM terms sum to its share of the global mean
-        aux={n: packed[i + 1].item() / world for i, n in enumerate(names)},
-        targets=targets,
-        tokens=tokens,
-    )
+    packed = _reduce_sum(accelerator, packed.to(device))
+    # each rank's micro-batch LM terms sum to its share of the global mean
+    result = StepResult(terms=packed / accelerator.num_processes, aux_names=tuple(names), targets=targets,
+                        tokens=tokens)
     if counts is not None:
         result.expert_counts = _reduce_sum(accelerator, counts.to(device))
     return result
@@ -308,7 +320,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, config: TrainConfig
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if norm is not None:
-        result.grad_norm = float(norm)
+        result.grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
     if result.expert_counts is not None:
         unwrapped = accelerator.unwrap_model(model)
         if hasattr(unwrapped, "update_expert_bias"):
@@ -592,7 +604,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     model.train()
     poisoned = injected_nonfinite_steps(accelerator.process_index)
     window_tokens, window_start = 0, time.perf_counter()
-    last = StepResult(loss=float("nan"))
+    last = StepResult()
     if accelerator.is_main_process:
         accelerator.print(f"run directory: {run_dir}  ({total_steps} steps, global batch "
                           f"{config.global_batch_size} x {config.seq_len} tokens, {accelerator.num_processes} "
@@ -620,20 +632,19 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                 if peak and accelerator.device.type == "cpu" and not config.peak_tflops:
                     peak = cpu_peak_at_least(precision, tokens_per_s * flops_token / accelerator.num_processes)
                 mfu = tokens_per_s * flops_token / (peak * accelerator.num_processes) if peak else None
-                progress.update(task, completed=step, loss=f"{result.loss:.4f}", lr=f"{lr:.2e}",
-                                tps=f"{tokens_per_s:,.0f}", mfu=f"{100 * mfu:.0f}%" if mfu is not None else "-")
+                progress.update(task, completed=step, lr=f"{lr:.2e}", tps=f"{tokens_per_s:,.0f}",
+                                mfu=f"{100 * mfu:.0f}%" if mfu is not None else "-")
 
                 if step % config.log_every == 0 or step == total_steps or result.skipped:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    values: dict[str, float] = {"loss": result.loss, "lr": lr, "tokens_per_s": window_tokens / elapsed,
-                                                "skipped_steps": skipped_total, "targets": result.targets}
+                    values: dict[str, float] = result.read()  # waits for the device: at log intervals only
+                    values.update({"lr": lr, "tokens_per_s": window_tokens / elapsed, "skipped_steps": skipped_total,
+                                   "targets": result.targets})
                     if not result.skipped:
-                        values["ppl"] = math.exp(min(result.loss, 50.0))
-                    if result.grad_norm is not None:
-                        values["grad_norm"] = result.grad_norm
+                        values["ppl"] = math.exp(min(values["loss"], 50.0))
+                        progress.update(task, loss=f"{values['loss']:.4f}")
                     if peak:
                         values["mfu"] = window_tokens * flops_token / elapsed / (peak * accelerator.num_processes)
-                    values.update({f"loss/{k}": v for k, v in result.aux.items()})
                     if result.expert_counts is not None:
                         values.update(expert_load_stats(result.expert_counts.cpu()))
                     logger.log(step, values)
@@ -666,7 +677,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     final = save_final_model(accelerator, model, run.tokenizer, run_dir)
     if accelerator.is_main_process:
         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
-        accelerator.print(f"final loss {last.loss:.4f}; model saved to {final}")
+        accelerator.print(f"final loss {last.read()['loss']:.4f}; model saved to {final}")
     accelerator.wait_for_everyone()
     logger.close()
     return run_dir
