@@ -85,7 +85,9 @@ class TrainConfig:
     resume: str | None = _opt("continue a run: `latest` or a checkpoint/run directory")
     save_every: int | None = _opt("save a checkpoint every N steps (0: only the final model)")
     keep_last: int = _opt("checkpoints to keep (older ones of this run are deleted)", default=3)
-    log_every: int | None = _opt("log metrics (and show the loss) every N steps; only then is the loss read from the device")
+    log_every: int | None = _opt(
+        "log metrics (and show the loss) every N steps; only then is the loss read from the device"
+    )
     eval_every: int | None = _opt("validation loss every N steps on the shards' val split (0: off)")
     eval_batches: int = _opt("micro-batches per validation pass", default=8)
     max_bad_steps: int = _opt("stop after this many non-finite losses in a row", default=5)
