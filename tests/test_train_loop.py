@@ -255,3 +255,28 @@ def test_training_with_prefetch_matches_without(tmp_path, shards, monkeypatch):
         states = [json.loads((run / "checkpoints" / step / "trainer_state.json").read_text())["data"]
                   for run in (plain, ahead)]
         assert states[0] == states[1]
+
+
+def test_step_results_are_read_from_the_device_at_log_intervals_only(tmp_path, shards, monkeypatch):
+    """Reading a step's loss waits for the device (on a GPU the host then cannot queue the next step): the loop
+    reads the results of the logged steps only, and the logged values are those steps' own."""
+    from minillm.training import trainer
+    from minillm.training.config import TrainConfig
+
+    reads = []
+    read = trainer.StepResult.read
+
+    def recording(result):
+        reads.append(result)
+        return read(result)
+
+    monkeypatch.setattr(trainer.StepResult, "read", recording)
+    config = TrainConfig(stage="pretrain", model="mini_llama3", data=str(shards), seq_len=32, micro_batch_size=2,
+                         global_batch_size=4, max_steps=7, log_every=3, precision="fp32", output_dir=str(tmp_path),
+                         model_args={"num_hidden_layers": 2})
+    run_dir = trainer.train(config)
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == [3, 6, 7]  # the log steps and the last one
+    assert len(reads) == 4  # those three, and the final loss printed at the end
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in logged if "loss" in r)
