@@ -259,7 +259,7 @@ def test_training_with_prefetch_matches_without(tmp_path, shards, monkeypatch):
 
 def test_step_results_are_read_from_the_device_at_log_intervals_only(tmp_path, shards, monkeypatch):
     """Reading a step's loss waits for the device (on a GPU the host then cannot queue the next step): the loop
-    reads the results of the logged steps only, and the logged values are those steps' own."""
+    reads the results of the logged steps (and the last one, for the final message) only."""
     from minillm.training import trainer
     from minillm.training.config import TrainConfig
 
