@@ -2,8 +2,9 @@
 
 The mechanism behind `force_attention_backend` / `MINILLM_ATTENTION_BACKEND` (layers/attention.py) and
 `force_cpu_matmul` / `MINILLM_CPU_MATMUL` (layers/linear.py): `force(name)` pins the choice for a `with` block (tests
-and benchmarks), the environment variable for the process (users), and `pinned()` says which, if any, applies now. `check_environment()` checks every choice's variable at once, so a
-command can refuse a misspelt one before it writes anything.
+and benchmarks), the environment variable for the process (users), and `pinned()` says which, if any, applies now.
+`check_environment()` checks every choice's variable at once, so a command can refuse a misspelt one before it
+writes anything.
 """
 
 from __future__ import annotations
