@@ -104,8 +104,8 @@ class StageTimer:
         self._forward_start = 0.0
         self._originals: list[tuple[object, str, object]] = []
 
-    def now(self) -> float:
-        if self.sync:
+    def now(self, sync: bool = False) -> float:
+        if self.sync or sync:
             perf.synchronize(self.device)
         return CLOCK()
 
@@ -128,7 +128,10 @@ class StageTimer:
 
         def next_step(original):
             def wrapped(batches):
-                t = timer.now()
+                # With work between the steps (the reference's step), wait for the device first: the end of the
+                # trainer's step still queued on a GPU would otherwise count in neither step's time (the
+                # reference's step waits for it before starting its clock).
+                t = timer.now(sync=timer.between_steps is not None)
                 timer._close_step(t)
                 timer.step += 1
                 if timer.timing and timer.between_steps is not None:
@@ -237,6 +240,26 @@ def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: in
     return timer
 
 
+def profile_round(config: TrainConfig, run, device: torch.device, warmup: int, steps: int = 5) -> str:
+    """The operators of `steps` trainer steps after the warm-up (torch.profiler), by self time on the device
+    (CUDA) or the CPU: where the step time goes, kernel by kernel. The profiler steps at each step boundary, from
+    the hook the reference steps use."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    tables: list[str] = []
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
+                 on_trace_ready=lambda p: tables.append(p.key_averages().table(sort_by=sort_by, row_limit=40))) as prof:
+        def next_profiler_step() -> float:
+            prof.step()
+            return 0.0
+
+        run_trainer_round(config, run, device, warmup, sync=False, between_steps=next_profiler_step)
+    return tables[0] if tables else "(no steps were profiled)"
+
+
 def reference_step(reference, optimizer, input_ids: torch.Tensor, dtype: str) -> float:
     """Seconds of one bare reference step (forward + backward + AdamW), synchronised."""
     perf.synchronize(input_ids.device)
@@ -282,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fp32 CPU matmuls of the trainer's model: oneDNN (default) or torch's (MKL); the "
                              "reference always runs torch's")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="after the timed rounds, profile 5 steps of one more trainer round (torch.profiler) and "
+                             "write the operators that take the most time (self time on the device) to FILE")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -357,6 +383,10 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
                 m["peak"] = max(m["peaks"])
             else:
                 m["peak"] = perf.device_peak_flops(device, dtype)
+        if args.profile:
+            table = profile_round(configs[dtypes[0]], run, device, args.warmup, steps=min(5, args.steps))
+            Path(args.profile).write_text(table + "\n", encoding="utf-8")
+            print(f"profile of {min(5, args.steps)} steps ({dtypes[0]}) written to {args.profile}")
 
     results = {}
     for dtype in dtypes:

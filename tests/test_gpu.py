@@ -1,0 +1,151 @@
+"""The CUDA code paths, on a GPU: skipped on machines without one (CI), run by `scripts/gpu_bench.sh` first.
+
+What only a GPU exercises: the three models against their transformers references on CUDA, the grouped_mm CUDA
+kernel against the padded fallback, packed-document attention through the compiled `flex_attention` against the
+dense-mask SDPA path, and flash-linear-attention's Gated DeltaNet kernels (when installed) against our torch path.
+Tolerances are loose where a kernel legitimately rounds differently (TF32 in Triton kernels, bf16); a wrong layout
+or a missed mask gives errors of order one, far above them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import minillm  # noqa: F401  (registers the Auto classes)
+from minillm.models.layers.attention import force_attention_backend
+from minillm.models.layers.moe import grouped_mm, grouped_mm_applies
+from minillm.models.mini_qwen3_next import fla_kernels
+from minillm.models.registry import MODEL_NAMES, build_model, model_package
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA = torch.device("cuda")
+VOCAB = 512
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 matmuls and convolutions in full precision (cuDNN's TF32 default would blur the fp32 comparisons)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _ids(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, VOCAB, shape, generator=torch.Generator().manual_seed(seed)).to(CUDA)
+
+
+def _tiny(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, "tiny", vocab_size=VOCAB).to(CUDA)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_match_their_reference_on_cuda(name):
+    """fp32 logits within 1e-3 of the reference (TF32 in Triton kernels when flash-linear-attention is installed
+    is the loosest part), and bf16 autocast losses within 2%."""
+    model = _tiny(name).eval()
+    ref = model_package(name).to_reference(model).to(CUDA).eval()
+    ids = _ids(2, 64)
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
+        assert diff <= 1e-3, f"{name}: fp32 logits differ from the reference by {diff:.3g} on CUDA"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ours, theirs = model(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss
+        assert abs(ours.item() - theirs.item()) <= 0.02 * theirs.item(), f"{name}: bf16 loss {ours} != {theirs}"
+
+
+def test_grouped_mm_kernel_matches_padded_fallback_on_cuda():
+    """bf16, jagged groups including empty ones, a transposed weight view as the experts pass it; forward and
+    both gradients."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 17, 1, 0, 33, 8, 0])
+    x = torch.randn(int(counts.sum()), 64, generator=gen).to(CUDA, torch.bfloat16)
+    w = torch.randn(len(counts), 96, 64, generator=gen).to(CUDA, torch.bfloat16)  # stored (G, OUT, IN)
+    assert grouped_mm_applies(x, w.transpose(1, 2))
+    results = []
+    for backend in ("grouped_mm", "padded"):
+        xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = grouped_mm(xb, wb.transpose(1, 2), counts.to(CUDA), backend=backend)
+        out.float().pow(2).sum().backward()
+        results.append((out, xb.grad, wb.grad))
+    for got, want in zip(*results, strict=True):
+        assert _relative(got, want) <= 1e-2
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_packed_documents_through_flex_attention_match_dense_masks(name):
+    """Training-style packed rows (position_ids restarting at 0): the compiled flex_attention path gives the same
+    loss and gradients as SDPA with the dense block-diagonal mask."""
+    model = _tiny(name).train()
+    ids = _ids(2, 96, seed=1)
+    position_ids = torch.cat([torch.arange(n) for n in (40, 31, 25)])[None].expand(2, -1).to(CUDA)
+    results = []
+    for backend in ("flex", "sdpa"):
+        model.zero_grad()
+        torch.manual_seed(0)
+        with force_attention_backend(backend):
+            loss = model(input_ids=ids, position_ids=position_ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    (flex_loss, flex_grads), (sdpa_loss, sdpa_grads) = results
+    assert abs(flex_loss.item() - sdpa_loss.item()) <= 1e-4 * sdpa_loss.item()
+    for key, want in sdpa_grads.items():
+        assert _relative(flex_grads[key], want) <= 1e-3, key
+
+
+def _without_fla(fn):
+    saved = fla_kernels.KERNEL_DEVICE_TYPES
+    fla_kernels.KERNEL_DEVICE_TYPES = ()
+    try:
+        return fn()
+    finally:
+        fla_kernels.KERNEL_DEVICE_TYPES = saved
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_linear_attention_kernels_match_the_torch_path(packed):
+    """mini_qwen3_next under bf16 autocast: loss and gradients with fla's Gated DeltaNet kernels against our torch
+    chunked delta rule, plain rows and packed documents (fla's `cu_seqlens` varlen path)."""
+    if fla_kernels.fla_ops() is None:
+        pytest.skip("flash-linear-attention is not installed")
+    model = _tiny("mini_qwen3_next").train()
+    ids = _ids(2, 128, seed=2)
+    position_ids = None
+    if packed:
+        position_ids = torch.cat([torch.arange(n) for n in (50, 45, 33)])[None].expand(2, -1).to(CUDA)
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, position_ids=position_ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), _grads(model)
+
+    calls = []
+    original = fla_kernels.fla_ops().chunk_gated_delta_rule
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("cu_seqlens") is not None)
+        return original(*args, **kwargs)
+
+    fla_kernels.fla_ops().chunk_gated_delta_rule = counting
+    try:
+        fla_loss, fla_grads = loss_and_grads()
+    finally:
+        fla_kernels.fla_ops().chunk_gated_delta_rule = original
+    torch_loss, torch_grads = _without_fla(loss_and_grads)
+    assert calls and all(varlen == packed for varlen in calls), calls
+    assert abs(fla_loss.item() - torch_loss.item()) <= 0.01 * torch_loss.item()
+    worst = max(_relative(fla_grads[key], want) for key, want in torch_grads.items())
+    assert worst <= 0.05, f"fla gradients differ from the torch path's by {worst:.3g} (relative to the largest)"
