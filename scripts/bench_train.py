@@ -44,6 +44,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -61,7 +62,7 @@ from minillm.models.registry import MODEL_NAMES, build_model, model_package  # n
 from minillm.models.stats import model_stats  # noqa: E402
 from minillm.training import perf  # noqa: E402
 from minillm.training import trainer as trainer_module  # noqa: E402
-from minillm.training.batches import GlobalBatches, Permutation  # noqa: E402
+from minillm.training.batches import GlobalBatches, Permutation, Prefetcher  # noqa: E402
 from minillm.training.config import TrainConfig  # noqa: E402
 from minillm.training.metrics import MetricsLogger  # noqa: E402
 
@@ -87,8 +88,9 @@ class RandomTokens(torch.utils.data.Dataset):
 class StageTimer:
     """Wraps the trainer's step functions to time each stage of the steps after the warm-up.
 
-    Step k starts when the trainer asks for its batch (`GlobalBatches.next_step`) and ends when step k+1 asks for
-    its own (or the loop ends: `save_final_model`). Forward is the model's own forward (hooks on the model);
+    Step k starts when the training loop asks for its batch (`GlobalBatches.next_step`, or `Prefetcher.next_step`
+    where a thread builds the batches ahead, as on a GPU) and ends when step k+1 asks for its own (or the loop
+    ends: `save_final_model`). Forward is the model's own forward (hooks on the model);
     backward is the rest of `forward_backward`; logging/other is what remains of the step. `between_steps` (the
     reference's step) runs in that gap, outside both steps' time: trainer and reference alternate step by step.
     """
@@ -128,6 +130,8 @@ class StageTimer:
 
         def next_step(original):
             def wrapped(batches):
+                if threading.current_thread() is not threading.main_thread():
+                    return original(batches)  # the Prefetcher's thread building steps ahead (GPU): not a step
                 # With work between the steps (the reference's step), wait for the device first: the end of the
                 # trainer's step still queued on a GPU would otherwise count in neither step's time (the
                 # reference's step waits for it before starting its clock).
@@ -163,6 +167,7 @@ class StageTimer:
             return wrapped
 
         self._patch(GlobalBatches, "next_step", next_step)
+        self._patch(Prefetcher, "next_step", next_step)  # what the loop calls instead on a GPU
         self._patch(trainer_module, "forward_backward", timed("forward_backward"))
         self._patch(trainer_module, "optimizer_step", timed("optimizer"))
         self._patch(MetricsLogger, "log", timed("log"))

@@ -120,6 +120,7 @@ def kernels(monkeypatch):
     monkeypatch.setitem(sys.modules, "causal_conv1d", conv)
     monkeypatch.setattr(fla_kernels, "KERNEL_DEVICE_TYPES", ("cpu",))
     monkeypatch.setattr(fla_kernels, "KERNEL_DTYPES", (torch.float32,))
+    monkeypatch.setattr(fla_kernels, "fla_works", lambda *key: True)  # the probe's own calls would be logged too
     fla_kernels.clear_cache()
     yield fla, conv
     fla_kernels.clear_cache()
@@ -279,3 +280,40 @@ def test_model_with_packed_documents_matches_torch(kernels):
     logits_ref = _torch_path(lambda: model(input_ids=ids, position_ids=position_ids).logits)
     assert (logits - logits_ref).abs().max() <= 1e-5
     assert fla.calls[0]["cu_seqlens"] == [0, 6, 15, 21, 30] and conv.calls[0]["seq_idx"] is not None
+
+
+def test_a_kernel_that_fails_or_computes_wrong_is_probed_once_and_left_for_the_torch_path(monkeypatch):
+    """`fla_works` runs fla once per configuration against the torch rule: a stand-in that raises in its backward
+    (as fla 0.6 does on Hopper with Triton < 3.7.1) or returns wrong values is refused with a warning, and the layer
+    then gives the torch path's results; a correct one is taken."""
+    monkeypatch.setattr(fla_kernels, "KERNEL_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(fla_kernels, "KERNEL_DTYPES", (torch.float32,))
+    _, layer = _layer()
+    x = torch.randn(2, 11, 32)
+    want = _torch_path(lambda: layer(x))
+
+    class RaisesInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, o):
+            return o.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results")
+
+    correct = FakeFla()
+    chunk = correct.chunk_gated_delta_rule
+    failing, wrong = FakeFla(), FakeFla()
+    failing.chunk_gated_delta_rule = lambda *a, **kw: (RaisesInBackward.apply(chunk(*a, **kw)[0]), None)
+    wrong.chunk_gated_delta_rule = lambda *a, **kw: (chunk(*a, **kw)[0] * 1.5, None)
+    for fake, works in ((failing, False), (wrong, False), (correct, True)):
+        monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule", fake)
+        fla_kernels.clear_cache()
+        if works:
+            assert fla_kernels.fla_applies(x.view(2, 11, 4, 8))
+        else:
+            with pytest.warns(UserWarning, match="uses the torch implementation instead"):
+                assert not fla_kernels.fla_applies(x.view(2, 11, 4, 8))
+            assert (layer(x) - want).abs().max() <= 1e-5  # no second probe, no second warning
+        assert list(fla_kernels._FLA_PROBES.values()) == [works]
+    fla_kernels.clear_cache()

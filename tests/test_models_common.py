@@ -180,6 +180,32 @@ def test_cpu_low_precision_loss_reuses_its_logit_buffers():
         assert abs(loss.item() - expected.item()) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_log_softmax_loss_path_matches_the_in_place_path(monkeypatch, dtype):
+    """The GPU's two-pass path (`_log_softmax_loss`), taken here on the CPU: the same loss to fp32 rounding and the
+    same gradients to one rounding of the low-precision softmax, with and without gradients."""
+    from minillm.models.layers import loss as loss_module
+
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (40,))
+    results, calls = {}, []
+    two_pass_loss = loss_module._log_softmax_loss
+    monkeypatch.setattr(loss_module, "_log_softmax_loss", lambda *args: calls.append(1) or two_pass_loss(*args))
+    for two_pass in (True, False):
+        monkeypatch.setattr(loss_module, "log_softmax_path", lambda device, two_pass=two_pass: two_pass)
+        with torch.autocast("cpu", dtype=dtype):
+            loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+            with torch.no_grad():
+                loss_no_grad = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+        results[two_pass] = (loss.detach(), loss_no_grad, *torch.autograd.grad(loss, (hidden, weight)))
+    assert len(calls) == 6  # 3 chunks, with and without gradients, all in the two-pass run
+    (loss, loss_no_grad, grad_h, grad_w), (want, _, want_h, want_w) = results[True], results[False]
+    assert abs(loss.item() - want.item()) <= 1e-5 * want.item() and loss_no_grad.item() == loss.item()
+    torch.testing.assert_close(grad_h, want_h, rtol=0.02, atol=2e-3)
+    torch.testing.assert_close(grad_w, want_w, rtol=0.02, atol=2e-3)
+
+
 def test_chunked_cross_entropy_keeps_no_full_logits():
     """Autograd saves only the two gradient tensors (N x D and V x D), never N x V logits."""
     hidden = torch.randn(64, 8, requires_grad=True)

@@ -56,18 +56,16 @@ _reused = threading.local()  # per thread: the CPU buffers of `_logit_buffers`
 
 
 def _logit_buffers(numel: int, compute: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat buffers for one chunk's logits when the matmuls run in bf16/fp16 (`compute`): `(low, high)`, `low` in
-    `compute` for the matmul and `high` the fp32 copy the softmax runs in. (In fp32 the matmul's own output is the
-    softmax buffer.)
+    """Flat buffers for one chunk's logits when the matmuls run in bf16/fp16 (`compute`) on a CPU: `(low, high)`,
+    `low` in `compute` for the matmul and `high` the fp32 copy the softmax runs in. (In fp32 the matmul's own output
+    is the softmax buffer; a GPU takes `_log_softmax_loss`, which needs no buffers.)
 
-    On a CPU the two are kept between calls (per thread, grown when needed), since there a step that allocates them
-    afresh pays page faults for tens of MiB every time (glibc returns such blocks to the system): mini_deepseekv3's
-    bf16 step at 2 threads runs 7% faster with them (158 -> 147 ms). On a GPU they are allocated per call (the
-    caching allocator already reuses memory). What they hold: chunk x vocabulary x 6 bytes (192 MiB at 1,024 x 32k).
+    They are kept between calls (per thread, grown when needed), since on a CPU a step that allocates them afresh
+    pays page faults for tens of MiB every time (glibc returns such blocks to the system): mini_deepseekv3's bf16
+    step at 2 threads runs 7% faster with them (158 -> 147 ms). What they hold: chunk x vocabulary x 6 bytes
+    (192 MiB at 1,024 x 32k).
     """
-    if device.type != "cpu":
-        return (torch.empty(numel, dtype=compute, device=device),
-                torch.empty(numel, dtype=torch.float32, device=device))
+    assert device.type == "cpu", "the logit buffers are for the CPU's in-place softmax"
     buffers = getattr(_reused, "buffers", None)
     if buffers is None:
         buffers = _reused.buffers = {}
@@ -75,6 +73,58 @@ def _logit_buffers(numel: int, compute: torch.dtype, device: torch.device) -> tu
         if dtype not in buffers or buffers[dtype].numel() < numel:
             buffers[dtype] = torch.empty(numel, dtype=dtype)
     return buffers[compute], buffers[torch.float32]
+
+
+def log_softmax_path(device: torch.device) -> bool:
+    """Whether bf16/fp16 chunks take `_log_softmax_loss` (GPUs) rather than `_in_place_softmax_loss` (CPUs)."""
+    return device.type != "cpu"
+
+
+def _in_place_softmax_loss(
+    h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool,
+    buffers: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of CE over one chunk (fp32, 0-d) and `d_logits` = softmax - one_hot (n, V) in the matmul dtype (None
+    without `need_grad`). The logits are upcast to fp32 and the softmax is formed in place in them (max, subtract,
+    exp, sum, divide): log_softmax + exp would write a second (n, V) tensor, about a quarter of the loss's
+    non-matmul time on a CPU. `buffers` are `_logit_buffers` when the matmul runs in bf16/fp16, else None (fp32)."""
+    n, vocab = h.shape[0], weight.shape[0]
+    if buffers is not None:
+        low, high = buffers
+        logits_c = torch.mm(h, weight.t(), out=low[: n * vocab].view(n, vocab))  # (n, V) in bf16/fp16
+        logits = high[: n * vocab].view(n, vocab).copy_(logits_c)  # fp32
+    else:
+        logits = mm(h, weight.t())  # (n, V) fp32 (oneDNN on a CPU, see layers/linear.py)
+    target_logit = logits.gather(1, t[:, None])  # (n, 1)
+    row_max = logits.amax(dim=1, keepdim=True)  # (n, 1)
+    probs = logits.sub_(row_max).exp_()  # unnormalised, in place
+    row_sum = probs.sum(dim=1, keepdim=True)  # (n, 1)
+    loss = (row_max + row_sum.log() - target_logit).sum()  # sum of logsumexp - target logit
+    if not need_grad:
+        return loss, None
+    d_logits = probs.div_(row_sum)  # softmax
+    d_logits[torch.arange(n, device=t.device), t] -= 1.0  # in fp32, before any rounding to bf16/fp16
+    if buffers is not None:
+        d_logits = logits_c.copy_(d_logits)  # back to bf16/fp16, in the low-precision buffer
+    return loss, d_logits
+
+
+def _log_softmax_loss(
+    logits: torch.Tensor, t: torch.Tensor, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_in_place_softmax_loss` for bf16/fp16 `logits` (n, V) on a GPU, where the chunk's memory traffic is the
+    cost: an fp32 log-softmax of the low-precision logits (the reference's upcast + log_softmax, fused), then its
+    exp written straight back over the logits in their own dtype. Two passes over the chunk instead of seven,
+    about a third of the bytes moved. (On a CPU the in-place path wins: it reuses its buffers.)"""
+    log_probs = torch.log_softmax(logits, dim=1, dtype=torch.float32)  # (n, V) fp32
+    target = log_probs.gather(1, t[:, None]).squeeze(1)  # (n,) log p of each target
+    loss = -target.sum()
+    if not need_grad:
+        return loss, None
+    d_logits = torch.exp(log_probs, out=logits)  # softmax, rounded once to bf16/fp16
+    rows = torch.arange(logits.shape[0], device=t.device)
+    d_logits[rows, t] = (target.exp() - 1.0).to(logits.dtype)  # p - 1 formed in fp32, as the in-place path does
+    return loss, d_logits
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -98,40 +148,28 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(device_type)
         compute = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
         hidden_c, weight_c = hidden.to(compute), weight.to(compute)
-        vocab = weight.shape[0]
         low_precision = compute != torch.float32
-        if low_precision:
-            low, high = _logit_buffers(min(chunk_size, hidden.shape[0]) * vocab, compute, hidden.device)
+        two_pass = low_precision and log_softmax_path(hidden.device)
+        buffers = None
+        if low_precision and not two_pass:
+            buffers = _logit_buffers(min(chunk_size, hidden.shape[0]) * weight.shape[0], compute, hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden_c[start : start + chunk_size]  # (n, D)
             t = targets[start : start + chunk_size]  # (n,)
-            n = h.shape[0]
-            if low_precision:
-                logits_c = torch.mm(h, weight_c.t(), out=low[: n * vocab].view(n, vocab))  # (n, V) in `compute`
-                logits = high[: n * vocab].view(n, vocab).copy_(logits_c)  # fp32
+            if two_pass:
+                chunk_loss, d_logits = _log_softmax_loss(torch.mm(h, weight_c.t()), t, need_h or need_w)
             else:
-                logits = mm(h, weight_c.t())  # (n, V) fp32 (oneDNN on a CPU, see layers/linear.py)
-            # The softmax is formed in place in the fp32 logits (max, subtract, exp, sum, divide): log_softmax + exp
-            # would write a second (n, V) tensor (on a CPU, about a quarter of the loss's non-matmul time).
-            target_logit = logits.gather(1, t[:, None])  # (n, 1)
-            row_max = logits.amax(dim=1, keepdim=True)  # (n, 1)
-            probs = logits.sub_(row_max).exp_()  # unnormalised, in place
-            row_sum = probs.sum(dim=1, keepdim=True)  # (n, 1)
-            total += (row_max + row_sum.log() - target_logit).sum()  # sum of logsumexp - target logit
-            if need_h or need_w:
-                d_logits = probs.div_(row_sum)  # softmax
-                d_logits[torch.arange(n, device=t.device), t] -= 1.0  # in fp32, before any rounding to `compute`
-                if low_precision:
-                    d_logits = logits_c.copy_(d_logits)  # back to `compute`, in the low-precision buffer
-                if need_h:
-                    grad_h[start : start + chunk_size] = mm(d_logits, weight_c)  # (n, D)
-                if need_w:
-                    if grad_w is None:
-                        grad_w = mm(d_logits.t(), h).float()  # (V, D)
-                    elif low_precision:
-                        grad_w += mm(d_logits.t(), h).float()
-                    else:
-                        addmm_(grad_w, d_logits.t(), h)  # accumulate in place
+                chunk_loss, d_logits = _in_place_softmax_loss(h, weight_c, t, need_h or need_w, buffers)
+            total += chunk_loss
+            if need_h:
+                grad_h[start : start + chunk_size] = mm(d_logits, weight_c)  # (n, D)
+            if need_w:
+                if grad_w is None:
+                    grad_w = mm(d_logits.t(), h).float()  # (V, D)
+                elif low_precision:
+                    grad_w += mm(d_logits.t(), h).float()
+                else:
+                    addmm_(grad_w, d_logits.t(), h)  # accumulate in place
         if need_w and grad_w is None:  # no target rows: a zero gradient, not None (DDP expects every gradient)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)

@@ -13,6 +13,7 @@ bit-identical to transformers' in every dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,14 +38,16 @@ class RMSNorm(nn.Module):
             self.weight.fill_(0.0 if self.zero_centered else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        input_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # `F.rms_norm` computes x * rsqrt(mean(x^2) + eps) (* weight) as the references do, in one fused kernel
+        # forward and backward on a GPU, where the separate ops cost 6 + 10 memory-bound kernels per norm.
+        input_dtype, shape = x.dtype, (x.shape[-1],)
         if self.zero_centered:
             # Scale in fp32, then cast (as Qwen3-Next does).
-            return (x32 * (1.0 + self.weight.float())).to(input_dtype)
+            return F.rms_norm(x.float(), shape, 1.0 + self.weight.float(), self.eps).to(input_dtype)
+        if input_dtype == self.weight.dtype == torch.float32:  # e.g. the residual stream under autocast
+            return F.rms_norm(x, shape, self.weight, self.eps)
         # Cast, then scale in the weight's dtype (as Llama does).
-        return self.weight * x32.to(input_dtype)
+        return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(input_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, zero_centered={self.zero_centered}"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 
 import torch
 
@@ -58,18 +59,72 @@ def conv_ops():
     return _import("causal_conv1d")
 
 
+_FLA_PROBES: dict[tuple[str, torch.dtype, int, int], bool] = {}  # fla_works' answers
+
+
 def clear_cache() -> None:
-    """Forget the import results (tests install and remove stand-in modules)."""
+    """Forget the import and probe results (tests install and remove stand-in modules)."""
     _import.cache_clear()
+    _FLA_PROBES.clear()
 
 
 def _kernels_apply(t: torch.Tensor) -> bool:
     return t.device.type in KERNEL_DEVICE_TYPES and t.dtype in KERNEL_DTYPES
 
 
-def fla_applies(q: torch.Tensor) -> bool:
-    """Whether `gated_delta_rule` will run fla's kernels for activations like `q`."""
-    return _kernels_apply(q) and fla_ops() is not None
+def fla_applies(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
+    """Whether `gated_delta_rule` will run fla's kernels for activations like `q` (and `v`): the package imports
+    and its kernels passed `fla_works`' test call on this device, dtype and head sizes."""
+    if not _kernels_apply(q) or fla_ops() is None:
+        return False
+    value_dim = q.shape[-1] if v is None else v.shape[-1]
+    return fla_works(str(q.device), q.dtype, q.shape[-1], value_dim)
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the probe's answer as a constant
+def fla_works(device: str, dtype: torch.dtype, key_dim: int, value_dim: int) -> bool:
+    """Whether fla's chunked kernel computes the gated delta rule right, forward and backward, on `device` in
+    `dtype` for heads of these sizes: one small call against our torch path, once per process and configuration.
+
+    fla refuses or breaks some setups only at run time: 0.6 raises in the backward on Hopper GPUs with Triton
+    3.4 - 3.7.0 (a Triton miscompilation, fla issue #640), and older versions ran those setups silently wrong.
+    Then the torch path trains instead, with a warning, rather than the run failing at its first backward.
+    """
+    key = (device, dtype, key_dim, value_dim)
+    if key not in _FLA_PROBES:
+        _FLA_PROBES[key] = _probe_fla(*key)
+    return _FLA_PROBES[key]
+
+
+def _probe_fla(device: str, dtype: torch.dtype, key_dim: int, value_dim: int) -> bool:
+    from minillm.models.mini_qwen3_next.gated_deltanet import chunk_gated_delta_rule
+
+    gen = torch.Generator().manual_seed(0)
+    length, heads = 128, 2
+    q, k = (torch.randn(1, length, heads, key_dim, generator=gen) for _ in range(2))
+    v = torch.randn(1, length, heads, value_dim, generator=gen)
+    g = -torch.rand(1, length, heads, generator=gen)  # log decay
+    beta = torch.rand(1, length, heads, generator=gen)
+    results = []
+    try:
+        fla_rule = functools.partial(gated_delta_rule, output_final_state=False)
+        for kernel, run_dtype in ((fla_rule, dtype), (chunk_gated_delta_rule, torch.float32)):
+            inputs = [t.to(device, run_dtype).requires_grad_() for t in (q, k, v)]
+            with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+                out, _ = kernel(*inputs, g.to(device), beta.to(device, run_dtype))
+                out.float().square().sum().backward()
+            results.append([out.detach().float()] + [t.grad.float() for t in inputs])
+    except Exception as err:  # whatever the package raises: the torch path still works
+        warnings.warn(f"flash-linear-attention's gated delta rule failed a test call on {device} ({err}); "
+                      f"Gated DeltaNet uses the torch implementation instead", stacklevel=2)
+        return False
+    worst = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(*results, strict=True))
+    if not worst <= 0.05:  # bf16 rounding stays near 1e-2 of the largest value; a wrong kernel is off by ~1
+        warnings.warn(f"flash-linear-attention's gated delta rule differs from the torch implementation on {device} "
+                      f"(max relative error {worst:.2g}); Gated DeltaNet uses the torch implementation instead",
+                      stacklevel=2)
+        return False
+    return True
 
 
 def conv_applies(x: torch.Tensor, prev: torch.Tensor | None) -> bool:

@@ -448,7 +448,7 @@ class GatedDeltaNet(nn.Module):
         # (fla's kernels take the bf16 activations and accumulate in fp32 themselves.)
         recurrent = cache is not None and recurrent_state is not None and L == 1
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            if fla_kernels.fla_applies(q):
+            if fla_kernels.fla_applies(q, v):
                 o, final_state = fla_kernels.gated_delta_rule(
                     q, k, v, g, beta, recurrent_state, doc_starts, recurrent=recurrent,
                     output_final_state=cache is not None,
