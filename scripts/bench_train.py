@@ -253,16 +253,22 @@ def profile_round(config: TrainConfig, run, device: torch.device, warmup: int, s
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # kernels by their own time, then operators with the kernels they launched (which kernel belongs to what)
+    sorts = ("self_device_time_total", "device_time_total") if cuda else ("self_cpu_time_total",)
     tables: list[str] = []
+
+    def tabulate(prof) -> None:
+        averages = prof.key_averages()
+        tables.extend(averages.table(sort_by=key, row_limit=40, max_name_column_width=100) for key in sorts)
+
     with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
-                 on_trace_ready=lambda p: tables.append(p.key_averages().table(sort_by=sort_by, row_limit=40))) as prof:
+                 on_trace_ready=tabulate) as prof:
         def next_profiler_step() -> float:
             prof.step()
             return 0.0
 
         run_trainer_round(config, run, device, warmup, sync=False, between_steps=next_profiler_step)
-    return tables[0] if tables else "(no steps were profiled)"
+    return "\n\n".join(tables) if tables else "(no steps were profiled)"
 
 
 def reference_step(reference, optimizer, input_ids: torch.Tensor, dtype: str) -> float:

@@ -120,6 +120,9 @@ def test_flash_linear_attention_kernels_match_the_torch_path(packed):
     if fla_kernels.fla_ops() is None:
         pytest.skip("flash-linear-attention is not installed")
     model = _tiny("mini_qwen3_next").train()
+    key_dim, value_dim = model.config.linear_key_head_dim, model.config.linear_value_head_dim
+    if not fla_kernels.fla_works(str(CUDA), torch.bfloat16, key_dim, value_dim):
+        pytest.skip("flash-linear-attention's kernels failed their test call on this GPU (see the warning)")
     ids = _ids(2, 128, seed=2)
     position_ids = None
     if packed:
