@@ -128,12 +128,13 @@ def test_dispatch_rules(monkeypatch):
     assert packed_backend(fake(False, torch.bfloat16), fake(False, torch.bfloat16)) == "sdpa"  # CPU
     assert packed_backend(fake(True, torch.bfloat16), fake(True, torch.bfloat16)) == "flex"  # no flash-attn
     assert packed_backend(fake(True, torch.float32), fake(True, torch.float32), dropout_p=0.1) == "sdpa"
+    assert packed_backend(fake(True, torch.float32), fake(True, torch.float32)) == "sdpa"  # flex: half precision
 
     install_flash(monkeypatch, lambda *a, **k: None, module="flash_attn")
     bf16, fp32 = fake(True, torch.bfloat16), fake(True, torch.float32)
     assert packed_backend(bf16, bf16) == "flash"
     assert packed_backend(fake(True, torch.float16), fake(True, torch.float16)) == "flash"
-    assert packed_backend(fp32, fp32) == "flex"  # flash-attn has no fp32 kernels
+    assert packed_backend(fp32, fp32) == "sdpa"  # flash-attn has no fp32 kernels, flex none that compiled (H200)
     assert packed_backend(bf16, bf16, dropout_p=0.1) == "flash"  # flash-attn 2 has dropout
     assert packed_backend(fake(True, torch.bfloat16, 320), fake(True, torch.bfloat16, 320)) == "flex"  # > 256
     assert packed_backend(fake(False, torch.bfloat16), fake(False, torch.bfloat16)) == "sdpa"

@@ -57,11 +57,13 @@ def test_models_match_their_reference_on_cuda(name):
     model = _tiny(name).eval()
     ref = model_package(name).to_reference(model).to(CUDA).eval()
     ids = _ids(2, 64)
-    with torch.no_grad():
-        diff = (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
+    with torch.no_grad():  # no cache: the numbers, not the cache API of the installed transformers
+        logits, ref_logits = model(input_ids=ids, use_cache=False).logits, ref(input_ids=ids, use_cache=False).logits
+        diff = (logits - ref_logits).abs().max().item()
         assert diff <= 1e-3, f"{name}: fp32 logits differ from the reference by {diff:.3g} on CUDA"
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            ours, theirs = model(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss
+            ours = model(input_ids=ids, labels=ids, use_cache=False).loss
+            theirs = ref(input_ids=ids, labels=ids, use_cache=False).loss
         assert abs(ours.item() - theirs.item()) <= 0.02 * theirs.item(), f"{name}: bf16 loss {ours} != {theirs}"
 
 
@@ -85,8 +87,9 @@ def test_grouped_mm_kernel_matches_padded_fallback_on_cuda():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_packed_documents_through_flex_attention_match_dense_masks(name):
-    """Training-style packed rows (position_ids restarting at 0): the compiled flex_attention path gives the same
-    loss and gradients as SDPA with the dense block-diagonal mask."""
+    """Training-style packed rows (position_ids restarting at 0) under bf16 autocast, where the dispatch takes
+    flex_attention: the same loss and gradients as SDPA with the dense block-diagonal mask, to bf16 rounding.
+    (In fp32 the dispatch never takes flex: on an H200 with torch 2.11 compiling it for these GQA layers failed.)"""
     model = _tiny(name).train()
     ids = _ids(2, 96, seed=1)
     position_ids = torch.cat([torch.arange(n) for n in (40, 31, 25)])[None].expand(2, -1).to(CUDA)
@@ -94,14 +97,14 @@ def test_packed_documents_through_flex_attention_match_dense_masks(name):
     for backend in ("flex", "sdpa"):
         model.zero_grad()
         torch.manual_seed(0)
-        with force_attention_backend(backend):
+        with force_attention_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, position_ids=position_ids, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), _grads(model)))
     (flex_loss, flex_grads), (sdpa_loss, sdpa_grads) = results
-    assert abs(flex_loss.item() - sdpa_loss.item()) <= 1e-4 * sdpa_loss.item()
-    for key, want in sdpa_grads.items():
-        assert _relative(flex_grads[key], want) <= 1e-3, key
+    assert abs(flex_loss.item() - sdpa_loss.item()) <= 1e-3 * sdpa_loss.item()
+    worst = max(_relative(flex_grads[key], want) for key, want in sdpa_grads.items())
+    assert worst <= 0.05, f"{name}: flex gradients differ from SDPA's by {worst:.3g} (relative to the largest)"
 
 
 def _without_fla(fn):

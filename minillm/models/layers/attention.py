@@ -16,8 +16,9 @@ Dispatch for `PackedDocs` (`sdpa_attention`; `force_attention_backend` overrides
 1. "flash": CUDA, fp16/bf16 (the tensors' dtype, or autocast's under mixed precision), `flash_attn` installed
    (extra `gpu`): `flash_attn_varlen_func` over the unpadded tokens with `cu_seqlens`. Masked blocks cost nothing
    and no (L, L) mask exists. flash-attn 3 (`flash_attn_interface`) is preferred when present.
-2. "flex": CUDA otherwise (fp32, or no flash-attn), without dropout: `flex_attention`, compiled once per process,
-   with a document-causal `BlockMask`, which also skips the masked blocks.
+2. "flex": CUDA, fp16/bf16, without flash-attn and without dropout: `flex_attention`, compiled once per process,
+   with a document-causal `BlockMask`, which also skips the masked blocks. (Not in fp32: on an H200 with torch 2.11
+   its compilation found no kernel for the fp32 GQA layers of the tiny presets.)
 3. "sdpa": everywhere else (CPU above all: flex_attention has no CPU backward): SDPA with the dense block-diagonal
    mask, the exact reference of the two paths above.
 
@@ -319,10 +320,11 @@ def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> 
         return forced
     if not q.is_cuda:
         return "sdpa"
+    if compute_dtype("cuda", q.dtype) not in (torch.float16, torch.bfloat16):
+        return "sdpa"
     flash = flash_varlen_function()
     if (
         flash is not None
-        and compute_dtype("cuda", q.dtype) in (torch.float16, torch.bfloat16)
         and flash_head_dim(q.shape[-1], v.shape[-1]) <= FLASH_MAX_HEAD_DIM
         and (dropout_p == 0.0 or flash[1])
     ):
