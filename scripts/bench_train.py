@@ -246,9 +246,9 @@ def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: in
 
 
 def profile_round(config: TrainConfig, run, device: torch.device, warmup: int, steps: int = 5) -> str:
-    """The operators of `steps` trainer steps after the warm-up (torch.profiler), by self time on the device
-    (CUDA) or the CPU: where the step time goes, kernel by kernel. The profiler steps at each step boundary, from
-    the hook the reference steps use."""
+    """Where the time of `steps` trainer steps after the warm-up goes (torch.profiler): on CUDA the kernels by their
+    own time and the operators by the time of the kernels they launched, on a CPU the operators by their own time.
+    The profiler steps at each step boundary, from the hook the reference steps use."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = device.type == "cuda"
