@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fp32 CPU matmuls of the trainer's model: oneDNN (default) or torch's (MKL); the "
                              "reference always runs torch's")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--no-nonfinite-check", action="store_true",
+                        help="measurement only: skip the trainer's per-step non-finite loss check (its one wait for "
+                             "the device per step), to see what that wait costs on a GPU")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="after the timed rounds, profile 5 steps of one more trainer round (torch.profiler) and "
                              "write the operators that take the most time (self time on the device) to FILE")
@@ -333,8 +336,14 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("error: --against-reference compares single-batch steps; drop --accumulation")
 
     dtypes = args.dtype.split(",")
-    with force_cpu_matmul(args.cpu_matmul):
-        results = measure(args, device, dtypes)
+    original_check = trainer_module.step_is_bad
+    if args.no_nonfinite_check:
+        trainer_module.step_is_bad = lambda accelerator, all_finite: False  # every step counts as finite
+    try:
+        with force_cpu_matmul(args.cpu_matmul):
+            results = measure(args, device, dtypes)
+    finally:
+        trainer_module.step_is_bad = original_check
     for result in results.values():
         print_result(result)
     if len(dtypes) == 2:  # fp32,bf16: round r of each ran back to back
@@ -409,6 +418,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
             "threads": torch.get_num_threads(), "clock": args.clock, "dtype": dtype, "batch": args.batch,
             "accumulation": args.accumulation, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
             "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+            "nonfinite_check": not args.no_nonfinite_check,
             "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": m["rates"], "peak_memory_bytes": memory,
             "flops_per_token": stats.flops_per_token, "peak_flops": m["peak"],
             "mfu": perf.mfu(tokens_per_s, stats.flops_per_token, m["peak"]),
@@ -431,7 +441,8 @@ def print_result(res: dict) -> None:
     print(f"{res['model']} ({res['preset']}), {where}, {res['dtype']}, batch {res['batch']}"
           f"{' x ' + str(res['accumulation']) if res['accumulation'] > 1 else ''} x {res['seq']}, "
           f"{res['rounds']} rounds x {res['steps']} steps"
-          f"{', compiled' if res['compile'] else ''}{', grad checkpointing' if res['grad_checkpointing'] else ''}")
+          f"{', compiled' if res['compile'] else ''}{', grad checkpointing' if res['grad_checkpointing'] else ''}"
+          f"{'' if res['nonfinite_check'] else ', no non-finite check'}")
     rounds = " ".join(f"{r:,.0f}" for r in res["tokens_per_s_rounds"])
     print(f"  trainer     {res['tokens_per_s']:>10,.0f} tok/s   (rounds: {rounds})")
     if res["peak_memory_bytes"]:

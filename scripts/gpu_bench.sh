@@ -6,7 +6,9 @@
 #   2. mini_llama3 compiled;
 #   3. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
 #      flex_attention for packed documents, flash-linear-attention's Gated DeltaNet kernels when installed);
-#   4. the packed-attention kernels (scripts/bench_attention.py; ATTENTION=0 skips them) in the time left.
+#   4. in the time left: mini_llama3 with and without the trainer's per-step non-finite check (what its wait
+#      costs), the MoE models compiled, and the packed-attention kernels (scripts/bench_attention.py; ATTENTION=0
+#      skips them).
 # Prints tokens/s, MFU (peak from the GPU table in minillm/training/perf.py), peak memory and the step-time shares,
 # then one summary table. Goals (issue 7): MFU >= 40% for mini_llama3, >= 25% for the MoE models on one H100.
 # Every stage is capped by `timeout`, the whole script by BUDGET seconds (default 470: under 8 minutes).
@@ -58,6 +60,13 @@ if (( deadline - SECONDS > 20 )); then
     timeout $((deadline - SECONDS)) python -m pytest -p no:cacheprovider tests/test_gpu.py -q -rs --tb=short \
         $per_test 2>&1 | tee "$OUT/tests.txt" || echo "tests/test_gpu.py: failures or timed out (see $OUT/tests.txt)"
 fi
+# What the trainer's one wait per step (its non-finite loss check) costs: the same eager run without it. No reference
+# here: stepping one alternately would add a wait at every step boundary.
+run mini_llama3_eager --model mini_llama3
+run mini_llama3_no_check --model mini_llama3 --no-nonfinite-check
+# torch.compile of the MoE models (bf16 grouped_mm stays in the graph)
+run mini_deepseekv3_compiled --model mini_deepseekv3 --compile
+run mini_qwen3_next_compiled --model mini_qwen3_next --compile
 # Packed-document attention paths (block-mask SDPA vs flex vs flash-attn varlen), in the time left; text, not JSON.
 if [[ ${ATTENTION:-1} == 1 ]] && (( deadline - SECONDS > 30 )); then
     timeout $((deadline - SECONDS)) python scripts/bench_attention.py --device cuda --dtype bf16 --seq 1024 2048 4096 \

@@ -229,6 +229,15 @@ def injected_nonfinite_steps(rank: int) -> set[int]:
     return steps
 
 
+def step_is_bad(accelerator, all_finite: torch.Tensor) -> bool:
+    """Whether any rank saw a non-finite loss in this step (then every rank drops it). The one point where the host
+    waits for the device in every step (`scripts/bench_train.py --no-nonfinite-check` measures what it costs)."""
+    finite = all_finite.to(torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    return finite.item() < 1.0
+
+
 def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Tensor]],
                      poison_last: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches of one step; gradients end up accumulated (and, on the
@@ -262,10 +271,7 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
             if i == accumulation - 1:
                 # Checked once per step, before the last backward (the one that synchronises gradients across
                 # ranks, and in which DeepSpeed's engine steps): one host sync per step, not per micro-batch.
-                finite = all_finite.to(torch.float32).reshape(1)
-                if accelerator.num_processes > 1:
-                    finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-                bad = finite.item() < 1.0  # some rank saw a non-finite loss: every rank drops this step
+                bad = step_is_bad(accelerator, all_finite)
             if bad:
                 if uses_deepspeed():
                     # The engine steps inside the last backward, on whatever this step accumulated: NaN gradients
