@@ -35,7 +35,6 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'cuda',
 python -c "import fla.ops.gated_delta_rule" 2>/dev/null && echo "flash-linear-attention: installed" \
     || echo "flash-linear-attention: not installed (torch DeltaNet path)"
 
-
 run() {  # run NAME ARGS...: one bench_train run with its own time cap, skipped when the script's budget is spent
     local name=$1; shift
     local left=$((deadline - SECONDS))
