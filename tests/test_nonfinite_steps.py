@@ -162,3 +162,26 @@ def test_deepspeed_setups_that_would_apply_non_finite_gradients_are_refused(ds, 
     with pytest.raises(UserError, match=message):
         check_skips_nonfinite(ds, precision, "ds.json")
     check_skips_nonfinite({**ds, "zero_optimization": {"stage": 3}}, precision, "ds.json")  # ZeRO-3 always checks
+
+
+def test_the_finite_check_is_read_after_the_last_backward_is_queued(monkeypatch):
+    """Without DeepSpeed the host reads the step's finite flag only once the last backward is queued: on a GPU the
+    device runs that backward while the host waits for the forward's flag. A non-finite step is still skipped, its
+    gradients computed and then dropped."""
+    from accelerate import Accelerator
+
+    from minillm.models.registry import build_model
+    from minillm.training import trainer
+
+    accelerator = Accelerator(cpu=True)
+    model = build_model("mini_llama3", "tiny", vocab_size=64, num_hidden_layers=1)
+    events = []
+    backward, is_bad = accelerator.backward, trainer.step_is_bad
+    monkeypatch.setattr(accelerator, "backward", lambda loss, **kw: events.append("backward") or backward(loss, **kw))
+    monkeypatch.setattr(trainer, "step_is_bad", lambda check: events.append("check") or is_bad(check))
+    ids = torch.randint(0, 64, (2, 8))
+    for poison in (False, True):
+        events.clear()
+        result = trainer.forward_backward(accelerator, model, [{"input_ids": ids, "labels": ids}] * 2,
+                                          poison_last=poison)
+        assert events == ["backward", "backward", "check"] and result.skipped is poison

@@ -15,9 +15,10 @@ Notable choices:
 - Data: `batches.GlobalBatches` makes the data of a step independent of world size and accumulation.
 - A non-finite loss on any rank skips the step on all ranks, the same way on every backend: no weight, optimizer
   state, scheduler or MoE-bias change; the step is counted (`skipped_steps`) and logged, and `max_bad_steps` in a
-  row stop the run with a clear message. Plain / DDP: no backward for the rest of the step, gradients dropped,
-  no optimizer step. DeepSpeed steps the engine inside the last backward, so there the rest of the step's
-  micro-batches back-propagate a NaN-scaled loss: the engine's own overflow check (ZeRO-1/2 in fp32 and bf16, ZeRO-3
+  row stop the run with a clear message. Plain / DDP: the step's backward still runs (the flag is read once the last
+  backward is queued, so a GPU has that backward to run while the host waits), then its gradients are dropped, no optimizer
+  step. DeepSpeed steps the engine inside the last backward, so there the flag is read before it and the last
+  micro-batch back-propagates a NaN-scaled loss: the engine's own overflow check (ZeRO-1/2 in fp32 and bf16, ZeRO-3
   in any precision, fp16 loss scaling) then discards the step, clears its gradients and counts it in the engine's
   `skipped_steps`, which the loop verifies. DeepSpeed setups that would apply NaN gradients instead (ZeRO-0 in fp32,
   and opt-outs of that check) are refused at start (`launch.check_skips_nonfinite`).
@@ -229,13 +230,37 @@ def injected_nonfinite_steps(rank: int) -> set[int]:
     return steps
 
 
-def step_is_bad(accelerator, all_finite: torch.Tensor) -> bool:
-    """Whether any rank saw a non-finite loss in this step (then every rank drops it). The one point where the host
-    waits for the device in every step (`scripts/bench_train.py --no-nonfinite-check` measures what it costs)."""
-    finite = all_finite.to(torch.float32).reshape(1)
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-    return finite.item() < 1.0
+class FiniteCheck:
+    """Whether every rank's losses of this step were finite, on its way to the host.
+
+    Started right after the step's last forward: the flag is reduced across ranks and, on a GPU, copied to pinned
+    host memory without blocking, with an event behind it. `step_is_bad` reads it after the last backward has been
+    queued, so the host waits only for the forward while the device already has the backward to run, instead of
+    the device waiting for the host to queue the backward. (What the wait still costs on a GPU is not measured yet:
+    `scripts/gpu_bench.sh` runs mini_llama3 with and without the check.)
+    """
+
+    def __init__(self, accelerator, all_finite: torch.Tensor) -> None:
+        finite = all_finite.to(torch.float32).reshape(1)
+        if accelerator.num_processes > 1:
+            finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+        self.event = None
+        if finite.is_cuda:
+            self.host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+            self.host.copy_(finite, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = finite
+
+
+def step_is_bad(check: FiniteCheck) -> bool:
+    """Whether some rank saw a non-finite loss in this step (then every rank drops it). The one point where the
+    host waits for the device in every step (`scripts/bench_train.py --no-nonfinite-check` measures what it
+    costs)."""
+    if check.event is not None:
+        check.event.synchronize()
+    return check.host.item() < 1.0
 
 
 def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Tensor]],
@@ -244,9 +269,11 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     last micro-batch, synchronised across ranks). Does not step the optimizer (DeepSpeed's engine does, inside the
     last backward). `poison_last` (test-only fault injection) makes the last micro-batch's loss +inf.
 
-    The host waits for the device once per step here, in one process: for the non-finite check before the last
-    backward, which a skipped step needs decided before anything is applied. With several processes the target count
-    of the step's batch is summed across ranks first (a second wait). The results stay on the device (`StepResult`)."""
+    The host waits for the device once per step here, in one process: for the non-finite check, which a skipped step
+    needs decided before anything is applied. It reads the flag of the last forward after the last backward has been
+    queued (`FiniteCheck`); under DeepSpeed, whose engine steps inside the last backward, before it. With several
+    processes the target count of the step's batch is summed across ranks first (a second wait). The results stay
+    on the device (`StepResult`)."""
     device = accelerator.device
     local = torch.tensor([sum(count_targets(b) for b in micro_batches),
                           sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64)
@@ -258,7 +285,7 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)
     aux_sums: dict[str, torch.Tensor] = {}
     counts = None
-    bad = False
+    check = None
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # async from pinned memory
@@ -269,16 +296,14 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
                 loss = loss + float("inf")  # its gradient stays finite: skipping must not rely on NaN gradients
             all_finite &= torch.isfinite(loss.detach())
             if i == accumulation - 1:
-                # Checked once per step, before the last backward (the one that synchronises gradients across
-                # ranks, and in which DeepSpeed's engine steps): one host sync per step, not per micro-batch.
-                bad = step_is_bad(accelerator, all_finite)
-            if bad:
-                if uses_deepspeed():
+                check = FiniteCheck(accelerator, all_finite)  # once per step, not per micro-batch
+                if uses_deepspeed() and step_is_bad(check):
                     # The engine steps inside the last backward, on whatever this step accumulated: NaN gradients
                     # make its overflow check discard the whole step (and count it in its skipped_steps).
                     accelerator.backward(loss * float("nan"))
-                continue  # without DeepSpeed the accumulated gradients are dropped by `optimizer_step`
-            # Accelerate / DeepSpeed divide by the accumulation steps; the loss is already globally normalised
+                    return StepResult(targets=targets, tokens=tokens, skipped=True)
+            # Accelerate / DeepSpeed divide by the accumulation steps; the loss is already globally normalised.
+            # A non-finite step's gradients are computed too, then dropped by `optimizer_step`.
             accelerator.backward(loss * accumulation)
         aux = getattr(outputs, "aux_losses", None) or {"lm": loss.detach()}
         lm_sum += aux.get("lm", loss.detach()).double()
@@ -288,7 +313,7 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
         step_counts = getattr(outputs, "expert_counts", None)
         if step_counts is not None:
             counts = step_counts.detach().float() if counts is None else counts + step_counts.detach().float()
-    if bad:
+    if not uses_deepspeed() and step_is_bad(check):  # the last backward is queued: the device keeps busy
         return StepResult(targets=targets, tokens=tokens, skipped=True)
     names = sorted(aux_sums)
     # terms normalised by num_items_in_batch (LM, MTP) add up over micro-batches; the others are per-micro-batch means
