@@ -25,14 +25,15 @@ STEPS=${STEPS:-20}     # timed steps per round
 ROUNDS=${ROUNDS:-1}    # trainer runs per model (the reference alternates with the trainer step by step)
 PER_RUN=${PER_RUN:-140}  # seconds allowed per model run
 BUDGET=${BUDGET:-470}    # seconds for the whole script
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # images with only `python3` too
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import minillm from this checkout
 mkdir -p "$OUT"
 deadline=$((SECONDS + BUDGET))
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python -c "import fla.ops.gated_delta_rule" 2>/dev/null && echo "flash-linear-attention: installed" \
+"$PYTHON" -c "import fla.ops.gated_delta_rule" 2>/dev/null && echo "flash-linear-attention: installed" \
     || echo "flash-linear-attention: not installed (torch DeltaNet path)"
 
 run() {  # run NAME ARGS...: one bench_train run with its own time cap, skipped when the script's budget is spent
@@ -41,7 +42,7 @@ run() {  # run NAME ARGS...: one bench_train run with its own time cap, skipped 
     if (( left < 30 )); then echo "skip $name: time budget spent"; return; fi
     local cap=$(( left < PER_RUN ? left : PER_RUN ))
     echo "=== $name (cap ${cap}s)"
-    timeout "$cap" python scripts/bench_train.py --device cuda --preset base --dtype bf16 --seq 512 \
+    timeout "$cap" "$PYTHON" scripts/bench_train.py --device cuda --preset base --dtype bf16 --seq 512 \
         --batch "$BATCH" --steps "$STEPS" --warmup 3 --rounds "$ROUNDS" --log-every 10 \
         --json "$OUT/$name.json" "$@" 2>&1 | grep -v -E "Writing model shards|^pretrain " \
         || echo "$name: failed or timed out"
@@ -54,9 +55,9 @@ done
 run mini_llama3_compiled --model mini_llama3 --compile
 # The CUDA paths against their references (tests/test_gpu.py), each test capped at 60 s where pytest-timeout is
 # installed, the whole set by the budget left.
-per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
+per_test=$("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
 if (( deadline - SECONDS > 20 )); then
-    timeout $((deadline - SECONDS)) python -m pytest -p no:cacheprovider tests/test_gpu.py -q -rs --tb=short \
+    timeout $((deadline - SECONDS)) "$PYTHON" -m pytest -p no:cacheprovider tests/test_gpu.py -q -rs --tb=short \
         $per_test 2>&1 | tee "$OUT/tests.txt" || echo "tests/test_gpu.py: failures or timed out (see $OUT/tests.txt)"
 fi
 # What the trainer's one wait per step (its non-finite loss check) costs: the same eager run without it. No reference
@@ -68,11 +69,11 @@ run mini_deepseekv3_compiled --model mini_deepseekv3 --compile
 run mini_qwen3_next_compiled --model mini_qwen3_next --compile
 # Packed-document attention paths (block-mask SDPA vs flex vs flash-attn varlen), in the time left; text, not JSON.
 if [[ ${ATTENTION:-1} == 1 ]] && (( deadline - SECONDS > 30 )); then
-    timeout $((deadline - SECONDS)) python scripts/bench_attention.py --device cuda --dtype bf16 --seq 1024 2048 4096 \
-        2>&1 | tee "$OUT/attention.txt" || echo "bench_attention: failed or timed out"
+    timeout $((deadline - SECONDS)) "$PYTHON" scripts/bench_attention.py --device cuda --dtype bf16 \
+        --seq 1024 2048 4096 2>&1 | tee "$OUT/attention.txt" || echo "bench_attention: failed or timed out"
 fi
 
-python - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+"$PYTHON" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 
