@@ -31,7 +31,7 @@ apart), and prints the median over step pairs of the ratio trainer / reference t
     python scripts/bench_train.py --model mini_llama3 --preset base --grad-checkpointing --compile --device cuda
     python scripts/bench_train.py --model mini_llama3 --against-reference --threads 1 --clock process  # busy CPU
     python scripts/bench_train.py --model mini_llama3 --profile profile.txt   # kernels / operators of 5 steps
-    python scripts/bench_train.py --model mini_llama3 --preset base --device cuda --dtype bf16 --seq 512 \
+    python scripts/bench_train.py --model mini_llama3 --preset base --device cuda --dtype bf16 --seq 512 \\
         --batch 32 --no-nonfinite-check    # what the trainer's per-step non-finite check costs (compare without)
 
 The `cpu256` preset (default) is each model's `tiny` preset widened to hidden 256, 4 layers and an 8k vocabulary
