@@ -16,12 +16,12 @@ Notable choices:
 - A non-finite loss on any rank skips the step on all ranks, the same way on every backend: no weight, optimizer
   state, scheduler or MoE-bias change; the step is counted (`skipped_steps`) and logged, and `max_bad_steps` in a
   row stop the run with a clear message. Plain / DDP: the step's backward still runs (the flag is read once the last
-  backward is queued, so a GPU has that backward to run while the host waits), then its gradients are dropped, no optimizer
-  step. DeepSpeed steps the engine inside the last backward, so there the flag is read before it and the last
-  micro-batch back-propagates a NaN-scaled loss: the engine's own overflow check (ZeRO-1/2 in fp32 and bf16, ZeRO-3
-  in any precision, fp16 loss scaling) then discards the step, clears its gradients and counts it in the engine's
-  `skipped_steps`, which the loop verifies. DeepSpeed setups that would apply NaN gradients instead (ZeRO-0 in fp32,
-  and opt-outs of that check) are refused at start (`launch.check_skips_nonfinite`).
+  backward is queued, so a GPU has that backward to run while the host waits), then its gradients are dropped, no
+  optimizer step. DeepSpeed steps the engine inside the last backward, so there the flag is read before it and the
+  last micro-batch back-propagates a NaN-scaled loss: the engine's own overflow check (ZeRO-1/2 in fp32 and bf16,
+  ZeRO-3 in any precision, fp16 loss scaling) then discards the step, clears its gradients and counts it in the
+  engine's `skipped_steps`, which the loop verifies. DeepSpeed setups that would apply NaN gradients instead (ZeRO-0
+  in fp32, and opt-outs of that check) are refused at start (`launch.check_skips_nonfinite`).
 - Test-only fault injection: `MINILLM_TEST_NONFINITE_STEPS` (see `injected_nonfinite_steps`) makes the loss of
   chosen steps +inf, so tests can drive a real (even multi-process, launched) run through a non-finite step.
 - MoE: after each optimizer step, expert counts summed over the global batch drive `update_expert_bias`.
