@@ -3,7 +3,8 @@
 - `norm`: RMSNorm (and its zero-centered Qwen3-Next variant)
 - `rope`: rotary embeddings (partial rotary, rotate-half and interleaved layouts)
 - `attention`: causal attention with GQA, padding, KV cache and packed documents (SDPA; flash-attn varlen or
-  flex_attention on CUDA)
+  flex_attention on CUDA; `math_attention` for short rows on the CPU)
+- `math_attention`: attention as two batched matmuls around a softmax, with its own backward (the CPU kernel)
 - `linear`: `nn.Linear` with its fp32 CPU matmuls in oneDNN (twice MKL's rate on AMD Zen 5)
 - `mlp`: SwiGLU feed-forward
 - `loss`: chunked cross-entropy through the output head

@@ -19,8 +19,14 @@ Dispatch for `PackedDocs` (`sdpa_attention`; `force_attention_backend` overrides
 2. "flex": CUDA, fp16/bf16, without flash-attn and without dropout: `flex_attention`, compiled once per process,
    with a document-causal `BlockMask`, which also skips the masked blocks. (Not in fp32: on an H200 with torch 2.11
    its compilation found no kernel for the fp32 GQA layers of the tiny presets.)
-3. "sdpa": everywhere else (CPU above all: flex_attention has no CPU backward): SDPA with the dense block-diagonal
-   mask, the exact reference of the two paths above.
+3. otherwise (CPU above all: flex_attention has no CPU backward) the dense block-diagonal mask, on the kernel of
+   the next rule.
+
+Dispatch for plain causality, a boolean mask, and the dense mask of rule 3 (`dense_backend`):
+1. "math": CPU, no past, no dropout, bf16/fp16 (or MLA's unequal head dims in any dtype), at most 1,024 tokens:
+   `math_attention`, two batched matmuls around a softmax with a hand-written backward (2.1x SDPA's CPU kernel
+   per bf16 layer at 256 tokens; layers/math_attention.py).
+2. "sdpa": everywhere else: `F.scaled_dot_product_attention`, the exact reference of the other paths.
 
 Every query may always attend to itself, so rows that are pure padding produce finite garbage (SDPA, flex) or
 zeros (flash) instead of NaN; real tokens never see a padding key.
@@ -45,8 +51,9 @@ import torch.nn.functional as F
 
 from minillm.errors import UserError
 from minillm.models.layers.kernel_choice import KernelChoice
+from minillm.models.layers.math_attention import math_attention, math_attention_applies
 
-BACKENDS = ("sdpa", "flex", "flash")
+BACKENDS = ("sdpa", "flex", "flash", "math")
 
 
 def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -250,9 +257,10 @@ _BACKEND_CHOICE = KernelChoice("attention backend", "MINILLM_ATTENTION_BACKEND",
 
 
 def force_attention_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
-    """Use backend `name` ("sdpa", "flex", "flash") for every `PackedDocs` attention in this block, whatever the
-    device and dtype (None: automatic). Tests and benchmarks use it; the environment variable
-    `MINILLM_ATTENTION_BACKEND` does the same for a whole process."""
+    """Use backend `name` ("sdpa", "flex", "flash", "math") in this block, whatever the device and dtype (None:
+    automatic): "flex" and "flash" for every `PackedDocs` attention, "math" for every forward without past, "sdpa"
+    for everything else. Tests and benchmarks use it; the environment variable `MINILLM_ATTENTION_BACKEND` does the
+    same for a whole process."""
     return _BACKEND_CHOICE.force(name)
 
 
@@ -331,6 +339,21 @@ def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> 
         return "flash"
     if dropout_p == 0.0 and _compiled_flex_attention() is not None:
         return "flex"
+    return "sdpa"
+
+
+def dense_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """The kernel for a dense mask or plain causality: "math" (`math_attention`) or "sdpa" (see the module docstring).
+
+    A forced "math" runs wherever the kernel can (no past), a forced "sdpa" or any other forced name keeps SDPA.
+    """
+    forced = _BACKEND_CHOICE.pinned()
+    if forced == "math" and q.shape[2] == k.shape[2]:
+        if dropout_p:
+            raise UserError("attention backend 'math' has no attention dropout; set attention_dropout to 0")
+        return "math"
+    if forced is None and math_attention_applies(q, k, v, compute_dtype(q.device.type, q.dtype), dropout_p):
+        return "math"
     return "sdpa"
 
 
@@ -423,6 +446,11 @@ def sdpa_attention(
                                 "attention_dropout to 0")
             return flex_packed_attention(q, k, v, mask, scale)
         mask = mask.dense_mask()
+    if dense_backend(q, k, v, dropout_p) == "math":
+        dtype = compute_dtype(q.device.type, q.dtype)  # under autocast q/k may be fp32 and v bf16: one dtype
+        with torch.autocast(q.device.type, enabled=False):
+            out = math_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale)  # (B, H, Lq, Dv)
+        return out.transpose(1, 2)
     is_causal = mask is None and q.shape[2] > 1
     gqa = q.shape[1] != k.shape[1]
     if gqa and mask is not None and q.is_cuda:
