@@ -1,13 +1,14 @@
-"""Packed-document attention speed: forward + backward of each path `sdpa_attention` can take for packed rows.
+"""Attention speed: forward + backward of each path `sdpa_attention` can take, for packed or plainly causal rows.
 
-Paths (minillm/models/layers/attention.py): "sdpa" (the dense block-diagonal mask, the CPU path and the reference),
-"flex" (compiled flex_attention with a document BlockMask) and "flash" (flash-attn's varlen kernel over the
-unpadded tokens). Each runs on the same random packed batch: rows of `--seq` tokens cut into documents of random
+Paths (minillm/models/layers/attention.py): "sdpa" (the dense block-diagonal mask, the reference), "math" (the same
+mask through `math_attention`, the CPU kernel for bf16), "flex" (compiled flex_attention with a document BlockMask)
+and "flash" (flash-attn's varlen kernel over the unpadded tokens). Each runs on the same random packed batch: rows of `--seq` tokens cut into documents of random
 lengths (mean `--doc-len`), the heads of the `base` presets by default (12 query heads, 4 kv heads, head dim 64).
 Paths that cannot run here are listed with the reason (flash-attn needs CUDA and fp16/bf16; flex_attention has no
 CPU backward, so on CPU it is timed only with `--fwd-only`). For reference, "causal" is plain causal SDPA over the
 whole row (flash kernel on CUDA): it ignores the documents, so it is not a correct path, only the speed of an
-unmasked causal kernel doing more work.
+unmasked causal kernel doing more work. `--plain-causal` times rows of one document each instead (no mask: what
+pretraining without packing runs), where "sdpa" and "math" are the paths; `--v-head-dim` sets MLA's value head dim.
 
 Per path: milliseconds per step (median of `--steps`), the one-off preparation per forward (mask, cu_seqlens or
 BlockMask; shared by all layers of a model), peak extra GPU memory, the max abs difference from "sdpa" at real
@@ -17,6 +18,9 @@ tokens, and the speed-up over "sdpa".
     python scripts/bench_attention.py --fwd-only               # CPU: includes forward-only flex
     python scripts/bench_attention.py --device cuda --dtype bf16 --seq 1024 2048 4096 8192
     python scripts/bench_attention.py --device cuda --dtype fp32 --json attention.json   # flex vs sdpa
+    python scripts/bench_attention.py --dtype bf16 --plain-causal --batch 4 --heads 4 --kv-heads 2 --backends sdpa math
+    python scripts/bench_attention.py --dtype bf16 --plain-causal --batch 4 --heads 4 --kv-heads 4 --head-dim 96 \
+        --v-head-dim 64 --backends sdpa math                 # MLA's head dims (mini_deepseekv3)
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ def packed_positions(batch: int, seq: int, doc_len: int, seed: int) -> torch.Ten
     return torch.stack(rows)
 
 
-def unavailable(backend: str, device: torch.device, dtype: torch.dtype, fwd_only: bool) -> str | None:
+def unavailable(backend: str, device: torch.device, dtype: torch.dtype, fwd_only: bool, packed: bool) -> str | None:
     """Why `backend` cannot run here, or None."""
+    if not packed and backend in ("flash", "flex", "causal"):
+        return "packed rows only"
     if backend == "flash":
         if device.type != "cuda":
             return "needs CUDA"
@@ -76,15 +82,16 @@ def sync(device: torch.device) -> None:
 
 
 def bench_one(backend, q, k, v, pos, steps: int, warmup: int, fwd_only: bool):
-    """(median ms per step, preparation ms, peak extra bytes or None, output at real tokens)."""
+    """(median ms per step, preparation ms, peak extra bytes or None, output at real tokens); `pos` None: plain
+    causal rows."""
     device = q.device
     length = q.shape[2]
 
     def prepare():
-        if backend == "causal":
+        if backend == "causal" or pos is None:
             return None
         docs = prepare_attention(length, length, None, pos, device, q.shape[0])  # PackedDocs: rows are packed
-        {"sdpa": docs.dense_mask, "flex": docs.block_mask, "flash": docs.varlen}[backend]()
+        {"sdpa": docs.dense_mask, "math": docs.dense_mask, "flex": docs.block_mask, "flash": docs.varlen}[backend]()
         return docs
 
     mask = prepare()  # warm (flex: compiles create_block_mask)
@@ -134,11 +141,14 @@ def main() -> None:
     parser.add_argument("--doc-len", type=int, default=256, help="mean document length")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--head-dim", type=int, default=64, help="query/key head dim")
+    parser.add_argument("--v-head-dim", type=int, default=None, help="value head dim (default: --head-dim)")
+    parser.add_argument("--plain-causal", action="store_true", help="rows of one document each, no mask")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--fwd-only", action="store_true", help="time the forward pass only (no_grad)")
-    parser.add_argument("--backends", nargs="+", default=["sdpa", "flex", "flash", "causal"])
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="default: sdpa flex flash causal, and math on a CPU (its kernel's home)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -147,13 +157,17 @@ def main() -> None:
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     lengths = args.seq or ([1024, 2048, 4096, 8192] if on_cuda else [256, 512, 1024])
     batch = args.batch or (8 if on_cuda else 1)
+    args.backends = args.backends or ["sdpa", *([] if on_cuda else ["math"]), "flex", "flash", "causal"]
     steps = args.steps or (20 if on_cuda else 3)
     name = torch.cuda.get_device_name(device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
     mode = "forward" if args.fwd_only else "forward + backward"
+    v_dim = args.v_head_dim or args.head_dim
+    rows = "plain causal rows" if args.plain_causal else f"mean document {args.doc_len} tokens"
     print(f"{name}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, {mode}, batch {batch}, "
-          f"heads {args.heads}/{args.kv_heads} x {args.head_dim}, mean document {args.doc_len} tokens")
+          f"heads {args.heads}/{args.kv_heads} x {args.head_dim} (v {v_dim}), {rows}")
+    packed = not args.plain_causal
     for backend in args.backends:
-        why = unavailable(backend, device, dtype, args.fwd_only)
+        why = unavailable(backend, device, dtype, args.fwd_only, packed)
         if why:
             print(f"  {backend}: skipped, {why}")
 
@@ -164,11 +178,11 @@ def main() -> None:
         gen = torch.Generator().manual_seed(length)
         q = torch.randn(batch, args.heads, length, args.head_dim, generator=gen).to(device, dtype)
         k = torch.randn(batch, args.kv_heads, length, args.head_dim, generator=gen).to(device, dtype)
-        v = torch.randn(batch, args.kv_heads, length, args.head_dim, generator=gen).to(device, dtype)
-        pos = packed_positions(batch, length, args.doc_len, seed=length).to(device)
+        v = torch.randn(batch, args.kv_heads, length, v_dim, generator=gen).to(device, dtype)
+        pos = packed_positions(batch, length, args.doc_len, seed=length).to(device) if packed else None
         reference_ms, reference_out = None, None
         for backend in args.backends:
-            if unavailable(backend, device, dtype, args.fwd_only):
+            if unavailable(backend, device, dtype, args.fwd_only, packed):
                 continue
             try:
                 ms, prep_ms, peak, out = bench_one(backend, q, k, v, pos, steps, args.warmup, args.fwd_only)
@@ -189,7 +203,8 @@ def main() -> None:
             del out
     if args.json:
         meta = dict(device=name, dtype=str(dtype), mode=mode, batch=batch, heads=args.heads, kv_heads=args.kv_heads,
-                    head_dim=args.head_dim, doc_len=args.doc_len, torch=torch.__version__)
+                    head_dim=args.head_dim, v_head_dim=v_dim, doc_len=None if args.plain_causal else args.doc_len,
+                    torch=torch.__version__)
         args.json.write_text(json.dumps(dict(meta, results=results), indent=2))
 
 

@@ -255,5 +255,5 @@ def test_a_misspelt_kernel_variable_stops_the_command_before_it_writes(variable,
     code, err = run_cli_err(["pretrain", "--model", "mini_llama3", "--max-steps", "1"], capsys)
     assert code == 2 and err.strip().splitlines() == [f"error: {variable}='blas': known backends are "
                                                       + ", ".join(("onednn", "torch") if "MATMUL" in variable
-                                                                  else ("sdpa", "flex", "flash"))]
+                                                                  else ("sdpa", "flex", "flash", "math"))]
     assert list(tmp_path.iterdir()) == []

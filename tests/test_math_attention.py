@@ -111,7 +111,10 @@ def test_automatic_dispatch_rules():
     assert not applies(length=1)
     assert not applies(dropout=0.1)
     assert applies(length=math_attention.MATH_MAX_LEN) and not applies(length=math_attention.MATH_MAX_LEN + 1)
-    assert not applies(length=512, batch=2 * math_attention.MATH_MAX_SCORES // (4 * 512 * 512))  # too many scores
+    longest = math_attention.MATH_MAX_LEN_UNFUSED  # MLA dims in bf16: SDPA has no fused kernel to fall back on
+    assert applies(qk_dim=24, v_dim=16, length=longest) and not applies(qk_dim=24, v_dim=16, length=longest + 1)
+    assert not applies(torch.float32, qk_dim=24, v_dim=16, length=math_attention.MATH_MAX_LEN + 1)
+    assert not applies(length=256, batch=2 * math_attention.MATH_MAX_SCORES // (4 * 256 * 256))  # too many scores
 
     q, k, v = (x.to("meta") for x in qkv(dtype=torch.bfloat16))
     assert not math_attention_applies(q, k, v, torch.bfloat16)  # not a CPU tensor

@@ -3,19 +3,21 @@
 Why: on a CPU, SDPA's fused kernel ("flash attention for CPU") computes in fp32 whatever the input dtype, and
 its backward recomputes the scores block by block. For the short rows of CPU training that costs more than it
 saves: in bf16 the (L, L) score matrix of a few hundred tokens is cheap to keep, and bf16 batched matmuls run at
-twice the fp32 rate. Measured fp32/bf16 forward + backward of one layer at 2 threads (Zen 5, B x L = 1,024 tokens,
-4 query / 2 KV heads of 64): SDPA 5.6 ms, this kernel 2.6 ms at L = 256 (2.1x), 1.6x at 512, 1.1x at 1,024, and
-0.6x at 2,048, where the (L, L) matrices outgrow the caches. With query/key head dims that differ from the value
-head dim (MLA: 96 and 64) SDPA has no fused CPU kernel and runs its composite math path: this kernel is 2.7-3.4x
-faster in bf16 at every length up to 2,048 and 1.05-1.2x in fp32. In fp32 with equal head dims it is no faster
-than SDPA (MKL runs the fp32 batched matmuls), so `math_attention_applies` leaves that case to SDPA.
+twice the fp32 rate. Forward + backward of one layer at 2 threads (Zen 5; `scripts/bench_attention.py --dtype bf16
+--plain-causal`, 1-8 rows, 4 query / 2 KV heads of 64, or 12 / 4): this kernel runs 1.5-2.2x SDPA's speed at
+L = 256, 1.2-1.4x at 512 and 0.7-0.8x at 1,024, where the (L, L) matrices outgrow the caches (`MATH_MAX_LEN`).
+With query/key head dims that differ from the value head dim (MLA: 96 and 64) SDPA has no fused CPU kernel and
+runs its composite math path: this kernel is 2.7-3.5x faster in bf16 up to 2,048 tokens (`MATH_MAX_LEN_UNFUSED`)
+and 1.07x in fp32 up to 512 (0.93x at 1,024). In fp32 with equal head dims it is slower than SDPA (0.9x at 256:
+MKL runs fp32 batched matmuls at half oneDNN's rate), so `math_attention_applies` leaves that case to SDPA.
 
 What it computes is SDPA's result with `enable_gqa`: scores = (q * scale) k^T per KV group (the G query heads of
 a group are stacked into one (G * L, D) matrix, so no K/V copy), masked with -inf where a query may not look
 (causal or a boolean mask, True = may attend), softmax, then P v. The backward is the textbook one:
 dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)) (torch's softmax backward), dQ = dS K scale,
 dK = dS^T Q scale. It keeps P (B, H, L, L) in the compute dtype for the backward: 2 MB per layer for 4 rows x 256
-tokens x 4 heads in bf16, which is why it is used only up to `MATH_MAX_LEN` tokens and `MATH_MAX_SCORES` scores.
+tokens x 4 heads in bf16; beyond `MATH_MAX_SCORES` scores per layer the dispatch keeps SDPA, whose fused kernel
+keeps none.
 
 In bf16 the scores are rounded to bf16 before the softmax (which computes in fp32 internally): the precision of
 transformers' "eager" attention. Every row must have one key it may see (the attention module guarantees it: a
@@ -26,20 +28,25 @@ from __future__ import annotations
 
 import torch
 
-MATH_MAX_LEN = 1024  # longer rows: SDPA (measured 0.6x at 2,048 tokens in bf16, equal head dims)
+MATH_MAX_LEN = 512  # longer rows: SDPA's fused kernel (0.7-0.8x at 1,024 tokens in bf16)
+MATH_MAX_LEN_UNFUSED = 2048  # bf16/fp16 with unequal head dims, where SDPA has no fused CPU kernel
 MATH_MAX_SCORES = 1 << 25  # B * H * L * L per layer: at most 64 MB of bf16 probabilities kept per layer
 
 
 def math_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compute_dtype: torch.dtype,
                            dropout_p: float = 0.0) -> bool:
     """Whether the automatic dispatch takes this kernel: a CPU forward without past (training, prefill) in bf16/fp16,
-    or with MLA's unequal head dims in any dtype, without dropout, within the length and score-count limits."""
+    or with MLA's unequal head dims in any dtype, without dropout, within the length and score-count limits (see the
+    module docstring for the measurements behind them)."""
     bsz, heads, q_len, qk_dim = q.shape
     if q.device.type != "cpu" or dropout_p or q_len != k.shape[2] or q_len < 2:
         return False
-    if compute_dtype == torch.float32 and qk_dim == v.shape[-1]:
-        return False  # SDPA's fused fp32 kernel is as fast (see the module docstring)
-    return q_len <= MATH_MAX_LEN and bsz * heads * q_len * q_len <= MATH_MAX_SCORES
+    fused_sdpa = qk_dim == v.shape[-1]  # SDPA has a fused CPU kernel for these
+    low_precision = compute_dtype in (torch.bfloat16, torch.float16)
+    if fused_sdpa and not low_precision:
+        return False
+    max_len = MATH_MAX_LEN if fused_sdpa or not low_precision else MATH_MAX_LEN_UNFUSED
+    return q_len <= max_len and bsz * heads * q_len * q_len <= MATH_MAX_SCORES
 
 
 def math_attention(
