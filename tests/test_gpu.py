@@ -2,12 +2,15 @@
 
 What only a GPU exercises: the three models against their transformers references on CUDA, the grouped_mm CUDA
 kernel against the padded fallback, packed-document attention through the compiled `flex_attention` against the
-dense-mask SDPA path, and flash-linear-attention's Gated DeltaNet kernels (when installed) against our torch path.
+dense-mask SDPA path, flash-linear-attention's Gated DeltaNet kernels (when installed) against our torch path, and
+how often a training forward + backward makes the host wait for the GPU.
 Tolerances are loose where a kernel legitimately rounds differently (TF32 in Triton kernels, bf16); a wrong layout
 or a missed mask gives errors of order one, far above them.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -170,3 +173,30 @@ def test_flash_linear_attention_kernels_match_the_torch_path(packed):
     assert abs(fla_loss.item() - torch_loss.item()) <= 0.01 * torch_loss.item()
     worst = max(_relative(fla_grads[key], want) for key, want in torch_grads.items())
     assert worst <= 0.05, f"fla gradients differ from the torch path's by {worst:.3g} (relative to the largest)"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_training_step_waits_for_the_gpu_only_for_the_loss_rows(name):
+    """bf16 forward + backward of a pretraining batch under `torch.cuda.set_sync_debug_mode("warn")`: at most one
+    wait per output head (the chunked loss's `nonzero` over its target rows). tests/test_models_common.py counts the
+    same on the CPU by the calls that would wait."""
+    model = _tiny(name).train()
+    heads = 1 + getattr(model.config, "num_mtp_layers", 0)
+    ids = _ids(2, 64)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+
+    step()  # warm-up: one-off kernel probes and compilations
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(waits) <= heads, waits

@@ -314,3 +314,45 @@ def test_padding_is_never_a_target(name):
         alone = model(input_ids=ids, labels=ids).loss
         with_pad = model(input_ids=padded, attention_mask=mask, labels=padded).loss
     assert torch.allclose(alone, with_pad, atol=1e-5), (alone.item(), with_pad.item())
+
+
+class DeviceReads:
+    """Counts what, on a GPU, would make the host wait for the device: a tensor read into Python (`bool`, `item`,
+    `tolist`, `int`, `float`, indexing with a tensor) and the ops whose output size depends on the data (`nonzero`,
+    `unique`, `bincount`). On the CPU nothing waits, so this counts the calls instead."""
+
+    READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+    SIZED = ("nonzero", "unique", "bincount")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+        for name in self.SIZED:
+            monkeypatch.setattr(torch, name, self._counted(name, getattr(torch, name)))
+            if hasattr(torch.Tensor, name):
+                monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
+
+    def _counted(self, name, fn):
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_a_pretraining_step_reads_nothing_back_but_the_loss_rows(name, monkeypatch):
+    """A pretraining batch (input_ids and labels, no positions, no mask) through forward and backward: the only
+    data-dependent op is the chunked loss's selection of its target rows, one per output head. (The models used to
+    check their own fresh `arange` positions for document restarts, and mini_deepseekv3 numbered its sequences with
+    `torch.unique` and `bincount`: on a GPU each was a wait for all queued work, several per forward.)"""
+    from minillm.models.layers.linear import onednn_available
+
+    onednn_available()  # the one-off kernel probe reads a result back; not part of a step
+    model = registry.build_model(name, "tiny", vocab_size=256, num_hidden_layers=2).train()
+    heads = 1 + getattr(model.config, "num_mtp_layers", 0)
+    ids = torch.randint(1, 256, (2, 24))
+    reads = DeviceReads(monkeypatch)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert reads.calls == ["nonzero"] * heads

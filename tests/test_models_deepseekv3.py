@@ -235,6 +235,9 @@ def test_sequence_balance_loss_formula():
         p = (scores[sel] / scores[sel].sum(-1, keepdim=True)).mean(0)
         per_seq.append((f * p).sum())
     torch.testing.assert_close(got, torch.stack(per_seq).mean())
+    # Unused segment ids (no tokens) are left out of the mean: the same loss with the ids spread out.
+    spread = torch.where(segments == 2, 9, segments * 4)  # sequences 0 and 4 of 9, padding in bucket 9
+    torch.testing.assert_close(sequence_balance_loss(scores, topk_idx, spread, num_segments=9), got)
     # Perfectly balanced routing with uniform scores gives exactly 1.
     uniform = torch.full((4, 4), 0.5)
     balanced = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])

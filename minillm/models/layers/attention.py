@@ -240,12 +240,17 @@ def prepare_attention(
 
     `PackedDocs` for a forward without past whose rows hold several documents or padding (the case that has a
     varlen/flex path on CUDA); otherwise `build_attention_mask` (a dense mask with a cache, None for plain causal).
+    `position_ids` are the caller's, None when the model numbered the tokens itself: then they cannot restart, and
+    nothing is read back from the device to find out (on a GPU such a read waits for all queued work, and
+    pretraining, which passes neither positions nor a mask, would wait once per forward).
     """
     if attention_mask is None or attention_mask.dim() == 2:
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
-        no_past = query_len == key_len and query_len > 1 and position_ids is not None
+        no_past = query_len == key_len and query_len > 1
         if no_past and (not padded or attention_mask.shape[-1] == key_len):
-            if padded or has_document_restarts(position_ids):
+            if padded or (position_ids is not None and has_document_restarts(position_ids)):
+                if position_ids is None:
+                    position_ids = torch.arange(query_len, device=device)[None]  # (1, L): one document per row
                 return PackedDocs(position_ids, attention_mask if padded else None, batch_size, device)
     return build_attention_mask(query_len, key_len, attention_mask, position_ids, device)
 

@@ -237,6 +237,9 @@ def sequence_balance_loss(
     token that belongs to no sequence, e.g. padding). For each sequence s with T_s tokens:
     f_e = E / (K * T_s) * #(tokens choosing e), P_e = mean over its tokens of scores_e / sum_j scores_j;
     loss_s = sum_e f_e * P_e (1 when perfectly balanced). Gradients flow through P only.
+
+    Segment ids need not all be used: the mean is over the sequences that have tokens, counted on the device, so
+    callers can number sequences without compacting the ids (`torch.unique` would wait for the GPU).
     """
     num_experts, top_k = scores.shape[-1], topk_idx.shape[-1]
     chosen = torch.zeros_like(scores).scatter_(1, topk_idx, 1.0)  # (T, E)
@@ -244,11 +247,13 @@ def sequence_balance_loss(
     shape = (num_segments + 1, num_experts)
     chosen_per_seq = scores.new_zeros(shape).index_add_(0, segment_ids, chosen)[:num_segments]  # (S, E)
     probs_per_seq = scores.new_zeros(shape).index_add_(0, segment_ids, probs)[:num_segments]  # (S, E)
-    tokens = torch.bincount(segment_ids, minlength=num_segments + 1)[:num_segments].clamp(min=1)  # (S,)
-    tokens = tokens.to(scores.dtype)[:, None]
+    ones = torch.ones_like(segment_ids, dtype=scores.dtype)
+    tokens = scores.new_zeros(num_segments + 1).index_add_(0, segment_ids, ones)[:num_segments]  # (S,)
+    sequences = (tokens > 0).sum().clamp(min=1)  # empty segments add 0 below and are not counted
+    tokens = tokens.clamp(min=1)[:, None]
     f = chosen_per_seq * (num_experts / (top_k * tokens))  # (S, E)
     p = probs_per_seq / tokens  # (S, E)
-    return (f * p).sum(-1).mean()
+    return (f * p).sum() / sequences
 
 
 class RoutingContext:
@@ -407,12 +412,12 @@ class MiniDeepSeekV3Model(MiniDeepSeekV3PreTrainedModel):
             cache = MLACache()
         past_len = cache.get_seq_length() if cache is not None else 0
         seq_len = inputs_embeds.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]  # (1, L)
         # Once per forward, shared by all layers and the MTP block: None, a dense mask (cache), or PackedDocs.
         mask = prepare_attention(
             seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device, inputs_embeds.shape[0]
         )
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]  # (1, L)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, L, R)
         hidden_states = inputs_embeds
         counts, balances = [], []
@@ -477,14 +482,12 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
             token_mask = attention_mask[:, -seq_len:].bool().reshape(-1)  # (T,)
         if not with_balance:
             return RoutingContext(token_mask)
-        if position_ids is not None:
-            docs = document_ids_from_position_ids(position_ids.expand(bsz, -1))  # (B, L)
-        else:
-            docs = torch.zeros(bsz, seq_len, dtype=torch.long, device=device)
-        rows = torch.arange(bsz, device=device)[:, None]
-        raw = (rows * (seq_len + 1) + docs).reshape(-1)  # (T,) unique per (row, document)
-        unique, segment_ids = torch.unique(raw, return_inverse=True)
-        num_segments = unique.numel()
+        rows = torch.arange(bsz, device=device)[:, None]  # (B, 1)
+        if position_ids is not None:  # packed rows: one segment per (row, document); ids in [0, B * (L + 1))
+            docs = document_ids_from_position_ids(position_ids.expand(bsz, -1))  # (B, L) in [0, L]
+            segment_ids, num_segments = (rows * (seq_len + 1) + docs).reshape(-1), bsz * (seq_len + 1)
+        else:  # one sequence per row
+            segment_ids, num_segments = rows.expand(bsz, seq_len).reshape(-1), bsz
         if token_mask is not None:
             segment_ids = segment_ids.masked_fill(~token_mask, num_segments)  # padding: the discarded bucket
         return RoutingContext(token_mask, segment_ids, num_segments)

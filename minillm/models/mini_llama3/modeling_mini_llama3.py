@@ -135,13 +135,13 @@ class MiniLlama3Model(MiniLlama3PreTrainedModel):
             cache = DynamicCache(config=self.config)
         past_len = cache.get_seq_length() if cache is not None else 0
         seq_len = inputs_embeds.shape[1]
-        if position_ids is None:
-            # (1, L): the positions after the cached ones
-            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]
         # Once per forward, shared by all layers: None (causal), a dense mask (cache), or PackedDocs (packed/padded).
         mask = prepare_attention(
             seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device, inputs_embeds.shape[0]
         )
+        if position_ids is None:
+            # (1, L): the positions after the cached ones
+            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, L, Dh)
         hidden_states = inputs_embeds
         for layer in self.layers:

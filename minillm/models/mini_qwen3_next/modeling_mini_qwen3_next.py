@@ -281,15 +281,13 @@ class MiniQwen3NextModel(MiniQwen3NextPreTrainedModel):
             cache.has_previous_state(i) for i, t in enumerate(self.config.layer_types) if t == "linear_attention"
         )
 
-        doc_starts = None
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + L, device=device)[None]  # (1, L)
-        else:
-            doc_starts = document_starts(position_ids, B, has_past)
+        doc_starts = None if position_ids is None else document_starts(position_ids, B, has_past)
         mask = None
         if "full_attention" in self.config.layer_types:
             # Once per forward, shared by the attention layers: None, a dense mask (cache), or PackedDocs.
             mask = prepare_attention(L, past_len + L, attention_mask, position_ids, device, B)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + L, device=device)[None]  # (1, L)
         linear_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
             linear_mask = attention_mask[:, -L:]  # (B, L)
