@@ -106,7 +106,7 @@ def bench_one(backend, q, k, v, pos, steps: int, warmup: int, fwd_only: bool):
 
     def step():
         nonlocal grad_out
-        with force_attention_backend(None if backend == "causal" else backend), torch.set_grad_enabled(not fwd_only):
+        with force_attention_backend("sdpa" if backend == "causal" else backend), torch.set_grad_enabled(not fwd_only):
             out = sdpa_attention(*leaves, mask)  # (B, L, H, D)
             if not fwd_only:
                 if grad_out is None:

@@ -198,5 +198,5 @@ def test_a_training_step_waits_for_the_gpu_only_for_the_loss_rows(name):
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    waits = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert len(waits) <= heads, waits

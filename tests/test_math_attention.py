@@ -125,6 +125,11 @@ def test_forced_backends():
     assert dense_backend(q, k, v) == "math"
     with force_attention_backend("sdpa"):
         assert dense_backend(q, k, v) == "sdpa"
+    assert dense_backend(q, k, v, caller_mask=True) == "sdpa"  # a caller's 4-D mask may block whole rows
+    blocked = torch.ones(1, 1, 12, 12, dtype=torch.bool)
+    blocked[..., 3, :] = False  # query 3 may see nothing: SDPA gives zeros there, the math kernel would give NaN
+    out = sdpa_attention(q, k, v, blocked)
+    assert torch.isfinite(out).all()
     q32, k32, v32 = qkv(dtype=torch.float32)
     assert dense_backend(q32, k32, v32) == "sdpa"
     with force_attention_backend("math"):

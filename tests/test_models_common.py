@@ -317,9 +317,11 @@ def test_padding_is_never_a_target(name):
 
 
 class DeviceReads:
-    """Counts what, on a GPU, would make the host wait for the device: a tensor read into Python (`bool`, `item`,
-    `tolist`, `int`, `float`, indexing with a tensor) and the ops whose output size depends on the data (`nonzero`,
-    `unique`, `bincount`). On the CPU nothing waits, so this counts the calls instead."""
+    """Counts calls that, on a GPU, make the host wait for the device: a tensor read into Python (`bool`, `item`,
+    `tolist`, `int`, `float`, `__index__`) and the ops whose output size depends on the data (`nonzero`, `unique`,
+    `bincount`). On the CPU nothing waits, so this counts the calls instead. Waits inside other torch ops (boolean
+    indexing, `repeat_interleave` without `output_size`, copies to the host) are not seen here; tests/test_gpu.py
+    counts every wait with CUDA's sync debug mode."""
 
     READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
     SIZED = ("nonzero", "unique", "bincount")

@@ -320,3 +320,15 @@ def test_preset_sizes():
         12,
         12,
     )
+
+
+def test_a_row_of_padding_is_not_a_sequence_of_the_balance_loss():
+    """The balance loss averages over the sequences that have tokens: a row that is all padding adds none (before,
+    its empty segment was counted and halved the loss here)."""
+    model = tiny().train()
+    ids = random_ids(VOCAB, 1, 16, seed=3)
+    alone = model(input_ids=ids, labels=ids).aux_losses["seq_aux"]
+    padded = torch.cat([ids, torch.zeros_like(ids)])  # (2, 16): row 1 is padding only
+    mask = torch.tensor([[1] * 16, [0] * 16])
+    with_padding_row = model(input_ids=padded, attention_mask=mask, labels=padded).aux_losses["seq_aux"]
+    torch.testing.assert_close(with_padding_row, alone)

@@ -23,9 +23,10 @@ Dispatch for `PackedDocs` (`sdpa_attention`; `force_attention_backend` overrides
    the next rule.
 
 Dispatch for plain causality, a boolean mask, and the dense mask of rule 3 (`dense_backend`):
-1. "math": CPU, no past, no dropout, bf16/fp16 (or MLA's unequal head dims in any dtype), at most 1,024 tokens:
-   `math_attention`, two batched matmuls around a softmax with a hand-written backward (2.1x SDPA's CPU kernel
-   per bf16 layer at 256 tokens; layers/math_attention.py).
+1. "math": CPU, no past, no dropout, bf16/fp16 (or MLA's unequal head dims in any dtype), at most 512 tokens (MLA
+   in bf16/fp16: 2,048), plain causality or a mask built here (never a caller's 4-D mask, which may block a whole
+   row): `math_attention`, two batched matmuls around a softmax with a hand-written backward (1.5-2.2x SDPA's CPU
+   kernel per bf16 layer at 256 tokens; layers/math_attention.py).
 2. "sdpa": everywhere else: `F.scaled_dot_product_attention`, the exact reference of the other paths.
 
 Every query may always attend to itself, so rows that are pure padding produce finite garbage (SDPA, flex) or
@@ -347,18 +348,24 @@ def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> 
     return "sdpa"
 
 
-def dense_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> str:
+def dense_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, caller_mask: bool = False
+) -> str:
     """The kernel for a dense mask or plain causality: "math" (`math_attention`) or "sdpa" (see the module docstring).
 
-    A forced "math" runs wherever the kernel can (no past), a forced "sdpa" or any other forced name keeps SDPA.
+    `caller_mask`: the mask is a caller's 4-D mask, passed through as given. It may block every key of a row, which
+    SDPA turns into a row of zeros and the math kernel into NaN, so the automatic choice keeps SDPA for it (the
+    masks built here always let a query see itself). A forced "math" runs wherever the kernel can (no past); a
+    forced "sdpa" or any other forced name keeps SDPA.
     """
     forced = _BACKEND_CHOICE.pinned()
     if forced == "math" and q.shape[2] == k.shape[2]:
         if dropout_p:
             raise UserError("attention backend 'math' has no attention dropout; set attention_dropout to 0")
         return "math"
-    if forced is None and math_attention_applies(q, k, v, compute_dtype(q.device.type, q.dtype), dropout_p):
-        return "math"
+    if forced is None and not caller_mask:
+        if math_attention_applies(q, k, v, compute_dtype(q.device.type, q.dtype), dropout_p):
+            return "math"
     return "sdpa"
 
 
@@ -441,7 +448,9 @@ def sdpa_attention(
     query, everything. A `PackedDocs` goes to the flash/flex/SDPA path of `packed_backend`. The output is
     transposed to (B, Lq, H, Dv) so callers can `reshape(B, Lq, H * Dv)` for the output projection.
     """
+    caller_mask = mask is not None  # a tensor here is a caller's 4-D mask or one with a past (see dense_backend)
     if isinstance(mask, PackedDocs):
+        caller_mask = False
         backend = packed_backend(q, v, dropout_p)
         if backend == "flash":
             return flash_packed_attention(q, k, v, mask, scale, dropout_p)
@@ -451,7 +460,7 @@ def sdpa_attention(
                                 "attention_dropout to 0")
             return flex_packed_attention(q, k, v, mask, scale)
         mask = mask.dense_mask()
-    if dense_backend(q, k, v, dropout_p) == "math":
+    if dense_backend(q, k, v, dropout_p, caller_mask) == "math":
         dtype = compute_dtype(q.device.type, q.dtype)  # under autocast q/k may be fp32 and v bf16: one dtype
         with torch.autocast(q.device.type, enabled=False):
             out = math_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale)  # (B, H, Lq, Dv)

@@ -30,7 +30,7 @@ import torch
 
 MATH_MAX_LEN = 512  # longer rows: SDPA's fused kernel (0.7-0.8x at 1,024 tokens in bf16)
 MATH_MAX_LEN_UNFUSED = 2048  # bf16/fp16 with unequal head dims, where SDPA has no fused CPU kernel
-MATH_MAX_SCORES = 1 << 25  # B * H * L * L per layer: at most 64 MB of bf16 probabilities kept per layer
+MATH_MAX_SCORES = 1 << 25  # B * H * L * L per layer: the probabilities kept for backward, 64 MB in bf16 (128 in fp32)
 
 
 def math_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compute_dtype: torch.dtype,
@@ -69,7 +69,8 @@ class _MathAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, scale):
         bsz, heads, seq_len, qk_dim = q.shape
         kv_heads, groups = k.shape[1], heads // k.shape[1]
-        q_groups = (q * scale).reshape(bsz, kv_heads, groups * seq_len, qk_dim)  # a group's heads stacked
+        q_scaled = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))  # contiguous, one pass
+        q_groups = q_scaled.view(bsz, kv_heads, groups * seq_len, qk_dim)  # a group's heads stacked
         scores = torch.matmul(q_groups, k.transpose(-1, -2))  # (B, Hk, G * L, L)
         if mask is None:
             blocked = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu_(1)  # (L, L)
