@@ -129,6 +129,11 @@ def test_dispatch_rules(monkeypatch):
     assert packed_backend(fake(True, torch.bfloat16), fake(True, torch.bfloat16)) == "flex"  # no flash-attn
     assert packed_backend(fake(True, torch.float32), fake(True, torch.float32), dropout_p=0.1) == "sdpa"
     assert packed_backend(fake(True, torch.float32), fake(True, torch.float32)) == "sdpa"  # flex: half precision
+    # flex with GQA only at multiples of its 128-token block (the fake rows hold 16 tokens); without GQA at any length
+    assert packed_backend(fake(True, torch.bfloat16), fake(True, torch.bfloat16), kv_heads=2) == "sdpa"
+    assert packed_backend(fake(True, torch.bfloat16), fake(True, torch.bfloat16), kv_heads=4) == "flex"
+    rows_of_128 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 4, 128, 64))
+    assert packed_backend(rows_of_128, rows_of_128, kv_heads=2) == "flex"
 
     install_flash(monkeypatch, lambda *a, **k: None, module="flash_attn")
     bf16, fp32 = fake(True, torch.bfloat16), fake(True, torch.float32)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import minillm  # noqa: F401  (registers the Auto classes)
+from minillm.models.layers import attention
 from minillm.models.layers.attention import PackedDocs, force_attention_backend, sdpa_attention
 from minillm.models.layers.moe import grouped_mm, grouped_mm_applies
 from minillm.models.mini_qwen3_next import fla_kernels
@@ -92,15 +93,17 @@ def test_grouped_mm_kernel_matches_padded_fallback_on_cuda():
 def test_packed_attention_through_flex_matches_dense_masks(heads, kv_heads, qk_dim, v_dim):
     """The attention layer alone, bf16, packed documents and a padded tail: flex_attention with its block mask
     against SDPA with the dense block-diagonal mask, outputs and the gradients of q, k and v. GQA with the tiny
-    mini_llama3's head dim (24, not a power of two), GQA at 64, and MLA's shape (qk 32, v 16)."""
+    mini_llama3's head dim (24, not a power of two), GQA at 64, and MLA's shape (qk 32, v 16). Rows of 128 tokens:
+    flex compiles no kernel for GQA at lengths that are not a multiple of its block (the dispatch sends those to
+    SDPA, checked last)."""
     gen = torch.Generator().manual_seed(0)
-    position_ids = torch.cat([torch.arange(n) for n in (40, 31, 25)])[None]  # (1, 96): three documents
-    attention_mask = torch.ones(2, 96, dtype=torch.long)
-    attention_mask[1, 90:] = 0  # row 1 ends in padding
+    position_ids = torch.cat([torch.arange(n) for n in (50, 45, 33)])[None]  # (1, 128): three documents
+    attention_mask = torch.ones(2, 128, dtype=torch.long)
+    attention_mask[1, 120:] = 0  # row 1 ends in padding
     docs = PackedDocs(position_ids, attention_mask, batch_size=2, device=CUDA)
-    q = torch.randn(2, heads, 96, qk_dim, generator=gen)
-    k = torch.randn(2, kv_heads, 96, qk_dim, generator=gen)
-    v = torch.randn(2, kv_heads, 96, v_dim, generator=gen)
+    q = torch.randn(2, heads, 128, qk_dim, generator=gen)
+    k = torch.randn(2, kv_heads, 128, qk_dim, generator=gen)
+    v = torch.randn(2, kv_heads, 128, v_dim, generator=gen)
     real = attention_mask.bool().to(CUDA)  # padding rows are finite garbage on both paths: compared elsewhere
     results = []
     for backend in ("flex", "sdpa"):
@@ -111,14 +114,17 @@ def test_packed_attention_through_flex_matches_dense_masks(heads, kv_heads, qk_d
         results.append([out.detach()[real]] + [t.grad for t in inputs])
     for name, got, want in zip(("out", "dq", "dk", "dv"), *results, strict=True):
         assert _relative(got, want) <= 0.02, f"flex {name} differs from SDPA's by {_relative(got, want):.3g}"
+    short = torch.zeros(2, heads, 96, qk_dim, device=CUDA, dtype=torch.bfloat16)
+    expected = "sdpa" if heads != kv_heads else "flex"  # GQA at 96 tokens: no flex kernel compiled (H200, torch 2.11)
+    assert attention.packed_backend(short, short, kv_heads=kv_heads) == expected or attention.flash_varlen_function()
 
 
 def test_mini_llama3_trains_on_packed_documents_through_flex():
     """The whole model under bf16 autocast, packed rows: flex gives SDPA's loss and gradients to bf16 rounding.
     (In fp32 the dispatch never takes flex: on an H200 with torch 2.11 compiling it for GQA layers failed.)"""
     model = _tiny("mini_llama3").train()
-    ids = _ids(2, 96, seed=1)
-    position_ids = torch.cat([torch.arange(n) for n in (40, 31, 25)])[None].expand(2, -1).to(CUDA)
+    ids = _ids(2, 128, seed=1)
+    position_ids = torch.cat([torch.arange(n) for n in (50, 45, 33)])[None].expand(2, -1).to(CUDA)
     results = []
     for backend in ("flex", "sdpa"):
         model.zero_grad()

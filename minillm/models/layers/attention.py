@@ -17,8 +17,8 @@ Dispatch for `PackedDocs` (`sdpa_attention`; `force_attention_backend` overrides
    (extra `gpu`): `flash_attn_varlen_func` over the unpadded tokens with `cu_seqlens`. Masked blocks cost nothing
    and no (L, L) mask exists. flash-attn 3 (`flash_attn_interface`) is preferred when present.
 2. "flex": CUDA, fp16/bf16, without flash-attn and without dropout: `flex_attention`, compiled once per process,
-   with a document-causal `BlockMask`, which also skips the masked blocks. (Not in fp32: on an H200 with torch 2.11
-   its compilation found no kernel for the fp32 GQA layers of the tiny presets.)
+   with a document-causal `BlockMask`, which also skips the masked blocks. (Not in fp32, and not for GQA layers
+   whose length is not a multiple of 128: on an H200 with torch 2.11 its compilation found no kernel for those.)
 3. otherwise (CPU above all: flex_attention has no CPU backward) the dense block-diagonal mask, on the kernel of
    the next rule.
 
@@ -259,6 +259,9 @@ def prepare_attention(
 # ---------------------------------------------------------------- backends for PackedDocs
 
 FLASH_MAX_HEAD_DIM = 256  # flash-attn 2/3 kernels exist for head dims up to 256
+# flex_attention's block (tokens). On an H200 with torch 2.11 its compilation found no kernel for GQA layers whose
+# length is not a multiple of it (96 tokens failed; 128, 256 and 512 compiled; without GQA 96 compiled too).
+FLEX_BLOCK_SIZE = 128
 _BACKEND_CHOICE = KernelChoice("attention backend", "MINILLM_ATTENTION_BACKEND", BACKENDS)
 
 
@@ -327,8 +330,9 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> str:
-    """The path `sdpa_attention` takes for a `PackedDocs` mask with these tensors (see the module docstring)."""
+def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, kv_heads: int | None = None) -> str:
+    """The path `sdpa_attention` takes for a `PackedDocs` mask with these tensors (see the module docstring);
+    `kv_heads`: K/V's head count when known (grouped-query attention when it differs from q's)."""
     forced = _BACKEND_CHOICE.pinned()
     if forced is not None:
         return forced
@@ -343,7 +347,8 @@ def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> 
         and (dropout_p == 0.0 or flash[1])
     ):
         return "flash"
-    if dropout_p == 0.0 and _compiled_flex_attention() is not None:
+    gqa_ragged = kv_heads is not None and kv_heads != q.shape[1] and q.shape[2] % FLEX_BLOCK_SIZE != 0
+    if dropout_p == 0.0 and not gqa_ragged and _compiled_flex_attention() is not None:
         return "flex"
     return "sdpa"
 
@@ -451,7 +456,7 @@ def sdpa_attention(
     caller_mask = mask is not None  # a tensor here is a caller's 4-D mask or one with a past (see dense_backend)
     if isinstance(mask, PackedDocs):
         caller_mask = False
-        backend = packed_backend(q, v, dropout_p)
+        backend = packed_backend(q, v, dropout_p, k.shape[1])
         if backend == "flash":
             return flash_packed_attention(q, k, v, mask, scale, dropout_p)
         if backend == "flex":
