@@ -253,6 +253,7 @@ def prepare_attention(
                 if position_ids is None:
                     position_ids = torch.arange(query_len, device=device)[None]  # (1, L): one document per row
                 return PackedDocs(position_ids, attention_mask if padded else None, batch_size, device)
+            position_ids = None  # checked above: no restarts, nothing for build_attention_mask to read back again
     return build_attention_mask(query_len, key_len, attention_mask, position_ids, device)
 
 
@@ -453,9 +454,8 @@ def sdpa_attention(
     query, everything. A `PackedDocs` goes to the flash/flex/SDPA path of `packed_backend`. The output is
     transposed to (B, Lq, H, Dv) so callers can `reshape(B, Lq, H * Dv)` for the output projection.
     """
-    caller_mask = mask is not None  # a tensor here is a caller's 4-D mask or one with a past (see dense_backend)
+    caller_mask = isinstance(mask, torch.Tensor)  # a caller's 4-D mask or one with a past (see dense_backend)
     if isinstance(mask, PackedDocs):
-        caller_mask = False
         backend = packed_backend(q, v, dropout_p, k.shape[1])
         if backend == "flash":
             return flash_packed_attention(q, k, v, mask, scale, dropout_p)
