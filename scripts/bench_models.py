@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
 from minillm.training import perf  # noqa: E402
+from minillm.training.host_memory import keep_freed_memory  # noqa: E402
 
 CLOCK = time.perf_counter  # `--clock process` swaps in time.process_time
 
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does on a CPU (host_memory.py), for both sides
 
     results = []
     print(f"device {device} ({torch.get_num_threads()} threads, {args.clock} clock), {args.dtype}, preset {args.preset}, "

@@ -67,6 +67,7 @@ from minillm.training import perf  # noqa: E402
 from minillm.training import trainer as trainer_module  # noqa: E402
 from minillm.training.batches import GlobalBatches, Permutation, Prefetcher  # noqa: E402
 from minillm.training.config import TrainConfig  # noqa: E402
+from minillm.training.host_memory import keep_freed_memory  # noqa: E402
 from minillm.training.metrics import MetricsLogger  # noqa: E402
 
 STAGES = ("data", "forward", "backward", "optimizer", "logging")
@@ -335,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no GPU is visible")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # what the trainer does on a CPU, set before any round so the reference's get it too
     if args.against_reference and args.accumulation != 1:
         sys.exit("error: --against-reference compares single-batch steps; drop --accumulation")
 

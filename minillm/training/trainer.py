@@ -53,6 +53,7 @@ from minillm.training import budget
 from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, Prefetcher, count_targets
 from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
+from minillm.training.host_memory import keep_freed_memory
 from minillm.training.launch import fill_deepspeed_config
 from minillm.training.metrics import (
     MetricsLogger,
@@ -593,6 +594,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     if run is None:
         check_expert_parallel(config)
     accelerator = make_accelerator(config)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # no page faults for each step's activations (host_memory.py)
     run_dir, resume_from = resolve_run_dir(config, accelerator)  # checks only; nothing is written yet
     set_seed(config.seed)  # identical initial weights on every rank
     if run is None:

@@ -1,0 +1,41 @@
+"""glibc malloc keeps freed blocks during CPU training (minillm/training/host_memory.py)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from minillm.training.host_memory import keep_freed_memory
+
+BLOCK_MIB = 40  # above glibc's highest dynamic mmap threshold (32 MiB): by default every such block is a new mmap
+
+REUSE_FAULTS = f"""
+import resource
+
+def faults_of_reuse():
+    block = bytearray({BLOCK_MIB} << 20)  # zero-filled: every page touched
+    del block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = bytearray({BLOCK_MIB} << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+"""
+PAGES = (BLOCK_MIB << 20) // 4096
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_blocks_are_reused_without_page_faults():
+    # Without the setting (a fresh interpreter): a freed 40 MiB block goes back to the system, and the next one
+    # faults in every page again. This is what makes the check below able to fail.
+    out = subprocess.run([sys.executable, "-c", REUSE_FAULTS + "print(faults_of_reuse())"],
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout) > PAGES // 2
+
+    assert keep_freed_memory()
+    assert keep_freed_memory()  # idempotent
+    namespace: dict = {}
+    exec(REUSE_FAULTS, namespace)
+    namespace["faults_of_reuse"]()  # the first block may still grow the heap
+    assert namespace["faults_of_reuse"]() < PAGES // 100
