@@ -101,6 +101,21 @@ def test_history_is_trimmed_oldest_first_and_said_once(model_dir):
     assert len(prompt) + 6 <= 96
 
 
+def test_too_long_message_keeps_the_history(model_dir):
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir, "cpu")
+    session = ChatSession(Engine(model, tokenizer), SamplingParams(max_new_tokens=6))
+    for text in ["Hello there", "And the dog"]:
+        prompt, _ = session.build_prompt(text)
+        "".join(session.reply(text, prompt))
+    before = list(session.history)
+    assert len(before) == 4
+    with pytest.raises(ValueError, match="too long"):
+        session.build_prompt("the cat " * 200)  # alone longer than the 96-token window
+    assert session.history == before  # the earlier turns survive the rejected message
+    prompt, dropped = session.build_prompt("And the cat")
+    assert dropped == 0 and session.history == before
+
+
 def test_think_content_is_styled_apart():
     console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=200)
     printer = ThinkPrinter(console)

@@ -165,6 +165,19 @@ def test_hf_engine_sampling_and_stop_string(tokenizer):
     assert out.text == full.text[: full.text.index(stop)] and out.finish_reason == FINISH_STOP
 
 
+def test_hf_engine_samples_the_whole_vocabulary_when_top_k_is_off(tokenizer):
+    # generate() replaces a top_k of None with its default, 50: "off" must reach it as 0
+    model = build_model("llama-hf", len(tokenizer))
+    prompt = encode(tokenizer, PROMPTS[:1])[0]
+    params = SamplingParams(max_new_tokens=40, temperature=2.0, seed=3)
+    generated = no_stop(HFEngine(model, tokenizer)).generate([prompt], params)[0].token_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1]  # (40, V)
+    chosen = logits.gather(1, torch.tensor(generated)[:, None])
+    ranks = (logits > chosen).sum(dim=1)  # 0 = the most likely token
+    assert len(tokenizer) > 100 and int(ranks.max()) >= 50
+
+
 def test_sampling_filters():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isinf(filter_top_k(logits, 2)).tolist() == [[True, False, False, True]]
@@ -176,6 +189,9 @@ def test_sampling_filters():
     assert sample_next(logits, greedy, seen).tolist() == [2]  # 3 / 4 < 2: the repeated token loses
     gen = [torch.Generator().manual_seed(0)]
     assert sample_next(logits, SamplingParams(temperature=1.0, top_k=1), None, gen).tolist() == [1]
+    # a temperature too small to divide by decodes greedily (1e-40 would turn the logits into inf)
+    assert SamplingParams(temperature=1e-40).greedy and not SamplingParams(temperature=0.01).greedy
+    assert sample_next(logits, SamplingParams(temperature=1e-40)).tolist() == [1]
 
 
 def test_incremental_text_streams_exactly_the_decoded_text(tokenizer):

@@ -54,24 +54,24 @@ class ChatSession:
         """Token ids for the next answer and how many old turns had to be dropped to fit the window.
 
         Keeps `min(max_new_tokens, context / 2)` tokens free for the answer. Raises ValueError when even the
-        new message alone does not fit.
+        new message alone does not fit; the history is then left as it was.
         """
         system = [{"role": "system", "content": self.system}] if self.system else []
         new = [{"role": "user", "content": user_text}]
         ctx = self.engine.context_length
         reserve = min(self.params.max_new_tokens, ctx // 2) if ctx else 0
-        dropped = 0
+        start = 0  # history[start:] is what still fits; turns are dropped only once the prompt is known to fit
         while True:
-            ids = self._render(system + self.history + new)
-            if ctx is None or len(ids) + reserve <= ctx or not self.history:
+            ids = self._render(system + self.history[start:] + new)
+            if ctx is None or len(ids) + reserve <= ctx or start >= len(self.history):
                 break
-            del self.history[:2]  # the oldest user message and its answer
-            dropped += 1
+            start += 2  # the oldest user message and its answer
         if ctx is not None and len(ids) >= ctx:
             raise ValueError(
                 f"the message is too long: {len(ids)} tokens, the context window is {ctx} tokens"
             )
-        return ids, dropped
+        del self.history[:start]
+        return ids, start // 2
 
     def reply(self, user_text: str, prompt: list[int]) -> Iterator[str]:
         """Stream the answer's text; the exchange is added to the history once the answer is complete."""

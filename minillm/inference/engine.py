@@ -328,7 +328,8 @@ class HFEngine(BaseEngine):
             sampling = {
                 "temperature": params.temperature,
                 "top_p": params.top_p,
-                "top_k": params.top_k or None,
+                # 0 = off. (None would not do: generate() fills a None with its own default, top-k 50.)
+                "top_k": params.top_k,
             }
         config = GenerationConfig(
             max_new_tokens=max_new,

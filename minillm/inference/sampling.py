@@ -3,7 +3,7 @@
 Notable choices:
 - The processing order is HF's (repetition penalty -> temperature -> top-k -> top-p), so a setting means the same
   here as in `model.generate()`.
-- `temperature == 0` means greedy (argmax); there is no separate `do_sample` flag.
+- `temperature == 0` means greedy (argmax), and so does any temperature below 1e-5; there is no `do_sample` flag.
 - Randomness comes from a `torch.Generator` per sequence seeded from `SamplingParams.seed`, never from the global
   RNG: two requests served one after the other (or side by side) with the same seed get the same tokens, whatever
   else the process sampled in between.
@@ -19,6 +19,7 @@ import torch
 
 # torch generators take 64-bit seeds; row i of a batch (and turn i of a chat) uses seed + i, so leave headroom.
 MAX_SEED = 2**63 - 1024
+MIN_SAMPLING_TEMPERATURE = 1e-5  # lower temperatures decode greedily (`SamplingParams.greedy`)
 
 
 @dataclass
@@ -54,8 +55,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0 means argmax decoding: no generator, top-p/top-k ignored, the seed irrelevant."""
-        return self.temperature == 0
+        """Temperature 0 means argmax decoding: no generator, top-p/top-k ignored, the seed irrelevant. So do
+        temperatures below `MIN_SAMPLING_TEMPERATURE`, which sampling would turn into argmax anyway, and which
+        would overflow the logits they divide (1e-40 makes them inf)."""
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 def make_generators(

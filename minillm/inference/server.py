@@ -99,10 +99,10 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0)  # extension
     max_tokens: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stream: bool = False
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # any int64, as OpenAI's; wrapped for the sampler
+    stream: bool | None = False  # OpenAI's API marks these two nullable: null = the default
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int | None = 1
     user: str | None = None
 
 
@@ -207,7 +207,7 @@ class _Server:
         Without `max_tokens` the completion may fill the rest of the context window; `prompt_param` names the
         field that holds the prompt in errors ("messages" or "prompt").
         """
-        if req.n != 1:
+        if req.n not in (None, 1):
             raise APIError(
                 400, f"n={req.n} is not supported: this server returns one choice (n=1)", param="n"
             )
@@ -249,7 +249,7 @@ class _Server:
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k or 0,
             repetition_penalty=req.repetition_penalty or 1.0,
-            seed=req.seed,
+            seed=None if req.seed is None else req.seed % (MAX_SEED + 1),  # negative seeds too, as OpenAI's
             stop=stop,
         )
 

@@ -5,7 +5,7 @@ Zen 5 (full-width AVX-512) it runs its AVX2 kernels, at half of what the cores c
 ships (every bf16 CPU matmul already runs in it), dispatches on the instruction sets the CPU reports, and computes
 in fp32 with fp32 accumulation. Measured at 2 threads on a Zen 5 EPYC: a 2048^3 fp32 matmul runs at 207 GFLOP/s
 through `torch.mm` and at 435-460 GFLOP/s through oneDNN; the models' own shapes (1,024 x 256 x 512 ...) gain as
-much, and their whole fp32 training step runs 1.3-1.7x faster (README, "Measured results").
+much, and their whole fp32 training step runs 1.3-1.6x faster (README, "Measured results").
 
 torch reaches oneDNN's fp32 matmul only through `torch.ops.mkldnn._linear_pointwise` (the CPU linear op of
 torch.compile's inductor: dense tensors in and out, any strides, no autograd). `mm` calls it for `a @ b`, and
