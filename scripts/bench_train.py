@@ -60,13 +60,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
 from minillm.models.stats import model_stats  # noqa: E402
 from minillm.training import perf  # noqa: E402
 from minillm.training import trainer as trainer_module  # noqa: E402
 from minillm.training.batches import GlobalBatches, Permutation, Prefetcher  # noqa: E402
-from minillm.training.config import TrainConfig  # noqa: E402
+from minillm.training.config import TrainConfig, parse_model_args  # noqa: E402
 from minillm.training.host_memory import keep_freed_memory  # noqa: E402
 from minillm.training.metrics import MetricsLogger  # noqa: E402
 
@@ -210,6 +211,7 @@ def train_config(args: argparse.Namespace, output_dir: str, dtype: str) -> Train
     base_preset, overrides = perf.preset_and_overrides(args.model, args.preset)
     if args.data:
         overrides.pop("vocab_size", None)  # the tokenizer of the shards decides
+    overrides.update(parse_model_args(args.model_arg))
     options = dict(
         stage="pretrain", model=args.model, preset=base_preset, model_args=overrides, seq_len=args.seq,
         micro_batch_size=args.batch, global_batch_size=args.batch * args.accumulation,
@@ -316,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clock", default="wall", choices=("wall", "process"),
                         help="process: CPU seconds of this process (steadier on a shared CPU with --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override, as `minillm pretrain --model-arg` (repeatable), e.g. "
+                             "loss_chunk_size=4096; the reference gets the fields it knows")
     parser.add_argument("--cpu-matmul", default="onednn", choices=("onednn", "torch"),
                         help="fp32 CPU matmuls of the trainer's model: oneDNN (default) or torch's (MKL); the "
                              "reference always runs torch's")
@@ -327,6 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="after the timed rounds, profile 5 steps of one more trainer round (torch.profiler) and "
                              "write the operators that take the most time (self time on the device) to FILE")
     args = parser.parse_args(argv)
+    try:
+        parse_model_args(args.model_arg)
+    except UserError as err:
+        sys.exit(f"error: {err}")
     if args.threads:
         torch.set_num_threads(args.threads)
     global CLOCK

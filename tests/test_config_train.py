@@ -38,6 +38,25 @@ def test_recipe_values_are_typed_and_cli_flags_override_them(tmp_path):
         build_config("pretrain", None, {"max_step": 3})
 
 
+def test_model_args_typo_fails_before_anything_is_written(tmp_path, capsys):
+    from cli.main import main
+    from minillm.models.registry import build_config as build_model_config
+
+    # a config class keeps unknown keywords as stray attributes: without the check this would train 4 layers
+    with pytest.raises(UserError, match="did you mean 'num_hidden_layers'"):
+        build_model_config("mini_llama3", "tiny", num_hiden_layers=2)
+    assert build_model_config("mini_llama3", "tiny", num_hidden_layers=2).num_hidden_layers == 2
+    assert build_model_config("mini_llama3", "tiny", rope_theta=1e4).rope_parameters["rope_theta"] == 1e4  # legacy
+    assert build_model_config("mini_deepseekv3", "tiny", num_local_experts=4).n_routed_experts == 4  # alias
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--model", "mini_llama3", "--model-arg", "num_hiden_layers=2", "--max-steps", "1",
+              "--output-dir", str(run_dir)])
+    assert exit_info.value.code == 2 and not run_dir.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_hiden_layers" in err
+
+
 def test_defaults_depend_on_stage_and_preset():
     quick = TrainConfig(stage="pretrain", model="mini_deepseekv3").resolve()
     base = TrainConfig(stage="pretrain", model="mini_deepseekv3", preset="base").resolve()

@@ -15,7 +15,10 @@ then imports all three once, to register them with the transformers Auto classes
 
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib
+import inspect
 from types import ModuleType
 from typing import Any
 
@@ -37,12 +40,31 @@ def known_presets(name: str) -> tuple[str, ...]:
 
 
 def build_config(name: str, preset: str = "tiny", **overrides: Any):
-    """The config of model `name` from `preset`, with `overrides` applied (validated by the config class)."""
+    """The config of model `name` from `preset`, with `overrides` applied (validated by the config class).
+
+    An override the config class does not know is a `UserError` naming the closest field: transformers configs
+    keep any unknown keyword as a stray attribute, so `num_hiden_layers=2` would otherwise train the preset's
+    depth without a word. (Legacy keywords the class converts, such as `rope_theta`, are accepted.)
+    """
     package = model_package(name)
     if preset not in package.PRESETS:
         raise UserError(f"unknown preset {preset!r} for {name}; known presets: {', '.join(package.PRESETS)}")
     kwargs = {**package.PRESETS[preset], **overrides}
-    return package.CONFIG_CLASS(**kwargs)
+    config = package.CONFIG_CLASS(**kwargs)
+    known = config_fields(package.CONFIG_CLASS)
+    for key in overrides:
+        if key not in known and key in vars(config):  # kept verbatim: nothing read it
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"unknown config field {key!r} for {name}{hint}")
+    return config
+
+
+@functools.cache
+def config_fields(config_class: type) -> frozenset[str]:
+    """The fields a config class takes: its constructor's keywords, its attribute aliases and its defaults."""
+    params = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    return frozenset(params | set(getattr(config_class, "attribute_map", {})) | set(config_class().to_dict()))
 
 
 def build_model(name: str, preset: str = "tiny", **overrides: Any):
