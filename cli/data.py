@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train a tokenizer.", no_args_is_help=True)
 data_app = typer.Typer(
     help="Build training data: pretraining token shards and SFT sets.", no_args_is_help=True
 )
@@ -28,21 +28,31 @@ def tokenizer_train(
     max_chars_per_file: int | None = typer.Option(
         None, "--max-chars-per-file", help="Use at most this many characters of each file (balances corpora)."
     ),
-    min_frequency: int = typer.Option(2, "--min-frequency", help="Minimum pair count for a merge."),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="Minimum pair count for a merge.", min=1),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing tokenizer directory (one holding nothing else)."
+    ),
 ) -> None:
     """Train a byte-level BPE tokenizer (with the chat template) that `AutoTokenizer.from_pretrained` loads."""
     from rich.console import Console
 
     from minillm.data.sources import resolve_inputs
-    from minillm.tokenizer import chars_per_token, iter_texts_for_training, train_tokenizer
+    from minillm.errors import UserError
+    from minillm.tokenizer import (
+        chars_per_token,
+        check_tokenizer_out,
+        iter_texts_for_training,
+        train_tokenizer,
+    )
 
     console = Console(stderr=True, soft_wrap=True)
+    check_tokenizer_out(out, overwrite)  # before hours of training, and never an unrelated directory
+    if max_chars_per_file is not None and max_chars_per_file < 1:
+        raise UserError(f"--max-chars-per-file must be >= 1, got {max_chars_per_file}")
     sources = resolve_inputs(data)
     texts = iter_texts_for_training([s.name for s in sources], text_column, max_chars_per_file)
     first = next(texts, None)
     if first is None:
-        from minillm.errors import UserError
-
         raise UserError(f"{', '.join(data)}: no text found in column '{text_column}'")
 
     def all_texts():

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minillm.errors import UserError
+from minillm.paths import check_creatable, make_parent_dirs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -129,6 +130,26 @@ def train_tokenizer(
     return save_tokenizer(tok, out_dir)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def check_tokenizer_out(out_dir: str | Path, overwrite: bool) -> None:
+    """Raise `UserError` unless `out_dir` may receive a new tokenizer: it does not exist, is empty, or (with
+    `overwrite`) holds a tokenizer and nothing else. Any other directory is refused, never emptied."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file, not a directory")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held:
+        if not overwrite:
+            raise UserError(f"--out {out_dir}: already exists; choose another --out or pass --overwrite")
+        others = [name for name in held if name not in TOKENIZER_FILES]
+        if "tokenizer.json" not in held or others:
+            raise UserError(f"--out {out_dir}: holds files that are not a tokenizer's ({', '.join(others or held)}); "
+                            "refusing to replace it")
+    check_creatable(out_dir, "--out")
+
+
 def save_tokenizer(tok, out_dir: str | Path) -> PreTrainedTokenizerFast:
     """Wrap a `tokenizers.Tokenizer` as a transformers tokenizer with our special tokens and chat template."""
     import shutil
@@ -147,9 +168,13 @@ def save_tokenizer(tok, out_dir: str | Path) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
     )
     hf_tok.chat_template = CHAT_TEMPLATE
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    out_dir = Path(out_dir).absolute()
+    check_tokenizer_out(out_dir, overwrite=True)  # never replace a directory that holds anything else
+    make_parent_dirs(out_dir, "--out")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    except OSError as err:
+        raise UserError(f"--out {out_dir}: cannot write in {out_dir.parent} ({err.strerror or err})") from None
     try:
         hf_tok.save_pretrained(tmp)
         # Name the class every transformers version knows (5.x maps it to its tokenizers backend).

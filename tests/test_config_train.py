@@ -57,6 +57,15 @@ def test_model_args_typo_fails_before_anything_is_written(tmp_path, capsys):
     assert err.count("\n") == 1 and "num_hiden_layers" in err
 
 
+@pytest.mark.parametrize("field, value", [
+    ("adam_beta1", 1.5), ("adam_beta2", -1.0), ("adam_eps", 0.0), ("weight_decay", -0.1), ("warmup_steps", -3),
+    ("max_grad_norm", -1.0), ("peak_tflops", -1.0), ("seed", -1), ("seed", 5_000_000_000),
+])
+def test_out_of_range_optimizer_options_are_user_errors(field, value):
+    with pytest.raises(UserError, match=f"--{field.replace('_', '-')}"):
+        TrainConfig(stage="pretrain", model="mini_llama3", **{field: value}).resolve()
+
+
 def test_defaults_depend_on_stage_and_preset():
     quick = TrainConfig(stage="pretrain", model="mini_deepseekv3").resolve()
     base = TrainConfig(stage="pretrain", model="mini_deepseekv3", preset="base").resolve()

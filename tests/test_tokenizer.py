@@ -123,6 +123,34 @@ def test_train_tiny_tokenizer_and_cli(tmp_path, capsys):
     assert "characters/token" in err
 
 
+def test_tokenizer_out_is_never_an_unrelated_directory(tmp_path, capsys, monkeypatch):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in generated_text(100)), encoding="utf-8")
+    train = ["tokenizer", "train", "--data", str(corpus), "--vocab-size", "280"]
+    notes = tmp_path / "mine" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    cases = {  # --out: what the one-line error says
+        "mine": "already exists",
+        ".": "already exists",
+        "corpus.jsonl": "is a file",
+        "corpus.jsonl/tok": "is a file",
+    }
+    for out, message in cases.items():
+        code, err = run_cli_err([*train, "--out", out], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (out, err)
+    for out in ("mine", "."):  # --overwrite replaces a tokenizer, never a directory holding anything else
+        code, err = run_cli_err([*train, "--out", out, "--overwrite"], capsys)
+        assert code == 2 and "refusing to replace it" in err, (out, err)
+    assert notes.read_text() == "keep me" and corpus.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "mine"]  # no temporary left behind
+    assert run_cli_err([*train, "--out", "tok"], capsys)[0] == 0
+    assert run_cli_err([*train, "--out", "tok"], capsys)[0] == 2
+    assert run_cli_err([*train, "--out", "tok", "--overwrite"], capsys)[0] == 0
+    assert len(load_tokenizer(tmp_path / "tok")) == 284
+
+
 def test_load_tokenizer_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")

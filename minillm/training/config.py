@@ -140,6 +140,17 @@ class TrainConfig:
             raise UserError("--warmup-ratio must be in [0, 1) and --decay-ratio in (0, 1]")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("adam_eps", "peak_tflops"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise UserError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # numpy's seeding (data order) takes 32-bit seeds
+            raise UserError(f"--seed must be in [0, 2^32), got {self.seed}")
         if self.global_batch_size % self.micro_batch_size:
             raise UserError(
                 f"global batch size {self.global_batch_size} is not divisible by the micro batch size "
