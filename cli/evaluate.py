@@ -55,6 +55,7 @@ def ppl(
         None, "--limit", help="Score at most this many documents per file (windows per shard directory)."
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
@@ -63,6 +64,7 @@ def ppl(
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
     files = perplexity.expand_data_paths(data)
+    report.check_json_out(json_out, overwrite, files)
     model_dir = loading.resolve_model_dir(model)
     torch_device = loading.resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
@@ -92,6 +94,7 @@ def chat(
         help="Greedy answer length; answers up to this many tokens count for exact match.",
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write results and every answer to JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
@@ -100,6 +103,7 @@ def chat(
     from minillm.evaluation import loading, report
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    report.check_json_out(json_out, overwrite, [data])
     conversations = chat_eval.read_conversations(data)
     model_dir = loading.resolve_model_dir(model)
     torch_device = loading.resolve_device(device)
@@ -151,6 +155,7 @@ def mc(
     json_out: Path | None = typer.Option(
         None, "--json", help="Also write the results and every question's scores to this JSON file."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
@@ -170,6 +175,7 @@ def mc(
         raise UserError(f"--dev {dev}: solved examples are only used with --few-shot K (K >= 1)")
     if style not in mc_eval.STYLES:
         raise UserError(f"--style {style}: expected one of {', '.join(mc_eval.STYLES)}")
+    report.check_json_out(json_out, overwrite, [data] + ([dev] if dev else []))
     questions = mc_eval.load_questions(data, config, split, limit=limit)
     dev_questions = mc_eval.load_questions(dev, config, dev_split, option="--dev") if few_shot else None
     model_dir = loading.resolve_model_dir(model)

@@ -407,6 +407,30 @@ def test_cli_chat_writes_json(tiny, tmp_path):
     assert report["assistant_tokens"] > 0 and math.isfinite(report["loss"])
 
 
+def test_cli_json_never_replaces_an_input_or_an_existing_file_unasked(tiny, tmp_path, capsys):
+    model_dir, _, _ = tiny
+    data = tmp_path / "heldout.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n", encoding="utf-8")
+    before = data.read_text()
+    old = tmp_path / "old.json"
+    old.write_text("{}")
+    common = ["eval", "ppl", "--model", str(model_dir), "--data", str(data), "--max-seq-len", "16", "--device", "cpu"]
+    cases = {  # --json: what the one-line error says (all before any evaluation runs)
+        str(data): "is an input",
+        str(old): "already exists",
+        str(tmp_path / "heldout.jsonl" / "r.json"): "is a file",
+        str(tmp_path): "is a directory",
+    }
+    for json_out, message in cases.items():
+        assert run_cli(*common, "--json", json_out) == 2, json_out
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert run_cli(*common, "--json", json_out, "--overwrite") == (0 if json_out == str(old) else 2)
+        capsys.readouterr()
+    assert data.read_text() == before
+    assert json.loads(old.read_text())["total"]["documents"] == 1  # --overwrite replaced it
+
+
 def test_model_dir_resolution(tiny, tmp_path, monkeypatch):
     from minillm.evaluation.loading import resolve_model_dir
 
