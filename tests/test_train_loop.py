@@ -4,6 +4,7 @@ after SIGKILL, and every bad input (one line, exit code 2, nothing written or ov
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,17 @@ def test_pretrain_then_sft_packed_and_unpacked(model, tmp_path, capsys):
         sft_losses = losses(out)
         assert sorted(sft_losses) == [1, 2] and all(0 < v < 20 for v in sft_losses.values())
         assert (out / "final" / "model.safetensors").is_file()
+    # SFT refuses another tokenizer than the model's, and a model whose weights do not load: one line, no run
+    other_tokenizer = _other_tokenizer_shards(tmp_path).parent / "tok"
+    broken = tmp_path / "broken"
+    shutil.copytree(pre / "final", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for extra, expected in ((["--model-path", str(pre), "--tokenizer", str(other_tokenizer)], "not the tokenizer"),
+                            (["--model-path", str(broken)], "cannot load the model")):
+        code, err = run_cli(["sft", *extra, "--max-steps", "1", "--output-dir", str(tmp_path / "refused")], capsys)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()
 
 
 def test_non_finite_loss_skips_the_step_and_several_stop_the_run(tmp_path, shards):
@@ -180,6 +192,11 @@ BAD_INPUTS = {
     "nothing to resume": (["pretrain", "--model", "mini_llama3", "--resume", "latest"], "no checkpoint to resume"),
     "output dir holds a run": (["pretrain", "--model", "mini_llama3", "--output-dir", "{tmp}/old_run"],
                                "already holds a run"),
+    "output dir under a file": (["pretrain", "--model", "mini_llama3", "--output-dir", "{tmp}/r.yaml/run"],
+                                "is a file, not a directory"),
+    "adam beta out of range": (["pretrain", "--model", "mini_llama3", "--adam-beta1", "1.5"], "--adam-beta1"),
+    "model arg typo": (["pretrain", "--model", "mini_llama3", "--model-arg", "num_hiden_layers=2"],
+                       "did you mean 'num_hidden_layers'"),
 }
 
 

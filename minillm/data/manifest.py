@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from minillm.errors import UserError
+from minillm.paths import check_creatable, make_parent_dirs
 
 PRETRAIN_FORMAT = "minillm-pretrain-shards"
 SFT_FORMAT = "minillm-sft"
@@ -44,7 +45,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             raise UserError(
                 f"{out}: exists and is not a minillm data directory (no manifest.json); refusing to replace it"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_creatable(out, "--out")
+    make_parent_dirs(out, "--out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp

@@ -74,6 +74,7 @@ def load_model_and_tokenizer(
     from transformers.utils import logging as hf_logging
 
     import minillm  # noqa: F401  (registers our architectures with the Auto classes)
+    from minillm.models.export import load_error_reason
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -83,8 +84,8 @@ def load_model_and_tokenizer(
     hf_logging.disable_progress_bar()  # a bar for loading a small checkpoint is noise on stderr
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"--model {model_dir}: cannot load the model ({_first_line(err)})") from err
+    except Exception as err:  # noqa: BLE001  (truncated safetensors, shape mismatch, bad config: all user data)
+        raise UserError(f"--model {model_dir}: cannot load the model: {load_error_reason(err)}") from None
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from minillm.errors import UserError
+from minillm.paths import check_creatable, make_parent_dirs
 
 # model_type of the transformers reference config -> our architecture name.
 REFERENCE_MODEL_TYPES = {
@@ -81,6 +82,7 @@ def resolve_model_dir(path: str | Path) -> Path:
 def _check_destination(dst: Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst}: already exists and is not an empty directory; choose a new destination")
+    check_creatable(dst, "destination")
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -94,7 +96,7 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 
 def _write_atomically(dst: Path, write) -> None:
     """Run `write(tmp_dir)` in a temporary sibling of `dst`, then rename it to `dst`."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_dirs(dst, "destination")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         write(tmp)

@@ -49,6 +49,7 @@ import torch
 
 from minillm.errors import UserError
 from minillm.parallel import expert_parallel
+from minillm.paths import check_creatable
 from minillm.training import budget
 from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, Prefetcher, count_targets
@@ -411,6 +412,10 @@ def check_expert_parallel(config: TrainConfig, launch: tuple[int, bool, int | No
 def _output_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
     """Why a new run may not be written into `run_dir` (None when it may)."""
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        try:
+            check_creatable(run_dir, "--output-dir")
+        except UserError as err:
+            return str(err)
         return None
     if not run_dir.is_dir():
         return f"--output-dir {run_dir} exists and is not a directory"
