@@ -362,3 +362,24 @@ def test_bad_requests_get_openai_errors(served, path, body, status, param):
     if "too long" in error["message"] or "context length" in error["message"]:
         assert str(CONTEXT) in error["message"]  # says the numbers
     assert httpx.get(served[0].url + "/health", timeout=10).status_code == 200
+
+
+def test_a_busy_port_or_unknown_host_is_a_user_error():
+    import socket
+
+    from minillm.errors import UserError
+    from minillm.inference.server import listening_socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        with pytest.raises(UserError, match="cannot listen there"):
+            listening_socket("127.0.0.1", busy.getsockname()[1])
+    finally:
+        busy.close()
+    with pytest.raises(UserError, match="--host nosuchhost.invalid"):
+        listening_socket("nosuchhost.invalid", 8000)
+    free = listening_socket("127.0.0.1", 0)  # what `serve` hands to uvicorn
+    assert free.getsockname()[0] == "127.0.0.1"
+    free.close()

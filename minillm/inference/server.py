@@ -27,6 +27,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -40,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from minillm.errors import UserError
 from minillm.inference.engine import FINISH_CANCELLED, BaseEngine, Completion
 from minillm.inference.sampling import MAX_SEED, SamplingParams
 
@@ -617,6 +619,7 @@ def serve(
     from minillm.inference.loading import load_model_and_tokenizer, model_display_name
 
     console = Console(stderr=True)
+    sock = listening_socket(host, port)  # before the model loads: a busy port fails at once, in one line
     loaded, tokenizer, model_dir = load_model_and_tokenizer(model, device)
     name = model_display_name(model_dir)
     app = create_app(
@@ -627,4 +630,23 @@ def serve(
             f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it"
         )
     console.print(f"serving [bold]{name}[/] ({model_dir}) on http://{host}:{port}/v1")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for uvicorn to serve on; `UserError` for a host that does not resolve or an
+    address that cannot be bound (in use, not this machine's). Bound here rather than by uvicorn, whose own
+    failure is several log lines and exit code 3."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise UserError(f"--host {host}: cannot resolve it ({err.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port at once
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from None
+    return sock
