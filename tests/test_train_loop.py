@@ -197,6 +197,8 @@ BAD_INPUTS = {
     "adam beta out of range": (["pretrain", "--model", "mini_llama3", "--adam-beta1", "1.5"], "--adam-beta1"),
     "model arg typo": (["pretrain", "--model", "mini_llama3", "--model-arg", "num_hiden_layers=2"],
                        "did you mean 'num_hidden_layers'"),
+    "recipe given as launcher": (["pretrain", "--model", "mini_llama3", "--launcher", "{tmp}/r.yaml"],
+                                 "not an accelerate config"),
 }
 
 

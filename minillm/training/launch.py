@@ -43,6 +43,7 @@ def read_launcher(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         raise UserError(f"--launcher {cfg_path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"--launcher {cfg_path}: expected an accelerate config mapping")
+    check_launcher_fields(data, cfg_path)
     ds = (data.get("deepspeed_config") or {}).get("deepspeed_config_file")
     if ds:
         candidates = [Path(ds), cfg_path.parent / ds, cfg_path.parent.parent / ds]
@@ -51,6 +52,24 @@ def read_launcher(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
             raise UserError(f"--launcher {cfg_path}: deepspeed_config_file {ds} does not exist")
         data["deepspeed_config"]["deepspeed_config_file"] = str(found.resolve())
     return data, cfg_path
+
+
+def check_launcher_fields(data: dict[str, Any], cfg_path: Path) -> None:
+    """The fields minillm reads from an accelerate config, checked before anything is spawned: a recipe passed as
+    --launcher by mistake, or a typo'd value, would otherwise surface as a traceback from accelerate."""
+    from accelerate.utils import DistributedType
+
+    if "distributed_type" not in data:
+        raise UserError(f"--launcher {cfg_path}: not an accelerate config (no distributed_type); a training recipe "
+                        "goes to --config")
+    kinds = [kind.value for kind in DistributedType]
+    if str(data["distributed_type"]).upper() not in kinds:
+        raise UserError(f"--launcher {cfg_path}: distributed_type {data['distributed_type']!r} is not one of "
+                        f"{', '.join(kinds)}")
+    for key in ("num_processes", "num_machines", "main_process_port"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"--launcher {cfg_path}: {key} must be a positive integer, got {value!r}")
 
 
 def check_world(launcher_cfg: dict[str, Any], micro_batch_size: int, global_batch_size: int) -> None:
