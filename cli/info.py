@@ -19,11 +19,11 @@ def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(
         model: str = typer.Option(
-            "mini_llama3", "--model", help="mini_llama3, mini_deepseekv3 or mini_qwen3_next."
+            None, "--model", help="mini_llama3 (default), mini_deepseekv3 or mini_qwen3_next."
         ),
-        preset: str = typer.Option("tiny", "--preset", help="Size preset (tiny, base)."),
+        preset: str = typer.Option(None, "--preset", help="Size preset: tiny (default) or base."),
         seq_len: int = typer.Option(
-            0, "--seq-len", help="Sequence length for attention FLOPs (0: the model's max)."
+            None, "--seq-len", help="Sequence length for attention FLOPs (default: the model's max)."
         ),
         config: str = typer.Option(
             None, "--config", help="A training recipe: print its budget (steps, tokens, FLOPs, wall time) instead."
@@ -46,11 +46,19 @@ def register(app: typer.Typer) -> None:
         from minillm.models.stats import config_stats
 
         if config is not None:
+            given = [flag for flag, value in (("--model", model), ("--preset", preset), ("--seq-len", seq_len))
+                     if value is not None]
+            if given:
+                raise UserError(f"{', '.join(given)}: with --config the recipe decides the model; drop them")
             _print_budget(config, data, tokens, gpu, gpus, mfu)
             return
-        if seq_len < 0:
-            raise UserError(f"--seq-len {seq_len}: must be positive (or 0 for the model's maximum)")
-        stats = config_stats(model, preset, seq_len=seq_len or None)
+        from minillm.models.registry import build_config
+
+        model, preset = model or "mini_llama3", preset or "tiny"
+        limit = build_config(model, preset).max_position_embeddings
+        if seq_len is not None and not 0 < seq_len <= limit:
+            raise UserError(f"--seq-len {seq_len}: must be in [1, {limit}] ({model} {preset}'s positions)")
+        stats = config_stats(model, preset, seq_len=seq_len)
         table = Table(title=f"{model} ({preset})")
         table.add_column("quantity")
         table.add_column("value", justify="right")
