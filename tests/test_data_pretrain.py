@@ -196,3 +196,13 @@ def test_existing_output_is_kept_unless_overwrite(corpus, tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("user data")
     code, err = run_cli_err([*args[:-1], str(tmp_path / "mine"), "--overwrite"], capsys)
     assert code == 2 and "not a minillm data directory" in err and (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from minillm.data.sources import resolve_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(UserError, match="corpus/train: no such file"):
+        resolve_inputs(["corpus/train"])  # ./corpus exists: a typo for a local file, not a dataset "corpus/train"
+    assert [(s.kind, s.name) for s in resolve_inputs(["someone/dataset"])] == [("hf", "someone/dataset")]

@@ -50,6 +50,13 @@ def _kind_of(path: str) -> str:
     raise UserError(f"{path}: unsupported file type '{suffix}' (use .parquet, .jsonl or .txt)")
 
 
+def under_local_directory(name: str) -> bool:
+    """Whether `name` ("owner/dataset" in form) starts with a directory that exists here: then it is a mistyped
+    local path (`corpus/train` for `corpus/train.jsonl`), not a Hugging Face dataset to look up for half a minute."""
+    head = name.split("/", 1)[0]
+    return "/" in name and os.path.isdir(os.path.expanduser(head))
+
+
 def resolve_inputs(inputs: list[str] | str) -> list[Source]:
     """Expand files, directories and globs (sorted) into sources; HF names pass through. Errors name the input."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -77,6 +84,7 @@ def resolve_inputs(inputs: list[str] | str) -> list[Source]:
             _HF_NAME.match(item)
             and not item.startswith((".", "/"))
             and Path(item).suffix.lower() not in LOCAL_SUFFIXES
+            and not under_local_directory(item)
         ):
             sources.append(Source("hf", item))
         else:

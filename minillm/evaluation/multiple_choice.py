@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from minillm.data.sources import under_local_directory
 from minillm.errors import UserError
 from minillm.evaluation.loading import resolve_max_seq_len
 from minillm.evaluation.scoring import progress_bar
@@ -94,7 +95,7 @@ def load_questions(
                 f"{option} {source}: unsupported file type '{path.suffix}' (expected {', '.join(LOCAL_SUFFIXES)})"
             )
         rows, where = _read_rows(path), str(path)
-    elif path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+    elif path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or under_local_directory(source):
         raise UserError(f"{option} {source}: no such file")
     else:
         rows, where = (
