@@ -192,6 +192,8 @@ BAD_INPUTS = {
     "nothing to resume": (["pretrain", "--model", "mini_llama3", "--resume", "latest"], "no checkpoint to resume"),
     "output dir holds a run": (["pretrain", "--model", "mini_llama3", "--output-dir", "{tmp}/old_run"],
                                "already holds a run"),
+    "output dir holds other files": (["pretrain", "--model", "mini_llama3", "--output-dir", "{tmp}/not_a_model",
+                                      "--overwrite"], "holds no run"),
     "output dir under a file": (["pretrain", "--model", "mini_llama3", "--output-dir", "{tmp}/r.yaml/run"],
                                 "is a file, not a directory"),
     "adam beta out of range": (["pretrain", "--model", "mini_llama3", "--adam-beta1", "1.5"], "--adam-beta1"),

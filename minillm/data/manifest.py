@@ -71,6 +71,8 @@ def read_manifest(directory: str | Path, expected_format: str | tuple[str, ...])
     """Load and sanity-check `directory/manifest.json`; errors name the directory and the problem."""
     directory = Path(directory)
     path = directory / "manifest.json"
+    if directory.is_file():
+        raise UserError(f"{directory}: a file, not a data directory (build one with `minillm data ...`)")
     if not directory.is_dir():
         raise UserError(f"{directory}: data directory does not exist")
     if not path.is_file():

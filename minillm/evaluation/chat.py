@@ -41,6 +41,8 @@ Conversation = list[dict[str, str]]
 
 def read_conversations(path: Path) -> list[Conversation]:
     """The conversations of a `messages`-format jsonl file; a malformed row is an error naming its line."""
+    if path.is_dir():
+        raise UserError(f"--data {path}: a directory; give a .jsonl file of conversations")
     if not path.is_file():
         raise UserError(f"--data {path}: no such file")
     conversations = []

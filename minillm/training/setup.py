@@ -125,6 +125,9 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"--tokenizer {config.tokenizer or model_dir}: {len(tokenizer)} tokens, more than the "
                         f"model's {model.config.vocab_size}; use the tokenizer the model was trained with")
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None and config.seq_len > max_len:
+        raise UserError(f"--seq-len {config.seq_len}: longer than the model's {max_len} positions ({model_dir})")
     if config.data:
         data_dir = Path(config.data)
     else:

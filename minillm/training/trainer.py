@@ -419,6 +419,8 @@ def _output_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
         return None
     if not run_dir.is_dir():
         return f"--output-dir {run_dir} exists and is not a directory"
+    if not (run_dir / "config.yaml").is_file():
+        return f"--output-dir {run_dir} is not empty and holds no run; choose an empty or new directory"
     if not overwrite:
         return f"--output-dir {run_dir} already holds a run; pass --overwrite, --resume latest, or another directory"
     return None
