@@ -41,7 +41,8 @@ class TrainConfig:
 
     stage: str = _opt("pretrain or sft (set by the command)", stages=(), default="pretrain")
     # model
-    model: str | None = _opt("architecture: mini_llama3, mini_deepseekv3 or mini_qwen3_next", stages=("pretrain",))
+    model: str | None = _opt("architecture (required, here or in --config): mini_llama3, mini_deepseekv3 or "
+                             "mini_qwen3_next", stages=("pretrain",))
     preset: str = _opt("model size preset: tiny (CPU quick start) or base (100-200M)", ("pretrain",), "tiny")
     model_args: dict[str, Any] = _opt(
         "model config overrides, e.g. num_hidden_layers=2 (repeatable)", ("pretrain",), default_factory=dict

@@ -561,6 +561,7 @@ def save_final_model(accelerator, model, tokenizer, run_dir: Path) -> Path:
 
 
 def _progress(enabled: bool):
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -570,6 +571,9 @@ def _progress(enabled: bool):
         TimeRemainingColumn,
     )
 
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: the whole line, not cut at rich's default 80 columns
+        console = Console(width=160)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -578,6 +582,7 @@ def _progress(enabled: bool):
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        console=console,
         disable=not enabled,
     )
 
