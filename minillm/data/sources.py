@@ -216,7 +216,7 @@ def iter_json_rows(
             except UnicodeDecodeError:
                 yield lineno, None, "not UTF-8 text"
             except json.JSONDecodeError as err:
-                yield lineno, None, f"bad JSON ({err.msg})"
+                yield lineno, None, f"bad JSON ({err.msg} column {err.colno})"
 
 
 def iter_rows(source: Source) -> Iterator[tuple[str, object, str | None]]:

@@ -53,7 +53,7 @@ def read_conversations(path: Path) -> list[Conversation]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg} column {err.colno})") from err
             messages = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(messages, list) or not messages:
                 raise UserError(f"{path}:{number}: expected an object with a non-empty 'messages' list")

@@ -144,7 +144,7 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
         try:
             rows.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            raise UserError(f"{path}:{number}: not valid JSON ({err.msg} column {err.colno})") from err
     return rows
 
 

@@ -100,7 +100,7 @@ def _read_texts(path: Path, text_column: str, limit: int | None) -> list[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                    raise UserError(f"{path}:{number}: not valid JSON ({err.msg} column {err.colno})") from err
                 if not isinstance(row, dict) or text_column not in row:
                     found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                     raise UserError(f"{path}:{number}: no '{text_column}' field (found: {found})")
