@@ -130,7 +130,9 @@ def train_tokenizer(
     return save_tokenizer(tok, out_dir)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# What `save_tokenizer` writes (some transformers versions add special_tokens_map.json): `--overwrite` replaces a
+# directory holding these only.
+SAVED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def check_tokenizer_out(out_dir: str | Path, overwrite: bool) -> None:
@@ -143,10 +145,10 @@ def check_tokenizer_out(out_dir: str | Path, overwrite: bool) -> None:
     if held:
         if not overwrite:
             raise UserError(f"--out {out_dir}: already exists; choose another --out or pass --overwrite")
-        others = [name for name in held if name not in TOKENIZER_FILES]
+        others = [name for name in held if name not in SAVED_FILES]
         if "tokenizer.json" not in held or others:
-            raise UserError(f"--out {out_dir}: holds files that are not a tokenizer's ({', '.join(others or held)}); "
-                            "refusing to replace it")
+            raise UserError(f"--out {out_dir}: holds files that are not a tokenizer's "
+                            f"({', '.join(others or held)}); refusing to replace it")
     check_creatable(out_dir, "--out")
 
 

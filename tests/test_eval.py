@@ -414,7 +414,8 @@ def test_cli_json_never_replaces_an_input_or_an_existing_file_unasked(tiny, tmp_
     before = data.read_text()
     old = tmp_path / "old.json"
     old.write_text("{}")
-    common = ["eval", "ppl", "--model", str(model_dir), "--data", str(data), "--max-seq-len", "16", "--device", "cpu"]
+    common = ["eval", "ppl", "--model", str(model_dir), "--data", str(data), "--max-seq-len", "16",
+              "--device", "cpu"]
     cases = {  # --json: what the one-line error says (all before any evaluation runs)
         str(data): "is an input",
         str(old): "already exists",

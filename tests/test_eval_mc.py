@@ -460,7 +460,8 @@ def test_cli_prints_table_and_writes_json(model_dirs, tmp_path, capsys):
 
     # few-shot from a dev file, letters style, --limit: the options reach the evaluation
     dev = write_csv(tmp_path / "dev.csv", copy_questions(8, seed=10))
-    few = ["--dev", str(dev), "--few-shot", "2", "--style", "letters", "--limit", "10", "--json", str(out), "--overwrite"]
+    few = ["--dev", str(dev), "--few-shot", "2", "--style", "letters", "--limit", "10", "--json", str(out),
+           "--overwrite"]
     assert run_cli(*args, *few) == 0
     assert "letters, 2-shot" in " ".join(capsys.readouterr().out.split())
     report = json.loads(out.read_text(encoding="utf-8"))

@@ -95,7 +95,8 @@ def load_questions(
                 f"{option} {source}: unsupported file type '{path.suffix}' (expected {', '.join(LOCAL_SUFFIXES)})"
             )
         rows, where = _read_rows(path), str(path)
-    elif path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or under_local_directory(source):
+    elif (path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))
+          or under_local_directory(source)):
         raise UserError(f"{option} {source}: no such file")
     else:
         rows, where = (
