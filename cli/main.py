@@ -55,10 +55,21 @@ def _before_any_command() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, turning `UserError` into one line and exit code 2."""
+    """Console-script entry point: run the app, turning `UserError` and a bad command line (an unknown option, a
+    value of the wrong type or out of range) into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=True)
+        result = app(args=argv, prog_name="minillm", standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a training loop: no traceback
+        sys.exit(130)
     except Exception as err:
+        if _is_usage_error(err):
+            if type(err).__name__ == "NoArgsIsHelpError":  # `minillm tokenizer`: the group's help, as click does
+                text = err.ctx.get_help()  # typer's rich help prints itself and returns ""
+                if text.strip():
+                    print(text, file=sys.stderr)
+            else:
+                print(f"error: {err.format_message()} (see `{err.ctx.command_path} --help`)", file=sys.stderr)
+            sys.exit(2)
         # Imported here, not at the top: importing `minillm` loads torch and the models, and `minillm --help`
         # should not pay for that. Any UserError was raised from inside minillm, so it is loaded by now.
         from minillm.errors import UserError
@@ -67,6 +78,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         report_user_error(str(err))
         sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)  # click's own exit code (e.g. 0 after --help)
+
+
+def _is_usage_error(err: Exception) -> bool:
+    """Whether `err` is click's `UsageError` (an unknown command or option, a value of the wrong type or out of
+    range). Matched by its shape: typer vendors its own copy of click in recent versions, so the class depends on
+    the installed typer."""
+    return getattr(err, "exit_code", None) == 2 and hasattr(err, "format_message") and getattr(err, "ctx", None) \
+        is not None
 
 
 def report_user_error(message: str) -> None:

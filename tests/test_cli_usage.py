@@ -1,0 +1,32 @@
+"""A bad command line (unknown command or option, a value of the wrong type or out of range) is one line on stderr
+with exit code 2, like every other bad input; help still works."""
+
+from __future__ import annotations
+
+import pytest
+from cli_helpers import run_cli, run_cli_err
+
+BAD_COMMAND_LINES = {
+    "unknown command": (["nosuch"], "No such command 'nosuch'", "`minillm --help`"),
+    "unknown option": (["pretrain", "--nosuch"], "No such option: --nosuch", "`minillm pretrain --help`"),
+    "not an integer": (["pretrain", "--max-steps", "abc"], "'--max-steps'", "`minillm pretrain --help`"),
+    "out of range": (["chat", "--temperature", "-1"], "'--temperature'", "`minillm chat --help`"),
+    "missing option": (["tokenizer", "train", "--out", "x"], "--data", "`minillm tokenizer train --help`"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMMAND_LINES))
+def test_bad_command_line_is_one_line_and_exit_2(case, capsys):
+    argv, expected, hint = BAD_COMMAND_LINES[case]
+    code, err = run_cli_err(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0] and hint in lines[0], err
+
+
+def test_help_and_bare_groups_still_print_help(capsys):
+    assert run_cli(*["--help"]) == 0
+    assert "pretrain" in capsys.readouterr().out
+    code = run_cli("tokenizer")
+    shown = capsys.readouterr()
+    assert code == 2 and "train" in shown.out + shown.err  # a bare group shows its commands, as click does
