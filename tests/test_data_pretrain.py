@@ -124,7 +124,11 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, cap
     d, _ = corpus
     (tmp_path / "broken.parquet").write_bytes(b"not a parquet file at all")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
+    (tmp_path / "numbers.jsonl").write_text('{"text": "fine"}\n{"text": 12345}\n', encoding="utf-8")
     cases = [
+        ([str(tmp_path / "numbers.parquet")], [], "column 'text' holds int64, not text"),
+        ([str(tmp_path / "numbers.jsonl")], [], "numbers.jsonl:2: field 'text' is int, not text"),
         ([str(tmp_path / "missing.parquet")], [], "missing.parquet: no such file"),
         ([str(tmp_path / "*.nothing")], [], "*.nothing: the glob matches no files"),
         ([str(tmp_path / "broken.parquet")], [], "broken.parquet: cannot read as parquet"),

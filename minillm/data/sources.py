@@ -142,6 +142,12 @@ def iter_text_batches(
     if source.kind == "parquet":
         pf = _parquet_file(source.name)
         _check_column(source.name, text_column, list(pf.schema_arrow.names))
+        import pyarrow.types as pa_types
+
+        kind = pf.schema_arrow.field(text_column).type
+        if not (pa_types.is_string(kind) or pa_types.is_large_string(kind)):
+            raise UserError(f"{source.name}: column '{text_column}' holds {kind}, not text; pick one with "
+                            "--text-column")
         size, rows = source.size_bytes, max(pf.metadata.num_rows, 1)
         try:
             for batch in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
@@ -162,8 +168,11 @@ def iter_text_batches(
                 found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                 raise UserError(f"{source.name}:{lineno}: no field '{text_column}' (fields found: {found})")
             text = row[text_column]
+            if text is not None and not isinstance(text, str):  # a number or a list: the wrong field
+                raise UserError(f"{source.name}:{lineno}: field '{text_column}' is {type(text).__name__}, "
+                                "not text; pick the text field with --text-column")
             if text:
-                batch.append(str(text))
+                batch.append(text)
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
