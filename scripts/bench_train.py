@@ -67,7 +67,7 @@ from minillm.models.stats import model_stats  # noqa: E402
 from minillm.training import perf  # noqa: E402
 from minillm.training import trainer as trainer_module  # noqa: E402
 from minillm.training.batches import GlobalBatches, Permutation, Prefetcher  # noqa: E402
-from minillm.training.config import TrainConfig, parse_model_args  # noqa: E402
+from minillm.training.config import COMPILE_MODES, TrainConfig, parse_model_args  # noqa: E402
 from minillm.training.host_memory import keep_freed_memory  # noqa: E402
 from minillm.training.metrics import MetricsLogger  # noqa: E402
 
@@ -223,6 +223,8 @@ def train_config(args: argparse.Namespace, output_dir: str, dtype: str) -> Train
         if "compile" not in TrainConfig.field_names():
             sys.exit("error: this trainer has no `compile` option")
         options["compile"] = True
+        if args.compile_mode != "default":
+            options["compile_mode"] = args.compile_mode
     return TrainConfig(**options)
 
 
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--against-reference", action="store_true",
                         help="also time the transformers reference's bare loop, interleaved")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (trainer option)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode with --compile (trainer option); reduce-overhead = CUDA graphs")
     parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--data", default=None, help="pretraining shards to read instead of random tokens")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")

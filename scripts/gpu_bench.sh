@@ -7,8 +7,9 @@
 #   3. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
 #      flex_attention for packed documents, flash-linear-attention's Gated DeltaNet kernels when installed);
 #   4. in the time left: mini_llama3 with and without the trainer's per-step non-finite check (what its wait
-#      costs), with loss chunks of 4,096 tokens, the MoE models compiled, and the packed-attention kernels
-#      (scripts/bench_attention.py; ATTENTION=0 skips them).
+#      costs), with loss chunks of 4,096 tokens, the MoE models compiled, mini_deepseekv3 compiled with CUDA
+#      graphs (`--compile-mode reduce-overhead`), and the packed-attention kernels (scripts/bench_attention.py;
+#      ATTENTION=0 skips them).
 # Prints tokens/s, MFU (peak from the GPU table in minillm/training/perf.py), peak memory and the step-time shares,
 # then one summary table. Goals (issue 7): MFU >= 40% for mini_llama3, >= 25% for the MoE models on one H100.
 # Every stage is capped by `timeout`, the whole script by BUDGET seconds (default 470: under 8 minutes).
@@ -69,6 +70,8 @@ run mini_llama3_chunk4096 --model mini_llama3 --model-arg loss_chunk_size=4096
 # torch.compile of the MoE models (bf16 grouped_mm stays in the graph)
 run mini_deepseekv3_compiled --model mini_deepseekv3 --compile
 run mini_qwen3_next_compiled --model mini_qwen3_next --compile
+# CUDA graphs for the MoE model whose step is most host-bound (about 7k operators per step)
+run deepseekv3_cudagraphs --model mini_deepseekv3 --compile --compile-mode reduce-overhead
 # Packed-document attention paths (block-mask SDPA vs flex vs flash-attn varlen), in the time left; text, not JSON.
 if [[ ${ATTENTION:-1} == 1 ]] && (( deadline - SECONDS > 30 )); then
     timeout $((deadline - SECONDS)) "$PYTHON" scripts/bench_attention.py --device cuda --dtype bf16 \

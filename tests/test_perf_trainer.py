@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from minillm.errors import UserError
 from minillm.models.registry import build_model
 from minillm.training.config import TrainConfig
 from minillm.training.metrics import peak_flops
@@ -30,14 +31,23 @@ def test_cpu_peak_is_measured_once_per_dtype():
 
 def test_compile_layers_compiles_each_decoder_layer(monkeypatch):
     compiled = []
-    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append((type(self).__name__, k)))
     model = tiny_llama()
     assert compile_layers(model) == 2
-    assert compiled == ["MiniLlama3DecoderLayer"] * 2
+    assert compiled == [("MiniLlama3DecoderLayer", {"mode": None})] * 2
+    compiled.clear()
+    assert compile_layers(model, "reduce-overhead") == 2
+    assert compiled == [("MiniLlama3DecoderLayer", {"mode": "reduce-overhead"})] * 2
 
 
 def test_compile_flag_is_a_train_option():
     assert TrainConfig(model="mini_llama3", compile=True).resolve().compile is True
+    overhead = TrainConfig(model="mini_llama3", compile=True, compile_mode="reduce-overhead").resolve()
+    assert overhead.compile_mode == "reduce-overhead"
+    with pytest.raises(UserError, match="does nothing without --compile"):
+        TrainConfig(model="mini_llama3", compile_mode="reduce-overhead").resolve()
+    with pytest.raises(UserError, match="--compile-mode must be one of default, reduce-overhead"):
+        TrainConfig(model="mini_llama3", compile_mode="fast").resolve()
     assert "compile" in TrainConfig.field_names()
     assert torch.compile is not None
 

@@ -26,6 +26,7 @@ from minillm.errors import UserError
 
 STAGES = ("pretrain", "sft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile's
 
 
 def _opt(help: str, stages: tuple[str, ...] = STAGES, default: Any = None, **kwargs: Any) -> Any:
@@ -77,6 +78,10 @@ class TrainConfig:
     seed: int = _opt("random seed (weights, data order)", default=42)
     gradient_checkpointing: bool = _opt("recompute activations in backward to save memory", default=False)
     compile: bool = _opt("torch.compile the model (faster steps after a slower first one)", default=False)
+    compile_mode: str = _opt(
+        "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: less host time per step), "
+        "max-autotune-no-cudagraphs or max-autotune", default="default"
+    )
     expert_parallel_size: int = _opt(
         "shard the routed experts of a MoE model over this many processes (DeepSpeed ZeRO-1/2; 1 = off)", default=1
     )
@@ -141,6 +146,10 @@ class TrainConfig:
             raise UserError("--warmup-ratio must be in [0, 1) and --decay-ratio in (0, 1]")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise UserError(f"--compile-mode {self.compile_mode} does nothing without --compile")
         for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")

@@ -135,8 +135,8 @@ def make_accelerator(config: TrainConfig):
 # Model and optimizer
 
 
-def compile_layers(model) -> int:
-    """`torch.compile` every decoder layer (regional compilation); returns how many.
+def compile_layers(model, mode: str = "default") -> int:
+    """`torch.compile` every decoder layer (regional compilation) in torch.compile's `mode`; returns how many.
 
     Layers of one class share their compiled code, so compiling costs one or two graphs, not one per layer; the
     embedding, the chunked loss (an autograd Function that never materialises the logits) and the optimizer stay
@@ -147,7 +147,7 @@ def compile_layers(model) -> int:
     if not layers:
         raise UserError(f"--compile: found no decoder layers ({', '.join(sorted(names)) or 'none declared'}) to compile")
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=None if mode == "default" else mode)
     return len(layers)
 
 
@@ -170,7 +170,7 @@ def prepare_model_and_optimizer(accelerator, model, config: TrainConfig, total_s
         # one ZeRO-3 unit per MoE block: a rank whose tokens skip an expert still gathers its weights
         expert_parallel.set_zero3_leaf_moe_blocks(model)
     if config.compile:
-        compile_layers(model)
+        compile_layers(model, config.compile_mode)
     model, optimizer = accelerator.prepare(model, build_optimizer(model, config))
     # built on the prepared optimizer: DeepSpeed may swap ours for its own (CPU Adam under offload)
     scheduler = build_scheduler(optimizer, total_steps, config)
