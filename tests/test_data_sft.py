@@ -253,3 +253,11 @@ def test_builtin_sample_builds_once_and_teaches_identity(tok, tmp_path):
     assert answers.count("minillm") > 200 and "我是 minillm" in answers and "I am minillm" in answers
     summary = json.loads((sft / "manifest.json").read_text())["summary"]
     assert summary["invalid_rows"] == 0 and summary["padding_ratio_packed"] < 0.05
+
+
+def test_a_null_messages_column_does_not_hide_an_alpaca_row():
+    # in a parquet file or hub dataset that mixes formats, every row has every column: nulls where unused
+    row = {"conversations": None, "messages": None, "instruction": "Say hi", "input": "", "output": "hi"}
+    assert parse_conversation(row) == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    sharegpt = {"messages": None, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert [m["role"] for m in parse_conversation(sharegpt)] == ["user", "assistant"]

@@ -77,8 +77,10 @@ def parse_conversation(row) -> list[dict]:
     """Turn one row (messages / ShareGPT / Alpaca) into a list of {"role", "content"[, "reasoning_content"]}."""
     if not isinstance(row, dict):
         raise InvalidRow(f"row is {type(row).__name__}, not an object", "not a chat row")
-    if "messages" in row or "conversations" in row:
-        sharegpt = "messages" not in row
+    # A key holding null does not count: in parquet files and hub datasets every row has every column, so an
+    # Alpaca row of a mixed file carries `messages: null` / `conversations: null`.
+    if row.get("messages") is not None or row.get("conversations") is not None:
+        sharegpt = row.get("messages") is None
         turns = row["conversations"] if sharegpt else row["messages"]
         if not isinstance(turns, (list, tuple)) or not turns:
             raise InvalidRow("'messages'/'conversations' is not a non-empty list")
