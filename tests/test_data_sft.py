@@ -261,3 +261,17 @@ def test_a_null_messages_column_does_not_hide_an_alpaca_row():
     assert parse_conversation(row) == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
     sharegpt = {"messages": None, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     assert [m["role"] for m in parse_conversation(sharegpt)] == ["user", "assistant"]
+
+
+def test_a_json_array_file_is_read_row_by_row(tmp_path):
+    # how Alpaca-style datasets ship: one JSON array, pretty-printed or one row per line; once read as JSON lines,
+    # the first lost every row and the second kept one of five
+    rows = [{"instruction": f"question {i}", "input": "", "output": f"answer {i}"} for i in range(5)]
+    (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=4), encoding="utf-8")
+    (tmp_path / "lines.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n", encoding="utf-8")
+    for name in ("pretty.json", "lines.json"):
+        m = build_sft_dataset([str(tmp_path / name)], tmp_path / f"out_{name}", max_seq_len=64, progress=False)
+        assert m["summary"]["conversations"] == 5, (name, m["summary"])
+    (tmp_path / "broken.json").write_text("[1, 2", encoding="utf-8")
+    with pytest.raises(UserError, match="broken.json: not valid JSON"):
+        build_sft_dataset([str(tmp_path / "broken.json")], tmp_path / "out_broken", max_seq_len=64, progress=False)

@@ -209,12 +209,21 @@ def iter_text_batches(
 def iter_json_rows(
     path: str, on_bytes: Callable[[int], None] | None = None
 ) -> Iterator[tuple[int, object, str | None]]:
-    """Yield (line number, parsed row or None, error or None) for each non-empty line of a jsonl file."""
+    """Yield (line number, parsed row or None, error or None) for each non-empty line of a jsonl file.
+
+    A file whose text starts with `[` is one JSON array of rows (how Alpaca-style `.json` datasets ship): its rows
+    are yielded with their index (from 1) in place of a line number.
+    """
     try:
         f = open(path, "rb")
     except OSError as err:
         raise UserError(f"{path}: cannot open ({err.strerror})") from None
     with f:
+        if f.read(4096).lstrip().startswith(b"["):
+            f.seek(0)
+            yield from _json_array_rows(path, f.read(), on_bytes)
+            return
+        f.seek(0)
         for lineno, line in enumerate(f, 1):
             if on_bytes is not None:
                 on_bytes(len(line))
@@ -226,6 +235,21 @@ def iter_json_rows(
                 yield lineno, None, "not UTF-8 text"
             except json.JSONDecodeError as err:
                 yield lineno, None, f"bad JSON ({err.msg} column {err.colno})"
+
+
+def _json_array_rows(path: str, data: bytes, on_bytes: Callable[[int], None] | None):
+    try:
+        rows = json.loads(data)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if on_bytes is not None:
+        on_bytes(len(data))
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: a JSON {type(rows).__name__}, expected an array of rows or one row per line")
+    for index, row in enumerate(rows, 1):
+        yield index, row, None
 
 
 def iter_rows(source: Source) -> Iterator[tuple[str, object, str | None]]:
