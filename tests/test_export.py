@@ -79,3 +79,24 @@ def test_export_unloadable_model_is_a_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_llama3_rope_checkpoint_imports_and_loads_back(tmp_path):
+    """Real Llama 3.x checkpoints scale RoPE (`rope_type: llama3`). Its tables are computed while `from_pretrained`
+    builds the model on the meta device: once, that left them without data and nothing could load the model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_parameters=rope)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ref")
+    assert run_cli("export", "--to", "minillm", str(tmp_path / "ref"), str(tmp_path / "ours")) == 0
+    assert run_cli("export", "--to", "hf", str(tmp_path / "ours"), str(tmp_path / "back")) == 0
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ref")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    ids = torch.randint(0, 320, (1, 200))  # beyond the 64 original positions, where llama3 scaling acts
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
