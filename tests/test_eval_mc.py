@@ -471,3 +471,19 @@ def test_cli_prints_table_and_writes_json(model_dirs, tmp_path, capsys):
         "letters",
         str(dev),
     )
+
+
+def test_blank_trailing_choices_are_no_choices_and_numeric_answers_follow_labels(tmp_path):
+    from minillm.evaluation.multiple_choice import parse_rows
+
+    csv_file = tmp_path / "q.csv"
+    csv_file.write_text("question,A,B,C,D,answer\nCapital of France?,Paris,London,Berlin,,A\n"
+                        "Color of the sky is,blue,green,,,A\n", encoding="utf-8")
+    assert [len(q.choices) for q in load_questions(csv_file)] == [3, 2]  # not 4 with empty, scorable choices
+    csv_file.write_text("question,A,B,C,D,answer\nQ?,a,,c,d,A\n", encoding="utf-8")
+    with pytest.raises(UserError, match="a choice is empty"):
+        load_questions(csv_file)
+    # ARC labels "1".."4": the answer 1 means label "1" whether the file stores it as text or as a number
+    arc = {"question": "Q?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}}
+    assert [q.answer for q in parse_rows([("r1", {**arc, "answerKey": "1"}), ("r2", {**arc, "answerKey": 1})],
+                                         "arc", None)] == [0, 0]

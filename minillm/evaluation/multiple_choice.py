@@ -188,8 +188,12 @@ def _parse_row(row: dict[str, Any], location: str, where: str) -> Question:
         choices, labels = _parse_choices(row["choices"], location)
     else:
         choices = [row[column] for column in letter_columns]
-    if any(choice is None for choice in choices):
-        raise UserError(f"{location}: a choice is empty (null)")
+        # Blank trailing cells are no choices: a CSV or parquet file with 4 letter columns holds 3-choice
+        # questions as an empty (or null) D. A blank before a filled one is an error below.
+        while choices and (choices[-1] is None or str(choices[-1]).strip() == ""):
+            choices.pop()
+    if any(choice is None or str(choice).strip() == "" for choice in choices):
+        raise UserError(f"{location}: a choice is empty")
     choices = [str(choice) for choice in choices]
     if len(choices) < 2:
         raise UserError(f"{location}: a question needs at least 2 choices, found {len(choices)}")
@@ -234,6 +238,8 @@ def _answer_index(value: Any, n_choices: int, labels: list[str] | None, location
     letters = f"{LETTERS[0]}-{LETTERS[n_choices - 1]}" if n_choices <= len(LETTERS) else "letters"
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # an integer column read through a float type (e.g. with missing values)
+    if isinstance(value, int) and not isinstance(value, bool) and labels is not None and str(value) in labels:
+        return labels.index(str(value))  # ARC's numeric labels ("1".."4"): the same whether read as text or number
     if isinstance(value, int) and not isinstance(value, bool):
         if 0 <= value < n_choices:
             return value
