@@ -483,6 +483,9 @@ def test_blank_trailing_choices_are_no_choices_and_numeric_answers_follow_labels
     csv_file.write_text("question,A,B,C,D,answer\nQ?,a,,c,d,A\n", encoding="utf-8")
     with pytest.raises(UserError, match="a choice is empty"):
         load_questions(csv_file)
+    csv_file.write_text("question,A,B,D,answer\nQ?,a,b,d,A\n", encoding="utf-8")
+    with pytest.raises(UserError, match="choice columns A, B then D, no column C"):
+        load_questions(csv_file)  # D is not dropped without a word
     # ARC labels "1".."4": the answer 1 means label "1" whether the file stores it as text or as a number
     arc = {"question": "Q?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}}
     assert [q.answer for q in parse_rows([("r1", {**arc, "answerKey": "1"}), ("r2", {**arc, "answerKey": 1})],

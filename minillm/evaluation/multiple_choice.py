@@ -174,7 +174,7 @@ def parse_rows(rows: Sequence[tuple[str, Any]], where: str, limit: int | None = 
 
 
 def _parse_row(row: dict[str, Any], location: str, where: str) -> Question:
-    letter_columns = list(_letter_columns(row))
+    letter_columns = list(_letter_columns(row, where))
     answer_column = next((c for c in ANSWER_COLUMNS if c in row), None)
     missing = [name for name, ok in (("question", "question" in row), ("answer", answer_column)) if not ok]
     if "choices" not in row and len(letter_columns) < 2:
@@ -206,13 +206,19 @@ def _parse_row(row: dict[str, Any], location: str, where: str) -> Question:
     )
 
 
-def _letter_columns(row: dict[str, Any]) -> list[str]:
-    """The consecutive single-letter columns a, b, c, ... of a C-Eval-style row."""
+def _letter_columns(row: dict[str, Any], where: str) -> list[str]:
+    """The consecutive single-letter columns a, b, c, ... of a C-Eval-style row. A gap (a, b, d) is an error: the
+    choices after it would otherwise be dropped without a word."""
+    letters = LETTERS.lower()
     columns = []
-    for letter in LETTERS.lower():
+    for letter in letters:
         if letter not in row:
             break
         columns.append(letter)
+    later = [letter.upper() for letter in letters[len(columns) + 1 :] if letter in row]
+    if columns and later:
+        raise UserError(f"{where}: choice columns {', '.join(c.upper() for c in columns)} then {', '.join(later)}, "
+                        f"no column {letters[len(columns)].upper()}")
     return columns
 
 
