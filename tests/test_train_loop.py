@@ -133,7 +133,7 @@ def _cli(args: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "cli" / "main.py"), *args]
 
 
-def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards):
+def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards, capsys):
     """Kill a run between checkpoints, resume it, and get bit-identical per-step losses (fp32, one process)."""
     args = ["pretrain", "--model", "mini_deepseekv3", "--data", str(shards), *TINY, "--max-steps", "10000",
             "--save-every", "2", "--keep-last", "2", "--model-arg", "num_hidden_layers=2"]
@@ -142,6 +142,11 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards):
     kill_after_step(start(_cli(args + ["--output-dir", str(resumed)]), log), resumed, 3, log)
     checkpoints = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert checkpoints[-1] in ("step_00000002", "step_00000004")  # killed after step 3, maybe mid-save of 4
+    # Resuming with another schedule (here the length; e.g. a resume without the original flags) is refused, with
+    # the command that resumes with the run's own options
+    other = [a if a != "10000" else "20" for a in args] + ["--output-dir", str(resumed), "--resume", "latest"]
+    code, err = run_cli(other, capsys)
+    assert code == 2 and "max_steps: 10000 -> 20" in err and f"--config {resumed / 'config.yaml'}" in err, err
     kill_after_step(start(_cli(args + ["--output-dir", str(resumed), "--resume", "latest"]), log), resumed, 6, log)
     ref, res = losses(reference), losses(resumed)
     common = [s for s in range(1, 7) if s in ref and s in res]

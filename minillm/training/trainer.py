@@ -448,7 +448,8 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
             diffs = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in IDENTITY_FIELDS
                      if k in saved and saved.get(k) != getattr(config, k)]
             if diffs:
-                raise UserError(f"--resume {checkpoint}: the run was made with other options ({'; '.join(diffs)})")
+                raise UserError(f"--resume {checkpoint}: the run was made with other options ({'; '.join(diffs)}); "
+                                f"resume it with its own: --config {saved_path} --resume {config.resume}")
         return run_dir, checkpoint
     if config.output_dir:
         run_dir = Path(config.output_dir)
