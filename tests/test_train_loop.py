@@ -306,3 +306,22 @@ def test_step_results_are_read_from_the_device_at_log_intervals_only(tmp_path, s
     assert steps == [3, 6, 7]  # the log steps and the last one
     assert len(reads) == 4  # those three, and the final loss printed at the end
     assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in logged if "loss" in r)
+
+
+def test_evaluation_time_does_not_count_as_training_speed(tmp_path, shards):
+    """tokens/s (and MFU) measure training steps: the window of the step after an evaluation used to include it,
+    and read a fraction of the real speed."""
+    from minillm.training import trainer
+    from minillm.training.config import TrainConfig
+
+    def slow_eval(accelerator, model, step):
+        time.sleep(1.0)  # far longer than a tiny step
+        return {"val/loss": 1.0}
+
+    config = TrainConfig(stage="pretrain", model="mini_llama3", data=str(shards), seq_len=32, micro_batch_size=2,
+                         global_batch_size=4, max_steps=6, log_every=1, eval_every=3, precision="fp32",
+                         output_dir=str(tmp_path), model_args={"num_hidden_layers": 2})
+    run_dir = trainer.train(config, eval_fn=slow_eval)
+    speed = {r["step"]: r["tokens_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "tokens_per_s" in r}
+    assert speed[4] > 0.3 * speed[5]  # step 4 follows the evaluation at step 3 (with it: ~1% of the speed)

@@ -39,6 +39,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -618,6 +619,10 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         raise UserError(
             f"the data has {len(run.train_data)} rows, fewer than one global batch ({config.global_batch_size})"
         )
+    if config.eval_every and eval_fn is None and run.val_data is None and accelerator.is_main_process:
+        # a warning, not an error: the base preset's default eval_every meets shards built without a val split
+        print(f"warning: eval_every {config.eval_every}, but this run has no validation data, so no validation runs "
+              "(SFT data has none; build pretraining shards with --val-fraction to get some)", file=sys.stderr)
     total_steps = budget.total_steps(config, len(run.train_data))  # the formula `minillm info --config` shows
     if accelerator.is_main_process:
         _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
@@ -703,6 +708,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                         f"lower --lr, check the data, or resume from an earlier checkpoint"
                     )
 
+                pause_start = time.perf_counter()  # evaluation and checkpoints do not count as training speed
                 if config.eval_every and step % config.eval_every == 0:
                     metrics = (eval_fn(accelerator, model, step) if eval_fn is not None else
                                validation_loss(accelerator, model, run.val_data, run.collate, config.micro_batch_size,
@@ -717,6 +723,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                     }, config.keep_last, save_extra=save_experts)
                     if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
                         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
+                window_start += time.perf_counter() - pause_start
     finally:
         if isinstance(source, Prefetcher):
             source.close()
