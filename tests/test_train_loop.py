@@ -325,3 +325,22 @@ def test_evaluation_time_does_not_count_as_training_speed(tmp_path, shards):
     speed = {r["step"]: r["tokens_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if "tokens_per_s" in r}
     assert speed[4] > 0.3 * speed[5]  # step 4 follows the evaluation at step 3 (with it: ~1% of the speed)
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, shards):
+    """Resume from step 3 of a run that also saved step 6: step 6 belongs to the abandoned trajectory. Rotation
+    keeps the highest steps, so with it in place the resumed run's own step 5 was deleted right after it was saved."""
+    from minillm.training import trainer
+    from minillm.training.checkpoint import list_checkpoints
+    from minillm.training.config import TrainConfig
+
+    config = TrainConfig(stage="pretrain", model="mini_llama3", data=str(shards), seq_len=32, micro_batch_size=2,
+                         global_batch_size=4, max_steps=8, save_every=3, precision="fp32", output_dir=str(tmp_path),
+                         model_args={"num_hidden_layers": 2})
+    trainer.train(config)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
+    resumed = config.replace(save_every=5, keep_last=1, resume=str(tmp_path / "checkpoints" / "step_00000003"))
+    trainer.train(resumed)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005"]  # its own newest, kept
+    (aside,) = tmp_path.glob("checkpoints.abandoned-*")
+    assert [p.name for p in aside.iterdir()] == ["step_00000006"]  # moved, not deleted

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,21 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def set_aside_later_checkpoints(run_dir: Path, step: int) -> Path | None:
+    """Resuming from `step` abandons the checkpoints saved after it: they move to `checkpoints.abandoned-<time>/`
+    (never deleted), so that rotation (which keeps the highest steps) cannot delete the resumed run's new
+    checkpoints in their favour, and `--resume latest` never returns to the abandoned trajectory. Returns where
+    they went, or None when there were none. Main process only."""
+    later = [c for c in list_checkpoints(run_dir) if int(c.name[len(PREFIX):]) > step]
+    if not later:
+        return None
+    aside = Path(run_dir) / f"{CHECKPOINTS}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for checkpoint in later:
+        checkpoint.rename(aside / checkpoint.name)
+    return aside
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -645,6 +645,10 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         batches.load_state_dict(state["data"])
         if accelerator.is_main_process:
             accelerator.print(f"resuming {run_dir} from {resume_from.name} (step {start_step})")
+            aside = ckpt.set_aside_later_checkpoints(run_dir, start_step)
+            if aside is not None:
+                accelerator.print(f"the checkpoints after step {start_step} were moved to {aside}")
+        accelerator.wait_for_everyone()
 
     # on a GPU the next steps are collated ahead in a background thread, in pinned memory
     source = batches
