@@ -70,11 +70,11 @@ def load_model_and_tokenizer(
     model_dir: Path, device: torch.device, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `model_dir` with the Auto classes, in eval mode on `device`; errors become one-line `UserError`s."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     import minillm  # noqa: F401  (registers our architectures with the Auto classes)
-    from minillm.models.export import load_error_reason
+    from minillm.models.export import load_causal_lm
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -83,9 +83,7 @@ def load_model_and_tokenizer(
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar for loading a small checkpoint is noise on stderr
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    except Exception as err:  # noqa: BLE001  (truncated safetensors, shape mismatch, bad config: all user data)
-        raise UserError(f"--model {model_dir}: cannot load the model: {load_error_reason(err)}") from None
+        model = load_causal_lm(model_dir, dtype)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

@@ -76,18 +76,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_model_and_tokenizer(path: str | Path | None, device: str = "auto"):
     """Load (model, tokenizer, model_dir) ready for decoding (eval mode, on the device)."""
-    from transformers import AutoModelForCausalLM
-
-    import minillm  # noqa: F401  (registers our architectures with the Auto classes)
-    from minillm.models.export import load_error_reason
+    from minillm.models.export import load_causal_lm
     from minillm.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(path)
     dev = pick_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=default_dtype(dev))
-    except Exception as err:  # noqa: BLE001  (truncated safetensors, shape mismatch, bad config: all user data)
-        raise UserError(f"--model {model_dir}: cannot load the model: {load_error_reason(err)}") from None
+    model = load_causal_lm(model_dir, default_dtype(dev))
     if (model_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(model_dir)
     else:

@@ -119,6 +119,20 @@ def _load(src: Path):
         raise UserError(f"{src}: cannot load the model ({load_error_reason(err)})") from err
 
 
+def load_causal_lm(model_dir: str | Path, dtype, option: str = "--model"):
+    """`AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)` (our architectures registered), with any
+    failure as a one-line `UserError` naming `option`: a truncated safetensors file, weights that do not match
+    config.json and a bad config are all user data (chat, serve, eval, sft)."""
+    from transformers import AutoModelForCausalLM
+
+    import minillm  # noqa: F401  (registers our Auto classes)
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{option} {model_dir}: cannot load the model: {load_error_reason(err)}") from None
+
+
 def load_error_reason(err: BaseException) -> str:
     """One line saying why `from_pretrained` failed, for a `UserError` (export, chat, serve).
 

@@ -100,11 +100,9 @@ def _pretrain_parts(config: TrainConfig) -> dict[str, Any]:
 
 
 def _sft_parts(config: TrainConfig) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
-    import minillm  # noqa: F401  (registers our architectures with the Auto classes)
     from minillm.data import sft
     from minillm.data.collate import PackedCollator, PaddedCollator
+    from minillm.models.export import load_causal_lm
 
     model_dir = sft_model_dir(config.model_path)
     has_tokenizer = (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file()
@@ -116,12 +114,7 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
         if tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
             raise UserError(f"--tokenizer {config.tokenizer}: not the tokenizer {model_dir} was trained with "
                             f"({len(tokenizer)} tokens, the model's has {len(own)}); drop --tokenizer")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    except Exception as err:  # noqa: BLE001  (truncated safetensors, shape mismatch, bad config: all user data)
-        from minillm.models.export import load_error_reason
-
-        raise UserError(f"--model-path {model_dir}: cannot load the model: {load_error_reason(err)}") from None
+    model = load_causal_lm(model_dir, torch.float32, "--model-path")
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"--tokenizer {config.tokenizer or model_dir}: {len(tokenizer)} tokens, more than the "
                         f"model's {model.config.vocab_size}; use the tokenizer the model was trained with")
