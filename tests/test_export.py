@@ -72,8 +72,8 @@ def test_export_unloadable_model_is_a_one_line_error(tmp_path, capsys):
     config["hidden_size"] += 8
     (mismatch / "config.json").write_text(json.dumps(config))
     for path, message in [
-        (truncated, "cannot load the model (Error while deserializing header"),
-        (mismatch, "cannot load the model (the weights' shapes do not match config.json)"),
+        (truncated, "cannot load the model: Error while deserializing header"),
+        (mismatch, "cannot load the model: the weights' shapes do not match config.json\n"),
     ]:
         assert run_cli("export", "--to", "hf", str(path), str(tmp_path / "out")) == 2
         err = capsys.readouterr().err

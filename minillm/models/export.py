@@ -108,21 +108,11 @@ def _write_atomically(dst: Path, write) -> None:
         raise
 
 
-def _load(src: Path):
-    from transformers import AutoModelForCausalLM
-
-    import minillm  # noqa: F401  (registers our Auto classes)
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(src, dtype="auto")
-    except Exception as err:  # noqa: BLE001  (truncated safetensors, shape mismatch, bad config: all user data)
-        raise UserError(f"{src}: cannot load the model ({load_error_reason(err)})") from err
-
-
-def load_causal_lm(model_dir: str | Path, dtype, option: str = "--model"):
+def load_causal_lm(model_dir: str | Path, dtype, option: str | None = "--model"):
     """`AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)` (our architectures registered), with any
-    failure as a one-line `UserError` naming `option`: a truncated safetensors file, weights that do not match
-    config.json and a bad config are all user data (chat, serve, eval, sft)."""
+    failure as a one-line `UserError` naming `option` (None: a positional argument, the path alone): a truncated
+    safetensors file, weights that do not match config.json and a bad config are all user data (chat, serve,
+    eval, sft, export)."""
     from transformers import AutoModelForCausalLM
 
     import minillm  # noqa: F401  (registers our Auto classes)
@@ -130,7 +120,8 @@ def load_causal_lm(model_dir: str | Path, dtype, option: str = "--model"):
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"{option} {model_dir}: cannot load the model: {load_error_reason(err)}") from None
+        where = f"{option} {model_dir}" if option else str(model_dir)
+        raise UserError(f"{where}: cannot load the model: {load_error_reason(err)}") from None
 
 
 def load_error_reason(err: BaseException) -> str:
@@ -155,7 +146,7 @@ def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
 
     src, dst = resolve_model_dir(src_dir), Path(dst_dir)
     _check_destination(dst)
-    model = _load(src)
+    model = load_causal_lm(src, "auto", None)
     model_type = model.config.model_type
     if model_type not in MODEL_NAMES:
         raise UserError(f"{src}: model_type {model_type!r} is not a minillm model ({', '.join(MODEL_NAMES)})")
@@ -181,10 +172,10 @@ def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     try:
         declared = json.loads((src / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
-        declared = None  # _load below reports what is wrong with the file
+        declared = None  # load_causal_lm below reports what is wrong with the file
     if declared in MODEL_NAMES:
         raise UserError(f"{src}: already a minillm model ({declared}); --to minillm converts exports (--to hf) back")
-    ref = _load(src)
+    ref = load_causal_lm(src, "auto", None)
     model_type = REFERENCE_MODEL_TYPES.get(ref.config.model_type)
     if model_type is None:
         raise UserError(
