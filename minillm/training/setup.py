@@ -128,7 +128,6 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
 
         data_dir = Path(builtin_sft_dataset(config.tokenizer or (model_dir if has_tokenizer else None),
                                             max_seq_len=config.seq_len, pack=config.packing))
-    from minillm.data.manifest import SFT_FORMAT, read_manifest
     from minillm.data.pretrain import check_shards_match
 
     check_shards_match(data_dir, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
@@ -138,7 +137,7 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
         if config.packing:
             raise UserError(f"--data {data_dir}: not packed SFT data; rebuild it with --pack or drop --packing")
         raise UserError(f"--data {data_dir}: packed SFT data; pass --packing or rebuild it without --pack")
-    built_len = read_manifest(data_dir, SFT_FORMAT).get("max_seq_len")
+    built_len = train_data.manifest.get("max_seq_len")
     if built_len and built_len > config.seq_len:  # the rows would be longer than the --seq-len asked for
         raise UserError(f"--data {data_dir}: rows of up to {built_len} tokens (built with --max-seq-len {built_len}), "
                         f"longer than --seq-len {config.seq_len}; pass --seq-len {built_len} or rebuild the data")
