@@ -211,7 +211,7 @@ def train_config(args: argparse.Namespace, output_dir: str, dtype: str) -> Train
     base_preset, overrides = perf.preset_and_overrides(args.model, args.preset)
     if args.data:
         overrides.pop("vocab_size", None)  # the tokenizer of the shards decides
-    overrides.update(parse_model_args(args.model_arg))
+    overrides.update(args.model_overrides)
     options = dict(
         stage="pretrain", model=args.model, preset=base_preset, model_args=overrides, seq_len=args.seq,
         micro_batch_size=args.batch, global_batch_size=args.batch * args.accumulation,
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "write the operators that take the most time (self time on the device) to FILE")
     args = parser.parse_args(argv)
     try:
-        parse_model_args(args.model_arg)
+        args.model_overrides = parse_model_args(args.model_arg)  # parsed once, for every round's config
     except UserError as err:
         sys.exit(f"error: {err}")
     if args.threads:
