@@ -275,3 +275,20 @@ def test_a_json_array_file_is_read_row_by_row(tmp_path):
     (tmp_path / "broken.json").write_text("[1, 2", encoding="utf-8")
     with pytest.raises(UserError, match="broken.json: not valid JSON"):
         build_sft_dataset([str(tmp_path / "broken.json")], tmp_path / "out_broken", max_seq_len=64, progress=False)
+
+
+def test_an_answer_starting_with_newlines_is_trained_after_the_inference_prompt(tok, tmp_path):
+    """The tokenizer joins whitespace ending in newlines into one token: an answer starting with "\\n" used to
+    train a "\\n\\n" token straddling the prompt's own "\\n", a sequence the model never sees at inference."""
+    question, answer = "Show me code", "\n\n    print('hi')\nDone."
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(chat(question, answer)) + "\n", encoding="utf-8")
+    build_sft_dataset([str(path)], tmp_path / "sft", max_seq_len=64, progress=False)
+    ds = SFTDataset(tmp_path / "sft")
+    ids, labels = ds[0]["input_ids"].tolist(), ds[0]["labels"]
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    assert ids[: len(prompt)] == list(prompt)  # the row begins with exactly what chat/serve feed the model
+    assert (labels[: len(prompt)] == -100).all() and labels[len(prompt)] != -100
+    assert tok.decode(ids[len(prompt) :]) == "    print('hi')\nDone.<|im_end|>\n"  # indentation kept

@@ -73,6 +73,18 @@ def _text(value, what: str) -> str:
     return value
 
 
+def _drop_leading_newlines(content: str) -> str:
+    """An answer without the blank lines it starts with (up to and including the last newline of its leading
+    whitespace, so a code block's indentation stays).
+
+    Why: the template puts the answer right after `<|im_start|>assistant\n`, and the tokenizer joins runs of
+    whitespace that end in newlines into one token. An answer starting with "\n" would train the model on a "\n\n"
+    token that straddles the prompt, while at inference the prompt ends with its own "\n" token: the model would
+    have learned its first step from a token sequence it never sees. (Qwen3's template strips them too.)"""
+    leading = re.match(r"\s*[\r\n]", content)
+    return content[leading.end():] if leading else content
+
+
 def parse_conversation(row) -> list[dict]:
     """Turn one row (messages / ShareGPT / Alpaca) into a list of {"role", "content"[, "reasoning_content"]}."""
     if not isinstance(row, dict):
@@ -119,8 +131,10 @@ def parse_conversation(row) -> list[dict]:
             "not a chat row",
         )
     for k, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise InvalidRow(f"empty assistant turn {k}", "empty assistant turn")
+        if m["role"] == "assistant":
+            if not m["content"].strip():
+                raise InvalidRow(f"empty assistant turn {k}", "empty assistant turn")
+            m["content"] = _drop_leading_newlines(m["content"])
     while messages and messages[-1]["role"] != "assistant":  # trailing prompts without answers teach nothing
         messages.pop()
     if not any(m["role"] == "assistant" for m in messages):
