@@ -82,7 +82,7 @@ def _drop_leading_newlines(content: str) -> str:
     token that straddles the prompt, while at inference the prompt ends with its own "\n" token: the model would
     have learned its first step from a token sequence it never sees. (Qwen3's template strips them too.)"""
     leading = re.match(r"\s*[\r\n]", content)
-    return content[leading.end():] if leading else content
+    return content[leading.end() :] if leading else content
 
 
 def parse_conversation(row) -> list[dict]:
