@@ -3,7 +3,7 @@
 #   1. the `base` presets of the three models, bf16 autocast, sequence 512, through the real trainer
 #      (scripts/bench_train.py), each also against its transformers reference (interleaved, same process), with a
 #      profile of 5 steps (the kernels and operators that take the device's time);
-#   2. mini_llama3 compiled;
+#   2. mini_llama3 compiled, at BATCH and at BIG_BATCH rows per step;
 #   3. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
 #      flex_attention for packed documents, flash-linear-attention's Gated DeltaNet kernels when installed);
 #   4. in the time left: mini_llama3 with and without the trainer's per-step non-finite check (what its wait
@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-gpu_bench_results}
 BATCH=${BATCH:-32}     # rows of 512 tokens per step (16k tokens): enough work per kernel for a 125-175M model
+BIG_BATCH=${BIG_BATCH:-128}  # rows per step of the large-batch run (64k tokens, as nanochat's 32 x 2048)
 STEPS=${STEPS:-20}     # timed steps per round
 ROUNDS=${ROUNDS:-1}    # trainer runs per model (the reference alternates with the trainer step by step)
 PER_RUN=${PER_RUN:-140}  # seconds allowed per model run
@@ -54,6 +55,9 @@ for model in mini_llama3 mini_deepseekv3 mini_qwen3_next; do
 done
 # torch.compile of the decoder layers (the loss stays chunked, outside the compiled region)
 run mini_llama3_compiled --model mini_llama3 --compile
+# The same with 4x the rows per step: the per-step costs that do not grow with the batch (optimizer, launches, the
+# host's wait) spread over more tokens. The goal fixes the sequence length, not the batch.
+run mini_llama3_compiled_b$BIG_BATCH --model mini_llama3 --compile --batch "$BIG_BATCH"
 # The CUDA paths against their references (tests/test_gpu.py), each test capped at 60 s where pytest-timeout is
 # installed, the whole set by the budget left.
 per_test=$("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
