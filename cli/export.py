@@ -38,5 +38,7 @@ def register(app: typer.Typer) -> None:
             f"wrote {dst}: {summary['reference'] if to == 'hf' else summary['architecture']} "
             f"(from {summary['architecture'] if to == 'hf' else summary['reference']})"
         )
+        for note in summary.get("notes", []):
+            console.print(f"[yellow]note:[/] {note}")
         if not summary["tokenizer_files"]:
             console.print(f"[yellow]note:[/] {src} has no tokenizer files; none were copied")

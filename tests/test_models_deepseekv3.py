@@ -65,8 +65,18 @@ def moe_routers(model):
             topk_group=1,
             num_experts_per_tok=3,
         ),
+        # YaRN tables sized by the RoPE part of a head (8 channels), not by hidden / heads (16), as the reference
+        # sizes them; and no shared experts (the reference builds zero-width ones, which the copy skips)
+        dict(
+            qk_rope_head_dim=8,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8,
+                mscale=1.0, mscale_all_dim=1.0, beta_fast=32, beta_slow=1,
+            ),
+            n_shared_experts=0,
+        ),
     ],
-    ids=["default", "variant"],
+    ids=["default", "variant", "yarn_narrow_rope_no_shared"],
 )
 def test_parity_with_deepseek_v3(overrides):
     model = tiny(**overrides)
@@ -281,11 +291,30 @@ def test_update_expert_bias_moves_load_toward_uniform():
 
 
 def test_bias_stays_fp32_in_bf16_model():
-    model = tiny().to(torch.bfloat16)
+    model = tiny()
+    bias = moe_routers(model)[0].e_score_correction_bias.clone()
+    model = model.to(torch.bfloat16)
     router = moe_routers(model)[0]
     assert router.e_score_correction_bias.dtype == torch.float32 and router.weight.dtype == torch.bfloat16
+    assert torch.equal(router.e_score_correction_bias, bias)  # its fp32 values, not bf16's rounding of them
     out = model(input_ids=random_ids(VOCAB, 1, 8))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+
+
+def test_bf16_export_keeps_the_fp32_router_tensors_exact():
+    """Exporting a bf16 model used to round the tensors it keeps in fp32 (the router's weight and balancing bias,
+    as the reference declares them): routing then differed on some tokens."""
+    model = tiny().to(torch.bfloat16)
+    with torch.no_grad():
+        for router in moe_routers(model):
+            router.weight.data = router.weight.data.float().normal_(0.0, 0.1)  # as from_pretrained keeps it
+    ref = to_reference(model)
+    ref_routers = [layer.mlp.gate for layer in ref.model.layers if hasattr(layer.mlp, "gate")]
+    for ours, theirs in zip(moe_routers(model), ref_routers, strict=True):
+        assert theirs.weight.dtype == torch.float32 and torch.equal(theirs.weight, ours.weight)
+        assert torch.equal(theirs.e_score_correction_bias, ours.e_score_correction_bias)
+    back = from_reference(ref)
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(moe_routers(model), moe_routers(back), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -294,6 +323,7 @@ def test_bias_stays_fp32_in_bf16_model():
         (dict(n_routed_experts=6, n_group=4), "divisible by n_group"),
         (dict(num_experts_per_tok=9, n_group=1, topk_group=1), "exceeds n_routed_experts"),
         (dict(topk_group=5), "topk_group"),
+        (dict(n_group=8, topk_group=4), "at least 2"),
         (dict(num_experts_per_tok=5, n_group=4, topk_group=2), "allowed groups"),
         (dict(num_dense_layers=5, num_hidden_layers=4), "num_dense_layers"),
         (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),

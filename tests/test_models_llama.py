@@ -128,6 +128,17 @@ def test_bad_configs_fail_clearly(kwargs, message):
         MiniLlama3Config(**{**base, **kwargs})
 
 
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_length_dependent_rope_is_refused(rope_type):
+    """transformers recomputes these tables from each forward's positions (past the original length they give
+    other logits than fixed tables); minillm refuses them rather than compute something else."""
+    rope = dict(rope_type=rope_type, rope_theta=10000.0, factor=2.0, original_max_position_embeddings=16)
+    if rope_type == "longrope":
+        rope.update(short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    with pytest.raises(ValueError, match=f"rope_type '{rope_type}' is not supported"):
+        build_model("mini_llama3", "tiny", hidden_size=64, num_attention_heads=4, rope_parameters=rope)
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     model = tiny().train()
     ids = torch.randint(1, VOCAB, (2, 12))

@@ -304,3 +304,19 @@ def test_bf16_autocast_training_step():
     out.loss.backward()
     assert abs(out.loss.item() - fp32_loss) < 0.05 * fp32_loss
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_export_notes_a_model_without_full_attention(tmp_path):
+    """transformers' Qwen3Next cache needs a full-attention layer: an all-DeltaNet export computes its logits there
+    but cannot generate, which `minillm export` says instead of leaving the user to find out."""
+    from minillm.models.export import export_to_hf
+    from minillm.models.mini_qwen3_next import export_notes
+
+    assert export_notes(tiny_config()) == []
+    model = tiny_model(layer_types=["linear_attention"] * 4)
+    model.save_pretrained(tmp_path / "src")
+    summary = export_to_hf(tmp_path / "src", tmp_path / "dst")
+    assert len(summary["notes"]) == 1 and "full-attention layer" in summary["notes"][0]
+    ref = Qwen3NextForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    torch.testing.assert_close(ref(input_ids=ids, use_cache=False).logits, model(input_ids=ids).logits)

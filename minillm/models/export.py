@@ -52,11 +52,26 @@ def copy_weights(src, dst, skip: tuple[str, ...] = ()) -> None:
     embedding and may be absent from one side's state dict.
     """
     state = {k: v for k, v in src.state_dict().items() if not k.startswith(skip)}
+    _match_dtypes(dst, state)
     missing, unexpected = dst.load_state_dict(state, strict=False)
     tied = dst.config.tie_word_embeddings
-    missing = [k for k in missing if not (k == "lm_head.weight" and tied) and not k.startswith(skip)]
+    # A part with no elements may exist on one side only: DeepSeek-V3's reference builds zero-width shared experts
+    # when there are none (n_shared_experts=0), ours builds no module. Nothing is lost by not copying it.
+    empty = {k for k, v in dst.state_dict().items() if v.numel() == 0}
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied) and not k.startswith(skip) and k not in empty]
+    unexpected = [k for k in unexpected if state[k].numel() > 0]
     if missing or unexpected:
         raise ValueError(f"state dicts do not match: missing {missing}, unexpected {unexpected}")
+
+
+def _match_dtypes(dst, state: dict) -> None:
+    """Give each parameter and buffer of `dst` the dtype of the tensor `state` holds for it, before the copy: a
+    bf16 model keeps some tensors in fp32 (DeepSeek-V3's router weight and balancing bias, whose ~1e-3 updates bf16
+    would round away), and copying them into a bf16 tensor would round them."""
+    for name, tensor in [*dst.named_parameters(), *dst.named_buffers()]:
+        source = state.get(name)
+        if source is not None and source.dtype != tensor.dtype:
+            tensor.data = tensor.data.to(source.dtype)
 
 
 def convert_model(src, dst_class, dst_config, skip: tuple[str, ...] = ()):
@@ -140,7 +155,8 @@ def load_error_reason(err: BaseException) -> str:
 def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     """Convert the minillm model in `src_dir` to its transformers reference class and save it to `dst_dir`.
 
-    Returns a summary: `{"architecture": ..., "reference": ..., "tokenizer_files": [...]}`.
+    Returns a summary: `{"architecture": ..., "reference": ..., "tokenizer_files": [...], "notes": [...]}`, the
+    notes being what the reference class cannot do with this model.
     """
     from minillm.models.registry import MODEL_NAMES, model_package
 
@@ -150,7 +166,10 @@ def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     model_type = model.config.model_type
     if model_type not in MODEL_NAMES:
         raise UserError(f"{src}: model_type {model_type!r} is not a minillm model ({', '.join(MODEL_NAMES)})")
-    ref = model_package(model_type).to_reference(model)
+    package = model_package(model_type)
+    ref = package.to_reference(model)
+    # what the reference class cannot do with this model (only mini_qwen3_next has such cases)
+    notes = package.export_notes(model.config) if hasattr(package, "export_notes") else []
     ref.generation_config = model.generation_config  # eos/pad and sampling defaults travel with the model
     tokenizer_files: list[str] = []
 
@@ -159,7 +178,12 @@ def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
         tokenizer_files.extend(_copy_tokenizer_files(src, tmp))
 
     _write_atomically(dst, write)
-    return {"architecture": model_type, "reference": type(ref).__name__, "tokenizer_files": tokenizer_files}
+    return {
+        "architecture": model_type,
+        "reference": type(ref).__name__,
+        "tokenizer_files": tokenizer_files,
+        "notes": notes,
+    }
 
 
 def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:

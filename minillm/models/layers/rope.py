@@ -19,6 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+# RoPE variants whose frequencies transformers recomputes from the positions of each forward (NTK "dynamic"
+# scaling; "longrope" switching to its long factors past the original length). minillm computes its tables once.
+LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
+
 
 def default_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
     """Inverse frequencies `theta^(-2i/rotary_dim)` for i in [0, rotary_dim/2)."""
@@ -57,11 +61,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self.initial_inv_freq.clone(), persistent=False)
 
     @classmethod
-    def from_config(cls, config: Any, rotary_dim: int) -> RotaryEmbedding:
+    def from_config(cls, config: Any, rotary_dim: int, head_dim: int | None = None) -> RotaryEmbedding:
         """Build from a transformers-style config holding `rope_parameters` (`rope_theta`, `rope_type`).
 
         `rope_type == "default"` is computed here; any other type (`linear`, `yarn`, `llama3`, ...) is delegated to
         transformers' own `ROPE_INIT_FUNCTIONS`, which read the same config fields as the reference models.
+        `head_dim`: the value the reference's config gives its `head_dim` field where ours has none (DeepSeek-V3's
+        is `qk_rope_head_dim`); those functions size the tables by it, else by hidden_size / num_attention_heads.
         """
         params = dict(getattr(config, "rope_parameters", None) or {})
         rope_type = params.get("rope_type", "default")
@@ -70,12 +76,20 @@ class RotaryEmbedding(nn.Module):
             return cls(rotary_dim, theta)
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+        if rope_type in LENGTH_DEPENDENT_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type {rope_type!r} is not supported: its tables change with the sequence length, which minillm's "
+                f"fixed tables do not; supported: default, "
+                f"{', '.join(t for t in ROPE_INIT_FUNCTIONS if t not in LENGTH_DEPENDENT_ROPE_TYPES)}"
+            )
         if rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(
                 f"unknown rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
             )
         # Under an explicit CPU default device: `from_pretrained` builds the model inside a meta-device context,
         # and these functions create some of their tensors without a device, which would then hold no data.
+        if head_dim is not None:
+            config = _WithHeadDim(config, head_dim)
         with torch.device("cpu"):
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
         if inv_freq.numel() * 2 != rotary_dim:
@@ -96,6 +110,17 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rotary_dim={self.rotary_dim}, theta={self.theta}"
+
+
+class _WithHeadDim:
+    """A config read through, with `head_dim` set (see `RotaryEmbedding.from_config`)."""
+
+    def __init__(self, config: Any, head_dim: int) -> None:
+        self._config = config
+        self.head_dim = head_dim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,11 @@ class MiniDeepSeekV3Config(PreTrainedConfig):
                 f"mini_deepseekv3: n_routed_experts ({self.n_routed_experts}) must be divisible by n_group "
                 f"({self.n_group})"
             )
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            raise ValueError(
+                f"mini_deepseekv3: with n_group={self.n_group} groups each needs at least 2 of the "
+                f"{self.n_routed_experts} routed experts (a group's score is the sum of its top 2, as in DeepSeek-V3)"
+            )
         if self.topk_group > self.n_group:
             raise ValueError(f"mini_deepseekv3: topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
         if self.num_experts_per_tok > self.n_routed_experts:

@@ -203,9 +203,14 @@ class MiniDeepSeekV3Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse: bool = True):
-        # `.to(bfloat16)` / `.half()` would round the bias; its updates (~1e-3) must not vanish in bf16, so keep fp32.
+        # `.to(bfloat16)` / `.half()` would round the bias; its updates (~1e-3) must not vanish in bf16, so it stays
+        # fp32, with the values it had before the cast (not the cast's rounded ones).
+        before = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        after = self.e_score_correction_bias
+        if after.dtype != torch.float32:
+            exact = before.dtype == torch.float32 and "meta" not in (before.device.type, after.device.type)
+            after.data = before.detach().to(after.device) if exact else after.data.float()
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +221,7 @@ class MiniDeepSeekV3Router(nn.Module):
         if self.n_group > 1:
             per_group = self.num_experts // self.n_group
             grouped = choice.view(-1, self.n_group, per_group)  # (T, G, E/G)
-            group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # (T, G)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (T, G): the sum of each group's top 2
             group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # (T, topk_group)
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)  # (T, G)
             expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, per_group).reshape(-1, self.num_experts)
@@ -387,7 +392,7 @@ class MiniDeepSeekV3Model(MiniDeepSeekV3PreTrainedModel):
             ]
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding.from_config(config, config.qk_rope_head_dim)
+        self.rotary_emb = RotaryEmbedding.from_config(config, config.qk_rope_head_dim, head_dim=config.qk_rope_head_dim)
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -1,7 +1,7 @@
 """mini_qwen3_next: hybrid Qwen3-Next (Gated DeltaNet + gated attention, 3:1) with a shared-expert MoE."""
 
 from minillm.models.mini_qwen3_next.configuration_mini_qwen3_next import MiniQwen3NextConfig
-from minillm.models.mini_qwen3_next.convert import from_reference, to_reference
+from minillm.models.mini_qwen3_next.convert import export_notes, from_reference, to_reference
 from minillm.models.mini_qwen3_next.modeling_mini_qwen3_next import (
     MiniQwen3NextForCausalLM,
     MiniQwen3NextModel,
@@ -62,6 +62,7 @@ __all__ = [
     "MiniQwen3NextConfig",
     "MiniQwen3NextForCausalLM",
     "MiniQwen3NextModel",
+    "export_notes",
     "from_reference",
     "to_reference",
 ]

@@ -4,8 +4,8 @@ The parameter names and layouts are identical by construction (fused `in_proj_qk
 query/gate `q_proj`, fused 3-D experts), so converting is: translate the config field by field, build the other
 class, and copy the state dict. `from_reference(to_reference(m))` reproduces every tensor bit for bit.
 
-The reference adds the router balance loss to its `loss` only with `output_router_logits=True`; `to_reference`
-sets it so both models return the same total loss.
+The reference adds the router balance loss to its `loss` only with `output_router_logits=True`, ours only in
+training mode; `to_reference` leaves it off, so an exported model's loss is the LM loss, as ours is in evaluation.
 """
 
 from __future__ import annotations
@@ -80,6 +80,16 @@ def from_reference_config(config: Qwen3NextConfig) -> MiniQwen3NextConfig:
         mlp_only_layers=list(config.mlp_only_layers or []),
         rope_parameters=dict(config.rope_parameters),
     )
+
+
+def export_notes(config: MiniQwen3NextConfig) -> list[str]:
+    """What a user of the exported checkpoint should know that the export cannot fix (`minillm export` prints it)."""
+    if "full_attention" not in config.layer_types:
+        return [
+            "no layer has full attention: transformers' Qwen3NextForCausalLM computes this model's logits, but its "
+            "cache (and so generate()) needs at least one full-attention layer"
+        ]
+    return []
 
 
 def to_reference(model: MiniQwen3NextForCausalLM) -> Qwen3NextForCausalLM:
