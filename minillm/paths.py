@@ -29,3 +29,12 @@ def make_parent_dirs(path: str | os.PathLike, option: str = "output") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{option} {path}: cannot create {path.parent} ({err.strerror or err})") from None
+
+
+def check_not_working_directory(path: str | os.PathLike, option: str = "output") -> None:
+    """Raise `UserError` when `path` is the working directory or holds it: outputs written beside their target
+    and renamed into place (data, export, tokenizer) cannot replace the directory the process (and the user's
+    shell) stands in."""
+    resolved, cwd = Path(path).resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UserError(f"{option} {path}: is the working directory or holds it; name a new directory")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minillm.errors import UserError
-from minillm.paths import check_creatable, make_parent_dirs
+from minillm.paths import check_creatable, check_not_working_directory, make_parent_dirs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -106,8 +106,11 @@ def train_tokenizer(
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + 1:
-        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 257 tokens")
+    if vocab_size < 256 + 2:
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 258 tokens (the 256 bytes, "
+            "<|endoftext|> and one merge)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -139,8 +142,11 @@ def check_tokenizer_out(out_dir: str | Path, overwrite: bool) -> None:
     """Raise `UserError` unless `out_dir` may receive a new tokenizer: it does not exist, is empty, or (with
     `overwrite`) holds a tokenizer and nothing else. Any other directory is refused, never emptied."""
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise UserError(f"--out {out_dir}: is a symbolic link; name the directory itself")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: is a file, not a directory")
+    check_not_working_directory(out_dir, "--out")
     held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if held:
         if not overwrite:

@@ -200,12 +200,69 @@ def test_existing_output_is_kept_unless_overwrite(corpus, tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("user data")
     code, err = run_cli_err([*args[:-1], str(tmp_path / "mine"), "--overwrite"], capsys)
     assert code == 2 and "not a minillm data directory" in err and (tmp_path / "mine" / "notes.txt").exists()
+    # a manifest.json alone does not make a directory ours: it used to be replaced, the user's files with it
+    (tmp_path / "mine" / "manifest.json").write_text("{}")
+    code, err = run_cli_err([*args[:-1], str(tmp_path / "mine"), "--overwrite"], capsys)
+    assert code == 2 and "not minillm-pretrain-shards" in err and (tmp_path / "mine" / "notes.txt").exists()
+    # our own data with a file added beside it
+    (tmp_path / "s" / "notes.txt").write_text("user data")
+    code, err = run_cli_err([*args, "--overwrite"], capsys)
+    assert code == 2 and "also holds notes.txt" in err and (tmp_path / "s" / "notes.txt").exists()
+    # the SFT builder does not replace pretraining data
+    (tmp_path / "s" / "notes.txt").unlink()
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    code, err = run_cli_err(
+        ["data", "sft", "--input", str(tmp_path / "chats.jsonl"), "--out", str(tmp_path / "s"), "--overwrite"], capsys
+    )
+    assert code == 2 and "holds minillm-pretrain-shards data, not minillm-sft" in err
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["format"] == "minillm-pretrain-shards"
+
+
+def test_the_working_directory_is_not_an_output(corpus, tmp_path, capsys, monkeypatch):
+    """`--out .` used to do all the work, fail to rename the working directory and leave a `..old-` folder."""
+    d, _ = corpus
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (".", ".."):
+        code, err = run_cli_err(["data", "pretrain", "--input", str(d / "b.jsonl"), "--out", out], capsys)
+        assert code == 2 and "is the working directory or holds it" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any((tmp_path / "here").iterdir())
+
+
+def test_what_text_files_hold(tok, tmp_path):
+    """Byte-order marks are not text; whitespace-only rows are no documents; special-token strings stay text; an
+    unpaired surrogate escape is named by file and line; a file name with brackets is a file, not a glob."""
+    bom = "\ufeff"
+    (tmp_path / "a.txt").write_text(bom + "    indented first line\nsecond\n\n   \n\nnext doc\n", encoding="utf-8")
+    rows = [{"text": "one <|endoftext|> two <|im_end|>"}, {"text": "   \n "}, {"text": "three"}]
+    (tmp_path / "b[2024].jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "c.json").write_text(bom + json.dumps([{"text": "array row"}]), encoding="utf-8")
+    inputs = [str(tmp_path / name) for name in ("a.txt", "b[2024].jsonl", "c.json")]
+    manifest = build_pretrain_shards(inputs, tmp_path / "s", progress=False)
+    data = np.concatenate(
+        [np.fromfile(tmp_path / "s" / f["name"], dtype=np.uint16) for f in manifest["splits"]["train"]["files"]]
+    )
+    ends = np.flatnonzero(data == tok.eos_token_id)  # one EOS after each document, none inside one
+    texts = [tok.decode(data[a + 1 : b].tolist()) for a, b in zip([-1, *ends[:-1]], ends, strict=True)]
+    assert texts == [
+        "    indented first line\nsecond",
+        "next doc",
+        "one <|endoftext|> two <|im_end|>",
+        "three",
+        "array row",
+    ]
+    assert manifest["splits"]["train"]["documents"] == 5 and ends[-1] == len(data) - 1
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 x"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"d.jsonl:2: text holds an unpaired surrogate escape \(\\ud800\)"):
+        build_pretrain_shards([str(tmp_path / "d.jsonl")], tmp_path / "s2", progress=False)
+    assert not (tmp_path / "s2").exists()
 
 
 def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
     from minillm.data.sources import resolve_inputs
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("minillm.data.sources.check_on_hub", lambda name: None)  # tests run offline
     (tmp_path / "corpus").mkdir()
     with pytest.raises(UserError, match="corpus/train: no such file"):
         resolve_inputs(["corpus/train"])  # ./corpus exists: a typo for a local file, not a dataset "corpus/train"

@@ -131,20 +131,24 @@ def test_tokenizer_out_is_never_an_unrelated_directory(tmp_path, capsys, monkeyp
     notes.parent.mkdir()
     notes.write_text("keep me")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
     cases = {  # --out: what the one-line error says
         "mine": "already exists",
-        ".": "already exists",
+        ".": "is the working directory or holds it",
         "corpus.jsonl": "is a file",
         "corpus.jsonl/tok": "is a file",
+        "link": "is a symbolic link",  # rmtree refused it after the training, with a traceback
     }
     for out, message in cases.items():
-        code, err = run_cli_err([*train, "--out", out], capsys)
-        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (out, err)
-    for out in ("mine", "."):  # --overwrite replaces a tokenizer, never a directory holding anything else
-        code, err = run_cli_err([*train, "--out", out, "--overwrite"], capsys)
-        assert code == 2 and "refusing to replace it" in err, (out, err)
+        for extra in ([], ["--overwrite"]):
+            code, err = run_cli_err([*train, "--out", out, *extra], capsys)
+            if out == "mine" and extra:  # --overwrite replaces a tokenizer, never a directory holding anything else
+                message = "refusing to replace it"
+            assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (out, err)
+    code, err = run_cli_err([*train[:-1], "257", "--out", "tok"], capsys)  # bytes + <|endoftext|>: no merge
+    assert code == 2 and "at least 258 tokens" in err, err
     assert notes.read_text() == "keep me" and corpus.is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "mine"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "link", "mine"]  # no temporary left
     assert run_cli_err([*train, "--out", "tok"], capsys)[0] == 0
     assert run_cli_err([*train, "--out", "tok"], capsys)[0] == 2
     assert run_cli_err([*train, "--out", "tok", "--overwrite"], capsys)[0] == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,11 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from minillm.errors import UserError
-from minillm.paths import check_creatable, make_parent_dirs
+from minillm.paths import check_creatable, check_not_working_directory, make_parent_dirs
 
 PRETRAIN_FORMAT = "minillm-pretrain-shards"
 SFT_FORMAT = "minillm-sft"
 FORMAT_VERSION = 1
+# The names of the files each builder writes: `--overwrite` replaces a directory holding only these.
+OWN_FILES = {
+    PRETRAIN_FORMAT: re.compile(r"manifest\.json|\w+_\d+\.bin"),
+    SFT_FORMAT: re.compile(r"manifest\.json|summary\.txt|input_ids\.bin|loss_mask\.bin|(row|seq)_offsets\.npy"),
+}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -35,16 +41,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` when the block finishes without error."""
+def atomic_output_dir(out: str | Path, data_format: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` when the block finishes without error.
+
+    An existing non-empty `out` is replaced only with `overwrite`, and only when it is a directory this builder
+    wrote (`data_format` in its manifest) holding nothing but the builder's own files: a directory that merely has
+    a manifest.json, or pretraining data given to the SFT builder, is refused.
+    """
     out = Path(out)
+    check_not_working_directory(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise UserError(f"{out}: already exists; choose another --out or pass --overwrite")
-        if not (out / "manifest.json").is_file():
-            raise UserError(
-                f"{out}: exists and is not a minillm data directory (no manifest.json); refusing to replace it"
-            )
+        _check_replaceable(out, data_format)
     check_creatable(out, "--out")
     make_parent_dirs(out, "--out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -61,6 +70,22 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(out: Path, data_format: str) -> None:
+    """`UserError` unless `out` is a data directory of `data_format` with only its builder's files in it."""
+    if not (out / "manifest.json").is_file():
+        raise UserError(f"{out}: exists and is not a minillm data directory (no manifest.json); refusing to replace it")
+    try:
+        found = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != data_format:
+        raise UserError(f"{out}: holds {found or 'no minillm'} data, not {data_format}; refusing to replace it")
+    others = sorted(p.name for p in out.iterdir() if not OWN_FILES[data_format].fullmatch(p.name))
+    if others:
+        raise UserError(f"{out}: also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which "
+                        "the data builder did not write; refusing to replace it")
 
 
 def write_json(path: Path, obj: dict) -> None:

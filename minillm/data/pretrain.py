@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from minillm.data.manifest import (
     FORMAT_VERSION,
@@ -181,14 +182,17 @@ def build_pretrain_shards(
         raise UserError(f"shard size {shard_tokens} must be positive")
     sources = resolve_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_dir)
-    backend = tokenizer.backend_tokenizer
+    # Text that spells a special token ("<|endoftext|>" in a page about tokenizers) is encoded as its characters,
+    # never as the control token: an EOS inside a document would split it and miscount the documents.
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     eos_id = tokenizer.eos_token_id
     total_bytes = sum(s.size_bytes for s in sources)
     started = time.perf_counter()
 
-    with atomic_output_dir(out_dir, overwrite) as tmp, _progress(progress) as bar:
+    with atomic_output_dir(out_dir, PRETRAIN_FORMAT, overwrite) as tmp, _progress(progress) as bar:
         task = bar.add_task("tokenizing", total=total_bytes or None, tokens=0)
         writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens)}
         if val_fraction > 0:

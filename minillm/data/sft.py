@@ -41,6 +41,7 @@ from minillm.data.manifest import (
 from minillm.data.packing import pack_best_fit_decreasing, padding_ratio
 from minillm.data.sources import iter_rows, resolve_inputs
 from minillm.errors import UserError
+from minillm.tokenizer import SPECIAL_TOKENS
 
 TRUNCATION_MODES = ("turn", "drop")
 SHAREGPT_ROLES = {
@@ -100,7 +101,8 @@ def parse_conversation(row) -> list[dict]:
         for k, turn in enumerate(turns):
             if not isinstance(turn, dict):
                 raise InvalidRow(f"turn {k} is not an object", "turn not an object")
-            if sharegpt or ("from" in turn and "role" not in turn):
+            # each turn by its own keys: ShareGPT's from/value, or role/content (also found under "conversations")
+            if "from" in turn or ("value" in turn and "content" not in turn) or (sharegpt and "role" not in turn):
                 raw_role, content = turn.get("from"), turn.get("value")
                 role = SHAREGPT_ROLES.get(str(raw_role).lower()) if raw_role is not None else None
             else:
@@ -131,6 +133,10 @@ def parse_conversation(row) -> list[dict]:
             "not a chat row",
         )
     for k, m in enumerate(messages):
+        for field in ("content", "reasoning_content"):
+            spelled = next((t for t in SPECIAL_TOKENS if t in m.get(field, "")), None)
+            if spelled is not None:  # the template would turn it into the control token: a stop, a forged turn
+                raise InvalidRow(f"turn {k} spells the special token {spelled} in its text", "special token in text")
         if m["role"] == "assistant":
             if not m["content"].strip():
                 raise InvalidRow(f"empty assistant turn {k}", "empty assistant turn")
@@ -262,7 +268,7 @@ def build_sft_dataset(
     bins = pack_best_fit_decreasing(lengths, max_seq_len) if pack else [[i] for i in range(len(kept))]
     packed_padding = padding_ratio(lengths, max_seq_len, bins) if pack else None
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, SFT_FORMAT, overwrite) as tmp:
         total = sum(lengths)
         flat_ids = np.empty(total, dtype=dtype)
         flat_mask = np.empty(total, dtype=np.uint8)

@@ -66,7 +66,7 @@ def resolve_inputs(inputs: list[str] | str) -> list[Source]:
     sources: list[Source] = []
     for item in inputs:
         item = str(item)
-        if any(ch in item for ch in "*?["):
+        if any(ch in item for ch in "*?[") and not os.path.exists(item):  # `corpus[2024].jsonl` is a file
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise UserError(f"{item}: the glob matches no files")
@@ -86,6 +86,7 @@ def resolve_inputs(inputs: list[str] | str) -> list[Source]:
             and Path(item).suffix.lower() not in LOCAL_SUFFIXES
             and not under_local_directory(item)
         ):
+            check_on_hub(item)
             sources.append(Source("hf", item))
         else:
             raise UserError(f"{item}: no such file")
@@ -116,15 +117,34 @@ def _hf_dataset(name: str):
     import datasets
 
     repo, _, config = name.partition(":")
-    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-    hint = "download it (e.g. `hf download --repo-type dataset ...`) and pass a local path or glob to --input"
-    if offline:
-        raise UserError(f"{name}: cannot reach the HuggingFace Hub (offline mode is set); {hint}")
     try:
         return datasets.load_dataset(repo, config or None, split="train", streaming=True)
     except Exception as err:  # connection errors come wrapped in many types; report the first line
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{name}: cannot load the HuggingFace dataset ({first}); offline? {hint}") from None
+        raise UserError(f"{name}: cannot load the HuggingFace dataset ({first}); offline? {_HUB_HINT}") from None
+
+
+_HUB_HINT = "download it (e.g. `hf download --repo-type dataset ...`) and pass a local path or glob to --input"
+
+
+def check_on_hub(name: str) -> None:
+    """`UserError` unless the dataset `name` (`owner/dataset[:config]`) can be read from the Hub: checked with
+    one quick request when the inputs are resolved, before any work. `load_dataset` itself would retry an
+    unreachable Hub or a missing dataset for half a minute, logging every retry."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    repo = name.partition(":")[0]
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"{name}: cannot reach the HuggingFace Hub (offline mode is set); {_HUB_HINT}")
+    try:
+        HfApi().dataset_info(repo, timeout=15)
+    except RepositoryNotFoundError:
+        raise UserError(f"{name}: no such dataset on the HuggingFace Hub (a private one needs `hf auth login`); "
+                        "for local data pass a file, directory or glob to --input") from None
+    except Exception as err:  # connection and HTTP errors come in many types; report the first line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{name}: cannot reach the HuggingFace Hub ({first}); offline? {_HUB_HINT}") from None
 
 
 def iter_text_batches(
@@ -152,7 +172,7 @@ def iter_text_batches(
         try:
             for batch in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
                 report(size * batch.num_rows // rows)
-                texts = [t for t in batch.column(0).to_pylist() if t]
+                texts = [t for t in batch.column(0).to_pylist() if t and not t.isspace()]
                 if texts:
                     yield texts
         except UserError:
@@ -171,7 +191,7 @@ def iter_text_batches(
             if text is not None and not isinstance(text, str):  # a number or a list: the wrong field
                 raise UserError(f"{source.name}:{lineno}: field '{text_column}' is {type(text).__name__}, "
                                 "not text; pick the text field with --text-column")
-            if text:
+            if text and not text.isspace():
                 batch.append(text)
             if len(batch) >= batch_size:
                 yield batch
@@ -180,12 +200,13 @@ def iter_text_batches(
             yield batch
     elif source.kind == "txt":
         try:
-            with open(source.name, encoding="utf-8") as f:
+            with open(source.name, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
                 content = f.read()
         except UnicodeDecodeError:
             raise UserError(f"{source.name}: not UTF-8 text") from None
         report(source.size_bytes)
-        docs = [d.strip() for d in re.split(r"\n\s*\n", content)]
+        # a document keeps the indentation of its first line (poems, code); blank lines around it go
+        docs = [d.rstrip().lstrip("\r\n") for d in re.split(r"\n\s*\n", content)]
         docs = [d for d in docs if d]
         for i in range(0, len(docs), batch_size):
             yield docs[i : i + batch_size]
@@ -195,8 +216,12 @@ def iter_text_batches(
         for row in ds:
             if text_column not in row:
                 raise UserError(f"{source.name}: no column '{text_column}' (columns found: {', '.join(row)})")
-            if row[text_column]:
-                batch.append(row[text_column])
+            text = row[text_column]
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{source.name}: column '{text_column}' holds {type(text).__name__}, not text; "
+                                "pick the text column with --text-column")
+            if text and not text.isspace():
+                batch.append(text)
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
@@ -219,22 +244,42 @@ def iter_json_rows(
     except OSError as err:
         raise UserError(f"{path}: cannot open ({err.strerror})") from None
     with f:
+        bom = len(_BOM) if f.read(len(_BOM)) == _BOM else 0  # a byte-order mark is not JSON
+        f.seek(bom)
         if f.read(4096).lstrip().startswith(b"["):
-            f.seek(0)
+            f.seek(bom)
             yield from _json_array_rows(path, f.read(), on_bytes)
             return
-        f.seek(0)
+        f.seek(bom)
         for lineno, line in enumerate(f, 1):
             if on_bytes is not None:
                 on_bytes(len(line))
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line), None
+                row = json.loads(line)
             except UnicodeDecodeError:
                 yield lineno, None, "not UTF-8 text"
             except json.JSONDecodeError as err:
                 yield lineno, None, f"bad JSON ({err.msg} column {err.colno})"
+            else:
+                yield lineno, row, _unicode_error(row) if b"\\ud" in line.lower() else None
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _unicode_error(value) -> str | None:
+    """What is wrong with the strings of a parsed JSON value that hold an unpaired surrogate escape (`"\\ud800"`,
+    common in crawled text): such a string is not Unicode text, and the tokenizer fails on it. None when fine."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"text holds an unpaired surrogate escape (\\u{ord(value[err.start]):04x}), which is not valid Unicode"
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((error for item in items if (error := _unicode_error(item)) is not None), None)
 
 
 def _json_array_rows(path: str, data: bytes, on_bytes: Callable[[int], None] | None):
@@ -248,8 +293,9 @@ def _json_array_rows(path: str, data: bytes, on_bytes: Callable[[int], None] | N
         on_bytes(len(data))
     if not isinstance(rows, list):
         raise UserError(f"{path}: a JSON {type(rows).__name__}, expected an array of rows or one row per line")
+    check_unicode = b"\\ud" in data.lower()
     for index, row in enumerate(rows, 1):
-        yield index, row, None
+        yield index, row, _unicode_error(row) if check_unicode else None
 
 
 def iter_rows(source: Source) -> Iterator[tuple[str, object, str | None]]:

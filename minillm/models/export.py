@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from minillm.errors import UserError
-from minillm.paths import check_creatable, make_parent_dirs
+from minillm.paths import check_creatable, check_not_working_directory, make_parent_dirs
 
 # model_type of the transformers reference config -> our architecture name.
 REFERENCE_MODEL_TYPES = {
@@ -97,6 +97,7 @@ def resolve_model_dir(path: str | Path) -> Path:
 def _check_destination(dst: Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst}: already exists and is not an empty directory; choose a new destination")
+    check_not_working_directory(dst, "destination")
     check_creatable(dst, "destination")
 
 
