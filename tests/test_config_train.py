@@ -47,7 +47,7 @@ def test_model_args_typo_fails_before_anything_is_written(tmp_path, capsys):
         build_model_config("mini_llama3", "tiny", num_hiden_layers=2)
     assert build_model_config("mini_llama3", "tiny", num_hidden_layers=2).num_hidden_layers == 2
     assert build_model_config("mini_llama3", "tiny", rope_theta=1e4).rope_parameters["rope_theta"] == 1e4  # legacy
-    assert build_model_config("mini_deepseekv3", "tiny", num_local_experts=4).n_routed_experts == 4  # alias
+    assert build_model_config("mini_deepseekv3", "tiny", num_local_experts=16).n_routed_experts == 16  # alias
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--model", "mini_llama3", "--model-arg", "num_hiden_layers=2", "--max-steps", "1",

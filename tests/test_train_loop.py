@@ -147,6 +147,15 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards, capsys):
     other = [a if a != "10000" else "20" for a in args] + ["--output-dir", str(resumed), "--resume", "latest"]
     code, err = run_cli(other, capsys)
     assert code == 2 and "max_steps: 10000 -> 20" in err and f"--config {resumed / 'config.yaml'}" in err, err
+    # A checkpoint split over other processes (here: as if saved by 2 ranks under ZeRO-2) is refused in one line
+    # before anything loads; DeepSpeed or accelerate used to fail on it with a traceback on every rank
+    state_file = resumed / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["launch"] == {"processes": 1, "zero_stage": None}
+    state_file.write_text(json.dumps({**state, "launch": {"processes": 2, "zero_stage": 2}}))
+    code, err = run_cli(args + ["--output-dir", str(resumed), "--resume", str(state_file.parent)], capsys)
+    assert code == 2 and "saved by 2 processes, DeepSpeed ZeRO-2, but this launch has 1 process" in err, err
+    state_file.write_text(json.dumps(state))
     kill_after_step(start(_cli(args + ["--output-dir", str(resumed), "--resume", "latest"]), log), resumed, 6, log)
     ref, res = losses(reference), losses(resumed)
     common = [s for s in range(1, 7) if s in ref and s in res]
@@ -344,3 +353,36 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005"]  # its own newest, kept
     (aside,) = tmp_path.glob("checkpoints.abandoned-*")
     assert [p.name for p in aside.iterdir()] == ["step_00000006"]  # moved, not deleted
+
+
+@pytest.mark.parametrize("rows, micro", [(1, 1), (3, 1), (5, 2), (7, 2), (4, 2), (0, 1)])
+def test_every_rank_runs_the_same_validation_forwards(rows, micro, monkeypatch):
+    """Under ZeRO-3 and expert parallelism a forward is a collective: with 2 ranks and an odd validation split,
+    rank 0 used to run one forward more than rank 1 and the run hung. Each rank now runs as many forwards as the
+    largest share needs, and across the ranks every row's targets are counted once (stand-in rows not at all)."""
+    import contextlib
+    import math
+    from types import SimpleNamespace
+
+    import minillm.training.trainer as trainer
+
+    dataset = [{"input_ids": torch.full((4,), i), "labels": torch.full((4,), i)} for i in range(rows)]
+
+    def collate(items):
+        return {k: torch.stack([item[k] for item in items]) for k in ("input_ids", "labels")}
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, labels, **kwargs):
+            forwards[-1] += 1
+            return SimpleNamespace(loss=torch.tensor(0.0), aux_losses={})
+
+    counted = []  # (sum CE, targets) of each rank, as it enters the all-reduce
+    monkeypatch.setattr(trainer, "_reduce_sum", lambda accelerator, total: counted.append(total) or total)
+    forwards = []
+    for rank in range(2):
+        forwards.append(0)
+        accelerator = SimpleNamespace(process_index=rank, num_processes=2, device=torch.device("cpu"),
+                                      autocast=contextlib.nullcontext)  # fmt: skip
+        trainer.validation_loss(accelerator, Model(), dataset, collate, micro, max_batches=8)
+    assert forwards[0] == forwards[1] == math.ceil(math.ceil(rows / 2) / micro)  # rank 0's share, in batches
+    assert sum(total[1].item() for total in counted) == 3 * rows  # 3 targets per row of 4 tokens

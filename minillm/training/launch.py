@@ -97,14 +97,16 @@ def fill_deepspeed_config(ds: dict[str, Any], config, world: int, name: str) -> 
         current = ds.get(key, "auto")
         if current == "auto":
             ds[key] = value
-        elif not isinstance(current, (int, float)) or float(current) != float(value):
+        elif isinstance(current, bool) or not isinstance(current, (int, float)):
+            raise UserError(f"{name}: {key}={current!r} is not a number; set it to \"auto\"")
+        elif float(current) != float(value):
             raise UserError(f"{name}: {key}={current} contradicts the recipe ({value}); set it to \"auto\"")
     precision = resolve_precision(config.precision)
-    for dtype in ("bf16", "fp16"):
-        enabled = (ds.get(dtype) or {}).get("enabled", "auto")
+    for section, dtype in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16")):  # DeepSpeed reads both bf16 names
+        enabled = (ds.get(section) or {}).get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != (precision == dtype):
             raise UserError(
-                f"{name}: {dtype}.enabled={enabled} contradicts the recipe (precision={config.precision}); set it "
+                f"{name}: {section}.enabled={enabled} contradicts the recipe (precision={config.precision}); set it "
                 "to \"auto\""
             )
     check_skips_nonfinite(ds, precision, name)
@@ -192,7 +194,9 @@ def relaunch(launcher: str, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="minillm-launch-") as tmp:
         resolved = Path(tmp) / "accelerate_config.yaml"
         resolved.write_text(yaml.safe_dump(data), encoding="utf-8")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolved),
+        # --quiet: no traceback of accelerate's own about the failed child (single-process and DeepSpeed
+        # launches), which used to precede the one-line error of a bad input found in the ranks
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(resolved),
                str(MAIN_SCRIPT), *argv]
         error_file = Path(tmp) / "error.txt"  # ranks write a UserError's message here (cli/main.py)
         env = {**os.environ, LAUNCHED_ENV: "1", ERROR_FILE_ENV: str(error_file)}

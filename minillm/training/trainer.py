@@ -480,28 +480,54 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None
     save_config(config, run_dir / "config.yaml")
 
 
+def launch_layout(accelerator) -> dict:
+    """How the training state is split over processes, saved with each checkpoint: a resume needs the same."""
+    plugin = accelerator.state.deepspeed_plugin
+    return {"processes": accelerator.num_processes, "zero_stage": plugin.zero_stage if plugin is not None else None}
+
+
+def check_same_launch(state: dict, accelerator, checkpoint: Path) -> None:
+    """`UserError` when `checkpoint` was saved under another process count or DeepSpeed ZeRO stage (the optimizer
+    state is split by both: loading it fails deep inside DeepSpeed or accelerate, with a traceback on every rank).
+    Checkpoints from before the layout was saved are not checked."""
+    saved, now = state.get("launch"), launch_layout(accelerator)
+    if saved is None or saved == now:
+        return
+
+    def describe(layout: dict) -> str:
+        zero = f"DeepSpeed ZeRO-{layout['zero_stage']}" if layout["zero_stage"] is not None else "no DeepSpeed"
+        return f"{layout['processes']} process{'es' if layout['processes'] != 1 else ''}, {zero}"
+
+    raise UserError(f"--resume {checkpoint}: saved by {describe(saved)}, but this launch has {describe(now)}; "
+                    "resume with the launch the run was started with (--launcher or accelerate config, process count)")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
 
 
 @torch.no_grad()
 def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int, max_batches: int) -> dict[str, float]:
-    """Mean LM loss and perplexity over the first `max_batches` micro-batches of each rank's share of `dataset`."""
+    """Mean LM loss and perplexity over the first `max_batches` micro-batches of each rank's share of `dataset`.
+
+    Every rank runs the same number of forwards: under ZeRO-3 (parameter gathers) and expert parallelism
+    (all-to-all) a forward is a collective, and a rank that stopped early would leave the others waiting forever.
+    A rank whose share has run out runs its forward on a stand-in row and counts nothing from it.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum CE, targets)
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = list(range(rank, len(dataset), world))
-    for b in range(max_batches):
+    largest_share = -(-len(dataset) // world)  # rank 0's
+    for b in range(min(max_batches, -(-largest_share // micro_batch_size))):
         chunk = indices[b * micro_batch_size:(b + 1) * micro_batch_size]
-        if not chunk:
-            break
-        batch = {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in chunk]).items()}
-        n = count_targets(batch)
-        if n == 0:
-            continue
+        batch = {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in chunk or [0]]).items()}
+        n = count_targets(batch) if chunk else 0
         with accelerator.autocast():
             out = model(**batch, num_items_in_batch=torch.tensor(1.0, device=accelerator.device), use_cache=False)
+        if n == 0:
+            continue
         lm = (getattr(out, "aux_losses", None) or {}).get("lm", out.loss)  # sum of CE (num_items_in_batch=1)
         total += torch.stack([lm.detach().double(), torch.tensor(float(n), dtype=torch.float64,
                                                                   device=accelerator.device)])
@@ -636,6 +662,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     start_step, skipped_total, bad_in_row = 0, 0, 0
     ep = expert_parallel.model_expert_parallel(accelerator.unwrap_model(model))
     if resume_from is not None:
+        check_same_launch(ckpt.read_trainer_state(resume_from), accelerator, resume_from)
         accelerator.load_state(str(resume_from))
         if ep is not None:  # DeepSpeed restored the dense weights; the experts come from this rank's shard
             expert_parallel.load_expert_shards(accelerator.unwrap_model(model), resume_from, ep)
@@ -724,6 +751,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                         expert_parallel.save_expert_shards, accelerator.unwrap_model(model), ep=ep)
                     ckpt.save_checkpoint(accelerator, run_dir, step, {
                         "data": source.state_dict(), "skipped_steps": skipped_total, "bad_in_row": bad_in_row,
+                        "launch": launch_layout(accelerator),
                     }, config.keep_last, save_extra=save_experts)
                     if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
                         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
