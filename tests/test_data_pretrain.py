@@ -267,3 +267,19 @@ def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch
     with pytest.raises(UserError, match="corpus/train: no such file"):
         resolve_inputs(["corpus/train"])  # ./corpus exists: a typo for a local file, not a dataset "corpus/train"
     assert [(s.kind, s.name) for s in resolve_inputs(["someone/dataset"])] == [("hf", "someone/dataset")]
+
+
+def test_data_built_inside_its_input_directory_is_not_read_as_input(tmp_path):
+    """`--input corpus --out corpus/shards` then a rebuild: the second build used to read the first one's
+    manifest.json as a text file and fail. Hidden folders are not read either; a user's own manifest.json is."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "one document"}\n', encoding="utf-8")
+    (corpus / ".cache").mkdir()
+    (corpus / ".cache" / "b.jsonl").write_text('{"text": "hidden"}\n', encoding="utf-8")
+    for overwrite in (False, True):
+        manifest = build_pretrain_shards([str(corpus)], corpus / "shards", overwrite=overwrite, progress=False)
+        assert manifest["documents"] == 1
+    (corpus / "meta").mkdir()
+    (corpus / "meta" / "manifest.json").write_text('{"text": "a user file that happens to have this name"}\n')
+    assert build_pretrain_shards([str(corpus)], tmp_path / "s2", progress=False)["documents"] == 2

@@ -72,9 +72,7 @@ def resolve_inputs(inputs: list[str] | str) -> list[Source]:
                 raise UserError(f"{item}: the glob matches no files")
             sources.extend(Source(_kind_of(p), p) for p in matches)
         elif os.path.isdir(item):
-            matches = sorted(
-                str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES
-            )
+            matches = _data_files_under(Path(item))
             if not matches:
                 raise UserError(f"{item}: the directory holds no .parquet, .jsonl or .txt files")
             sources.extend(Source(_kind_of(p), p) for p in matches)
@@ -91,6 +89,31 @@ def resolve_inputs(inputs: list[str] | str) -> list[Source]:
         else:
             raise UserError(f"{item}: no such file")
     return sources
+
+
+def _data_files_under(directory: Path) -> list[str]:
+    """The text files under `directory`, sorted, leaving out hidden files and folders (`.git`, a build's
+    temporary) and the data directories minillm built (data written beside its own input: their manifest.json
+    would otherwise be read as text by the next build)."""
+    built = {manifest.parent for manifest in directory.rglob("manifest.json") if _minillm_manifest(manifest)}
+    files = []
+    for path in directory.rglob("*"):
+        inner = path.relative_to(directory).parts
+        if (
+            path.is_file()
+            and path.suffix.lower() in LOCAL_SUFFIXES
+            and not any(part.startswith(".") for part in inner)
+            and not any(parent in built for parent in path.parents)
+        ):
+            files.append(str(path))
+    return sorted(files)
+
+
+def _minillm_manifest(path: Path) -> bool:
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8")).get("format", "")).startswith("minillm-")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _parquet_file(path: str):
