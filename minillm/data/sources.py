@@ -222,17 +222,14 @@ def iter_text_batches(
         if batch:
             yield batch
     elif source.kind == "txt":
-        try:
-            with open(source.name, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
-                content = f.read()
-        except UnicodeDecodeError:
-            raise UserError(f"{source.name}: not UTF-8 text") from None
-        report(source.size_bytes)
-        # a document keeps the indentation of its first line (poems, code); blank lines around it go
-        docs = [d.rstrip().lstrip("\r\n") for d in re.split(r"\n\s*\n", content)]
-        docs = [d for d in docs if d]
-        for i in range(0, len(docs), batch_size):
-            yield docs[i : i + batch_size]
+        batch = []
+        for doc in _txt_documents(source.name, report):
+            batch.append(doc)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
     elif source.kind == "hf":
         ds = _hf_dataset(source.name)
         batch = []
@@ -252,6 +249,26 @@ def iter_text_batches(
             yield batch
     else:  # pragma: no cover - Source kinds are closed
         raise ValueError(source.kind)
+
+
+def _txt_documents(path: str, report: Callable[[int], None]) -> Iterator[str]:
+    """The documents of a `.txt` file, read line by line (a file of any size in little memory): runs of lines
+    separated by blank (or whitespace-only) lines, each keeping its first line's indentation (poems, code)."""
+    lines: list[str] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            report(len(raw))
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: a byte-order mark is not text
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield "".join(lines).rstrip()
+                lines = []
+    if lines:
+        yield "".join(lines).rstrip()
 
 
 def iter_json_rows(
