@@ -155,7 +155,7 @@ def _progress(enabled: bool):
         TimeRemainingColumn(),
         TextColumn("{task.fields[tokens]} tokens"),
         disable=not enabled,
-        transient=False,
+        transient=True,  # gone when done: the summary line (or a one-line error) follows
     )
 
 

@@ -224,7 +224,7 @@ def build_sft_dataset(
     reasons: list[str] = []
     rows = 0
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
-    with Progress(*columns, disable=not progress) as bar:
+    with Progress(*columns, disable=not progress, transient=True) as bar:  # gone when done: a summary follows
         task = bar.add_task("reading chats", total=sum(s.size_bytes for s in sources) or None)
         for source in sources:
             if source.kind == "parquet":
@@ -251,7 +251,8 @@ def build_sft_dataset(
         )
 
     with Progress(
-        *columns[:2], TextColumn("{task.completed:,}/{task.total:,} conversations"), disable=not progress
+        *columns[:2], TextColumn("{task.completed:,}/{task.total:,} conversations"), disable=not progress,
+        transient=True,
     ) as bar:
         task = bar.add_task("templating", total=len(conversations))
         kept, stats = tokenize_conversations(
