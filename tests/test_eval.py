@@ -93,8 +93,9 @@ def tiny(tmp_path_factory):
 
 
 def reference_nll(model, tokenizer, text: str) -> tuple[float, int]:
-    """NLL of every token of `text` after an eos, from one plain unbatched forward (no windows, no padding)."""
-    ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    """NLL of every token of `text` after an eos, from one plain unbatched forward (no windows, no padding); text
+    that spells a special token is text."""
+    ids = [tokenizer.eos_token_id, *tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()  # (L-1, V)
     return F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item(), len(ids) - 1
@@ -106,6 +107,7 @@ def reference_nll(model, tokenizer, text: str) -> tuple[float, int]:
 def test_bpb_matches_an_independent_computation(tiny):
     _, model, tokenizer = tiny
     texts = ["the cat sat on a mat", "你好 世界 li bai wrote this poem", "dog", "red blue green " * 5]
+    texts[2] += f" and {tokenizer.eos_token} spelled out"  # scored as the characters, not as a document end
     result = evaluate_perplexity(model, tokenizer, texts, max_seq_len=128, batch_size=3, progress=False)
 
     nll, tokens = map(sum, zip(*(reference_nll(model, tokenizer, t) for t in texts), strict=True))
@@ -178,7 +180,9 @@ def build_shards(tmp_path: Path, tokenizer_dir: Path, name: str) -> Path:
 
 
 def test_shard_directory_val_split(tiny, tmp_path):
-    """`--data DIR` scores the val split of `minillm data pretrain` shards in windows of max_seq_len + 1."""
+    """`--data DIR` scores every token of the val split of `minillm data pretrain` shards once: windows of
+    max_seq_len + 1 tokens, each starting on the last token of the one before, the last partial one included
+    (non-overlapping windows used to leave the first token of each and the split's tail unscored)."""
     import numpy as np
 
     from minillm.evaluation.perplexity import evaluate_files
@@ -189,7 +193,8 @@ def test_shard_directory_val_split(tiny, tmp_path):
     val = np.concatenate(
         [np.fromfile(shards / f["name"], dtype=manifest["dtype"]) for f in manifest["splits"]["val"]["files"]]
     ).tolist()
-    windows = [val[i : i + 17] for i in range(0, len(val) - 16, 17)]
+    windows = [val[i : i + 17] for i in range(0, len(val) - 1, 16)]
+    assert len(windows[-1]) < 17  # this split ends in a partial window
     report = evaluate_files(model, tokenizer, [shards], max_seq_len=16, batch_size=4, progress=False)
     expected = evaluate_token_windows(model, tokenizer, windows, batch_size=3)
     row = report["files"][0]
@@ -198,6 +203,7 @@ def test_shard_directory_val_split(tiny, tmp_path):
         assert row[key] == pytest.approx(expected[key], rel=1e-5)
     specials = set(tokenizer.all_special_ids)
     assert row["tokens"] == sum(t not in specials for w in windows for t in w[1:])
+    assert row["tokens"] == sum(t not in specials for t in val[1:])  # all of them, once
 
     other = build_tokenizer(vocab_size=330)  # a different vocabulary: its shards must be refused
     other_dir = tmp_path / "other_tok"

@@ -321,6 +321,11 @@ class PretrainDataset:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_shards": None}
 
+    def tokens(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the split's stream (its shards back to back), cut at the stream's end:
+        what evaluation reads to score every token, the last partial window included."""
+        return self._slice(start, min(length, self.total_tokens - start))
+
     def _slice(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start+length) of the concatenated shards (a window may span two shards)."""
         parts = []

@@ -171,7 +171,9 @@ def evaluate_perplexity(
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     texts = [t for t in texts if t]
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    # split_special_tokens: a document that spells "<|endoftext|>" is scored on those characters, as the data
+    # builder encodes them, not on a control token
+    encoded = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
     windows = [w for ids in encoded for w in document_windows(ids, context_id, max_seq_len)]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     if not windows or n_bytes == 0:
@@ -319,15 +321,20 @@ def evaluate_shards(
 ) -> dict[str, Any]:
     """`evaluate_token_windows` on one split of a pretraining shard directory (`minillm data pretrain`).
 
-    The shards must come from this model's tokenizer (checked by fingerprint). Windows of `max_seq_len` + 1 tokens
-    so that `max_seq_len` are scored; `limit` caps the number of windows. `documents` is the split's count.
+    The shards must come from this model's tokenizer (checked by fingerprint). The split is one token stream; each
+    window holds `max_seq_len` + 1 tokens and the next starts on its last one, so every token after the first is
+    scored exactly once, the last partial window's included. `limit` caps the number of windows. `documents`
+    counts the documents whose end (eos) was scored: the split's count when nothing is cut.
     """
     from minillm.data.pretrain import PretrainDataset, check_shards_match
 
     max_seq_len = resolve_max_seq_len(model, max_seq_len)
     check_shards_match(directory, tokenizer=tokenizer, vocab_size=model.config.vocab_size)
-    dataset = PretrainDataset(directory, max_seq_len + 1, split=split)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    windows = [dataset[i]["input_ids"].tolist() for i in range(count)]
+    stream = PretrainDataset(directory, 2, split=split)  # read as a stream: the window length is not used
+    starts = range(0, stream.total_tokens - 1, max_seq_len)
+    if limit is not None:
+        starts = starts[:limit]
+    windows = [stream.tokens(start, max_seq_len + 1).tolist() for start in starts]
+    documents = sum(window[1:].count(tokenizer.eos_token_id) for window in windows)
     result = evaluate_token_windows(model, tokenizer, windows, batch_size, device, progress=progress)
-    return {"documents": dataset.manifest["splits"][split]["documents"], **result}
+    return {"documents": documents, **result}
