@@ -102,6 +102,12 @@ def test_lr_schedule_warmup_cosine_floor():
     assert lrs[mid - 1] == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-6)
     assert lrs[89:] == [1e-4] * 11  # the floor
     assert not any(math.isnan(x) for x in lrs)
+    # a run so short that the ratio rounds to no warmup step still starts at the peak rate (it used to start on
+    # the floor at 2 steps, halfway down the cosine at 3); warmup_ratio=0 means no warmup
+    for steps in (1, 2, 3):
+        assert lr_at(0, steps, config) == pytest.approx(1e-3), steps
+    no_warmup = TrainConfig(stage="pretrain", model="mini_llama3", lr=1e-3, min_lr=1e-4, warmup_ratio=0.0).resolve()
+    assert lr_at(0, 100, no_warmup) < 1e-3 and lr_at(0, 100, no_warmup) == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():

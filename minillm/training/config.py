@@ -66,7 +66,7 @@ class TrainConfig:
     # optimisation (defaults from the seed: AdamW(0.9, 0.95), wd 0.01, 5% warmup, cosine to min_lr at 98%)
     lr: float | None = _opt("peak learning rate")
     min_lr: float | None = _opt("learning-rate floor of the cosine decay")
-    warmup_ratio: float = _opt("fraction of the steps spent warming up linearly", default=0.05)
+    warmup_ratio: float = _opt("fraction of the steps spent warming up linearly (at least 1 step unless 0)", default=0.05)
     warmup_steps: int | None = _opt("warmup steps (overrides warmup_ratio)")
     decay_ratio: float = _opt("fraction of the steps at which the cosine reaches min_lr", default=0.98)
     weight_decay: float = _opt("AdamW weight decay (never on norms, biases, embeddings)", default=0.01)

@@ -64,7 +64,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total_steps`: warmup, cosine, floor."""
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(total_steps * config.warmup_ratio)
+    warmup = config.warmup_steps
+    if warmup is None:  # a warmup ratio asks for at least one step: a short run would otherwise never reach `lr`
+        warmup = max(1, int(total_steps * config.warmup_ratio)) if config.warmup_ratio > 0 else 0
     decay_end = max(warmup + 1, int(total_steps * config.decay_ratio))
     it = step + 1  # the seed counts iterations from 1, so the first step already has a non-zero rate
     if it <= warmup:
