@@ -534,7 +534,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "rows_per_file",
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # checked before any download: a bad value used to fail after it, or (--rows-per-file 0) fill the disk
+    for name in ("tokenizer_ratio", "pretrain_ratio"):
+        if not 0 < getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in (0, 1]")
+    for name in ("sft_multi_turn_ratio", "val_fraction"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in [0, 1)")
+    for name in ("rows_per_file", "sft_max_seq_len", "sft_max_chars", "vocab_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name in ("sft_samples", "sft_min_chars", "seed"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must not be negative")
+    if args.min_score > args.max_score:
+        parser.error(f"--min-score {args.min_score} is above --max-score {args.max_score}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -542,9 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k in Recipe.__dataclass_fields__}
     recipe = Recipe(**options)
-    if not args.dry_run:
-        recipe.out.mkdir(parents=True, exist_ok=True)
     from minillm.errors import UserError
+
+    if not args.dry_run:
+        try:
+            recipe.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"error: --out {recipe.out}: cannot create it ({err.strerror or err})", file=sys.stderr)
+            return 2
 
     stats: dict = {}
     try:

@@ -16,7 +16,7 @@ minillm tokenizer train \
   --data "$DATA_DIR/pretrain_zh_classical.parquet" \
   --data "$DATA_DIR/pretrain_en.parquet" \
   --vocab-size 32000 --max-chars-per-file 4000000 \
-  --out minillm/assets/tokenizer
+  --out minillm/assets/tokenizer --overwrite
 
 python scripts/tokenizer_compression.py --tokenizer minillm/assets/tokenizer \
   --skip-chars 4000000 --out scripts/default_tokenizer_compression \
