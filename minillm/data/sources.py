@@ -203,52 +203,54 @@ def iter_text_batches(
         except Exception as err:
             raise UserError(f"{source.name}: cannot read as parquet ({str(err).splitlines()[0]})") from None
     elif source.kind == "jsonl":
-        batch: list[str] = []
-        for lineno, row, error in iter_json_rows(source.name, report):
-            if error is not None:
-                raise UserError(f"{source.name}:{lineno}: {error}")
-            if not isinstance(row, dict) or text_column not in row:
-                found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise UserError(f"{source.name}:{lineno}: no field '{text_column}' (fields found: {found})")
-            text = row[text_column]
-            if text is not None and not isinstance(text, str):  # a number or a list: the wrong field
-                raise UserError(f"{source.name}:{lineno}: field '{text_column}' is {type(text).__name__}, "
-                                "not text; pick the text field with --text-column")
-            if text and not text.isspace():
-                batch.append(text)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _batches(_jsonl_documents(source.name, text_column, report), batch_size)
     elif source.kind == "txt":
-        batch = []
-        for doc in _txt_documents(source.name, report):
-            batch.append(doc)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _batches(_txt_documents(source.name, report), batch_size)
     elif source.kind == "hf":
-        ds = _hf_dataset(source.name)
-        batch = []
-        for row in ds:
-            if text_column not in row:
-                raise UserError(f"{source.name}: no column '{text_column}' (columns found: {', '.join(row)})")
-            text = row[text_column]
-            if text is not None and not isinstance(text, str):
-                raise UserError(f"{source.name}: column '{text_column}' holds {type(text).__name__}, not text; "
-                                "pick the text column with --text-column")
-            if text and not text.isspace():
-                batch.append(text)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _batches(_hub_documents(source.name, text_column), batch_size)
     else:  # pragma: no cover - Source kinds are closed
         raise ValueError(source.kind)
+
+
+def _batches(documents: Iterator[str], batch_size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _jsonl_documents(path: str, text_column: str, report: Callable[[int], None]) -> Iterator[str]:
+    """The non-blank `text_column` of each row of a jsonl (or JSON array) file; a bad row is an error naming its
+    line."""
+    for lineno, row, error in iter_json_rows(path, report):
+        if error is not None:
+            raise UserError(f"{path}:{lineno}: {error}")
+        if not isinstance(row, dict) or text_column not in row:
+            found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise UserError(f"{path}:{lineno}: no field '{text_column}' (fields found: {found})")
+        text = row[text_column]
+        if text is not None and not isinstance(text, str):  # a number or a list: the wrong field
+            raise UserError(f"{path}:{lineno}: field '{text_column}' is {type(text).__name__}, "
+                            "not text; pick the text field with --text-column")
+        if text and not text.isspace():
+            yield text
+
+
+def _hub_documents(name: str, text_column: str) -> Iterator[str]:
+    """The non-blank `text_column` of each row of a Hugging Face dataset, streamed."""
+    for row in _hf_dataset(name):
+        if text_column not in row:
+            raise UserError(f"{name}: no column '{text_column}' (columns found: {', '.join(row)})")
+        text = row[text_column]
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{name}: column '{text_column}' holds {type(text).__name__}, not text; "
+                            "pick the text column with --text-column")
+        if text and not text.isspace():
+            yield text
 
 
 def _txt_documents(path: str, report: Callable[[int], None]) -> Iterator[str]:
