@@ -36,10 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers import attention  # noqa: E402
 from minillm.models.layers.attention import force_attention_backend, prepare_attention, sdpa_attention  # noqa: E402
+from minillm.training import perf  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("sdpa", "math", "flex", "flash", "causal")
 
 
 def packed_positions(batch: int, seq: int, doc_len: int, seed: int) -> torch.Tensor:
@@ -132,33 +135,41 @@ def bench_one(backend, q, k, v, pos, steps: int, warmup: int, fwd_only: bool):
     return statistics.median(times), prep_ms, peak, out.detach().float()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--seq", type=int, nargs="+", default=None, help="row lengths (default by device)")
-    parser.add_argument("--batch", type=int, default=None, help="rows (default 8 on CUDA, 1 on CPU)")
-    parser.add_argument("--doc-len", type=int, default=256, help="mean document length")
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64, help="query/key head dim")
-    parser.add_argument("--v-head-dim", type=int, default=None, help="value head dim (default: --head-dim)")
+    parser.add_argument("--seq", type=perf.positive_int, nargs="+", default=None,
+                        help="row lengths (default by device)")
+    parser.add_argument("--batch", type=perf.positive_int, default=None, help="rows (default 8 on CUDA, 1 on CPU)")
+    parser.add_argument("--doc-len", type=perf.positive_int, default=256, help="mean document length")
+    parser.add_argument("--heads", type=perf.positive_int, default=12)
+    parser.add_argument("--kv-heads", type=perf.positive_int, default=4)
+    parser.add_argument("--head-dim", type=perf.positive_int, default=64, help="query/key head dim")
+    parser.add_argument("--v-head-dim", type=perf.positive_int, default=None,
+                        help="value head dim (default: --head-dim)")
     parser.add_argument("--plain-causal", action="store_true", help="rows of one document each, no mask")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=perf.positive_int, default=None,
+                        help="timed steps (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=perf.non_negative_int, default=2)
     parser.add_argument("--fwd-only", action="store_true", help="time the forward pass only (no_grad)")
-    parser.add_argument("--backends", nargs="+", default=None,
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="default: sdpa flex flash causal, and math on a CPU (its kernel's home)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    device = perf.check_device(args.device)
+    perf.check_output_file(args.json, "--json")  # before the run, not after it
+    if args.heads % args.kv_heads:
+        raise UserError(f"--heads {args.heads}: not a multiple of --kv-heads {args.kv_heads} (grouped queries)")
     on_cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
-    lengths = args.seq or ([1024, 2048, 4096, 8192] if on_cuda else [256, 512, 1024])
-    batch = args.batch or (8 if on_cuda else 1)
-    args.backends = args.backends or ["sdpa", *([] if on_cuda else ["math"]), "flex", "flash", "causal"]
-    steps = args.steps or (20 if on_cuda else 3)
+    # `is None`, not `or`: a value given is used as given (the parser has refused 0 already)
+    lengths = args.seq if args.seq is not None else ([1024, 2048, 4096, 8192] if on_cuda else [256, 512, 1024])
+    batch = args.batch if args.batch is not None else (8 if on_cuda else 1)
+    if args.backends is None:
+        args.backends = ["sdpa", *([] if on_cuda else ["math"]), "flex", "flash", "causal"]
+    steps = args.steps if args.steps is not None else (20 if on_cuda else 3)
     name = torch.cuda.get_device_name(device) if on_cuda else f"CPU, {torch.get_num_threads()} threads"
     mode = "forward" if args.fwd_only else "forward + backward"
     v_dim = args.v_head_dim or args.head_dim
@@ -205,8 +216,8 @@ def main() -> None:
         meta = dict(device=name, dtype=str(dtype), mode=mode, batch=batch, heads=args.heads, kv_heads=args.kv_heads,
                     head_dim=args.head_dim, v_head_dim=v_dim, doc_len=None if args.plain_causal else args.doc_len,
                     torch=torch.__version__)
-        args.json.write_text(json.dumps(dict(meta, results=results), indent=2))
+        perf.write_output_file(args.json, json.dumps(dict(meta, results=results), indent=2), "--json")
 
 
 if __name__ == "__main__":
-    main()
+    perf.run_main(main)

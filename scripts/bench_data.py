@@ -24,19 +24,20 @@ from pathlib import Path
 from minillm.data.pretrain import ENCODE_BATCH_CHARS, build_pretrain_shards
 from minillm.data.sources import iter_text_batches, resolve_inputs
 from minillm.tokenizer import load_tokenizer
+from minillm.training import perf
 
 DEFAULT_INPUT = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pretrain_zh_classical.parquet"
 )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", default=str(DEFAULT_INPUT))
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--text-column", default="text")
-    parser.add_argument("--repeat", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--repeat", type=perf.positive_int, default=2, help="timed runs of each (the best counts)")
+    args = parser.parse_args(argv)
 
     tok = load_tokenizer(args.tokenizer)
     backend = tok.backend_tokenizer
@@ -92,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    perf.run_main(main)

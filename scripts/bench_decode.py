@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minillm.inference.engine import Engine  # noqa: E402
 from minillm.inference.loading import default_dtype, pick_device  # noqa: E402
 from minillm.inference.sampling import SamplingParams  # noqa: E402
+from minillm.models.registry import MODEL_NAMES  # noqa: E402
+from minillm.training import perf  # noqa: E402
 
 CLOCK = time.perf_counter  # `--clock process` swaps in time.process_time
 
@@ -165,19 +167,30 @@ def bench_model(name: str, model, tok, args, device: torch.device, table) -> lis
     return rows
 
 
-def main() -> None:
+def json_args(args: argparse.Namespace) -> dict:
+    """The options as JSON values (numbers, lists, null), not their Python spellings ("None", "[1, 8]"); paths
+    become strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--model", help="benchmark this model directory instead of freshly built ones")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-sizes", type=perf.positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-len", type=perf.positive_int, default=64)
+    parser.add_argument(
+        "--new-tokens",
+        type=perf.int_at_least(2),
+        default=128,
+        help="tokens per run, at least 2: decode speed is timed from the first token to the last",
+    )
+    parser.add_argument("--repeats", type=perf.positive_int, default=3, help="timed runs (the median counts)")
+    parser.add_argument("--threads", type=perf.positive_int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--clock",
         choices=["wall", "process"],
@@ -185,17 +198,18 @@ def main() -> None:
         help="'process' times CPU seconds used by this process (use with --threads 1 on a shared, busy CPU)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from rich.console import Console
     from rich.table import Table
 
+    device = pick_device(args.device)  # a UserError for a device this machine lacks
+    perf.check_output_file(args.json, "--json")  # before the run, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "process":
         global CLOCK
         CLOCK = time.process_time
-    device = pick_device(args.device)
     console = Console()
     table = Table(
         title=f"greedy decode on {device}: {args.prompt_len}-token prompt, {args.new_tokens} new tokens"
@@ -207,17 +221,12 @@ def main() -> None:
         results += bench_model(name, model, tok, args, device, table)
     console.print(table)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "device": str(device),
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "results": results,
-                },
-                indent=2,
-            )
+        perf.write_output_file(
+            args.json,
+            json.dumps({"device": str(device), "args": json_args(args), "results": results}, indent=2),
+            "--json",
         )
 
 
 if __name__ == "__main__":
-    main()
+    perf.run_main(main)

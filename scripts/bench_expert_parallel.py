@@ -24,42 +24,38 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minillm.training import perf  # noqa: E402
+from minillm.training.config import parse_model_args  # noqa: E402
+
 LAUNCHER = ROOT / "accelerate_configs" / "deepspeed_zero2_ep.yaml"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--nproc", type=int, default=2, help="processes (one per GPU with --device cuda)")
-    p.add_argument("--ep", type=int, nargs="+", default=[1, 2], help="expert-parallel sizes to compare")
+    p.add_argument("--nproc", type=perf.positive_int, default=2, help="processes (one per GPU with --device cuda)")
+    p.add_argument("--ep", type=perf.positive_int, nargs="+", default=[1, 2],
+                   help="expert-parallel sizes to compare")
     p.add_argument("--model", default="mini_deepseekv3", choices=("mini_deepseekv3", "mini_qwen3_next"))
     p.add_argument("--preset", default="tiny")
     p.add_argument("--model-arg", action="append", default=[], help="config override key=value (repeatable)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--micro-batch-size", type=int, default=4, help="rows per process per step")
-    p.add_argument("--steps", type=int, default=10, help="measured steps")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    p.add_argument("--seq-len", type=perf.positive_int, default=128)
+    p.add_argument("--micro-batch-size", type=perf.positive_int, default=4, help="rows per process per step")
+    p.add_argument("--steps", type=perf.positive_int, default=10, help="measured steps")
+    p.add_argument("--warmup", type=perf.non_negative_int, default=3, help="unmeasured steps first")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--ep-size", type=int, default=1, help=argparse.SUPPRESS)
-    return p.parse_args()
+    p.add_argument("--ep-size", type=perf.positive_int, default=1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _model_args(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -84,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
                          precision="auto" if args.device == "cuda" else "fp32").resolve()  # fmt: skip
     accelerator = make_accelerator(config)
     torch.manual_seed(0)
-    model = build_model(args.model, args.preset, **_model_args(args.model_arg))
+    model = build_model(args.model, args.preset, **parse_model_args(args.model_arg))
     vocab = model.config.vocab_size
     model, optimizer, scheduler = prepare_model_and_optimizer(accelerator, model, config, total)
     model.train()
@@ -152,11 +148,16 @@ def run_one(args: argparse.Namespace, ep: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.worker:
         worker(args)
         return
+    # Checked here, before the launches: each of them starts `--nproc` processes and trains
+    parse_model_args(args.model_arg)  # a UserError for a pair that is not KEY=VALUE
+    if args.device == "cuda":
+        perf.check_device("cuda")
+    perf.check_output_file(args.json, "--json")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for ep in args.ep:
@@ -169,8 +170,8 @@ def main() -> None:
         print(f"{r['ep']:>3} {r['params_per_rank']:>12,} {r['step_ms']:>9.1f} {r['all_to_all_ms']:>14.1f} "
               f"{r['all_to_all_share']:>6.1%} {r['tokens_per_s']:>10,.0f}")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        perf.write_output_file(args.json, json.dumps(results, indent=2) + "\n", "--json")
 
 
 if __name__ == "__main__":
-    main()
+    perf.run_main(main)

@@ -112,13 +112,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny or base")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=1, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per model (median of the ratios)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch", type=perf.positive_int, default=4)
+    parser.add_argument("--seq", type=perf.positive_int, default=256)
+    parser.add_argument("--steps", type=perf.positive_int, default=1, help="steps per timed round")
+    parser.add_argument("--rounds", type=perf.positive_int, default=20,
+                        help="interleaved rounds per model (median of the ratios)")
+    parser.add_argument("--warmup", type=perf.non_negative_int, default=2,
+                        help="untimed steps per model before the rounds")
+    parser.add_argument("--threads", type=perf.positive_int, default=None,
+                        help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=("wall", "process"),
                         help="process: CPU seconds of this process (steadier on a shared CPU with --threads 1)")
     parser.add_argument("--cpu-matmul", default="onednn", choices=("onednn", "torch", "both"),
@@ -126,11 +129,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "side (a third runner: ours with torch's kernels)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    device = perf.check_device(args.device)
+    perf.check_output_file(args.json, "--json")  # before the run, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
-    device = torch.device(args.device)
     if device.type == "cpu":
         keep_freed_memory()  # as the trainer does on a CPU (host_memory.py), for both sides
 
@@ -148,11 +152,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{name:<17} {res['reference']:<22} {res['ours_tokens_per_s']:>11,.0f} "
               f"{res['reference_tokens_per_s']:>11,.0f} {res['ratio']:>6.2f}x{extra}  {rounds}", flush=True)
     if args.json:
-        meta = {"device": str(device), "threads": torch.get_num_threads(), **{k: v for k, v in vars(args).items()
-                                                                          if k != "json"}}
-        Path(args.json).write_text(json.dumps({"config": meta, "results": results}, indent=2), encoding="utf-8")
+        # the options first, then what they resolved to: `--threads` is None unless given, the real count is torch's
+        meta = {**{k: v for k, v in vars(args).items() if k != "json"}, "device": str(device),
+                "threads": torch.get_num_threads()}
+        perf.write_output_file(args.json, json.dumps({"config": meta, "results": results}, indent=2), "--json")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    perf.run_main(main)

@@ -5,8 +5,8 @@ gradient clipping, scheduler, MoE bias update, metrics logging) for `--warmup + 
 tokens (or `--data` shards), and reports:
 - tokens/s of the median timed step (the warm-up steps of each round are not timed; the median, not the mean,
   so a burst of load from other processes on a shared machine does not decide the result);
-- peak memory (CUDA: max allocated; CPU: the process's peak resident set; both include the reference model
-  when it runs alongside);
+- peak memory of each dtype's rounds (CUDA: max allocated; CPU: the process's peak resident set, which on Linux
+  is reset before each round; both include the reference model when it runs alongside);
 - MFU = training FLOPs per token (`minillm.models.stats`, what `minillm info` prints) x tokens/s / peak, where the
   peak is a large matmul in the run's dtype measured in this process between rounds (CPU) or the vendor's dense
   number for the GPU (`minillm.training.perf.GPU_PEAK_TFLOPS`);
@@ -207,21 +207,46 @@ class StageTimer:
         return {k: v / step for k, v in parts.items()} if step > 0 else {}
 
 
+def shards_tokenizer(data: str | None, tokenizer: str | None) -> str | None:
+    """The tokenizer directory the trainer loads for the `--data` shards (None: the shipped one).
+
+    The trainer refuses shards whose tokenizer fingerprint differs from its tokenizer's, so shards built with
+    another tokenizer need theirs: `--tokenizer` when given, else the directory their manifest names
+    (`minillm data pretrain` records the one it used) when it exists here."""
+    if data is None:
+        if tokenizer is not None:
+            raise UserError("--tokenizer: only with --data (random tokens use the preset's vocabulary)")
+        return None
+    if tokenizer is not None:
+        return tokenizer
+    from minillm.data.pretrain import load_pretrain_manifest
+    from minillm.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    manifest = load_pretrain_manifest(data)
+    named = manifest.get("tokenizer")
+    if named and (Path(named) / "tokenizer.json").is_file():
+        return named
+    if manifest.get("tokenizer_fingerprint") != tokenizer_fingerprint(load_tokenizer(None)):
+        raise UserError(f"--data {data}: built with tokenizer {named}, which is not here; pass its directory "
+                        "with --tokenizer")
+    return None
+
+
 def train_config(args: argparse.Namespace, output_dir: str, dtype: str) -> TrainConfig:
     base_preset, overrides = perf.preset_and_overrides(args.model, args.preset)
     if args.data:
-        overrides.pop("vocab_size", None)  # the tokenizer of the shards decides
+        overrides.pop("vocab_size", None)  # the tokenizer of the shards decides (`--tokenizer`, see shards_tokenizer)
     overrides.update(args.model_overrides)
     options = dict(
         stage="pretrain", model=args.model, preset=base_preset, model_args=overrides, seq_len=args.seq,
         micro_batch_size=args.batch, global_batch_size=args.batch * args.accumulation,
         max_steps=args.warmup + args.steps, lr=1e-4, min_lr=1e-5, warmup_steps=1, precision=dtype,
         gradient_checkpointing=args.grad_checkpointing, output_dir=output_dir, overwrite=True, save_every=0,
-        eval_every=0, log_every=args.log_every, data=args.data,
+        eval_every=0, log_every=args.log_every, data=args.data, tokenizer=args.tokenizer,
     )
     if args.compile:
         if "compile" not in TrainConfig.field_names():
-            sys.exit("error: this trainer has no `compile` option")
+            raise UserError("--compile: this trainer has no `compile` option")
         options["compile"] = True
         if args.compile_mode != "default":
             options["compile_mode"] = args.compile_mode
@@ -288,10 +313,42 @@ def reference_step(reference, optimizer, input_ids: torch.Tensor, dtype: str) ->
     return CLOCK() - start
 
 
+def resident_peak() -> float | None:
+    """The peak resident set of this process in bytes (Linux's VmHWM, the one `/proc/self/clear_refs` resets), or
+    None where /proc has no such line."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window, so each dtype's rounds report their own peak (not the first dtype's).
+    CUDA: the allocator's peak statistics. CPU: the resident-set high-water mark, through /proc/self/clear_refs
+    (Linux). False where it cannot be reset: `peak_memory` is then the peak of the process's whole life."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS only (proc(5))
+    except OSError:
+        return False
+    return resident_peak() is not None
+
+
 def peak_memory(device: torch.device) -> float:
-    """Peak bytes: CUDA max allocated, or the peak resident set of this process on the CPU."""
+    """Peak bytes since `reset_peak_memory`: CUDA max allocated, or the peak resident set of this process on the
+    CPU (which includes freed memory the process keeps, see `keep_freed_memory`)."""
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
+    peak = resident_peak()
+    if peak is not None:
+        return peak
+    # getrusage's maximum cannot be reset (and keeps the peak of exited threads): the process's lifetime peak
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
@@ -304,13 +361,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="auto: the GPU when there is one (as the trainer does)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp32,bf16"),
                         help="bf16 = autocast; fp32,bf16 = both, alternating rounds, with their ratio")
-    parser.add_argument("--batch", type=int, default=4, help="rows per micro-batch")
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each round")
-    parser.add_argument("--rounds", type=int, default=1, help="trainer runs (each: warm-up + steps)")
-    parser.add_argument("--log-every", type=int, default=10, help="the trainer's metrics interval")
+    parser.add_argument("--batch", type=perf.positive_int, default=4, help="rows per micro-batch")
+    parser.add_argument("--accumulation", type=perf.positive_int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--seq", type=perf.positive_int, default=256)
+    parser.add_argument("--steps", type=perf.positive_int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=perf.non_negative_int, default=2,
+                        help="untimed steps at the start of each round")
+    parser.add_argument("--rounds", type=perf.positive_int, default=1, help="trainer runs (each: warm-up + steps)")
+    parser.add_argument("--log-every", type=perf.positive_int, default=10, help="the trainer's metrics interval")
     parser.add_argument("--against-reference", action="store_true",
                         help="also time the transformers reference's bare loop, interleaved")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (trainer option)")
@@ -318,7 +376,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch.compile mode with --compile (trainer option); reduce-overhead = CUDA graphs")
     parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--data", default=None, help="pretraining shards to read instead of random tokens")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="with --data: the tokenizer the shards were built with (default: the one their "
+                             "manifest names, else the shipped one)")
+    parser.add_argument("--threads", type=perf.positive_int, default=None,
+                        help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=("wall", "process"),
                         help="process: CPU seconds of this process (steadier on a shared CPU with --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -336,23 +398,25 @@ def main(argv: list[str] | None = None) -> dict:
                         help="after the timed rounds, profile 5 steps of one more trainer round (torch.profiler) and "
                              "write the operators that take the most time (self time on the device) to FILE")
     args = parser.parse_args(argv)
-    try:
-        args.model_overrides = parse_model_args(args.model_arg)  # parsed once, for every round's config
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    # Everything the user can get wrong is checked here, before the first round: a UserError (one line, exit 2
+    # under `perf.run_main`) after minutes of training would waste them.
+    args.model_overrides = parse_model_args(args.model_arg)  # parsed once, for every round's config
+    args.tokenizer = shards_tokenizer(args.data, args.tokenizer)
+    perf.check_output_file(args.json, "--json")
+    perf.check_output_file(args.profile, "--profile")
+    if args.device == "cuda":
+        perf.check_device("cuda")
+    if args.clock == "process" and torch.cuda.is_available():
+        raise UserError("--clock process measures CPU time; use it only for CPU runs")
+    if args.against_reference and args.accumulation != 1:
+        raise UserError("--against-reference compares single-batch steps; drop --accumulation")
     if args.threads:
         torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
-    if args.clock == "process" and torch.cuda.is_available():
-        sys.exit("error: --clock process measures CPU time; use it only for CPU runs")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no GPU is visible")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_memory()  # what the trainer does on a CPU, set before any round so the reference's get it too
-    if args.against_reference and args.accumulation != 1:
-        sys.exit("error: --against-reference compares single-batch steps; drop --accumulation")
 
     dtypes = args.dtype.split(",")
     original_check = trainer_module.step_is_bad
@@ -373,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
               + " ".join(f"{r:.2f}" for r in ratios) + ")")
     if args.json:
         payload = results[dtypes[0]] if len(dtypes) == 1 else results
-        Path(args.json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        perf.write_output_file(args.json, json.dumps(payload, indent=2), "--json")
     return results[dtypes[0]] if len(dtypes) == 1 else results
 
 
@@ -397,22 +461,24 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
                 for _ in range(args.warmup):
                     reference_step(reference, ref_optimizer, input_ids, dtype)
                 between[dtype] = lambda dtype=dtype: reference_step(reference, ref_optimizer, input_ids, dtype)
-        measured = {dtype: {"rates": [], "step_pairs": [], "peaks": [], "shares": []} for dtype in dtypes}
-        memory = None
+        measured = {dtype: {"rates": [], "step_pairs": [], "peaks": [], "shares": [], "memory": []}
+                    for dtype in dtypes}
+        memory_scope = "rounds"  # "process" where the peak cannot be reset: the same lifetime peak for every dtype
         sync_timers = device.type == "cuda"
         for _ in range(args.rounds):
             for dtype in dtypes:
                 m = measured[dtype]
                 if device.type == "cpu":
                     m["peaks"].append(perf.measure_cpu_peak_flops(dtype, seconds=0.5, clock=CLOCK))
+                if not reset_peak_memory(device):
+                    memory_scope = "process"
                 timer = run_trainer_round(configs[dtype], run, device, args.warmup, sync=False,
                                           between_steps=between[dtype])
                 m["rates"].append(tokens_per_step / statistics.median(timer.step_times))
                 m["step_pairs"] += list(zip(timer.step_times, timer.between_times, strict=False))
                 if not sync_timers:
                     m["shares"].append(timer.shares())
-                if memory is None:
-                    memory = peak_memory(device)
+                m["memory"].append(peak_memory(device))  # this dtype's round (and whatever memory is still held)
         for dtype in dtypes:
             m = measured[dtype]
             if sync_timers:  # CUDA: a separate round with synchronising timers for the breakdown
@@ -424,7 +490,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
                 m["peak"] = perf.device_peak_flops(device, dtype)
         if args.profile:
             table = profile_round(configs[dtypes[0]], run, device, args.warmup, steps=min(5, args.steps))
-            Path(args.profile).write_text(table + "\n", encoding="utf-8")
+            perf.write_output_file(args.profile, table + "\n", "--profile")
             print(f"profile of {min(5, args.steps)} steps ({dtypes[0]}) written to {args.profile}")
 
     results = {}
@@ -438,7 +504,8 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
             "accumulation": args.accumulation, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
             "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
             "nonfinite_check": not args.no_nonfinite_check,
-            "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": m["rates"], "peak_memory_bytes": memory,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": m["rates"],
+            "peak_memory_bytes": max(m["memory"]), "peak_memory_scope": memory_scope,
             "flops_per_token": stats.flops_per_token, "peak_flops": m["peak"],
             "mfu": perf.mfu(tokens_per_s, stats.flops_per_token, m["peak"]),
             "shares": {k: statistics.median(s[k] for s in m["shares"]) for k in STAGES} if m["shares"] else {},
@@ -465,8 +532,11 @@ def print_result(res: dict) -> None:
     rounds = " ".join(f"{r:,.0f}" for r in res["tokens_per_s_rounds"])
     print(f"  trainer     {res['tokens_per_s']:>10,.0f} tok/s   (rounds: {rounds})")
     if res["peak_memory_bytes"]:
-        print(f"  peak memory {res['peak_memory_bytes'] / 2**20:>10,.0f} MiB"
-              f"{' (process RSS)' if res['device'] == 'cpu' else ''}")
+        if res["peak_memory_scope"] == "process":
+            scope = " (process RSS, lifetime peak: not resettable here, so not this dtype's own)"
+        else:
+            scope = " (process RSS)" if res["device"] == "cpu" else ""
+        print(f"  peak memory {res['peak_memory_bytes'] / 2**20:>10,.0f} MiB{scope}")
     peak = res["peak_flops"]
     mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a (unknown peak)"
     print(f"  MFU         {mfu:>10}   ({res['flops_per_token'] / 1e6:,.1f} MFLOP/token, peak "
@@ -482,4 +552,4 @@ def print_result(res: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    perf.run_main(main)

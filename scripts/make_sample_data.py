@@ -13,8 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Only the command-line helpers are needed: skip registering the models with transformers on `import minillm`
+# (seconds of start-up, see minillm/__init__.py).
+os.environ.setdefault("MINILLM_DEFER_MODELS", "1")
+
+from minillm.errors import UserError  # noqa: E402
+from minillm.training import perf  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "minillm" / "assets" / "sample"
 
@@ -337,14 +347,17 @@ def sft_rows(r: random.Random, n: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--pretrain-docs", type=int, default=800)
-    parser.add_argument("--sft-rows", type=int, default=1200)
-    args = parser.parse_args()
+    parser.add_argument("--pretrain-docs", type=perf.positive_int, default=800)
+    parser.add_argument("--sft-rows", type=perf.positive_int, default=1200)
+    args = parser.parse_args(argv)
     r = random.Random(1234)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {args.out}: cannot create the directory ({err.strerror or err})") from None
     with open(args.out / "pretrain.jsonl", "w", encoding="utf-8") as f:
         for doc in pretrain_docs(r, args.pretrain_docs):
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
@@ -356,4 +369,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    perf.run_main(main)

@@ -1,12 +1,16 @@
 """Peaks, MFU and the two benchmark scripts (a tiny smoke run each; the real numbers are in the README)."""
 
+import argparse
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from minillm.errors import UserError
 from minillm.models.registry import MODEL_NAMES, build_config
 from minillm.training import perf
 
@@ -109,10 +113,13 @@ def test_bench_scripts_help(script, capsys):
     assert "--dtype" in capsys.readouterr().out
 
 
-def test_bench_models_smoke(capsys):
+def test_bench_models_smoke(tmp_path, capsys):
     bench = load_script("bench_models")
     [res] = bench.main(["--models", "mini_llama3", "--preset", "tiny", "--batch", "1", "--seq", "16",
-                        "--steps", "1", "--rounds", "2", "--warmup", "0", "--cpu-matmul", "both"])
+                        "--steps", "1", "--rounds", "2", "--warmup", "0", "--cpu-matmul", "both",
+                        "--json", str(tmp_path / "models.json")])
+    config = json.loads((tmp_path / "models.json").read_text())["config"]
+    assert config["threads"] == torch.get_num_threads()  # the real count, not the unset option (null)
     assert res["reference"] == "LlamaForCausalLM"
     assert res["ours_tokens_per_s"] > 0 and res["reference_tokens_per_s"] > 0 and res["ratio"] > 0
     assert res["ours_torch_kernels_tokens_per_s"] > 0 and res["ratio_torch_kernels"] > 0  # the third runner
@@ -155,9 +162,13 @@ def test_bench_train_times_the_training_loop_not_the_prefetch_thread(monkeypatch
     assert "ProfilerStep" in (tmp_path / "profile.txt").read_text()
 
 
-def test_bench_train_both_dtypes_in_one_run(tmp_path, capsys):
-    """`--dtype fp32,bf16` alternates the precisions' rounds and reports their per-round speed ratio."""
+def test_bench_train_both_dtypes_in_one_run(tmp_path, capsys, monkeypatch):
+    """`--dtype fp32,bf16` alternates the precisions' rounds and reports their per-round speed ratio, and each
+    precision's own peak memory (reset before each round; a fake meter here: 1, 2, 3, 4 kB in round order)."""
     bench = load_script("bench_train")
+    readings = iter([1024.0, 2048.0, 3072.0, 4096.0])
+    monkeypatch.setattr(bench, "reset_peak_memory", lambda device: True)
+    monkeypatch.setattr(bench, "peak_memory", lambda device: next(readings))
     res = bench.main(["--model", "mini_llama3", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "2",
                       "--warmup", "1", "--rounds", "2", "--dtype", "fp32,bf16", "--json", str(tmp_path / "r.json")])
     assert res["fp32"]["dtype"] == "fp32" and res["bf16"]["dtype"] == "bf16"
@@ -167,3 +178,178 @@ def test_bench_train_both_dtypes_in_one_run(tmp_path, capsys):
     assert ratios == [bf16 / fp32 for bf16, fp32 in rounds]
     assert json.loads((tmp_path / "r.json").read_text())["dtype_ratio"]["ratio"] == res["dtype_ratio"]["ratio"]
     assert "bf16 / fp32 tokens/s" in capsys.readouterr().out
+    # rounds run fp32, bf16, fp32, bf16: each dtype's peak is the largest of its own rounds
+    assert (res["fp32"]["peak_memory_bytes"], res["bf16"]["peak_memory_bytes"]) == (3072.0, 4096.0)
+    assert res["fp32"]["peak_memory_scope"] == res["bf16"]["peak_memory_scope"] == "rounds"
+    # where the peak cannot be reset, the output says so instead of passing it off as the dtype's own
+    bench.print_result(dict(res["bf16"], peak_memory_scope="process"))
+    assert "lifetime peak" in capsys.readouterr().out
+
+
+def test_bench_train_resets_the_cpu_peak_memory():
+    """On Linux the CPU peak (VmHWM) is reset through /proc/self/clear_refs, so each dtype measures its own."""
+    bench = load_script("bench_train")
+    cpu = torch.device("cpu")
+    if not Path("/proc/self/clear_refs").exists():
+        assert bench.reset_peak_memory(cpu) is False
+        return
+    assert bench.reset_peak_memory(cpu) is True
+    assert bench.peak_memory(cpu) > 0
+
+
+def test_bench_train_reads_shards_of_another_tokenizer(tmp_path):
+    """`--data` shards built with a tokenizer other than the shipped one: the benchmark trains on them with the
+    tokenizer their manifest names, or the one `--tokenizer` gives when that directory has moved."""
+    from inference_helpers import tiny_texts
+
+    from minillm.data.pretrain import build_pretrain_shards
+    from minillm.tokenizer import train_tokenizer
+
+    train_tokenizer(tiny_texts(), tmp_path / "tok", vocab_size=320, min_frequency=1, show_progress=False)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_texts(200, seed=1)), encoding="utf-8")
+    build_pretrain_shards([str(corpus)], tmp_path / "shards", tmp_path / "tok", progress=False)
+    bench = load_script("bench_train")
+    res = bench.main(["--model", "mini_llama3", "--preset", "tiny", "--batch", "1", "--seq", "16", "--steps", "1",
+                      "--warmup", "0", "--data", str(tmp_path / "shards")])
+    assert res["tokens_per_s"] > 0
+    (tmp_path / "tok").rename(tmp_path / "moved_tok")
+    with pytest.raises(UserError, match="--tokenizer"):
+        bench.shards_tokenizer(str(tmp_path / "shards"), None)
+    assert bench.shards_tokenizer(str(tmp_path / "shards"), str(tmp_path / "moved_tok")) == str(tmp_path / "moved_tok")
+    with pytest.raises(UserError, match="only with --data"):
+        bench.shards_tokenizer(None, str(tmp_path / "moved_tok"))
+
+
+def test_bench_decode_writes_json_values(tmp_path):
+    """The options in bench_decode's JSON are JSON values (null, numbers, lists), not their Python spellings."""
+    bench = load_script("bench_decode")
+    out = tmp_path / "decode.json"
+    bench.main(["--models", "mini_llama3", "--batch-sizes", "1", "--prompt-len", "4", "--new-tokens", "2",
+                "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["args"]["threads"] is None and saved["args"]["model"] is None
+    assert saved["args"]["batch_sizes"] == [1] and saved["args"]["new_tokens"] == 2
+    assert saved["args"]["json"] == str(out)
+    assert {row["engine"] for row in saved["results"]} >= {"generate()", "minillm"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad command lines: one line and exit code 2, before any run
+
+
+def test_int_argument_types():
+    assert perf.positive_int("3") == 3 and perf.non_negative_int("0") == 0 and perf.int_at_least(2)("2") == 2
+    for parse, text in ((perf.positive_int, "0"), (perf.positive_int, "-1"), (perf.positive_int, "x"),
+                        (perf.non_negative_int, "-1"), (perf.int_at_least(2), "1")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_check_device():
+    assert perf.check_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="not a device name"):
+        perf.check_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: no CUDA GPU"):
+            perf.check_device("cuda")
+
+
+def test_run_main_turns_a_user_error_into_one_line(capsys):
+    def bad() -> None:
+        raise UserError("--data x: data directory does not exist")
+
+    with pytest.raises(SystemExit) as exit_info:
+        perf.run_main(bad)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --data x: data directory does not exist\n"
+    perf.run_main(lambda: None)  # no error: returns
+
+
+def test_check_output_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    perf.check_output_file(None)
+    perf.check_output_file(tmp_path / "new" / "dir" / "x.json")  # missing directories are created when writing
+    with pytest.raises(UserError, match="--json .*not a directory"):
+        perf.check_output_file(tmp_path / "file" / "x.json", "--json")
+    with pytest.raises(UserError, match="is a directory"):
+        perf.check_output_file(tmp_path, "--json")
+    perf.write_output_file(tmp_path / "new" / "dir" / "x.json", "{}")
+    assert (tmp_path / "new" / "dir" / "x.json").read_text() == "{}"
+
+
+BAD_OPTION_VALUES = [
+    ("bench_models", ["--steps", "-1"]),
+    ("bench_models", ["--rounds", "0"]),
+    ("bench_train", ["--steps", "0"]),
+    ("bench_train", ["--rounds", "0"]),
+    ("bench_train", ["--batch", "0"]),
+    ("bench_data", ["--repeat", "0"]),
+    ("bench_attention", ["--steps", "0"]),
+    ("bench_attention", ["--batch", "0"]),
+    ("bench_attention", ["--backends", "foo"]),
+    ("bench_decode", ["--new-tokens", "1"]),
+    ("bench_decode", ["--repeats", "0"]),
+    ("bench_decode", ["--models", "foo"]),
+    ("bench_expert_parallel", ["--ep", "0"]),
+    ("make_sample_data", ["--pretrain-docs", "-5"]),
+]
+
+
+@pytest.mark.parametrize(("script", "argv"), BAD_OPTION_VALUES)
+def test_bad_option_values_stop_before_the_run(script, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main(argv)
+    assert exit_info.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"argument {argv[0]}" in line
+
+
+# (script, argv, the function that runs the benchmark: it must not be reached)
+USER_ERRORS = [
+    ("bench_train", ["--model-arg", "no_equals_sign"], "measure"),
+    ("bench_train", ["--json", "{file}/x.json"], "measure"),
+    ("bench_train", ["--profile", "{file}/p.txt"], "measure"),
+    ("bench_models", ["--json", "{file}/x.json"], "bench_model"),
+    ("bench_attention", ["--json", "{file}/x.json"], "bench_one"),
+    ("bench_decode", ["--json", "{file}/x.json"], "load_models"),
+    ("bench_decode", ["--model", "{missing}"], None),
+    ("bench_data", ["--input", "{missing}"], None),
+    ("bench_expert_parallel", ["--json", "{file}/x.json"], "run_one"),
+]
+if not torch.cuda.is_available():
+    USER_ERRORS += [("bench_models", ["--device", "cuda"], "bench_model"),
+                    ("bench_attention", ["--device", "cuda"], "bench_one"),
+                    ("bench_train", ["--device", "cuda"], "measure"),
+                    ("bench_expert_parallel", ["--device", "cuda"], "run_one")]
+
+
+@pytest.mark.parametrize(("script", "argv", "runner"), USER_ERRORS)
+def test_user_errors_are_one_line_before_the_run(script, argv, runner, tmp_path, monkeypatch, capsys):
+    """An unknown model, a bad `--model-arg`, a missing input or an unwritable `--json` is one `error:` line and
+    exit code 2 under `perf.run_main` (the scripts' `__main__`), found before the benchmark runs."""
+    (tmp_path / "file").write_text("")
+    argv = [a.format(file=tmp_path / "file", missing=tmp_path / "missing") for a in argv]
+    module = load_script(script)
+    if runner is not None:
+        def never(*args, **kwargs):
+            raise AssertionError(f"{runner} ran before the bad option was found")
+        monkeypatch.setattr(module, runner, never)
+    with pytest.raises(SystemExit) as exit_info:
+        perf.run_main(lambda: module.main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("script", "argv"), [("bench_train", ["--steps", "0"]),
+                                              ("bench_models", ["--json", "{file}/x.json"])])
+def test_scripts_fail_fast_from_the_command_line(script, argv, tmp_path):
+    """The scripts as commands: exit code 2 and one `error:` line, in seconds (no training first)."""
+    (tmp_path / "file").write_text("")
+    argv = [a.format(file=tmp_path / "file") for a in argv]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *argv], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -18,9 +18,16 @@ Notable choices:
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from minillm.errors import UserError
+from minillm.paths import check_creatable, make_parent_dirs
 
 # Dense peak TFLOP/s per dtype. Keys are matched as substrings of `torch.cuda.get_device_name()`, in this order.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -182,3 +189,75 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (CUDA); a no-op on the CPU."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark scripts' command lines (scripts/bench_*.py, scripts/make_sample_data.py): a bad option value is
+# one line and exit code 2, as in the `minillm` CLI, and it is caught before the run, not after it.
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type=` for integers >= `minimum`: `--steps 0` is argparse's one-line error (exit 2) instead of
+    a run that divides by zero, takes the median of nothing or prints negative rates."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"  # what argparse would name in its own messages
+    return parse
+
+
+positive_int = int_at_least(1)  # steps, rounds, repeats, batch sizes, sequence lengths, threads
+non_negative_int = int_at_least(0)  # warm-up steps: none is a valid choice
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """The torch device `name` (cpu, cuda, cuda:N), or a `UserError` when it is not a device name or names CUDA on
+    a machine without a GPU: torch's own failure comes later, mid-run, as an AssertionError traceback."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {name}: not a device name (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible to this process (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def check_output_file(path: str | Path | None, option: str = "--json") -> None:
+    """Before a benchmark runs: a `UserError` unless the file `path` (None: no file asked for) can be written, so a
+    bad path does not waste the run. Use `write_output_file` afterwards (it creates missing directories)."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise UserError(f"{option} {path}: is a directory")
+    check_creatable(path, option)
+
+
+def write_output_file(path: str | Path, text: str, option: str = "--json") -> None:
+    """Write `text` to `path`, creating its missing directories (`check_output_file` allowed them); an OSError the
+    check could not foresee (a read-only file system, a full disk) becomes a one-line `UserError`."""
+    path = Path(path)
+    make_parent_dirs(path, option)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write ({err.strerror or err})") from None
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a script's `main()` as a command: a `UserError` (a bad option, an unknown model or preset, a missing
+    file) ends it with one `error: ...` line on stderr and exit code 2, as the `minillm` CLI does, instead of a
+    traceback. Other exceptions are bugs and keep their traceback."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
