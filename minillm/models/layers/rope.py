@@ -86,10 +86,10 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(
                 f"unknown rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
             )
-        # Under an explicit CPU default device: `from_pretrained` builds the model inside a meta-device context,
-        # and these functions create some of their tensors without a device, which would then hold no data.
         if head_dim is not None:
             config = _WithHeadDim(config, head_dim)
+        # Under an explicit CPU default device: `from_pretrained` builds the model inside a meta-device context,
+        # and these functions create some of their tensors without a device, which would then hold no data.
         with torch.device("cpu"):
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
         if inv_freq.numel() * 2 != rotary_dim:
