@@ -51,7 +51,7 @@ def shards(tmp_path_factory) -> Path:
     words = "the a cat dog ran sat on mat blue red green big small house tree river stone bird sings".split()
     lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) for _ in range(120)]
     (base / "text.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    build_pretrain_shards([str(base / "text.jsonl")], base / "shards", val_fraction=0.05, progress=False)
+    build_pretrain_shards([str(base / "text.jsonl")], base / "shards", progress=False)
     return base / "shards"
 
 
@@ -160,18 +160,9 @@ def test_deepseek_ep2_killed_and_resumed_matches_data_parallel(deepseek_runs):
 
 
 def test_qwen3_next_ep2_matches_data_parallel(shards, tmp_path):
-    # with a validation pass at the end: under EP its forwards are collectives on every rank
-    _train("mini_qwen3_next", 1, tmp_path / "dp", shards, "--overwrite", "--eval-every", str(STEPS))
-    _train("mini_qwen3_next", 2, tmp_path / "ep", shards, "--overwrite", "--eval-every", str(STEPS))
+    _train("mini_qwen3_next", 1, tmp_path / "dp", shards, "--overwrite")
+    _train("mini_qwen3_next", 2, tmp_path / "ep", shards, "--overwrite")
     _assert_same_run(tmp_path / "dp", tmp_path / "ep")
-    dp_val, ep_val = _val_loss(tmp_path / "dp"), _val_loss(tmp_path / "ep")
-    assert abs(dp_val - ep_val) <= 1e-5 * dp_val, (dp_val, ep_val)
-
-
-def _val_loss(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    (val,) = [r["val/loss"] for r in records if "val/loss" in r]
-    return val
 
 
 def test_ep2_export_loads_in_one_process_and_generates(deepseek_runs):
