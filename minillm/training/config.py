@@ -77,7 +77,7 @@ class TrainConfig:
     precision: str = _opt("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (GPU)", default="auto")
     seed: int = _opt("random seed (weights, data order)", default=42)
     gradient_checkpointing: bool = _opt("recompute activations in backward to save memory", default=False)
-    compile: bool = _opt("torch.compile the model (faster steps after a slower first one)", default=False)
+    compile: bool = _opt("torch.compile each decoder layer (faster steps after a slower first one)", default=False)
     compile_mode: str = _opt(
         "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: less host time per step), "
         "max-autotune-no-cudagraphs or max-autotune", default="default"
