@@ -190,10 +190,12 @@ def test_bench_train_resets_the_cpu_peak_memory():
     """On Linux the CPU peak (VmHWM) is reset through /proc/self/clear_refs, so each dtype measures its own."""
     bench = load_script("bench_train")
     cpu = torch.device("cpu")
-    if not Path("/proc/self/clear_refs").exists():
-        assert bench.reset_peak_memory(cpu) is False
-        return
-    assert bench.reset_peak_memory(cpu) is True
+    try:  # absent off Linux, read-only in some containers: then the benchmark says its peak is the lifetime's
+        Path("/proc/self/clear_refs").write_text("5")
+        resettable = bench.resident_peak() is not None
+    except OSError:
+        resettable = False
+    assert bench.reset_peak_memory(cpu) is resettable
     assert bench.peak_memory(cpu) > 0
 
 
