@@ -62,10 +62,11 @@ def ppl(
 ) -> None:
     """Perplexity and bits per byte (tokenizer-independent) of a model on held-out text."""
     from minillm.evaluation import loading, perplexity, report
+    from minillm.paths import check_output_file
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
     files = perplexity.expand_data_paths(data)
-    report.check_json_out(json_out, overwrite, files)
+    check_output_file(json_out, "--json", overwrite, files)
     model_dir = loading.resolve_model_dir(model)
     torch_device = loading.resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
@@ -102,9 +103,10 @@ def chat(
     """Teacher-forced loss on assistant tokens, and greedy exact match on short answers."""
     from minillm.evaluation import chat as chat_eval
     from minillm.evaluation import loading, report
+    from minillm.paths import check_output_file
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    report.check_json_out(json_out, overwrite, [data])
+    check_output_file(json_out, "--json", overwrite, [data])
     conversations = chat_eval.read_conversations(data)
     model_dir = loading.resolve_model_dir(model)
     torch_device = loading.resolve_device(device)
@@ -164,6 +166,7 @@ def mc(
     from minillm.errors import UserError
     from minillm.evaluation import loading, report
     from minillm.evaluation import multiple_choice as mc_eval
+    from minillm.paths import check_output_file
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
     if few_shot < 0:
@@ -176,7 +179,7 @@ def mc(
         raise UserError(f"--dev {dev}: solved examples are only used with --few-shot K (K >= 1)")
     if style not in mc_eval.STYLES:
         raise UserError(f"--style {style}: expected one of {', '.join(mc_eval.STYLES)}")
-    report.check_json_out(json_out, overwrite, [data] + ([dev] if dev else []))
+    check_output_file(json_out, "--json", overwrite, [data] + ([dev] if dev else []))
     questions = mc_eval.load_questions(data, config, split, limit=limit)
     dev_questions = mc_eval.load_questions(dev, config, dev_split, option="--dev") if few_shot else None
     model_dir = loading.resolve_model_dir(model)

@@ -4,6 +4,7 @@ minutes of training or evaluation, and never a half-written output."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from minillm.errors import UserError
@@ -38,3 +39,25 @@ def check_not_working_directory(path: str | os.PathLike, option: str = "output")
     resolved, cwd = Path(path).resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         raise UserError(f"{option} {path}: is the working directory or holds it; name a new directory")
+
+
+def check_output_file(
+    path: str | os.PathLike | None,
+    option: str = "--json",
+    overwrite: bool = True,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Before a command's work (an evaluation, a benchmark): `UserError` unless the file `path` (None: none asked
+    for) may be written afterwards: it is none of the command's `inputs`, not a directory, an existing file only
+    with `overwrite`, and in a place this process can create it. A bad path found after the work would waste it."""
+    if path is None:
+        return
+    target = Path(path).resolve()
+    for name in inputs:
+        if Path(name).resolve() == target:
+            raise UserError(f"{option} {path}: is an input of this command; choose another file")
+    if target.is_dir():
+        raise UserError(f"{option} {path}: is a directory")
+    if target.exists() and not overwrite:
+        raise UserError(f"{option} {path}: already exists; choose another file or pass --overwrite")
+    check_creatable(target, option)

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers import attention  # noqa: E402
 from minillm.models.layers.attention import force_attention_backend, prepare_attention, sdpa_attention  # noqa: E402
+from minillm.paths import check_output_file  # noqa: E402
 from minillm.training import perf  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = perf.check_device(args.device)
-    perf.check_output_file(args.json, "--json")  # before the run, not after it
+    check_output_file(args.json, "--json")  # before the run, not after it
     if args.heads % args.kv_heads:
         raise UserError(f"--heads {args.heads}: not a multiple of --kv-heads {args.kv_heads} (grouped queries)")
     on_cuda = device.type == "cuda"

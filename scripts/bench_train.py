@@ -64,6 +64,7 @@ from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
 from minillm.models.stats import model_stats  # noqa: E402
+from minillm.paths import check_output_file  # noqa: E402
 from minillm.training import perf  # noqa: E402
 from minillm.training import trainer as trainer_module  # noqa: E402
 from minillm.training.batches import GlobalBatches, Permutation, Prefetcher  # noqa: E402
@@ -402,8 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
     # under `perf.run_main`) after minutes of training would waste them.
     args.model_overrides = parse_model_args(args.model_arg)  # parsed once, for every round's config
     args.tokenizer = shards_tokenizer(args.data, args.tokenizer)
-    perf.check_output_file(args.json, "--json")
-    perf.check_output_file(args.profile, "--profile")
+    check_output_file(args.json, "--json")
+    check_output_file(args.profile, "--profile")
     if args.device == "cuda":
         perf.check_device("cuda")
     if args.clock == "process" and torch.cuda.is_available():

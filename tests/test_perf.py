@@ -12,6 +12,7 @@ import torch
 
 from minillm.errors import UserError
 from minillm.models.registry import MODEL_NAMES, build_config
+from minillm.paths import check_output_file
 from minillm.training import perf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,12 +271,12 @@ def test_run_main_turns_a_user_error_into_one_line(capsys):
 
 def test_check_output_file(tmp_path):
     (tmp_path / "file").write_text("")
-    perf.check_output_file(None)
-    perf.check_output_file(tmp_path / "new" / "dir" / "x.json")  # missing directories are created when writing
+    check_output_file(None)
+    check_output_file(tmp_path / "new" / "dir" / "x.json")  # missing directories are created when writing
     with pytest.raises(UserError, match="--json .*not a directory"):
-        perf.check_output_file(tmp_path / "file" / "x.json", "--json")
+        check_output_file(tmp_path / "file" / "x.json", "--json")
     with pytest.raises(UserError, match="is a directory"):
-        perf.check_output_file(tmp_path, "--json")
+        check_output_file(tmp_path, "--json")
     perf.write_output_file(tmp_path / "new" / "dir" / "x.json", "{}")
     assert (tmp_path / "new" / "dir" / "x.json").read_text() == "{}"
 

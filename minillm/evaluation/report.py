@@ -5,31 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from minillm.errors import UserError
-from minillm.paths import check_creatable, make_parent_dirs
-
-
-def check_json_out(path: Path | None, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
-    """Before an evaluation runs: `--json PATH` must be creatable, must not be one of the evaluation's `inputs`,
-    and may replace an existing file only with `--overwrite`. (A `UserError` after the evaluation would waste it.)"""
-    if path is None:
-        return
-    target = Path(path).resolve()
-    for name in inputs:
-        if Path(name).resolve() == target:
-            raise UserError(f"--json {path}: is an input of this evaluation; choose another file")
-    if target.is_dir():
-        raise UserError(f"--json {path}: is a directory")
-    if target.exists() and not overwrite:
-        raise UserError(f"--json {path}: already exists; choose another file or pass --overwrite")
-    check_creatable(target, "--json")
+from minillm.paths import make_parent_dirs
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

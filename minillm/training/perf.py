@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from minillm.errors import UserError
-from minillm.paths import check_creatable, make_parent_dirs
+from minillm.paths import make_parent_dirs
 
 # Dense peak TFLOP/s per dtype. Keys are matched as substrings of `torch.cuda.get_device_name()`, in this order.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -231,18 +231,8 @@ def check_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def check_output_file(path: str | Path | None, option: str = "--json") -> None:
-    """Before a benchmark runs: a `UserError` unless the file `path` (None: no file asked for) can be written, so a
-    bad path does not waste the run. Use `write_output_file` afterwards (it creates missing directories)."""
-    if path is None:
-        return
-    if Path(path).is_dir():
-        raise UserError(f"{option} {path}: is a directory")
-    check_creatable(path, option)
-
-
 def write_output_file(path: str | Path, text: str, option: str = "--json") -> None:
-    """Write `text` to `path`, creating its missing directories (`check_output_file` allowed them); an OSError the
+    """Write `text` to `path`, creating its missing directories (`minillm.paths.check_output_file` allowed them); an OSError the
     check could not foresee (a read-only file system, a full disk) becomes a one-line `UserError`."""
     path = Path(path)
     make_parent_dirs(path, option)
