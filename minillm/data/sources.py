@@ -232,11 +232,8 @@ def _jsonl_documents(path: str, text_column: str, report: Callable[[int], None])
         if not isinstance(row, dict) or text_column not in row:
             found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
             raise UserError(f"{path}:{lineno}: no field '{text_column}' (fields found: {found})")
-        text = row[text_column]
-        if text is not None and not isinstance(text, str):  # a number or a list: the wrong field
-            raise UserError(f"{path}:{lineno}: field '{text_column}' is {type(text).__name__}, "
-                            "not text; pick the text field with --text-column")
-        if text and not text.isspace():
+        text = _document(row[text_column], f"{path}:{lineno}", f"field '{text_column}'")
+        if text is not None:
             yield text
 
 
@@ -245,12 +242,18 @@ def _hub_documents(name: str, text_column: str) -> Iterator[str]:
     for row in _hf_dataset(name):
         if text_column not in row:
             raise UserError(f"{name}: no column '{text_column}' (columns found: {', '.join(row)})")
-        text = row[text_column]
-        if text is not None and not isinstance(text, str):
-            raise UserError(f"{name}: column '{text_column}' holds {type(text).__name__}, not text; "
-                            "pick the text column with --text-column")
-        if text and not text.isspace():
+        text = _document(row[text_column], name, f"column '{text_column}'")
+        if text is not None:
             yield text
+
+
+def _document(text: object, where: str, what: str) -> str | None:
+    """A row's text as a document: None when it is null or blank (no document), a `UserError` naming `where` and
+    `what` when it is a number or a list (the wrong field)."""
+    if text is not None and not isinstance(text, str):
+        kind = what.split()[0]  # "field" or "column"
+        raise UserError(f"{where}: {what} is {type(text).__name__}, not text; pick the text {kind} with --text-column")
+    return text if text and not text.isspace() else None
 
 
 def _txt_documents(path: str, report: Callable[[int], None]) -> Iterator[str]:
@@ -305,10 +308,16 @@ def iter_json_rows(
             except json.JSONDecodeError as err:
                 yield lineno, None, f"bad JSON ({err.msg} column {err.colno})"
             else:
-                yield lineno, row, _unicode_error(row) if b"\\ud" in line.lower() else None
+                yield lineno, row, _unicode_error(row) if _may_hold_surrogate(line) else None
 
 
 _BOM = b"\xef\xbb\xbf"
+
+
+def _may_hold_surrogate(raw: bytes) -> bool:
+    """Whether raw JSON has a `\\ud..`/`\\uD..` escape, the only way to spell a surrogate: rows without one skip the
+    check (two searches, no copy of the line: this runs on every line of a pretraining corpus)."""
+    return b"\\ud" in raw or b"\\uD" in raw
 
 
 def _unicode_error(value) -> str | None:
@@ -335,7 +344,7 @@ def _json_array_rows(path: str, data: bytes, on_bytes: Callable[[int], None] | N
         on_bytes(len(data))
     if not isinstance(rows, list):
         raise UserError(f"{path}: a JSON {type(rows).__name__}, expected an array of rows or one row per line")
-    check_unicode = b"\\ud" in data.lower()
+    check_unicode = _may_hold_surrogate(data)
     for index, row in enumerate(rows, 1):
         yield index, row, _unicode_error(row) if check_unicode else None
 
