@@ -662,11 +662,11 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     start_step, skipped_total, bad_in_row = 0, 0, 0
     ep = expert_parallel.model_expert_parallel(accelerator.unwrap_model(model))
     if resume_from is not None:
-        check_same_launch(ckpt.read_trainer_state(resume_from), accelerator, resume_from)
+        state = ckpt.read_trainer_state(resume_from)
+        check_same_launch(state, accelerator, resume_from)
         accelerator.load_state(str(resume_from))
         if ep is not None:  # DeepSpeed restored the dense weights; the experts come from this rank's shard
             expert_parallel.load_expert_shards(accelerator.unwrap_model(model), resume_from, ep)
-        state = ckpt.read_trainer_state(resume_from)
         start_step, skipped_total = state["step"], state.get("skipped_steps", 0)
         bad_in_row = state.get("bad_in_row", 0)
         batches.load_state_dict(state["data"])
