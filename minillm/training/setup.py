@@ -131,7 +131,7 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
     from minillm.data.pretrain import check_shards_match
 
     check_shards_match(data_dir, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
-                       model_max_len=getattr(model.config, "max_position_embeddings", None))
+                       model_max_len=max_len)
     train_data = sft.SFTDataset(data_dir)
     if config.packing != bool(getattr(train_data, "packed", config.packing)):
         if config.packing:
