@@ -17,8 +17,8 @@ from pathlib import Path
 import typer
 
 MODEL_HELP = (
-    "Model directory (a run's final/ or any HF causal LM directory); default: the newest finished SFT run, else "
-    "the newest finished pretraining run."
+    "Model directory (any HF causal LM directory), run directory (its final/) or checkpoint of a run; default: the "
+    "newest finished SFT run, else the newest finished pretraining run."
 )
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N, mps."
 DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."

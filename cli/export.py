@@ -2,6 +2,7 @@
 
     minillm export --to hf runs/sft_mini_llama3_20260101-120000 exported/llama   # a run dir or its final/
     minillm export --to minillm exported/llama back/                            # reference checkpoint -> minillm
+    minillm export runs/pretrain_mini_llama3_.../checkpoints/step_00000400 step400-hf/   # a training checkpoint
 
 The conversion itself lives in `minillm.models.export`.
 """
@@ -18,9 +19,14 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export")
     def export(
-        src: Path = typer.Argument(..., help="Model directory (or run directory with final/) to convert."),
+        src: Path = typer.Argument(
+            ..., help="Model directory, run directory (its final/) or checkpoint of a run to convert."
+        ),
         dst: Path = typer.Argument(..., help="New directory to write (must not exist or be empty)."),
-        to: str = typer.Option("hf", "--to", help="'hf': native transformers class; 'minillm': the reverse."),
+        to: str = typer.Option(
+            "hf", "--to",
+            help="'hf': native transformers class; 'minillm': the reverse (from a checkpoint: a minillm model directory).",
+        ),
     ) -> None:
         """Export a model as a native transformers checkpoint (Llama / DeepSeek-V3 / Qwen3-Next) that loads without
         minillm (vLLM, SGLang, llama.cpp converters), or import one back with --to minillm."""

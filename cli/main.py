@@ -43,7 +43,10 @@ def _before_any_command() -> None:
     """Runs before any command (not for `minillm --help`): registers our models with the Auto classes, checks the
     kernel-choice environment variables (a misspelt one is refused before the command writes anything), and turns
     off transformers' own tqdm bars ("Loading weights", "Writing model shards"), which would interleave with our
-    rich output on every load and save; our long steps show their own progress bars."""
+    rich output on every load and save; our long steps show their own progress bars. Without a GPU, DeepSpeed (which
+    transformers and Accelerate import to unwrap a model being saved) is told it runs on the CPU, instead of
+    warning that it found no GPU."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     import minillm.models  # noqa: F401  (registers our architectures with the Auto classes: deferred above)
@@ -52,6 +55,8 @@ def _before_any_command() -> None:
     check_environment()  # a misspelt MINILLM_ATTENTION_BACKEND / MINILLM_CPU_MATMUL: one line, before any output
 
     hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,8 @@ import typer
 
 ENGINE_HELP = "Decode loop: 'minillm' (ours, cached, fast) or 'hf' (transformers' generate())."
 MODEL_HELP = (
-    "Model directory (a run's final/ or the run directory). Default: the newest run, SFT before pretrain."
+    "Model directory, run directory (its final/) or checkpoint of a run (runs/NAME/checkpoints/step_N). Default: "
+    "the newest finished run, SFT before pretrain."
 )
 MAX_SEED = 2**63 - 1024  # minillm.inference.sampling.MAX_SEED (not imported here: it pulls in torch)
 

@@ -3,6 +3,9 @@
 A run directory is `<runs_root>/<stage>_<model>_<YYYYmmdd-HHMMSS>/` (stage is `pretrain` or `sft`). It holds the
 resolved `config.yaml`, `checkpoints/`, TensorBoard `logs/`, `metrics.jsonl`, `loss_curve.png` and, when the run
 finished, `final/`: a HuggingFace model directory (safetensors, config, tokenizer, generation config).
+
+`resolve_model_dir` is how every command that takes a model (`chat`, `serve`, `eval`, `sft --model-path`,
+`export`) finds it: a model directory, a run directory (its `final/`) or one of a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+
+from minillm.errors import UserError
 
 DEFAULT_RUNS_ROOT = Path(os.environ.get("MINILLM_RUNS", "runs"))
 STAGES = ("sft", "pretrain")  # search order: a chat model (SFT) is preferred over a base model
@@ -37,3 +42,44 @@ def latest_model(stages: tuple[str, ...] = STAGES, root: Path | None = None) -> 
         if runs:
             return runs[-1] / "final"
     return None
+
+
+NO_MODEL_HINT = (
+    "no trained model found under {root}/: train one with `minillm pretrain` (then `minillm sft`), "
+    "or pass --model PATH to a model directory"
+)
+
+
+def resolve_model_dir(path: str | Path | None, option: str | None = "--model", root: Path | None = None) -> Path:
+    """The model directory `path` names, checked before anything heavy is imported:
+
+    - a model directory (`config.json` beside its weights), or a checkpoint of a run (`checkpoints/step_*`, which
+      holds a `config.json` and loads through `minillm.training.checkpoint.load_checkpoint_model`);
+    - a run directory: its `final/` model;
+    - None: the newest finished run's model (SFT before pretraining).
+
+    `option` names the option in the one-line errors (None: a positional argument, the path alone).
+    """
+    from minillm.training.checkpoint import is_checkpoint, list_checkpoints
+
+    if path is None:
+        found = latest_model(root=root)
+        if found is None:
+            raise UserError(NO_MODEL_HINT.format(root=root or DEFAULT_RUNS_ROOT))
+        return found
+    p = Path(path)
+    where = f"{option} {path}" if option else str(path)
+    if not p.exists():
+        raise UserError(f"{where}: no such directory")
+    if (p / "config.json").is_file():
+        return p
+    if is_checkpoint(p):
+        raise UserError(f"{where}: a checkpoint saved by an older minillm (no config.json); resume its run to finish "
+                        "it, then use the run's final/")
+    if (p / "final" / "config.json").is_file():
+        return p / "final"
+    checkpoints = list_checkpoints(p)
+    if checkpoints:
+        raise UserError(f"{where}: the run has not finished (no final/); pass one of its checkpoints, the newest "
+                        f"is {checkpoints[-1]}")
+    raise UserError(f"{where}: not a model directory (no config.json), a finished run (final/) or a checkpoint")

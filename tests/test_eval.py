@@ -439,7 +439,7 @@ def test_cli_json_never_replaces_an_input_or_an_existing_file_unasked(tiny, tmp_
 
 
 def test_model_dir_resolution(tiny, tmp_path, monkeypatch):
-    from minillm.evaluation.loading import resolve_model_dir
+    from minillm.runs import resolve_model_dir
 
     model_dir, _, _ = tiny
     run = tmp_path / "runs" / "pretrain_mini_llama3_20260101-000000"
@@ -450,7 +450,7 @@ def test_model_dir_resolution(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_model_dir(None) == Path("runs") / run.name / "final"  # the newest finished run
     monkeypatch.chdir(tmp_path / "runs")
-    with pytest.raises(UserError, match="no finished run"):
+    with pytest.raises(UserError, match="no trained model found"):
         resolve_model_dir(None)
 
 

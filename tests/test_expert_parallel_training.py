@@ -5,6 +5,7 @@
 - An EP = 2 run killed after a checkpoint resumes and continues with the same losses (mini_deepseekv3: the killed
   run plus its resumption must match the uninterrupted data-parallel run step for step).
 - The export of an EP = 2 run is an ordinary HF checkpoint with all experts: it loads in one process and generates.
+- A checkpoint of an EP = 2 run loads as the model of its step (its ranks' expert shards in order).
 - Impossible setups are refused with one line and exit code 2, before anything starts.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import relative_error
 
 from minillm.training.config import TrainConfig
 
@@ -157,6 +159,26 @@ def test_deepseek_ep2_killed_and_resumed_matches_data_parallel(deepseek_runs):
     assert (checkpoint / "experts_ep00-of-02.safetensors").is_file()
     assert (checkpoint / "experts_ep01-of-02.safetensors").is_file()
     _assert_same_run(dp_dir, ep_dir)
+
+
+def test_ep2_checkpoint_is_the_model_of_its_step(deepseek_runs, tmp_path):
+    """A checkpoint's model is assembled from DeepSpeed's module state (ZeRO-2) and, under expert parallelism, the
+    ranks' expert shards in order: the EP run's step 4 (saved after its resume) is the data-parallel run's step 4,
+    and it exports to the reference class."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from minillm.models.export import export_to_hf, load_causal_lm
+
+    dp_dir, ep_dir = deepseek_runs
+    dp_4, ep_4, ep_2 = (load_causal_lm(run / "checkpoints" / step, torch.float32).state_dict()
+                        for run, step in ((dp_dir, "step_00000004"), (ep_dir, "step_00000004"),
+                                          (ep_dir, "step_00000002")))  # fmt: skip
+    assert ep_4["model.layers.1.mlp.experts.gate_up_proj"].shape[0] == 8  # every expert, not rank 0's four
+    assert relative_error(ep_4, dp_4) <= 1e-5
+    assert relative_error(ep_4, ep_2) >= 1e-3  # two steps apart: the comparison can tell steps apart
+    export_to_hf(ep_dir / "checkpoints" / "step_00000004", tmp_path / "hf")
+    reference = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(reference.model.layers[1].mlp.experts.down_proj, ep_4["model.layers.1.mlp.experts.down_proj"])
 
 
 def test_qwen3_next_ep2_matches_data_parallel(shards, tmp_path):

@@ -54,7 +54,9 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert (occupied / "keep.txt").read_text() == "user data"
     assert run_cli("export", str(tmp_path / "missing"), str(tmp_path / "x")) == 2
-    assert "not a model directory" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing'}: no such directory" in capsys.readouterr().err
+    assert run_cli("export", str(occupied), str(tmp_path / "x")) == 2
+    assert "not a model directory (no config.json), a finished run (final/) or a checkpoint" in capsys.readouterr().err
     assert run_cli("export", "--to", "gguf", str(src), str(tmp_path / "y")) == 2
     assert "choose 'hf' or 'minillm'" in capsys.readouterr().err
     assert run_cli("export", "--to", "minillm", str(src), str(tmp_path / "x")) == 2

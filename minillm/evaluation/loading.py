@@ -2,7 +2,8 @@
 
 Any causal LM directory works: our own architectures (registered with the Auto classes by `import minillm`) and
 models exported to a native transformers architecture alike, since both load through `AutoModelForCausalLM`.
-Without `--model`, the newest finished run is used (`minillm.runs.latest_model()`).
+`--model` may also name a run directory or a checkpoint of a run; without it, the newest finished run is used
+(`minillm.runs.resolve_model_dir`).
 """
 
 from __future__ import annotations
@@ -11,30 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minillm.errors import UserError
-from minillm.runs import latest_model
+from minillm.runs import resolve_model_dir  # noqa: F401  (the CLI's entry point for --model)
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-
-def resolve_model_dir(model: Path | None) -> Path:
-    """The model directory to evaluate: `model` (or the `final/` of a run directory), or the newest finished run.
-
-    Checked before anything heavy is imported, so a wrong path fails in a fraction of a second.
-    """
-    if model is None:
-        found = latest_model()
-        if found is None:
-            raise UserError("--model not given and no finished run found under runs/; pass --model PATH")
-        return found
-    if not model.exists():
-        raise UserError(f"--model {model}: no such directory")
-    if (model / "final" / "config.json").is_file() and not (model / "config.json").is_file():
-        return model / "final"  # a run directory: its finished model
-    if not model.is_dir() or not (model / "config.json").is_file():
-        raise UserError(f"--model {model}: not a model directory (no config.json)")
-    return model
 
 
 def resolve_device(device: str = "auto") -> torch.device:

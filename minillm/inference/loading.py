@@ -1,7 +1,8 @@
 """Finding and loading a model directory for chat, serve and the benchmarks.
 
-A model directory is what a run's `final/` holds (HF `config.json`, safetensors, tokenizer files). Without
-`--model` the newest finished run is used (SFT before pretrain, see `minillm.runs.latest_model`). The device is
+A model directory is what a run's `final/` holds (HF `config.json`, safetensors, tokenizer files); a run directory
+or a checkpoint of a run works as well, and without `--model` the newest finished run is used (SFT before
+pretrain; `minillm.runs.resolve_model_dir`). The device is
 auto-detected (CUDA, then MPS, then CPU); weights run in bfloat16 on GPUs that support it, float32 elsewhere.
 """
 
@@ -13,35 +14,17 @@ from pathlib import Path
 import torch
 
 from minillm.errors import UserError
-
-NO_MODEL_HINT = (
-    "no trained model found under runs/: train one with `minillm pretrain` (then `minillm sft`), "
-    "or pass --model PATH to a model directory"
-)
-
-
-def resolve_model_dir(path: str | Path | None) -> Path:
-    """The model directory to load: `path` (a model dir or a run dir holding `final/`), or the newest run's."""
-    if path is None:
-        from minillm.runs import latest_model
-
-        found = latest_model()
-        if found is None:
-            raise UserError(NO_MODEL_HINT)
-        return found
-    p = Path(path)
-    if (p / "final" / "config.json").is_file():  # a run directory
-        p = p / "final"
-    if not p.is_dir():
-        raise UserError(f"--model {path}: no such directory")
-    if not (p / "config.json").is_file():
-        raise UserError(f"--model {path}: not a model directory (no config.json)")
-    return p
+from minillm.runs import resolve_model_dir
 
 
 def model_display_name(model_dir: Path) -> str:
-    """The name a model is served under: its directory name (a run's `final/` goes by the run's name)."""
+    """The name a model is served under: its directory name (a run's `final/` goes by the run's name, a checkpoint
+    by `<run>/step_<N>`)."""
+    from minillm.training.checkpoint import is_checkpoint
+
     model_dir = model_dir.resolve()
+    if is_checkpoint(model_dir):
+        return f"{model_dir.parent.parent.name}/{model_dir.name}"
     return model_dir.parent.name if model_dir.name == "final" else model_dir.name
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from minillm.errors import UserError
 from minillm.paths import check_creatable, check_not_working_directory, make_parent_dirs
+from minillm.runs import resolve_model_dir
 
 # model_type of the transformers reference config -> our architecture name.
 REFERENCE_MODEL_TYPES = {
@@ -82,18 +83,6 @@ def convert_model(src, dst_class, dst_config, skip: tuple[str, ...] = ()):
     return dst.train(src.training)
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory (holding config.json) from a model directory or a run directory with `final/`."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "final" / "config.json").is_file():
-        return path / "final"
-    raise UserError(
-        f"{path}: not a model directory (no config.json) nor a finished run (no final/config.json)"
-    )
-
-
 def _check_destination(dst: Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst}: already exists and is not an empty directory; choose a new destination")
@@ -125,18 +114,25 @@ def _write_atomically(dst: Path, write) -> None:
 
 
 def load_causal_lm(model_dir: str | Path, dtype, option: str | None = "--model"):
-    """`AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)` (our architectures registered), with any
-    failure as a one-line `UserError` naming `option` (None: a positional argument, the path alone): a truncated
-    safetensors file, weights that do not match config.json and a bad config are all user data (chat, serve,
-    eval, sft, export)."""
+    """`AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)` (our architectures registered), or the model
+    of a training checkpoint (`minillm.training.checkpoint.load_checkpoint_model`), with any failure as a one-line
+    `UserError` naming `option` (None: a positional argument, the path alone): a truncated safetensors file,
+    weights that do not match config.json and a bad config are all user data (chat, serve, eval, sft, export)."""
     from transformers import AutoModelForCausalLM
 
     import minillm  # noqa: F401  (registers our Auto classes)
+    from minillm.training import checkpoint
 
+    where = f"{option} {model_dir}" if option else str(model_dir)
     try:
+        if checkpoint.is_checkpoint(Path(model_dir)):
+            return checkpoint.load_checkpoint_model(Path(model_dir), dtype)
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    except UserError as err:  # it names the checkpoint; say which option it came from
+        if option:
+            raise UserError(f"{option} {err}") from None
+        raise
     except Exception as err:  # noqa: BLE001
-        where = f"{option} {model_dir}" if option else str(model_dir)
         raise UserError(f"{where}: cannot load the model: {load_error_reason(err)}") from None
 
 
@@ -161,7 +157,7 @@ def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     """
     from minillm.models.registry import MODEL_NAMES, model_package
 
-    src, dst = resolve_model_dir(src_dir), Path(dst_dir)
+    src, dst = resolve_model_dir(src_dir, option=None), Path(dst_dir)
     _check_destination(dst)
     model = load_causal_lm(src, "auto", None)
     model_type = model.config.model_type
@@ -189,11 +185,15 @@ def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
 
 def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     """The reverse of `export_to_hf`: a transformers reference checkpoint (Llama, DeepSeek-V3, Qwen3-Next) saved
-    as the matching minillm model. Returns the same kind of summary."""
+    as the matching minillm model. Returns the same kind of summary. A training checkpoint of a minillm run is
+    written as the model directory its run's `final/` would be at that step."""
     from minillm.models.registry import MODEL_NAMES, model_package
+    from minillm.training.checkpoint import is_checkpoint
 
-    src, dst = resolve_model_dir(src_dir), Path(dst_dir)
+    src, dst = resolve_model_dir(src_dir, option=None), Path(dst_dir)
     _check_destination(dst)
+    if is_checkpoint(src):
+        return _save_checkpoint_model(src, dst)
     try:
         declared = json.loads((src / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
@@ -217,3 +217,16 @@ def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
 
     _write_atomically(dst, write)
     return {"architecture": model_type, "reference": type(ref).__name__, "tokenizer_files": tokenizer_files}
+
+
+def _save_checkpoint_model(src: Path, dst: Path) -> dict:
+    model = load_causal_lm(src, "auto", None)
+    tokenizer_files: list[str] = []
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer_files.extend(_copy_tokenizer_files(src, tmp))
+
+    _write_atomically(dst, write)
+    return {"architecture": model.config.model_type, "reference": f"checkpoint {src.name}",
+            "tokenizer_files": tokenizer_files}

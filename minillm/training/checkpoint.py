@@ -4,6 +4,11 @@ A checkpoint is what `accelerator.save_state` writes (model, optimizer, register
 states; DeepSpeed writes its own sharded engine state) plus `trainer_state.json`: the step, the data sampler's
 position and the loop's counters. MoE routing biases are model buffers, so they travel with the model weights.
 
+A checkpoint is also a model: it holds the model's `config.json`, generation config and tokenizer files (written
+with it, as in `final/`), and `load_checkpoint_model` assembles the weights from whichever layout the launch wrote
+(`checkpoint_weights`). So `chat`, `eval`, `serve`, `sft --model-path` and `export` take a checkpoint directory
+wherever they take a model directory: an unfinished run's model can be tried, compared over steps, or exported.
+
 Atomicity: everything is written into `checkpoints/.tmp-step_.../`, then renamed to its final name by the main
 process after all ranks finished writing. A crash mid-save leaves only a `.tmp-*` directory, which is never taken
 for a checkpoint ("latest" is the highest complete `step_*`). Rotation deletes only checkpoints of this run that
@@ -13,14 +18,18 @@ are older than the newest `keep_last`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minillm.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -40,6 +49,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+class _TiedHeadNotice(logging.Filter):
+    """Drops Accelerate's warning that it stored a tied head once ("Removed shared tensor {'lm_head.weight'}"):
+    tied embeddings are the design of these models, and `checkpoint_weights` loads them back tied."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNotice())
+
+
 def save_checkpoint(
     accelerator,
     run_dir: Path,
@@ -47,11 +67,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep_last: int,
     save_extra: Callable[[Path], Any] | None = None,
+    save_model_files: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Save the full training state of `step` (all ranks call this); returns the checkpoint directory.
 
     `save_extra(directory)` runs on every rank after `save_state`, for state Accelerate does not know about (the
-    expert shards of expert parallelism)."""
+    expert shards of expert parallelism). `save_model_files(directory)` runs on the main process: the files that
+    make the checkpoint loadable as a model (config, generation config, tokenizer)."""
     base = Path(run_dir) / CHECKPOINTS
     final = base / checkpoint_name(step)
     tmp = base / f".tmp-{checkpoint_name(step)}"
@@ -65,6 +87,8 @@ def save_checkpoint(
         save_extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if save_model_files is not None:
+            save_model_files(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2), encoding="utf-8")
         if final.exists():  # re-saving a step after a resume: replace the old copy
             shutil.rmtree(final)
@@ -114,3 +138,102 @@ def find_resume_checkpoint(resume: str, run_dir: Path | None, candidates: list[P
     if cks:
         return cks[-1]
     raise UserError(f"--resume {resume}: not a checkpoint or a run directory with checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint as a model
+
+DEEPSPEED_TAG = "pytorch_model"  # the sub-directory Accelerate gives DeepSpeed's engine state
+EXPERT_SHARDS = "experts_ep*-of-*.safetensors"  # `minillm.parallel.expert_parallel.expert_shard_path`
+TRAINING_ONLY_PREFIXES = ("mtp.",)  # DeepSeek-V3's multi-token-prediction module: not part of the model (final/)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model weights saved in `checkpoint`, on the CPU, named and shaped as the model's own state dict (every
+    routed expert present), from whichever layout the launch wrote:
+
+    - one process or DDP: Accelerate's `model.safetensors` (a tied head stored once);
+    - DeepSpeed ZeRO-1/2: the module's weights in `pytorch_model/mp_rank_00_model_states.pt`, in the precision the
+      run trained them (bf16 under bf16), as `final/` would have them;
+    - DeepSpeed ZeRO-3: the parameters are partitioned over the ranks' optimizer states; DeepSpeed's own
+      `zero_to_fp32` reassembles them (fp32 master weights);
+    - expert parallelism: each rank's share of the routed experts in `experts_epXX-of-YY.safetensors`,
+      concatenated in rank order over the module's local slice.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    engine = checkpoint / DEEPSPEED_TAG
+    if (checkpoint / "model.safetensors").is_file():
+        state = load_file(str(checkpoint / "model.safetensors"))
+    elif (engine / "mp_rank_00_model_states.pt").is_file():
+        state = torch.load(engine / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    elif any(engine.glob("zero_pp_rank_*_model_states.pt")):
+        state = _zero3_weights(checkpoint)
+    else:
+        raise UserError(f"{checkpoint}: holds no model weights (no model.safetensors nor DeepSpeed engine state)")
+    shards = sorted(checkpoint.glob(EXPERT_SHARDS))
+    if shards:
+        state.update(_gathered_experts(checkpoint, shards))
+    return state
+
+
+def _zero3_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    import contextlib
+    import io
+
+    # DeepSpeed reports its progress on stdout and stderr; the caller prints what matters
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG))
+
+
+def _gathered_experts(checkpoint: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
+    """The routed-expert tensors of all expert-parallel ranks, concatenated along the expert dimension."""
+    import torch
+    from safetensors.torch import load_file
+
+    size = max(int(shard.name.split("-of-")[1].split(".")[0]) for shard in shards)  # the expert-parallel size
+    expected = [f"experts_ep{rank:02d}-of-{size:02d}.safetensors" for rank in range(size)]
+    if [s.name for s in shards] != expected:
+        raise UserError(f"{checkpoint}: incomplete expert shards ({', '.join(s.name for s in shards)}; "
+                        f"expected {', '.join(expected)})")
+    parts = [load_file(str(shard)) for shard in shards]
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def load_checkpoint_model(checkpoint: Path, dtype: torch.dtype | str = "auto"):
+    """The model of `checkpoint`, as `from_pretrained` would load `final/` at that step (eval mode, `dtype` with
+    the architecture's fp32 exceptions, training-only modules dropped). Raises `UserError` for a checkpoint whose
+    weights do not match its config.json. (`minillm.runs.resolve_model_dir` refuses checkpoints saved before they
+    held a config.json.)"""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    import minillm  # noqa: F401  (registers our Auto classes)
+
+    checkpoint = Path(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
+    state = {k: v for k, v in checkpoint_weights(checkpoint).items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a mismatch is reported below, in one line
+    try:
+        model, info = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                                  output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = [f"{label} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"
+                for label, keys in (("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"]),
+                                    ("mismatched", info["mismatched_keys"])) if keys]
+    if problems:
+        raise UserError(f"{checkpoint}: its weights do not match its config.json ({'; '.join(problems)})")
+    if (checkpoint / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint)
+    return model.eval()

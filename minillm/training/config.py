@@ -49,7 +49,8 @@ class TrainConfig:
         "model config overrides, e.g. num_hidden_layers=2 (repeatable)", ("pretrain",), default_factory=dict
     )
     model_path: str | None = _opt(
-        "pretrained run directory or HF model directory to start from (default: the latest pretrain run)", ("sft",)
+        "pretrained run directory, checkpoint of a run or HF model directory to start from (default: the latest "
+        "pretrain run)", ("sft",)
     )
     tokenizer: str | None = _opt("tokenizer directory (default: the shipped one, or the model's for SFT)")
     # data

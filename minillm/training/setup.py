@@ -3,8 +3,8 @@
 - pretrain: a freshly initialised `--model` from `--preset` (vocabulary sized to the tokenizer), token shards from
   `--data` or the built-in sample (built on first use into the cache), checked against the tokenizer fingerprint,
   the model's vocabulary and its maximum positions. The shards' `val` split, when present, is the validation set.
-- sft: the model and tokenizer of `--model-path` (a run directory or a HuggingFace model directory; default: the
-  latest finished pretraining run), SFT rows from `--data` or the built-in sample, padded or packed.
+- sft: the model and tokenizer of `--model-path` (a run directory, a checkpoint of a run or a HuggingFace model
+  directory; default: the latest finished pretraining run), SFT rows from `--data` or the built-in sample, padded or packed.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ def stack_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
 
 
 def sft_model_dir(model_path: str | None, model: str | None = None) -> Path:
-    """The HF model directory SFT starts from: `model_path` (a run dir means its `final/`), else the `final/` of
-    the latest finished pretraining run (of architecture `model` when given)."""
+    """The HF model directory SFT starts from: `model_path` (a model directory, a run directory's `final/` or a
+    checkpoint of a run), else the `final/` of the latest finished pretraining run (of architecture `model` when
+    given)."""
     from minillm import runs
+    from minillm.training.checkpoint import is_checkpoint
 
     if model_path is None:
         finished = [r for r in runs.finished_runs("pretrain") if model is None or r.name.startswith(f"pretrain_{model}_")]
@@ -37,19 +39,14 @@ def sft_model_dir(model_path: str | None, model: str | None = None) -> Path:
                 "`minillm pretrain` first or pass --model-path"
             )
         return finished[-1] / "final"
-    path = Path(model_path)
-    if (path / "final" / "config.json").is_file():
-        path = path / "final"
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"--model-path {model_path}: not a model directory (no config.json) nor a finished run")
+    path = runs.resolve_model_dir(model_path, option="--model-path")
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"--model-path {model_path}: config.json is not valid JSON") from None
     if not model_type:
         raise UserError(f"--model-path {model_path}: config.json has no model_type; not a model")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    if not is_checkpoint(path) and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise UserError(f"--model-path {model_path}: holds no weights (*.safetensors)")
     return path
 

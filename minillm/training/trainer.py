@@ -544,10 +544,32 @@ def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int,
 # Final model
 
 
+def export_config(model):
+    """The config of the model as saved: training-only modules off (DeepSeek-V3's MTP block, whose weights
+    `checkpoint.TRAINING_ONLY_PREFIXES` names, is not part of the exported model), the KV cache on for generation."""
+    config = copy.deepcopy(model.config)
+    if getattr(config, "num_mtp_layers", 0):
+        config.num_mtp_layers = 0
+    config.use_cache = True
+    return config
+
+
+def save_model_files(model, tokenizer, directory: Path) -> None:
+    """What makes `directory` loadable as `model` besides its weights: config.json, the tokenizer and the generation
+    config (eos/pad of the tokenizer). Written into `final/` and into every checkpoint."""
+    export_config(model).save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+        generation = copy.deepcopy(model.generation_config)
+        generation.eos_token_id = tokenizer.eos_token_id
+        generation.pad_token_id = tokenizer.pad_token_id
+        generation.save_pretrained(directory)
+
+
 def save_final_model(accelerator, model, tokenizer, run_dir: Path) -> Path:
     """Write `run_dir/final/` (safetensors, config, tokenizer, generation config), gathered under ZeRO-3.
 
-    Training-only modules are dropped: DeepSeek-V3's MTP block (`mtp.*`) is not part of the exported model.
+    Training-only modules are dropped (`export_config`).
     """
     final = run_dir / "final"
     tmp = run_dir / ".tmp-final"
@@ -558,25 +580,17 @@ def save_final_model(accelerator, model, tokenizer, run_dir: Path) -> Path:
     else:
         state_dict = accelerator.get_state_dict(model)  # full weights on the main process (ZeRO-3 gathers)
     if accelerator.is_main_process:
-        export_config = copy.deepcopy(unwrapped.config)
-        if getattr(export_config, "num_mtp_layers", 0):
-            export_config.num_mtp_layers = 0
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("mtp.")}
-        export_config.use_cache = True
+        config = export_config(unwrapped)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ckpt.TRAINING_ONLY_PREFIXES)}
         if tmp.exists():
             shutil.rmtree(tmp)
         original = unwrapped.config
-        unwrapped.config = export_config
+        unwrapped.config = config
         try:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         finally:
             unwrapped.config = original
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            generation = unwrapped.generation_config
-            generation.eos_token_id = tokenizer.eos_token_id
-            generation.pad_token_id = tokenizer.pad_token_id
-            generation.save_pretrained(tmp)
+        save_model_files(unwrapped, tokenizer, tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -752,7 +766,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                     ckpt.save_checkpoint(accelerator, run_dir, step, {
                         "data": source.state_dict(), "skipped_steps": skipped_total, "bad_in_row": bad_in_row,
                         "launch": launch_layout(accelerator),
-                    }, config.keep_last, save_extra=save_experts)
+                    }, config.keep_last, save_extra=save_experts, save_model_files=functools.partial(
+                        save_model_files, accelerator.unwrap_model(model), run.tokenizer))
                     if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
                         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
                 window_start += time.perf_counter() - pause_start

@@ -1,0 +1,137 @@
+"""A checkpoint of a run is a model: `chat`, `serve`, `eval`, `sft --model-path` and `export` take it wherever they
+take a model directory, and it holds exactly the weights the run had at that step.
+
+The reference for "the weights of step 2" is a second run that stops at step 2: with a constant learning rate
+(`--min-lr` = `--lr`, no warmup) the schedule does not depend on `--max-steps`, so that run's `final/` and the
+step-2 checkpoint of a 3-step run hold the same weights, bit for bit. (The DeepSpeed and expert-parallel layouts
+are checked against a one-process run in tests/test_launch_train.py and tests/test_expert_parallel_training.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import run_cli, run_cli_err
+from train_helpers import build_shards
+
+STEP_2 = "step_00000002"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(a 2-step run, the step-2 checkpoint of a 3-step run, the token shards)."""
+    base = tmp_path_factory.mktemp("checkpoint_model")
+    shards = build_shards(base)
+    common = ["pretrain", "--model", "mini_llama3", "--data", str(shards), "--seq-len", "32", "--micro-batch-size", "2",
+              "--global-batch-size", "4", "--model-arg", "num_hidden_layers=2", "--precision", "fp32", "--lr", "1e-3",
+              "--min-lr", "1e-3", "--warmup-steps", "0", "--log-every", "1"]  # fmt: skip
+    assert run_cli(*common, "--max-steps", "2", "--output-dir", str(base / "two")) == 0
+    assert run_cli(*common, "--max-steps", "3", "--save-every", "2", "--output-dir", str(base / "three")) == 0
+    return base / "two", base / "three" / "checkpoints" / STEP_2, shards
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_a_checkpoint_holds_the_model_of_its_step(runs):
+    from transformers import AutoModelForCausalLM
+
+    from minillm.models.export import load_causal_lm
+
+    two, checkpoint, _ = runs
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (checkpoint / name).is_file(), name
+    final = _state(AutoModelForCausalLM.from_pretrained(two / "final"))
+    ours = load_causal_lm(checkpoint, torch.float32)
+    assert not ours.training
+    state = _state(ours)
+    assert set(state) == set(final)
+    for key in final:
+        assert torch.equal(state[key], final[key]), key
+    three_final = _state(AutoModelForCausalLM.from_pretrained(checkpoint.parents[1] / "final"))
+    assert any(not torch.equal(three_final[k], final[k]) for k in final)  # step 3 moved on: the test can tell
+    assert ours.generation_config.eos_token_id is not None
+
+
+def test_eval_export_and_sft_take_a_checkpoint(runs, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    two, checkpoint, shards = runs
+    scores = {}
+    for name, model in (("final", two / "final"), ("checkpoint", checkpoint)):
+        out = tmp_path / f"{name}.json"
+        assert run_cli("eval", "ppl", "--model", str(model), "--data", str(shards), "--limit", "4",
+                       "--json", str(out)) == 0  # fmt: skip
+        scores[name] = json.loads(out.read_text())["total"]
+    assert scores["checkpoint"] == scores["final"]
+
+    assert run_cli("export", str(checkpoint), str(tmp_path / "hf")) == 0
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    final = AutoModelForCausalLM.from_pretrained(two / "final")
+    batch = torch.randint(3, 1000, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(reference(batch).logits, final(batch).logits, atol=1e-5)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+    assert run_cli("export", "--to", "minillm", str(checkpoint), str(tmp_path / "model")) == 0
+    copy = _state(AutoModelForCausalLM.from_pretrained(tmp_path / "model"))
+    assert all(torch.equal(copy[k], v) for k, v in _state(final).items())
+
+    monkeypatch.chdir(tmp_path)  # the SFT run directory goes under ./runs
+    assert run_cli("sft", "--model-path", str(checkpoint), "--max-steps", "1", "--seq-len", "64",
+                   "--micro-batch-size", "2", "--global-batch-size", "2") == 0  # fmt: skip
+    (sft_run,) = (tmp_path / "runs").glob("sft_mini_llama3_*")
+    assert (sft_run / "final" / "model.safetensors").is_file()
+    assert str(checkpoint) in (sft_run / "config.yaml").read_text()
+
+
+def test_the_served_name_of_a_checkpoint_names_its_run(runs):
+    from minillm.inference.loading import model_display_name
+
+    _, checkpoint, _ = runs
+    assert model_display_name(checkpoint) == f"three/{STEP_2}"
+
+
+def _broken(checkpoint: Path, tmp_path: Path, how: str) -> Path:
+    """A copy of `checkpoint` (or of its run) damaged in one way."""
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint.parents[1], run, ignore=shutil.ignore_patterns("final"))
+    copy = run / "checkpoints" / checkpoint.name
+    if how == "unfinished run":
+        return run
+    if how == "older checkpoint":
+        (copy / "config.json").unlink()
+    elif how == "no weights":
+        (copy / "model.safetensors").unlink()
+    elif how == "other config":
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    elif how == "half the experts":
+        (copy / "experts_ep01-of-02.safetensors").write_bytes(b"")
+    return copy
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("unfinished run", "the run has not finished (no final/); pass one of its checkpoints, the newest is "),
+    ("older checkpoint", "a checkpoint saved by an older minillm (no config.json)"),
+    ("no weights", "holds no model weights"),
+    ("other config", "its weights do not match its config.json (missing model.layers.2."),
+    ("half the experts", "incomplete expert shards (experts_ep01-of-02.safetensors; expected "
+                         "experts_ep00-of-02.safetensors, experts_ep01-of-02.safetensors)"),
+])  # fmt: skip
+def test_a_bad_checkpoint_is_one_line_and_exit_2(runs, tmp_path, capsys, how, message):
+    path = _broken(runs[1], tmp_path, how)
+    for args in (["eval", "ppl", "--model", str(path), "--data", str(runs[2])],
+                 ["export", str(path), str(tmp_path / "out")]):
+        code, err = run_cli_err(args, capsys)
+        assert code == 2, err
+        assert message in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        if how == "unfinished run":
+            assert str(path / "checkpoints" / STEP_2) in err
+    assert not (tmp_path / "out").exists()
