@@ -20,7 +20,7 @@ MODEL_HELP = (
     "Model directory (any HF causal LM directory), run directory (its final/) or checkpoint of a run; default: the "
     "newest finished SFT run, else the newest finished pretraining run."
 )
-DEVICE_HELP = "auto (CUDA when available), cpu, cuda, cuda:N, mps."
+DEVICE_HELP = "auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps."
 DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16."
 
 

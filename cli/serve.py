@@ -11,6 +11,7 @@ MODEL_HELP = (
     "Model directory, run directory (its final/) or checkpoint of a run (runs/NAME/checkpoints/step_N). Default: "
     "the newest finished run, SFT before pretrain."
 )
+DEVICE_HELP = "auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps."
 MAX_SEED = 2**63 - 1024  # minillm.inference.sampling.MAX_SEED (not imported here: it pulls in torch)
 
 
@@ -30,7 +31,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(
             None, "--seed", min=0, max=MAX_SEED, help="Seed for sampling (turn i uses seed + i)."
         ),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         engine: str = typer.Option("minillm", "--engine", help=ENGINE_HELP),
     ) -> None:
         """Chat with a model in the terminal (streaming; /reset, /system TEXT, /exit)."""
@@ -81,7 +82,7 @@ def register(app: typer.Typer) -> None:
             min=1,
             help="Requests admitted at once (decoding or queued); more get 429.",
         ),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         engine: str = typer.Option("minillm", "--engine", help=ENGINE_HELP),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minillm.devices import resolve_device  # noqa: E402
 from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers import attention  # noqa: E402
 from minillm.models.layers.attention import force_attention_backend, prepare_attention, sdpa_attention  # noqa: E402
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    device = perf.check_device(args.device)
+    device = resolve_device(args.device)
     check_output_file(args.json, "--json")  # before the run, not after it
     if args.heads % args.kv_heads:
         raise UserError(f"--heads {args.heads}: not a multiple of --kv-heads {args.kv_heads} (grouped queries)")

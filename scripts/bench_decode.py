@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minillm.devices import resolve_device  # noqa: E402
 from minillm.inference.engine import Engine  # noqa: E402
-from minillm.inference.loading import default_dtype, pick_device  # noqa: E402
+from minillm.inference.loading import default_dtype  # noqa: E402
 from minillm.inference.sampling import SamplingParams  # noqa: E402
 from minillm.models.registry import MODEL_NAMES  # noqa: E402
 from minillm.paths import check_output_file  # noqa: E402
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    device = pick_device(args.device)  # a UserError for a device this machine lacks
+    device = resolve_device(args.device)  # a UserError for a device this machine lacks
     check_output_file(args.json, "--json")  # before the run, not after it
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from minillm.devices import resolve_device  # noqa: E402
 from minillm.paths import check_output_file  # noqa: E402
 from minillm.training import perf  # noqa: E402
 from minillm.training.config import parse_model_args  # noqa: E402
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     # Checked here, before the launches: each of them starts `--nproc` processes and trains
     parse_model_args(args.model_arg)  # a UserError for a pair that is not KEY=VALUE
     if args.device == "cuda":
-        perf.check_device("cuda")
+        resolve_device("cuda")
     check_output_file(args.json, "--json")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

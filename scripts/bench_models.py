@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minillm.devices import resolve_device  # noqa: E402
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
 from minillm.paths import check_output_file  # noqa: E402
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "side (a third runner: ours with torch's kernels)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    device = perf.check_device(args.device)
+    device = resolve_device(args.device)
     check_output_file(args.json, "--json")  # before the run, not after it
     if args.threads:
         torch.set_num_threads(args.threads)

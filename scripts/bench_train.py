@@ -60,6 +60,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minillm.devices import resolve_device  # noqa: E402
 from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_output_file(args.json, "--json")
     check_output_file(args.profile, "--profile")
     if args.device == "cuda":
-        perf.check_device("cuda")
+        resolve_device("cuda")
     if args.clock == "process" and torch.cuda.is_available():
         raise UserError("--clock process measures CPU time; use it only for CPU runs")
     if args.against_reference and args.accumulation != 1:

@@ -30,3 +30,31 @@ def test_help_and_bare_groups_still_print_help(capsys):
     code = run_cli("tokenizer")
     shown = capsys.readouterr()
     assert code == 2 and "train" in shown.out + shown.err  # a bare group shows its commands, as click does
+
+
+def test_device_names_mean_the_same_in_every_command(tmp_path, capsys):
+    """One resolver for `--device` (chat, serve, eval, benchmarks): `auto` is CUDA, else MPS, else the CPU; a
+    device this machine lacks or a name that is no device is one line, exit 2, before any model is loaded."""
+    import torch
+
+    from minillm.devices import resolve_device
+    from minillm.errors import UserError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(UserError, match="--device cuda:1: no CUDA GPU is visible to this process"):
+            resolve_device("cuda:1")
+    with pytest.raises(UserError, match="--device meta: not a device minillm runs on"):
+        resolve_device("meta")
+    from train_helpers import tiny_llama
+
+    model = tmp_path / "model"
+    tiny_llama().save_pretrained(model)
+    data = tmp_path / "heldout.jsonl"
+    data.write_text('{"text": "a held-out line"}\n')
+    for argv in (["chat", "--model", str(model), "--prompt", "hi"], ["eval", "ppl", "--model", str(model), "--data",
+                                                                     str(data)]):
+        code, err = run_cli_err([*argv, "--device", "gpu0"], capsys)
+        assert code == 2 and err.strip() == "error: --device gpu0: not a device name (use auto, cpu, cuda, cuda:N "\
+            "or mps)", err

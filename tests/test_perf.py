@@ -249,15 +249,6 @@ def test_int_argument_types():
             parse(text)
 
 
-def test_check_device():
-    assert perf.check_device("cpu") == torch.device("cpu")
-    with pytest.raises(UserError, match="not a device name"):
-        perf.check_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="--device cuda: no CUDA GPU"):
-            perf.check_device("cuda")
-
-
 def test_run_main_turns_a_user_error_into_one_line(capsys):
     def bad() -> None:
         raise UserError("--data x: data directory does not exist")

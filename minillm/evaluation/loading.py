@@ -11,27 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from minillm.devices import resolve_device  # noqa: F401  (the CLI's entry point for --device)
 from minillm.errors import UserError
 from minillm.runs import resolve_model_dir  # noqa: F401  (the CLI's entry point for --model)
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` means the first CUDA GPU when there is one, else the CPU."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise UserError(f"--device {device}: not a device name (try auto, cpu, cuda, cuda:1, mps)") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from minillm.devices import resolve_device
 from minillm.errors import UserError
 from minillm.runs import resolve_model_dir
 
@@ -26,25 +27,6 @@ def model_display_name(model_dir: Path) -> str:
     if is_checkpoint(model_dir):
         return f"{model_dir.parent.parent.name}/{model_dir.name}"
     return model_dir.parent.name if model_dir.name == "final" else model_dir.name
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; otherwise the named device (checked to exist)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: MPS is not available on this machine")
-    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -63,7 +45,7 @@ def load_model_and_tokenizer(path: str | Path | None, device: str = "auto"):
     from minillm.tokenizer import load_tokenizer
 
     model_dir = resolve_model_dir(path)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     model = load_causal_lm(model_dir, default_dtype(dev))
     if (model_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(model_dir)

@@ -217,20 +217,6 @@ positive_int = int_at_least(1)  # steps, rounds, repeats, batch sizes, sequence 
 non_negative_int = int_at_least(0)  # warm-up steps: none is a valid choice
 
 
-def check_device(name: str | torch.device) -> torch.device:
-    """The torch device `name` (cpu, cuda, cuda:N), or a `UserError` when it is not a device name or names CUDA on
-    a machine without a GPU: torch's own failure comes later, mid-run, as an AssertionError traceback."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device {name}: not a device name (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible to this process (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return device
-
-
 def write_output_file(path: str | Path, text: str, option: str = "--json") -> None:
     """Write `text` to `path`, creating its missing directories (`minillm.paths.check_output_file` allowed them); an OSError the
     check could not foresee (a read-only file system, a full disk) becomes a one-line `UserError`."""

@@ -1,0 +1,39 @@
+"""The torch device a command runs on, from its `--device` option (chat, serve, eval, the benchmarks).
+
+One resolver, so that every command means the same by `auto` and refuses a device this machine lacks with the same
+one line, before any work: torch's own failure would come later, mid-run, as a traceback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minillm.errors import UserError
+
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str | torch.device = "auto", option: str = "--device") -> torch.device:
+    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU. Otherwise the named device, checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{option} {name}: not a device name (use {DEVICE_NAMES})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{option} {name}: no CUDA GPU is visible to this process (use {option} cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not mps_available():
+        raise UserError(f"{option} {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{option} {name}: not a device minillm runs on (use {DEVICE_NAMES})")
+    return device
