@@ -43,7 +43,7 @@ def ppl(
     data: list[str] = typer.Option(
         ...,
         "--data",
-        help="Held-out .parquet/.jsonl/.txt files or globs, or token shard directories (repeatable).",
+        help="Held-out .parquet/.jsonl/.json/.txt files or globs, or token shard directories (repeatable).",
     ),
     split: str = typer.Option("val", "--split", help="Split of a token shard directory given as --data."),
     model: Path | None = typer.Option(None, "--model", help=MODEL_HELP),

@@ -12,8 +12,8 @@ Notable choices:
 - A document longer than `max_seq_len` is cut into consecutive non-overlapping windows; each window's first input
   is the token before it, so no token is skipped or scored twice. Later windows see less context than a sliding
   window would give them: a slightly pessimistic number, but each token costs one forward position, not L.
-- Held-out files: `.parquet` and `.jsonl` (one document per row, `text_column`), `.txt`/`.md` (one document per
-  file).
+- Held-out files are read as `minillm data pretrain` reads training text (`minillm.data.sources`): `.parquet`,
+  `.jsonl` and `.json` (one document per row, `text_column`), `.txt`/`.md` (documents separated by blank lines).
 - Already-tokenized windows (a validation split of pretraining shards, as the trainer holds, or a shard directory
   given as `--data`) are scored by `evaluate_token_windows`; their bytes come from a per-token byte-length table
   of the byte-level vocabulary, and special tokens (0 bytes, e.g. the `<|endoftext|>` between documents) are not
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TEXT_SUFFIXES = (".txt", ".md")
-ROW_SUFFIXES = (".jsonl", ".parquet")
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def _scores(nll: float, tokens: int, n_bytes: int) -> dict[str, Any]:
@@ -81,48 +81,22 @@ def expand_data_paths(patterns: Sequence[str | Path]) -> list[Path]:
 
 
 def read_texts(path: Path, text_column: str = "text", limit: int | None = None) -> list[str]:
-    """The documents of one held-out file (at most `limit`), empty ones dropped."""
+    """The documents of one held-out file (at most `limit`), read as `minillm data pretrain` reads its inputs
+    (`minillm.data.sources.iter_text_batches`): a row of a `.jsonl`/`.json`/`.parquet` file, or a run of lines
+    between blank lines of a `.txt`/`.md` file; blank documents are dropped. So held-out text is cut into
+    documents exactly as training text was."""
+    from minillm.data.sources import Source, iter_text_batches
+
+    suffix = path.suffix.lower()
+    kind = "txt" if suffix in TEXT_SUFFIXES else "jsonl" if suffix in (".jsonl", ".json") else "parquet"
+    texts: list[str] = []
     try:
-        return _read_texts(path, text_column, limit)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-
-
-def _read_texts(path: Path, text_column: str, limit: int | None) -> list[str]:
-    if path.suffix in TEXT_SUFFIXES:
-        texts = [path.read_text(encoding="utf-8")]
-    elif path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{number}: not valid JSON ({err.msg} column {err.colno})") from err
-                if not isinstance(row, dict) or text_column not in row:
-                    found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                    raise UserError(f"{path}:{number}: no '{text_column}' field (found: {found})")
-                if row[text_column]:
-                    texts.append(str(row[text_column]))
-                if limit is not None and len(texts) >= limit:
-                    break
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            schema = pq.read_schema(path)
-        except Exception as err:  # pyarrow raises several types for a corrupt file
-            raise UserError(f"{path}: not a readable parquet file ({err})") from err
-        if text_column not in schema.names:
-            raise UserError(f"{path}: no '{text_column}' column (found: {', '.join(schema.names)})")
-        texts = []
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=[text_column]):
-            texts.extend(t for t in batch.column(0).to_pylist() if t)
+        for batch in iter_text_batches(Source(kind, str(path)), text_column, batch_size=256):
+            texts.extend(batch)
             if limit is not None and len(texts) >= limit:
                 break  # a large held-out file need not be read whole for a quick --limit run
-    texts = [t for t in texts if t]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     return texts[:limit] if limit is not None else texts
 
 
