@@ -23,7 +23,6 @@ Notable choices:
 from __future__ import annotations
 
 import glob
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
