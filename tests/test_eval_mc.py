@@ -247,6 +247,19 @@ def test_scores_equal_a_naive_forward_per_choice(tokenizer, style, chat, few_sho
     assert sum(s["questions"] for s in result["subjects"]) == len(questions)
 
 
+def test_a_question_that_spells_a_control_token_is_scored_on_its_text(tokenizer):
+    """Without --chat the prompt is plain text: `<|endoftext|>` typed in a question or a choice is those characters
+    (as the data builder encodes training text), not the end-of-document token the model reads as a restart."""
+    from minillm.evaluation.multiple_choice import question_requests
+
+    eos = tokenizer.eos_token
+    question = Question(f"cat {eos} dog", ["star", f"fish {eos}"], 0)
+    requests, _ = question_requests(tokenizer, question, [], "cloze", chat=False, max_seq_len=256)
+    for inputs, continuation in requests:
+        assert tokenizer.eos_token_id not in inputs[1:] + continuation  # only the leading document start
+    assert tokenizer.decode(requests[1][0][1:] + requests[1][1][-1:]).endswith(f"fish {eos}")
+
+
 def test_normalisations_really_differ_on_this_data(tokenizer):
     """Guards test 1: on MIXED the three argmaxes disagree somewhere, so each accuracy is really checked."""
     model = build_llama(tokenizer, sharpen=30.0)

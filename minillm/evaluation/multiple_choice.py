@@ -317,17 +317,20 @@ def build_context(
 
 
 def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, prefix: list[int]
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, prefix: list[int], plain_text: bool = True
 ) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids): the pair encoded as one string, split after the context's tokens.
 
     Trailing whitespace of the context moves to the continuation first (lm-eval's rule): "Answer:" + " Paris"
     tokenizes like running text, so the scored tokens are those the model would really have to produce.
+    `plain_text`: the strings hold no control tokens, so a question that spells one (`<|endoftext|>`) is encoded as
+    those characters, as the data builder encodes training text; a rendered chat template (False) holds its own.
     """
     stripped = context.rstrip()
     continuation = context[len(stripped) :] + continuation
-    whole = tokenizer(stripped + continuation, add_special_tokens=False)["input_ids"]
-    context_ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+    options = dict(add_special_tokens=False, split_special_tokens=plain_text)
+    whole = tokenizer(stripped + continuation, **options)["input_ids"]
+    context_ids = tokenizer(stripped, **options)["input_ids"]
     return prefix + list(context_ids), list(whole[len(context_ids) :])
 
 
@@ -352,7 +355,7 @@ def question_requests(
         prefix = [start] if start is not None else []
     requests, truncated = [], False
     for index, target in enumerate(targets(question, style)):
-        context_ids, continuation_ids = encode_pair(tokenizer, context, delimiter + target, prefix)
+        context_ids, continuation_ids = encode_pair(tokenizer, context, delimiter + target, prefix, not chat)
         if not continuation_ids:
             raise UserError(f"question {question.question[:40]!r}: choice {index + 1} encodes to no token")
         if len(continuation_ids) > max_seq_len:
