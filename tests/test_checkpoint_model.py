@@ -90,6 +90,43 @@ def test_eval_export_and_sft_take_a_checkpoint(runs, tmp_path, monkeypatch):
     assert str(checkpoint) in (sft_run / "config.yaml").read_text()
 
 
+def test_a_model_directory_with_another_trainers_state_is_no_checkpoint(runs, tmp_path):
+    """A Hugging Face Trainer's `checkpoint-N/` holds a `trainer_state.json` too, beside an ordinary (here sharded)
+    model directory: it loads through `from_pretrained`, and `export --to minillm` converts it."""
+    from transformers import AutoModelForCausalLM
+
+    from minillm.models.export import load_causal_lm
+    from minillm.training.checkpoint import is_checkpoint
+
+    two, checkpoint, _ = runs
+    hf = tmp_path / "checkpoint-10"
+    assert run_cli("export", str(two / "final"), str(tmp_path / "exported")) == 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "exported").save_pretrained(hf, max_shard_size="1MB")
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 10, "log_history": []}))
+    assert is_checkpoint(checkpoint) and not is_checkpoint(hf)
+    assert len(list(hf.glob("*.safetensors"))) > 1
+    assert type(load_causal_lm(hf, torch.float32)).__name__ == "LlamaForCausalLM"
+    assert run_cli("export", "--to", "minillm", str(hf), str(tmp_path / "back")) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "mini_llama3"
+
+
+def test_sft_from_a_checkpoint_resumes_after_that_checkpoint_is_gone(runs, tmp_path, monkeypatch):
+    """An SFT run started from a checkpoint that rotation later deletes still resumes: its own checkpoint holds the
+    architecture and tokenizer, and its weights are the ones loaded anyway."""
+    _, checkpoint, _ = runs
+    base = tmp_path / "base"
+    shutil.copytree(checkpoint, base)
+    monkeypatch.chdir(tmp_path)
+    args = ["sft", "--max-steps", "3", "--save-every", "1", "--seq-len", "64", "--micro-batch-size", "2",
+            "--global-batch-size", "2", "--output-dir", "sft"]  # fmt: skip
+    assert run_cli(*args, "--model-path", str(base)) == 0
+    whole = (tmp_path / "sft" / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "sft" / "final")  # as if killed after its last checkpoint (step 2)
+    shutil.rmtree(base)
+    assert run_cli("sft", "--config", "sft/config.yaml", "--resume", "latest") == 0
+    assert (tmp_path / "sft" / "final" / "model.safetensors").read_bytes() == whole
+
+
 def test_the_served_name_of_a_checkpoint_names_its_run(runs):
     from minillm.inference.loading import model_display_name
 

@@ -149,7 +149,14 @@ TRAINING_ONLY_PREFIXES = ("mtp.",)  # DeepSeek-V3's multi-token-prediction modul
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (Path(path) / STATE_FILE).is_file()
+    """Whether `path` is a checkpoint of a minillm run: its `trainer_state.json` is ours (`step` and the data
+    position). A Hugging Face Trainer's `checkpoint-N/` has a file of that name too, with other keys, beside an
+    ordinary model directory."""
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "step" in state and "data" in state
 
 
 def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -160,7 +167,7 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     - DeepSpeed ZeRO-1/2: the module's weights in `pytorch_model/mp_rank_00_model_states.pt`, in the precision the
       run trained them (bf16 under bf16), as `final/` would have them;
     - DeepSpeed ZeRO-3: the parameters are partitioned over the ranks' optimizer states; DeepSpeed's own
-      `zero_to_fp32` reassembles them (fp32 master weights);
+      `zero_to_fp32` reassembles them, cast to the run's precision (`_zero3_weights`);
     - expert parallelism: each rank's share of the routed experts in `experts_epXX-of-YY.safetensors`,
       concatenated in rank order over the module's local slice.
     """
@@ -184,14 +191,23 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def _zero3_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-3's partitioned weights, reassembled by DeepSpeed from the fp32 masters and cast to the dtype each
+    parameter had in the run (the empty placeholders of rank 0's module state keep it): bf16 under bf16, as the
+    16-bit weights `final/` gathers."""
     import contextlib
     import io
+
+    import torch
 
     # DeepSpeed reports its progress on stdout and stderr; the caller prints what matters
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG))
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG))
+    placeholders = {}
+    for rank_0 in (checkpoint / DEEPSPEED_TAG).glob("zero_pp_rank_0_mp_rank_*_model_states.pt"):
+        placeholders = torch.load(rank_0, map_location="cpu", weights_only=True)["module"]
+    return {k: v.to(placeholders[k].dtype) if k in placeholders else v for k, v in state.items()}
 
 
 def _gathered_experts(checkpoint: Path, shards: list[Path]) -> dict[str, torch.Tensor]:

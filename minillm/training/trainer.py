@@ -427,6 +427,36 @@ def _output_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
     return None
 
 
+def find_resume_checkpoint(config: TrainConfig) -> Path:
+    """The checkpoint `--resume` names: in `--output-dir` when given, else among the runs of this stage and model."""
+    from minillm import runs
+
+    run_dir = Path(config.output_dir) if config.output_dir else None
+    candidates = []
+    if run_dir is None:
+        root = runs.DEFAULT_RUNS_ROOT
+        candidates = sorted(root.glob(f"{config.stage}_{config.model or 'model'}_*")) if root.is_dir() else []
+    return ckpt.find_resume_checkpoint(config.resume, run_dir, candidates)
+
+
+def sft_start_model(config: TrainConfig) -> str | None:
+    """The `--model-path` SFT loads. When a resumed run's starting model is gone (a checkpoint rotated away, a run
+    deleted), the checkpoint being resumed serves instead: it holds the same architecture and tokenizer, and its
+    weights replace the loaded ones anyway."""
+    path = config.model_path
+    if config.resume and path is not None and not Path(path).exists():
+        try:
+            checkpoint = find_resume_checkpoint(config)
+        except UserError:
+            return path  # nothing to resume: the missing --model-path is the error to report
+        if (checkpoint / "config.json").is_file():
+            if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: say it once, not per process
+                print(f"note: {path}, the model this run started from, is gone; resuming with the model description "
+                      f"of {checkpoint}", file=sys.stderr)
+            return str(checkpoint)
+    return path
+
+
 def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
     """The run directory and, when resuming, the checkpoint to load; refuses to clobber another run."""
     from accelerate.utils import broadcast_object_list
@@ -434,14 +464,8 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
     from minillm import runs
 
     model_tag = config.model or "model"
-    checkpoint = None
     if config.resume:
-        run_dir = Path(config.output_dir) if config.output_dir else None
-        candidates = []
-        if run_dir is None:
-            root = runs.DEFAULT_RUNS_ROOT
-            candidates = sorted(root.glob(f"{config.stage}_{model_tag}_*")) if root.is_dir() else []
-        checkpoint = ckpt.find_resume_checkpoint(config.resume, run_dir, candidates)
+        checkpoint = find_resume_checkpoint(config)
         run_dir = checkpoint.parent.parent
         saved_path = run_dir / "config.yaml"
         if saved_path.is_file():
@@ -642,7 +666,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         from minillm.training.setup import sft_model_dir, sft_model_type
 
         # record what SFT starts from (the latest pretraining run when not given) and name the run after it
-        model_dir = sft_model_dir(config.model_path, config.model)
+        model_dir = sft_model_dir(sft_start_model(config), config.model)
         config = config.replace(model_path=str(model_dir), model=sft_model_type(model_dir))
     config = config.resolve()
     if run is None:
