@@ -2,6 +2,7 @@
 
     minillm info --model mini_deepseekv3 --preset base
     minillm info --model mini_llama3 --preset base --seq-len 1024
+    minillm info --model runs/pretrain_mini_llama3_<stamp>/checkpoints/step_00000200    # a trained model's sizes
     minillm info --config recipes/pretrain_llama3_base.yaml --data data/pretrain --gpu H100   # a run's budget
 
 The numbers come from `minillm.models.stats` (the model is built on the meta device: instant, no memory); the
@@ -19,7 +20,9 @@ def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(
         model: str = typer.Option(
-            None, "--model", help="mini_llama3 (default), mini_deepseekv3 or mini_qwen3_next."
+            None, "--model",
+            help="mini_llama3 (default), mini_deepseekv3 or mini_qwen3_next; or a trained model: a model directory, "
+            "run directory or checkpoint of a run.",
         ),
         preset: str = typer.Option(None, "--preset", help="Size preset: tiny (default) or base."),
         seq_len: int = typer.Option(
@@ -43,7 +46,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from minillm.errors import UserError
-        from minillm.models.stats import config_stats
+        from minillm.models.stats import stats_of_config
 
         if config is not None:
             given = [flag for flag, value in (("--model", model), ("--preset", preset), ("--seq-len", seq_len))
@@ -52,14 +55,20 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"{', '.join(given)}: with --config the recipe decides the model; drop them")
             _print_budget(config, data, tokens, gpu, gpus, mfu)
             return
-        from minillm.models.registry import build_config
+        from minillm.models.registry import MODEL_NAMES, build_config
 
-        model, preset = model or "mini_llama3", preset or "tiny"
-        limit = build_config(model, preset).max_position_embeddings
+        if model is not None and model not in MODEL_NAMES and _names_a_path(model):
+            if preset is not None:
+                raise UserError(f"--preset {preset}: {model} is a trained model, whose size is its own; drop --preset")
+            model_config, title = _trained_model_config(model)
+        else:
+            model, preset = model or "mini_llama3", preset or "tiny"
+            model_config, title = build_config(model, preset), f"{model} ({preset})"
+        limit = model_config.max_position_embeddings
         if seq_len is not None and not 0 < seq_len <= limit:
-            raise UserError(f"--seq-len {seq_len}: must be in [1, {limit}] ({model} {preset}'s positions)")
-        stats = config_stats(model, preset, seq_len=seq_len)
-        table = Table(title=f"{model} ({preset})")
+            raise UserError(f"--seq-len {seq_len}: must be in [1, {limit}] ({title}'s positions)")
+        stats = stats_of_config(model_config, seq_len=seq_len)
+        table = Table(title=title)
         table.add_column("quantity")
         table.add_column("value", justify="right")
         table.add_column("millions", justify="right")
@@ -75,6 +84,32 @@ def register(app: typer.Typer) -> None:
         for name, value in rows:
             table.add_row(name, f"{value:,}", f"{value / 1e6:,.1f}")
         Console().print(table)
+
+
+def _names_a_path(model: str) -> bool:
+    """Whether `--model` names a directory rather than an architecture (a path that exists or has a separator)."""
+    from pathlib import Path
+
+    return Path(model).exists() or "/" in model or "\\" in model
+
+
+def _trained_model_config(path: str):
+    """(config, table title) of the minillm model at `path` (model directory, run directory or checkpoint)."""
+    from transformers import AutoConfig
+
+    from minillm.errors import UserError
+    from minillm.models.registry import MODEL_NAMES
+    from minillm.runs import resolve_model_dir
+
+    model_dir = resolve_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {path}: cannot read its config.json ({str(err).splitlines()[0]})") from None
+    if config.model_type not in MODEL_NAMES:
+        raise UserError(f"--model {path}: a {config.model_type!r} model; info counts minillm models "
+                        f"({', '.join(MODEL_NAMES)}); `minillm export --to minillm` converts the references")
+    return config, f"{config.model_type} ({model_dir})"
 
 
 def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str, gpus: int, mfu: float | None) -> None:

@@ -33,6 +33,19 @@ def test_info_prints_table(capsys):
     assert f"{s.total:,}" in out and f"{s.flops_per_token:,}" in out and "seq 1024" in out
 
 
+def test_info_counts_a_trained_model_directory(tmp_path, capsys):
+    """`--model PATH` counts the model a directory holds, with its own sizes (here a preset widened by overrides)."""
+    model = build_model("mini_deepseekv3", "tiny", hidden_size=96, num_hidden_layers=3)
+    model.save_pretrained(tmp_path / "model")
+    expected = model_stats(model)
+    assert run_cli("info", "--model", str(tmp_path / "model")) == 0
+    out = capsys.readouterr().out
+    assert f"{expected.total:,}" in out and f"{expected.flops_per_token:,}" in out
+    assert f"{config_stats('mini_deepseekv3', 'tiny').total:,}" not in out
+    assert run_cli("info", "--model", str(tmp_path / "model"), "--preset", "base") == 2
+    assert "drop --preset" in capsys.readouterr().err
+
+
 def test_info_unknown_names(capsys):
     assert run_cli("info", "--model", "gpt5") == 2
     err = capsys.readouterr().err

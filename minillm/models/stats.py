@@ -114,9 +114,16 @@ def model_stats(model: nn.Module, seq_len: int | None = None) -> ModelStats:
 
 def config_stats(name: str, preset: str = "tiny", seq_len: int | None = None, **overrides: Any) -> ModelStats:
     """`model_stats` of a registry model built on the meta device (no memory, no init cost)."""
-    from minillm.models.registry import build_config, model_package
+    from minillm.models.registry import build_config
 
-    config = build_config(name, preset, **overrides)
+    return stats_of_config(build_config(name, preset, **overrides), seq_len)
+
+
+def stats_of_config(config: Any, seq_len: int | None = None) -> ModelStats:
+    """`model_stats` of the minillm model `config` describes (a preset's, or a trained model's `config.json`),
+    built on the meta device."""
+    from minillm.models.registry import model_package
+
     with torch.device("meta"):
-        model = model_package(name).MODEL_CLASS(config)
+        model = model_package(config.model_type).MODEL_CLASS(config)
     return model_stats(model, seq_len)
