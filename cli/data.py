@@ -125,6 +125,9 @@ def data_sft(
     truncation: str = typer.Option(
         "turn", "--truncation", help="Too-long conversations: 'turn' (cut) or 'drop'."
     ),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Fraction of conversations held out as the val split (val/loss in training)."
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing data directory built by minillm."
     ),
@@ -135,7 +138,8 @@ def data_sft(
     from minillm.data.sft import build_sft_dataset, format_summary
 
     m = build_sft_dataset(
-        input, out, tokenizer, max_seq_len=max_seq_len, pack=pack, truncation=truncation, overwrite=overwrite
+        input, out, tokenizer, max_seq_len=max_seq_len, pack=pack, truncation=truncation, overwrite=overwrite,
+        val_fraction=val_fraction,
     )
     Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"wrote {out} in {m['seconds']:.1f} s\n" + format_summary(m["summary"], max_seq_len, pack),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 
 import pyarrow as pa
@@ -180,6 +181,39 @@ def test_packing_keeps_every_conversation_with_restarting_positions(tok, tmp_pat
     assert padded["attention_mask"][0].sum() == n0 and padded["labels"].shape == padded["input_ids"].shape
     if n0 < padded["input_ids"].shape[1]:
         assert padded["labels"][0, n0:].eq(-100).all() and padded["input_ids"][0, n0:].eq(0).all()
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_val_fraction_holds_out_every_kth_conversation(tok, tmp_path, capsys, pack):
+    """`--val-fraction 0.25`: conversations 4, 8, 12, ... (1-based) form the val split, packed like the train rows;
+    together the splits hold every conversation once."""
+    rows = [chat(f"question {i}", f"answer number {i}") for i in range(40)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    args = ["data", "sft", "--input", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "d"), "--max-seq-len", "64",
+            "--val-fraction", "0.25", *(["--pack"] if pack else [])]  # fmt: skip
+    code, err = run_cli_err(args, capsys)
+    assert code == 0, err
+    assert "conversations kept: 30 (+ 10 held out as the val split)" in err
+    train, val = SFTDataset(tmp_path / "d"), SFTDataset(tmp_path / "d", split="val")
+
+    def answers(ds) -> list[int]:
+        found = []
+        for i in range(len(ds)):
+            text = tok.decode(ds[i]["input_ids"])
+            found += [int(n) for n in re.findall(r"answer number (\d+)", text)]
+        return sorted(found)
+
+    assert answers(val) == [3, 7, 11, 15, 19, 23, 27, 31, 35, 39]
+    assert sorted(answers(train) + answers(val)) == list(range(40))
+    assert (len(val) < 10) == pack  # packed: several conversations per row
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["documents"] == 10 and manifest["splits"]["train"]["documents"] == 30
+    build_sft_dataset([str(tmp_path / "c.jsonl")], tmp_path / "plain", max_seq_len=64, progress=False)
+    assert "val" not in json.loads((tmp_path / "plain" / "manifest.json").read_text())["splits"]
+    with pytest.raises(UserError, match="no 'val' split"):
+        SFTDataset(tmp_path / "plain", split="val")
+    code, err = run_cli_err(args[:-1 if pack else None] + ["--overwrite", "--val-fraction", "0.01"], capsys)
+    assert code == 2 and "too few conversations (40) for a validation split" in err
 
 
 def test_best_fit_decreasing():

@@ -88,6 +88,47 @@ def test_pretrain_then_sft_packed_and_unpacked(model, tmp_path, capsys):
         assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.parametrize("packing", ["--packing", "--no-packing"])
+def test_sft_val_loss_is_the_models_loss_on_the_held_out_chats(packing, tmp_path, capsys):
+    """SFT data built with --val-fraction gives SFT runs a `val/loss`: the mean cross-entropy over the assistant
+    tokens of the held-out conversations, here computed by hand with the model the run ends with."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from minillm.data.sft import SFTDataset, build_sft_dataset
+
+    code, err = run_cli(["pretrain", "--model", "mini_llama3", *TINY, "--max-steps", "1", "--model-arg",
+                         "num_hidden_layers=2", "--output-dir", str(tmp_path / "pre")], capsys)  # fmt: skip
+    assert code == 0, err
+    chats = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(24)]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n", encoding="utf-8")
+    data = tmp_path / "sft_data"
+    build_sft_dataset([str(tmp_path / "chats.jsonl")], data, tmp_path / "pre" / "final", max_seq_len=128,
+                      pack=packing == "--packing", val_fraction=0.25, progress=False)  # fmt: skip
+    out = tmp_path / "sft"
+    code, err = run_cli(["sft", "--model-path", str(tmp_path / "pre"), "--data", str(data), packing, "--seq-len",
+                         "128", "--micro-batch-size", "2", "--global-batch-size", "2", "--max-steps", "2",
+                         "--eval-every", "2", "--precision", "fp32", "--output-dir", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    (logged,) = [r["val/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if "val/loss" in r]  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
+    total, targets = 0.0, 0
+    val = SFTDataset(data, split="val")
+    with torch.no_grad():
+        for i in range(len(val)):
+            row = val[i]
+            kwargs = {"position_ids": row["position_ids"][None]} if "position_ids" in row else {}
+            logits = model(input_ids=row["input_ids"][None], **kwargs).logits[0, :-1]
+            labels = row["labels"][1:].clone()
+            if "position_ids" in row:
+                labels[row["position_ids"][1:] == 0] = -100  # a conversation's first token is not predicted
+            total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+            targets += int((labels != -100).sum())
+    assert targets > 0 and logged == pytest.approx(total / targets, rel=1e-5)
+
+
 def test_non_finite_loss_skips_the_step_and_several_stop_the_run(tmp_path, shards):
     from minillm.data.pretrain import PretrainDataset
     from minillm.errors import UserError

@@ -18,6 +18,9 @@ Notable choices:
   `row_offsets.npy` (row boundaries in the flat stream) and `seq_offsets.npy` (conversation boundaries; equal to
   the row boundaries unless packed). Packed rows hold several conversations (best-fit-decreasing, see
   `packing.py`); their `position_ids` restart at 0 at every conversation and are derived from `seq_offsets`.
+- `val_fraction` holds out every k-th kept conversation (k = 1 / val_fraction, the rule of the pretraining shards)
+  as the `val` split: the same four files prefixed `val_`, packed like the train rows. The trainer computes
+  `val/loss` on it every `--eval-every` steps.
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ def build_sft_dataset(
     overwrite: bool = False,
     progress: bool = True,
     extra_manifest: dict | None = None,
+    val_fraction: float = 0.0,
 ) -> dict:
     """Build an SFT data directory from chat files (or an HF dataset name); return the manifest (with summary)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -208,6 +212,8 @@ def build_sft_dataset(
         raise UserError(f"--truncation {truncation!r} must be one of {', '.join(TRUNCATION_MODES)}")
     if max_seq_len < 8:
         raise UserError(f"--max-seq-len {max_seq_len} is too small (at least 8)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
     sources = resolve_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_dir)
     if not re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
@@ -264,34 +270,27 @@ def build_sft_dataset(
             f"({stats['dropped_too_long']} too long, {stats['dropped_no_labels']} without assistant tokens)"
         )
 
-    lengths = [len(ids) for ids, _ in kept]
+    index = np.arange(len(kept))
+    is_val = ((index + 1) * val_fraction).astype(np.int64) > (index * val_fraction).astype(np.int64)
+    if val_fraction > 0 and (not is_val.any() or is_val.all()):
+        raise UserError(f"--val-fraction {val_fraction}: too few conversations ({len(kept)}) for a validation split")
+    train = [kept[i] for i in index[~is_val]]
+    lengths = [len(ids) for ids, _ in train]
     unpacked_padding = padding_ratio(lengths, max_seq_len)
-    bins = pack_best_fit_decreasing(lengths, max_seq_len) if pack else [[i] for i in range(len(kept))]
+    bins = pack_best_fit_decreasing(lengths, max_seq_len) if pack else [[i] for i in range(len(train))]
     packed_padding = padding_ratio(lengths, max_seq_len, bins) if pack else None
 
     with atomic_output_dir(out_dir, SFT_FORMAT, overwrite) as tmp:
-        total = sum(lengths)
-        flat_ids = np.empty(total, dtype=dtype)
-        flat_mask = np.empty(total, dtype=np.uint8)
-        row_offsets = np.zeros(len(bins) + 1, dtype=np.int64)
-        seq_offsets = np.zeros(len(kept) + 1, dtype=np.int64)
-        pos, s = 0, 0
-        for r, members in enumerate(bins):
-            for i in members:
-                ids, mask = kept[i]
-                flat_ids[pos : pos + len(ids)] = ids
-                flat_mask[pos : pos + len(ids)] = mask
-                pos += len(ids)
-                s += 1
-                seq_offsets[s] = pos
-            row_offsets[r + 1] = pos
-        flat_ids.tofile(tmp / "input_ids.bin")
-        flat_mask.tofile(tmp / "loss_mask.bin")
-        np.save(tmp / "row_offsets.npy", row_offsets)
-        np.save(tmp / "seq_offsets.npy", seq_offsets)
+        splits = {"train": _write_split(tmp, "", train, bins, dtype)}
+        if is_val.any():
+            val = [kept[i] for i in index[is_val]]
+            val_lengths = [len(ids) for ids, _ in val]
+            val_bins = pack_best_fit_decreasing(val_lengths, max_seq_len) if pack else [[i] for i in range(len(val))]
+            splits["val"] = _write_split(tmp, "val_", val, val_bins, dtype)
+        total = splits["train"]["tokens"]
         summary = {
             "rows_read": rows,
-            "conversations": len(kept),
+            "conversations": len(train),
             "invalid_rows": sum(invalid.values()),
             "invalid_by_reason": dict(invalid.most_common()),
             "first_invalid": reasons,
@@ -300,28 +299,24 @@ def build_sft_dataset(
             "dropped_no_labels": stats["dropped_no_labels"],
             "rows": len(bins),
             "tokens": total,
-            "label_tokens": int(flat_mask.sum()),
+            "label_tokens": splits["train"]["label_tokens"],
             "padding_ratio_unpacked": round(unpacked_padding, 5),
             "padding_ratio_packed": round(packed_padding, 5) if pack else None,
+            "val_conversations": splits["val"]["documents"] if "val" in splits else 0,
         }
         manifest = {
             "format": SFT_FORMAT,
             "version": FORMAT_VERSION,
             "dtype": dtype.name,
             "vocab_size": vocab_size,
-            "max_token_id": int(flat_ids.max()),
+            "max_token_id": max(split.pop("max_token_id") for split in splits.values()),
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "tokenizer": str(tokenizer.name_or_path),
             "max_seq_len": max_seq_len,
             "packed": pack,
             "truncation": truncation,
-            "splits": {
-                "train": {
-                    "files": [{"name": "input_ids.bin", "tokens": total}],
-                    "tokens": total,
-                    "documents": len(kept),
-                }
-            },
+            "val_fraction": val_fraction,
+            "splits": splits,
             "summary": summary,
             "sources": [{"path": s.name, "bytes": s.size_bytes} for s in sources],
             "seconds": round(time.perf_counter() - started, 2),
@@ -333,11 +328,40 @@ def build_sft_dataset(
     return manifest
 
 
+def _write_split(tmp: Path, prefix: str, kept: list[tuple[list[int], list[int]]], bins: list[list[int]],
+                 dtype: np.dtype) -> dict:
+    """Write one split's four files (`prefix` "" for train, "val_" for val); returns its manifest entry."""
+    total = sum(len(ids) for ids, _ in kept)
+    flat_ids = np.empty(total, dtype=dtype)
+    flat_mask = np.empty(total, dtype=np.uint8)
+    row_offsets = np.zeros(len(bins) + 1, dtype=np.int64)
+    seq_offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    pos, s = 0, 0
+    for r, members in enumerate(bins):
+        for i in members:
+            ids, mask = kept[i]
+            flat_ids[pos : pos + len(ids)] = ids
+            flat_mask[pos : pos + len(ids)] = mask
+            pos += len(ids)
+            s += 1
+            seq_offsets[s] = pos
+        row_offsets[r + 1] = pos
+    flat_ids.tofile(tmp / f"{prefix}input_ids.bin")
+    flat_mask.tofile(tmp / f"{prefix}loss_mask.bin")
+    np.save(tmp / f"{prefix}row_offsets.npy", row_offsets)
+    np.save(tmp / f"{prefix}seq_offsets.npy", seq_offsets)
+    return {"files": [{"name": f"{prefix}input_ids.bin", "tokens": total}], "tokens": total,
+            "documents": len(kept), "rows": len(bins), "label_tokens": int(flat_mask.sum()),
+            "max_token_id": int(flat_ids.max())}
+
+
 def format_summary(summary: dict, max_seq_len: int, pack: bool) -> str:
     """Human-readable summary lines (printed by the CLI and saved as summary.txt)."""
+    held_out = summary.get("val_conversations")
     lines = [
-        f"rows read: {summary['rows_read']:,}; conversations kept: {summary['conversations']:,}; "
-        f"invalid rows skipped: {summary['invalid_rows']:,}",
+        f"rows read: {summary['rows_read']:,}; conversations kept: {summary['conversations']:,}"
+        + (f" (+ {held_out:,} held out as the val split)" if held_out else "")
+        + f"; invalid rows skipped: {summary['invalid_rows']:,}",
         f"longer than max_seq_len {max_seq_len}: truncated at a turn boundary {summary['truncated']:,}, "
         f"dropped {summary['dropped_too_long']:,}",
         f"tokens: {summary['tokens']:,} (labels on {summary['label_tokens']:,}) in {summary['rows']:,} rows",
@@ -359,22 +383,26 @@ def format_summary(summary: dict, max_seq_len: int, pack: bool) -> str:
 
 
 class SFTDataset:
-    """Rows of an SFT data directory: {"input_ids", "labels"} LongTensors, plus "position_ids" when packed."""
+    """Rows of one split (`train` or `val`) of an SFT data directory: {"input_ids", "labels"} LongTensors, plus
+    "position_ids" when packed."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, split: str = "train") -> None:
         from minillm.data.manifest import check_file_tokens
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory, SFT_FORMAT)
+        if split not in self.manifest["splits"]:
+            raise UserError(f"{self.directory}: no '{split}' split (built without --val-fraction?)")
+        self.prefix = "" if split == "train" else f"{split}_"
         dtype = np.dtype(self.manifest["dtype"])
-        total = self.manifest["splits"]["train"]["tokens"]
-        check_file_tokens(self.directory / "input_ids.bin", total, dtype)
-        check_file_tokens(self.directory / "loss_mask.bin", total, np.dtype(np.uint8))
+        total = self.manifest["splits"][split]["tokens"]
+        check_file_tokens(self.directory / f"{self.prefix}input_ids.bin", total, dtype)
+        check_file_tokens(self.directory / f"{self.prefix}loss_mask.bin", total, np.dtype(np.uint8))
         self.dtype = dtype
         self._maps: tuple[np.memmap, np.memmap] | None = None
         try:
-            self.row_offsets = np.load(self.directory / "row_offsets.npy")
-            self.seq_offsets = np.load(self.directory / "seq_offsets.npy")
+            self.row_offsets = np.load(self.directory / f"{self.prefix}row_offsets.npy")
+            self.seq_offsets = np.load(self.directory / f"{self.prefix}seq_offsets.npy")
         except (OSError, ValueError) as err:
             raise UserError(f"{self.directory}: cannot read the row offsets ({err})") from None
         if self.row_offsets[-1] != total or self.seq_offsets[-1] != total:
@@ -389,8 +417,8 @@ class SFTDataset:
         """(input_ids, loss_mask) memory maps, opened lazily in each process (workers never pickle the data)."""
         if self._maps is None:
             self._maps = (
-                np.memmap(self.directory / "input_ids.bin", dtype=self.dtype, mode="r"),
-                np.memmap(self.directory / "loss_mask.bin", dtype=np.uint8, mode="r"),
+                np.memmap(self.directory / f"{self.prefix}input_ids.bin", dtype=self.dtype, mode="r"),
+                np.memmap(self.directory / f"{self.prefix}loss_mask.bin", dtype=np.uint8, mode="r"),
             )
         return self._maps
 

@@ -4,7 +4,8 @@
   `--data` or the built-in sample (built on first use into the cache), checked against the tokenizer fingerprint,
   the model's vocabulary and its maximum positions. The shards' `val` split, when present, is the validation set.
 - sft: the model and tokenizer of `--model-path` (a run directory, a checkpoint of a run or a HuggingFace model
-  directory; default: the latest finished pretraining run), SFT rows from `--data` or the built-in sample, padded or packed.
+  directory; default: the latest finished pretraining run), SFT rows from `--data` or the built-in sample, padded or
+  packed. The data's `val` split (`data sft --val-fraction`), when present, is the validation set.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
         raise UserError(f"--data {data_dir}: rows of up to {built_len} tokens (built with --max-seq-len {built_len}), "
                         f"longer than --seq-len {config.seq_len}; pass --seq-len {built_len} or rebuild the data")
     collate = PackedCollator(tokenizer.pad_token_id) if config.packing else PaddedCollator(tokenizer.pad_token_id)
-    return dict(model=model, tokenizer=tokenizer, train_data=train_data, val_data=None,
+    val_data = sft.SFTDataset(data_dir, split="val") if "val" in train_data.manifest["splits"] else None
+    return dict(model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
                 sampler=_sampler(len(train_data), config.seed), collate=collate)
 
 

@@ -686,7 +686,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     if config.eval_every and eval_fn is None and run.val_data is None and accelerator.is_main_process:
         # a warning, not an error: the base preset's default eval_every meets shards built without a val split
         print(f"warning: eval_every {config.eval_every}, but this run has no validation data, so no validation runs "
-              "(SFT data has none; build pretraining shards with --val-fraction to get some)", file=sys.stderr)
+              "(build the data with --val-fraction to get some: `minillm data pretrain|sft`)", file=sys.stderr)
     total_steps = budget.total_steps(config, len(run.train_data))  # the formula `minillm info --config` shows
     if accelerator.is_main_process:
         _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
