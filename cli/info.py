@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(
             None, "--model",
             help="mini_llama3 (default), mini_deepseekv3 or mini_qwen3_next; or a trained model: a model directory, "
-            "run directory or checkpoint of a run.",
+            "run directory or checkpoint of a run, counted as it loads (without DeepSeek-V3's training-only MTP).",
         ),
         preset: str = typer.Option(None, "--preset", help="Size preset: tiny (default) or base."),
         seq_len: int = typer.Option(

@@ -69,11 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if _is_usage_error(err):
             if type(err).__name__ == "NoArgsIsHelpError":  # `minillm tokenizer`: the group's help, as click does
-                text = err.ctx.get_help()  # typer's rich help prints itself and returns ""
+                # the error was built from the help text; typer's rich help printed itself then and left it ""
+                text = err.format_message()
                 if text.strip():
                     print(text, file=sys.stderr)
             else:
-                print(f"error: {err.format_message()} (see `{err.ctx.command_path} --help`)", file=sys.stderr)
+                print(f"error: {err.format_message()} (see `{_command_path(err, argv)} --help`)", file=sys.stderr)
             sys.exit(2)
         # Imported here, not at the top: importing `minillm` loads torch and the models, and `minillm --help`
         # should not pay for that. Any UserError was raised from inside minillm, so it is loaded by now.
@@ -88,10 +89,25 @@ def main(argv: list[str] | None = None) -> None:
 
 def _is_usage_error(err: Exception) -> bool:
     """Whether `err` is click's `UsageError` (an unknown command or option, a value of the wrong type or out of
-    range). Matched by its shape: typer vendors its own copy of click in recent versions, so the class depends on
-    the installed typer."""
-    return getattr(err, "exit_code", None) == 2 and hasattr(err, "format_message") and getattr(err, "ctx", None) \
-        is not None
+    range, an option without its value). Matched by its shape: typer vendors its own copy of click in recent
+    versions, so the class depends on the installed typer."""
+    return getattr(err, "exit_code", None) == 2 and hasattr(err, "format_message") and any(
+        cls.__name__ == "UsageError" for cls in type(err).__mro__
+    )
+
+
+def _command_path(err: Exception, argv: list[str] | None) -> str:
+    """`minillm data sft`: the command the error is about, from click's context, or (for an option given without
+    its value, which click's parser reports without one) from the words before the first option."""
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        return ctx.command_path
+    words = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return " ".join(["minillm", *words])
 
 
 def report_user_error(message: str) -> None:

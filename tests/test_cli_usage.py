@@ -12,6 +12,10 @@ BAD_COMMAND_LINES = {
     "not an integer": (["pretrain", "--max-steps", "abc"], "'--max-steps'", "`minillm pretrain --help`"),
     "out of range": (["chat", "--temperature", "-1"], "'--temperature'", "`minillm chat --help`"),
     "missing option": (["tokenizer", "train", "--out", "x"], "--data", "`minillm tokenizer train --help`"),
+    "option without its value": (["info", "--model"], "Option '--model' requires an argument",
+                                 "`minillm info --help`"),
+    "nested option without its value": (["data", "sft", "--input", "x", "--val-fraction"],
+                                        "Option '--val-fraction' requires an argument", "`minillm data sft --help`"),
 }
 
 
@@ -30,6 +34,7 @@ def test_help_and_bare_groups_still_print_help(capsys):
     code = run_cli("tokenizer")
     shown = capsys.readouterr()
     assert code == 2 and "train" in shown.out + shown.err  # a bare group shows its commands, as click does
+    assert (shown.out + shown.err).count("Usage:") == 1  # once
 
 
 def test_device_names_mean_the_same_in_every_command(tmp_path, capsys):

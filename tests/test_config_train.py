@@ -86,6 +86,7 @@ def test_every_shipped_recipe_loads_and_resolves():
     assert "quickstart_pretrain.yaml" in names and "quickstart_sft.yaml" in names
     for name in names:
         stage = "sft" if name.startswith(("sft", "quickstart_sft")) else "pretrain"
+        assert load_recipe(f"recipes/{name}")["stage"] == stage, name  # `minillm info --config` reads it
         config = build_config(stage, f"recipes/{name}").resolve()  # also found from any directory by file name
         if name.startswith("pretrain"):
             assert (config.preset, config.seq_len, config.lr, config.min_lr) == ("base", 512, 3e-4, 1e-5)

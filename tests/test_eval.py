@@ -24,6 +24,7 @@ from minillm.evaluation import evaluate_chat, evaluate_perplexity
 from minillm.evaluation.perplexity import (
     document_windows,
     evaluate_token_windows,
+    expand_data_paths,
     read_texts,
     token_byte_lengths,
 )
@@ -249,6 +250,9 @@ def test_read_texts_formats_and_errors(tmp_path):
     assert read_texts(tmp_path / "a.txt") == ["a first\ndocument", "  an indented second", "third"]
     assert read_texts(tmp_path / "a.txt") == [d for b in iter_text_batches(Source("txt", str(tmp_path / "a.txt")))
                                               for d in b]  # fmt: skip
+    (tmp_path / "A.TXT").write_text(text, encoding="utf-8")  # a suffix in capitals is the same file type
+    (upper,) = expand_data_paths([tmp_path / "A.TXT"])
+    assert read_texts(upper) == read_texts(tmp_path / "a.txt")
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"text": ""}\n{"text": "  "}\n{"text": "y"}\n', encoding="utf-8")
     assert read_texts(tmp_path / "b.jsonl") == ["x", "y"]
     (tmp_path / "b.json").write_text('[{"text": "x"}, {"text": "y"}]', encoding="utf-8")

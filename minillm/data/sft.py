@@ -392,7 +392,8 @@ class SFTDataset:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory, SFT_FORMAT)
         if split not in self.manifest["splits"]:
-            raise UserError(f"{self.directory}: no '{split}' split (built without --val-fraction?)")
+            hint = " (built without --val-fraction)" if split == "val" else ""
+            raise UserError(f"{self.directory}: no '{split}' split{hint}; it has {', '.join(self.manifest['splits'])}")
         self.prefix = "" if split == "train" else f"{split}_"
         dtype = np.dtype(self.manifest["dtype"])
         total = self.manifest["splits"][split]["tokens"]

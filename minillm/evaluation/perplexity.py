@@ -13,7 +13,8 @@ Notable choices:
   is the token before it, so no token is skipped or scored twice. Later windows see less context than a sliding
   window would give them: a slightly pessimistic number, but each token costs one forward position, not L.
 - Held-out files are read as `minillm data pretrain` reads training text (`minillm.data.sources`): `.parquet`,
-  `.jsonl` and `.json` (one document per row, `text_column`), `.txt`/`.md` (documents separated by blank lines).
+  `.jsonl` and `.json` (one document per row, `text_column`), `.txt` and also `.md` (documents separated by blank
+  lines); suffixes in any case.
 - Already-tokenized windows (a validation split of pretraining shards, as the trainer holds, or a shard directory
   given as `--data`) are scored by `evaluate_token_windows`; their bytes come from a per-token byte-length table
   of the byte-level vocabulary, and special tokens (0 bytes, e.g. the `<|endoftext|>` between documents) are not
@@ -73,7 +74,7 @@ def expand_data_paths(patterns: Sequence[str | Path]) -> list[Path]:
                 raise UserError(f"--data {path}: no such file")
             files.append(path)
     for path in files:
-        if not path.is_dir() and path.suffix not in TEXT_SUFFIXES + ROW_SUFFIXES:
+        if not path.is_dir() and path.suffix.lower() not in TEXT_SUFFIXES + ROW_SUFFIXES:
             known = ", ".join(TEXT_SUFFIXES + ROW_SUFFIXES)
             raise UserError(f"--data {path}: unsupported file type '{path.suffix}' (expected one of {known})")
     return files

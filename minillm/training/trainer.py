@@ -656,8 +656,8 @@ def _progress(enabled: bool):
 def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = None) -> Path:
     """Train according to `config`; returns the run directory (with `final/` holding the model).
 
-    `eval_fn(accelerator, model, step) -> metrics` replaces the default validation (the LM loss on the pretraining
-    shards' val split) every `eval_every` steps; its metrics go to TensorBoard and metrics.jsonl. `run` lets
+    `eval_fn(accelerator, model, step) -> metrics` replaces the default validation (the LM loss on the data's val
+    split: pretraining shards' or SFT conversations') every `eval_every` steps; its metrics go to TensorBoard and metrics.jsonl. `run` lets
     library callers bring their own model and data (see `Run`); by default `build_run` makes them.
     """
     from accelerate.utils import set_seed
