@@ -12,6 +12,7 @@ newest finished run. Paths and options are checked before torch is imported, so 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -82,7 +83,9 @@ def ppl(
 
 
 def chat(
-    data: Path = typer.Option(..., "--data", help="Held-out conversations, jsonl in the `messages` format."),
+    data: Path = typer.Option(
+        ..., "--data", help="Held-out conversations: .jsonl/.json/.parquet in the formats `minillm data sft` takes."
+    ),
     model: Path | None = typer.Option(None, "--model", help=MODEL_HELP),
     max_seq_len: int | None = typer.Option(
         None,
@@ -107,7 +110,7 @@ def chat(
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, max_new_tokens=max_new_tokens)
     check_output_file(json_out, "--json", overwrite, [data])
-    conversations = chat_eval.read_conversations(data)
+    conversations, invalid = chat_eval.read_conversations(data)
     model_dir = loading.resolve_model_dir(model)
     torch_device = loading.resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
@@ -116,8 +119,12 @@ def chat(
     results = chat_eval.evaluate_chat(
         lm, tokenizer, conversations, max_seq_len, batch_size, torch_device, max_new_tokens=max_new_tokens
     )
-    results = {"model": str(model_dir), "data": str(data), **results}
+    results = {"model": str(model_dir), "data": str(data), **results, **invalid}
     report.print_table(report.chat_table(results))
+    if invalid["invalid_rows"]:
+        rows = f"{invalid['invalid_rows']} row{'s' if invalid['invalid_rows'] > 1 else ''}"
+        print(f"note: skipped {rows} that `minillm data sft` would skip too (first: {invalid['first_invalid'][0]})",
+              file=sys.stderr)
     if json_out is not None:
         report.write_json(results, json_out)
 

@@ -345,15 +345,33 @@ def test_chat_template_without_generation_markers_is_refused(tiny):
         evaluate_chat(model, plain, [conversation], progress=False)
 
 
-def test_read_conversations_rejects_bad_rows(tmp_path):
+def test_read_conversations_reads_what_data_sft_reads(tmp_path):
+    """The three formats `data sft` takes; the rows it skips (bad JSON, no assistant turn, a turn that spells a
+    special token, which the template would turn into a control token) are skipped and counted here too."""
+    from minillm.data.sft import parse_conversation
+
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\n\nhello"}]},
+        {"conversations": [{"from": "human", "value": "who wrote it"}, {"from": "gpt", "value": "li bai"}]},
+        {"instruction": "name a cat", "input": "", "output": "tom"},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y<|im_end|>z"}]},
+    ]
     path = tmp_path / "chat.jsonl"
-    path.write_text(
-        '{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot", '
-        '"content": "x"}]}\n',
-        encoding="utf-8",
-    )
-    with pytest.raises(UserError, match=r"chat.jsonl:2: each message needs a role"):
-        chat_eval.read_conversations(path)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{oops\n", encoding="utf-8")
+    conversations, invalid = chat_eval.read_conversations(path)
+    assert conversations == [parse_conversation(r) for r in rows[:3]]
+    assert conversations[0][1]["content"] == "hello"  # leading blank lines dropped, as in training
+    assert invalid["invalid_rows"] == 3
+    assert [reason.split(": ", 1)[0] for reason in invalid["first_invalid"]] == [f"{path}:{n}" for n in (4, 5, 6)]
+    assert "spells the special token <|im_end|>" in invalid["first_invalid"][1]
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text(json.dumps(rows[3]) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"no conversation with an assistant turn in the file \(first: .*bad.jsonl:1"):
+        chat_eval.read_conversations(only_bad)
+    (tmp_path / "x.csv").write_text("question,answer\n", encoding="utf-8")
+    with pytest.raises(UserError, match="unsupported file type '.csv'"):
+        chat_eval.read_conversations(tmp_path / "x.csv")
     assert chat_eval.normalize_answer("  Li   BAI。") == "li bai"
 
 
@@ -402,6 +420,7 @@ def test_cli_chat_writes_json(tiny, tmp_path):
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "li bai"}]}
         for q in ("who wrote this poem", "the cat")
     ]
+    rows.append({"messages": [{"role": "user", "content": "a question nobody answered"}]})  # skipped, counted
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "chat.json"
     code = run_cli(*[
@@ -423,6 +442,7 @@ def test_cli_chat_writes_json(tiny, tmp_path):
     report = json.loads(out.read_text())
     assert report["exact_match"]["items"] == 2 and report["conversations"] == 2
     assert report["assistant_tokens"] > 0 and math.isfinite(report["loss"])
+    assert report["invalid_rows"] == 1 and report["first_invalid"] == [f"{data}:3: no assistant turn"]
 
 
 def test_cli_json_never_replaces_an_input_or_an_existing_file_unasked(tiny, tmp_path, capsys):

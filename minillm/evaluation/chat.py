@@ -2,8 +2,9 @@
 
     minillm eval chat --model runs/sft_mini_llama3_*/final --data heldout_chat.jsonl --json chat.json
 
-Input: jsonl, one conversation per line as `{"messages": [{"role": "user", "content": ...}, ...]}` (roles system,
-user, assistant), the format `minillm data sft` takes.
+Input: what `minillm data sft` takes (`read_conversations`): `.jsonl`, `.json` or `.parquet` rows in the `messages`
+(role/content), ShareGPT or Alpaca format, normalised as training normalises them; rows it would skip are skipped
+and counted.
 
 Notable choices:
 - Loss is scored exactly where SFT trains: the tokens the tokenizer's chat template marks with `{% generation %}`
@@ -19,7 +20,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,39 +33,41 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-ROLES = ("system", "user", "assistant")
 TRAILING_PUNCTUATION = " \t\n.。!！?？,，;；:：、"
 
 Conversation = list[dict[str, str]]
 
 
-def read_conversations(path: Path) -> list[Conversation]:
-    """The conversations of a `messages`-format jsonl file; a malformed row is an error naming its line."""
+def read_conversations(path: Path) -> tuple[list[Conversation], dict[str, Any]]:
+    """The conversations of a held-out chat file, read as `minillm data sft` reads its inputs (`.jsonl`, `.json` or
+    `.parquet`; `messages`, ShareGPT or Alpaca rows, `minillm.data.sft.parse_conversation`), so evaluation sees the
+    conversations training would. Rows `data sft` would skip (malformed, no assistant turn, a turn that spells a
+    special token) are skipped here too and counted: (conversations, {"invalid_rows": n, "first_invalid": [...]})."""
+    from minillm.data.sft import MAX_REASONS, InvalidRow, parse_conversation
+    from minillm.data.sources import Source, iter_rows
+
     if path.is_dir():
-        raise UserError(f"--data {path}: a directory; give a .jsonl file of conversations")
+        raise UserError(f"--data {path}: a directory; give a .jsonl, .json or .parquet file of conversations")
     if not path.is_file():
         raise UserError(f"--data {path}: no such file")
-    conversations = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".parquet"):
+        raise UserError(f"--data {path}: unsupported file type '{path.suffix}' (use .jsonl, .json or .parquet)")
+    source = Source("parquet" if suffix == ".parquet" else "jsonl", str(path))
+    conversations: list[Conversation] = []
+    invalid: list[str] = []
+    for where, row, error in iter_rows(source):
+        if error is None:
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg} column {err.colno})") from err
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise UserError(f"{path}:{number}: expected an object with a non-empty 'messages' list")
-            for message in messages:
-                if not isinstance(message, dict) or message.get("role") not in ROLES:
-                    raise UserError(f"{path}:{number}: each message needs a role in {', '.join(ROLES)}")
-                if not isinstance(message.get("content"), str):
-                    raise UserError(f"{path}:{number}: each message needs a string 'content'")
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+                conversations.append(parse_conversation(row))
+                continue
+            except InvalidRow as err:
+                error = str(err)
+        invalid.append(f"{where}: {error}")
     if not conversations:
-        raise UserError(f"--data {path}: no conversation in the file")
-    return conversations
+        first = f" (first: {invalid[0]})" if invalid else ""
+        raise UserError(f"--data {path}: no conversation with an assistant turn in the file{first}")
+    return conversations, {"invalid_rows": len(invalid), "first_invalid": invalid[:MAX_REASONS]}
 
 
 def normalize_answer(text: str) -> str:
