@@ -168,17 +168,10 @@ def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     # what the reference class cannot do with this model (only mini_qwen3_next has such cases)
     notes = package.export_notes(model.config) if hasattr(package, "export_notes") else []
     ref.generation_config = model.generation_config  # eos/pad and sampling defaults travel with the model
-    tokenizer_files: list[str] = []
-
-    def write(tmp: Path) -> None:
-        ref.save_pretrained(tmp)
-        tokenizer_files.extend(_copy_tokenizer_files(src, tmp))
-
-    _write_atomically(dst, write)
     return {
         "architecture": model_type,
         "reference": type(ref).__name__,
-        "tokenizer_files": tokenizer_files,
+        "tokenizer_files": _save_with_tokenizer(ref, src, dst),
         "notes": notes,
     }
 
@@ -209,18 +202,18 @@ def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
         )
     model = model_package(model_type).from_reference(ref)
     model.generation_config = ref.generation_config
-    tokenizer_files: list[str] = []
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer_files.extend(_copy_tokenizer_files(src, tmp))
-
-    _write_atomically(dst, write)
-    return {"architecture": model_type, "reference": type(ref).__name__, "tokenizer_files": tokenizer_files}
+    return {"architecture": model_type, "reference": type(ref).__name__,
+            "tokenizer_files": _save_with_tokenizer(model, src, dst)}
 
 
 def _save_checkpoint_model(src: Path, dst: Path) -> dict:
     model = load_causal_lm(src, "auto", None)
+    return {"architecture": model.config.model_type, "reference": f"checkpoint {src.name}",
+            "tokenizer_files": _save_with_tokenizer(model, src, dst)}
+
+
+def _save_with_tokenizer(model, src: Path, dst: Path) -> list[str]:
+    """Write `model` and the tokenizer files of `src` to `dst` (atomically); returns the tokenizer files copied."""
     tokenizer_files: list[str] = []
 
     def write(tmp: Path) -> None:
@@ -228,5 +221,4 @@ def _save_checkpoint_model(src: Path, dst: Path) -> dict:
         tokenizer_files.extend(_copy_tokenizer_files(src, tmp))
 
     _write_atomically(dst, write)
-    return {"architecture": model.config.model_type, "reference": f"checkpoint {src.name}",
-            "tokenizer_files": tokenizer_files}
+    return tokenizer_files
