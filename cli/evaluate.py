@@ -62,14 +62,16 @@ def ppl(
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Perplexity and bits per byte (tokenizer-independent) of a model on held-out text."""
+    from minillm.devices import resolve_device
     from minillm.evaluation import loading, perplexity, report
     from minillm.paths import check_output_file
+    from minillm.runs import resolve_model_dir
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
     files = perplexity.expand_data_paths(data)
     check_output_file(json_out, "--json", overwrite, files)
-    model_dir = loading.resolve_model_dir(model)
-    torch_device = loading.resolve_device(device)
+    model_dir = resolve_model_dir(model)
+    torch_device = resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
         model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)
     )
@@ -104,15 +106,17 @@ def chat(
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Teacher-forced loss on assistant tokens, and greedy exact match on short answers."""
+    from minillm.devices import resolve_device
     from minillm.evaluation import chat as chat_eval
     from minillm.evaluation import loading, report
     from minillm.paths import check_output_file
+    from minillm.runs import resolve_model_dir
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, max_new_tokens=max_new_tokens)
     check_output_file(json_out, "--json", overwrite, [data])
     conversations, invalid = chat_eval.read_conversations(data)
-    model_dir = loading.resolve_model_dir(model)
-    torch_device = loading.resolve_device(device)
+    model_dir = resolve_model_dir(model)
+    torch_device = resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
         model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)
     )
@@ -170,10 +174,12 @@ def mc(
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Multiple-choice accuracy by log-likelihood (acc, acc_norm, acc_bytes as in lm-evaluation-harness)."""
+    from minillm.devices import resolve_device
     from minillm.errors import UserError
     from minillm.evaluation import loading, report
     from minillm.evaluation import multiple_choice as mc_eval
     from minillm.paths import check_output_file
+    from minillm.runs import resolve_model_dir
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
     if few_shot < 0:
@@ -189,8 +195,8 @@ def mc(
     check_output_file(json_out, "--json", overwrite, [data] + ([dev] if dev else []))
     questions = mc_eval.load_questions(data, config, split, limit=limit)
     dev_questions = mc_eval.load_questions(dev, config, dev_split, option="--dev") if few_shot else None
-    model_dir = loading.resolve_model_dir(model)
-    torch_device = loading.resolve_device(device)
+    model_dir = resolve_model_dir(model)
+    torch_device = resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
         model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)
     )

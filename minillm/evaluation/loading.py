@@ -1,9 +1,9 @@
-"""Finding and loading the model to evaluate, and choosing the device and dtype.
+"""Loading the model to evaluate, and choosing its dtype and the evaluation's window length.
 
 Any causal LM directory works: our own architectures (registered with the Auto classes by `import minillm`) and
 models exported to a native transformers architecture alike, since both load through `AutoModelForCausalLM`.
-`--model` may also name a run directory or a checkpoint of a run; without it, the newest finished run is used
-(`minillm.runs.resolve_model_dir`).
+Which directory `--model` names (a run directory, a checkpoint of a run, or the newest finished run when not given)
+is `minillm.runs.resolve_model_dir`'s answer; the device is `minillm.devices.resolve_device`'s.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from minillm.devices import resolve_device  # noqa: F401  (the CLI's entry point for --device)
 from minillm.errors import UserError
-from minillm.runs import resolve_model_dir  # noqa: F401  (the CLI's entry point for --model)
 
 if TYPE_CHECKING:
     import torch
