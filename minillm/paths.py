@@ -61,3 +61,19 @@ def check_output_file(
     if target.exists() and not overwrite:
         raise UserError(f"{option} {path}: already exists; choose another file or pass --overwrite")
     check_creatable(target, option)
+
+
+def write_output_file(path: str | os.PathLike, text: str, option: str = "--json") -> None:
+    """Write `text` to the file `path` (the output `check_output_file` allowed before the work), creating its missing
+    directories, through a temporary file beside it: no half-written file is ever left. An OSError the check could
+    not foresee (a read-only file system, a full disk) becomes a one-line `UserError`."""
+    path = Path(path)
+    make_parent_dirs(path, option)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # opened as usual: the file mode follows the umask
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -40,7 +40,7 @@ from minillm.devices import resolve_device  # noqa: E402
 from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers import attention  # noqa: E402
 from minillm.models.layers.attention import force_attention_backend, prepare_attention, sdpa_attention  # noqa: E402
-from minillm.paths import check_output_file  # noqa: E402
+from minillm.paths import check_output_file, write_output_file  # noqa: E402
 from minillm.training import perf  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         meta = dict(device=name, dtype=str(dtype), mode=mode, batch=batch, heads=args.heads, kv_heads=args.kv_heads,
                     head_dim=args.head_dim, v_head_dim=v_dim, doc_len=None if args.plain_causal else args.doc_len,
                     torch=torch.__version__)
-        perf.write_output_file(args.json, json.dumps(dict(meta, results=results), indent=2), "--json")
+        write_output_file(args.json, json.dumps(dict(meta, results=results), indent=2), "--json")
 
 
 if __name__ == "__main__":

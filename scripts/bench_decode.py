@@ -34,7 +34,7 @@ from minillm.inference.engine import Engine  # noqa: E402
 from minillm.inference.loading import default_dtype  # noqa: E402
 from minillm.inference.sampling import SamplingParams  # noqa: E402
 from minillm.models.registry import MODEL_NAMES  # noqa: E402
-from minillm.paths import check_output_file  # noqa: E402
+from minillm.paths import check_output_file, write_output_file  # noqa: E402
 from minillm.training import perf  # noqa: E402
 
 CLOCK = time.perf_counter  # `--clock process` swaps in time.process_time
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         results += bench_model(name, model, tok, args, device, table)
     console.print(table)
     if args.json:
-        perf.write_output_file(
+        write_output_file(
             args.json,
             json.dumps({"device": str(device), "args": json_args(args), "results": results}, indent=2),
             "--json",

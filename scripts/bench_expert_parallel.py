@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minillm.devices import resolve_device  # noqa: E402
-from minillm.paths import check_output_file  # noqa: E402
+from minillm.paths import check_output_file, write_output_file  # noqa: E402
 from minillm.training import perf  # noqa: E402
 from minillm.training.config import parse_model_args  # noqa: E402
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['ep']:>3} {r['params_per_rank']:>12,} {r['step_ms']:>9.1f} {r['all_to_all_ms']:>14.1f} "
               f"{r['all_to_all_share']:>6.1%} {r['tokens_per_s']:>10,.0f}")  # fmt: skip
     if args.json:
-        perf.write_output_file(args.json, json.dumps(results, indent=2) + "\n", "--json")
+        write_output_file(args.json, json.dumps(results, indent=2) + "\n", "--json")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minillm.devices import resolve_device  # noqa: E402
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
-from minillm.paths import check_output_file  # noqa: E402
+from minillm.paths import check_output_file, write_output_file  # noqa: E402
 from minillm.training import perf  # noqa: E402
 from minillm.training.host_memory import keep_freed_memory  # noqa: E402
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # the options first, then what they resolved to: `--threads` is None unless given, the real count is torch's
         meta = {**{k: v for k, v in vars(args).items() if k != "json"}, "device": str(device),
                 "threads": torch.get_num_threads()}
-        perf.write_output_file(args.json, json.dumps({"config": meta, "results": results}, indent=2), "--json")
+        write_output_file(args.json, json.dumps({"config": meta, "results": results}, indent=2), "--json")
     return results
 
 

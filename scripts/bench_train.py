@@ -65,7 +65,7 @@ from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
 from minillm.models.stats import model_stats  # noqa: E402
-from minillm.paths import check_output_file  # noqa: E402
+from minillm.paths import check_output_file, write_output_file  # noqa: E402
 from minillm.training import perf  # noqa: E402
 from minillm.training import trainer as trainer_module  # noqa: E402
 from minillm.training.batches import GlobalBatches, Permutation, Prefetcher  # noqa: E402
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
               + " ".join(f"{r:.2f}" for r in ratios) + ")")
     if args.json:
         payload = results[dtypes[0]] if len(dtypes) == 1 else results
-        perf.write_output_file(args.json, json.dumps(payload, indent=2), "--json")
+        write_output_file(args.json, json.dumps(payload, indent=2), "--json")
     return results[dtypes[0]] if len(dtypes) == 1 else results
 
 
@@ -492,7 +492,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
                 m["peak"] = perf.device_peak_flops(device, dtype)
         if args.profile:
             table = profile_round(configs[dtypes[0]], run, device, args.warmup, steps=min(5, args.steps))
-            perf.write_output_file(args.profile, table + "\n", "--profile")
+            write_output_file(args.profile, table + "\n", "--profile")
             print(f"profile of {min(5, args.steps)} steps ({dtypes[0]}) written to {args.profile}")
 
     results = {}

@@ -12,7 +12,7 @@ import torch
 
 from minillm.errors import UserError
 from minillm.models.registry import MODEL_NAMES, build_config
-from minillm.paths import check_output_file
+from minillm.paths import check_output_file, write_output_file
 from minillm.training import perf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,7 +268,7 @@ def test_check_output_file(tmp_path):
         check_output_file(tmp_path / "file" / "x.json", "--json")
     with pytest.raises(UserError, match="is a directory"):
         check_output_file(tmp_path, "--json")
-    perf.write_output_file(tmp_path / "new" / "dir" / "x.json", "{}")
+    write_output_file(tmp_path / "new" / "dir" / "x.json", "{}")
     assert (tmp_path / "new" / "dir" / "x.json").read_text() == "{}"
 
 

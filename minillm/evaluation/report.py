@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from minillm.paths import make_parent_dirs
+from minillm.paths import write_output_file
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    """Write `data` to `path` through a temporary file in the same directory, so no partial file is left behind."""
-    make_parent_dirs(path, "--json")
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, ensure_ascii=False, indent=2)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `data` as JSON to `path` (`minillm.paths.write_output_file`: no partial file is left behind)."""
+    write_output_file(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n", "--json")
 
 
 def perplexity_table(report: dict[str, Any]) -> Table:

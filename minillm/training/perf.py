@@ -22,12 +22,10 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from minillm.errors import UserError
-from minillm.paths import make_parent_dirs
 
 # Dense peak TFLOP/s per dtype. Keys are matched as substrings of `torch.cuda.get_device_name()`, in this order.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -215,17 +213,6 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)  # steps, rounds, repeats, batch sizes, sequence lengths, threads
 non_negative_int = int_at_least(0)  # warm-up steps: none is a valid choice
-
-
-def write_output_file(path: str | Path, text: str, option: str = "--json") -> None:
-    """Write `text` to `path`, creating its missing directories (`minillm.paths.check_output_file` allowed them); an OSError the
-    check could not foresee (a read-only file system, a full disk) becomes a one-line `UserError`."""
-    path = Path(path)
-    make_parent_dirs(path, option)
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"{option} {path}: cannot write ({err.strerror or err})") from None
 
 
 def run_main(main: Callable[[], object]) -> None:
