@@ -23,7 +23,9 @@ from pathlib import Path
 
 from minillm.errors import UserError
 
-LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".txt")
+# What each local file suffix holds, in any case: the one table `data pretrain`, `data sft`, `eval ppl` and
+# `eval chat` read files by.
+KIND_OF_SUFFIX = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 _HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
 
@@ -39,15 +41,15 @@ class Source:
         return os.path.getsize(self.name) if self.kind != "hf" else 0
 
 
-def _kind_of(path: str) -> str:
+def local_source(path: str | os.PathLike, kinds: tuple[str, ...] = ("parquet", "jsonl", "txt"), what: str = "") -> Source:
+    """The source of one local file, its kind read from its suffix; a suffix outside `kinds` is one line naming
+    the suffixes that are (prefixed with `what`, e.g. "--data ", where an option names the input)."""
     suffix = Path(path).suffix.lower()
-    if suffix == ".parquet":
-        return "parquet"
-    if suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if suffix == ".txt":
-        return "txt"
-    raise UserError(f"{path}: unsupported file type '{suffix}' (use .parquet, .jsonl or .txt)")
+    kind = KIND_OF_SUFFIX.get(suffix)
+    if kind not in kinds:
+        allowed = ", ".join(s for s, k in KIND_OF_SUFFIX.items() if k in kinds)
+        raise UserError(f"{what}{path}: unsupported file type '{Path(path).suffix}' (use {allowed})")
+    return Source(kind, str(path))
 
 
 def under_local_directory(name: str) -> bool:
@@ -70,18 +72,18 @@ def resolve_inputs(inputs: list[str] | str) -> list[Source]:
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise UserError(f"{item}: the glob matches no files")
-            sources.extend(Source(_kind_of(p), p) for p in matches)
+            sources.extend(local_source(p) for p in matches)
         elif os.path.isdir(item):
             matches = _data_files_under(Path(item))
             if not matches:
                 raise UserError(f"{item}: the directory holds no .parquet, .jsonl or .txt files")
-            sources.extend(Source(_kind_of(p), p) for p in matches)
+            sources.extend(local_source(p) for p in matches)
         elif os.path.isfile(item):
-            sources.append(Source(_kind_of(item), item))
+            sources.append(local_source(item))
         elif (
             _HF_NAME.match(item)
             and not item.startswith((".", "/"))
-            and Path(item).suffix.lower() not in LOCAL_SUFFIXES
+            and Path(item).suffix.lower() not in KIND_OF_SUFFIX
             and not under_local_directory(item)
         ):
             check_on_hub(item)
@@ -101,7 +103,7 @@ def _data_files_under(directory: Path) -> list[str]:
         inner = path.relative_to(directory).parts
         if (
             path.is_file()
-            and path.suffix.lower() in LOCAL_SUFFIXES
+            and path.suffix.lower() in KIND_OF_SUFFIX
             and not any(part.startswith(".") for part in inner)
             and not any(parent in built for parent in path.parents)
         ):

@@ -44,16 +44,13 @@ def read_conversations(path: Path) -> tuple[list[Conversation], dict[str, Any]]:
     conversations training would. Rows `data sft` would skip (malformed, no assistant turn, a turn that spells a
     special token) are skipped here too and counted: (conversations, {"invalid_rows": n, "first_invalid": [...]})."""
     from minillm.data.sft import MAX_REASONS, InvalidRow, parse_conversation
-    from minillm.data.sources import Source, iter_rows
+    from minillm.data.sources import iter_rows, local_source
 
     if path.is_dir():
         raise UserError(f"--data {path}: a directory; give a .jsonl, .json or .parquet file of conversations")
     if not path.is_file():
         raise UserError(f"--data {path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".parquet"):
-        raise UserError(f"--data {path}: unsupported file type '{path.suffix}' (use .jsonl, .json or .parquet)")
-    source = Source("parquet" if suffix == ".parquet" else "jsonl", str(path))
+    source = local_source(path, kinds=("jsonl", "parquet"), what="--data ")
     conversations: list[Conversation] = []
     invalid: list[str] = []
     for where, row, error in iter_rows(source):

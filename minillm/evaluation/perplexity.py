@@ -13,8 +13,8 @@ Notable choices:
   is the token before it, so no token is skipped or scored twice. Later windows see less context than a sliding
   window would give them: a slightly pessimistic number, but each token costs one forward position, not L.
 - Held-out files are read as `minillm data pretrain` reads training text (`minillm.data.sources`): `.parquet`,
-  `.jsonl` and `.json` (one document per row, `text_column`), `.txt` and also `.md` (documents separated by blank
-  lines); suffixes in any case.
+  `.jsonl` and `.json` (one document per row, `text_column`) and `.txt` (documents separated by blank lines);
+  suffixes in any case.
 - Already-tokenized windows (a validation split of pretraining shards, as the trainer holds, or a shard directory
   given as `--data`) are scored by `evaluate_token_windows`; their bytes come from a per-token byte-length table
   of the byte-level vocabulary, and special tokens (0 bytes, e.g. the `<|endoftext|>` between documents) are not
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from minillm.data.sources import iter_text_batches, local_source
 from minillm.errors import UserError
 from minillm.evaluation.loading import resolve_max_seq_len
 from minillm.evaluation.scoring import sum_nll
@@ -36,10 +37,6 @@ from minillm.evaluation.scoring import sum_nll
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-TEXT_SUFFIXES = (".txt", ".md")
-ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
-
 
 def _scores(nll: float, tokens: int, n_bytes: int) -> dict[str, Any]:
     """Loss, perplexity and bits per byte from summed NLL (nats), scored tokens and UTF-8 bytes."""
@@ -74,24 +71,19 @@ def expand_data_paths(patterns: Sequence[str | Path]) -> list[Path]:
                 raise UserError(f"--data {path}: no such file")
             files.append(path)
     for path in files:
-        if not path.is_dir() and path.suffix.lower() not in TEXT_SUFFIXES + ROW_SUFFIXES:
-            known = ", ".join(TEXT_SUFFIXES + ROW_SUFFIXES)
-            raise UserError(f"--data {path}: unsupported file type '{path.suffix}' (expected one of {known})")
+        if not path.is_dir():
+            local_source(path, what="--data ")  # one line for a suffix `data pretrain` would not read
     return files
 
 
 def read_texts(path: Path, text_column: str = "text", limit: int | None = None) -> list[str]:
     """The documents of one held-out file (at most `limit`), read as `minillm data pretrain` reads its inputs
     (`minillm.data.sources.iter_text_batches`): a row of a `.jsonl`/`.json`/`.parquet` file, or a run of lines
-    between blank lines of a `.txt`/`.md` file; blank documents are dropped. So held-out text is cut into
+    between blank lines of a `.txt` file; blank documents are dropped. So held-out text is cut into
     documents exactly as training text was."""
-    from minillm.data.sources import Source, iter_text_batches
-
-    suffix = path.suffix.lower()
-    kind = "txt" if suffix in TEXT_SUFFIXES else "jsonl" if suffix in (".jsonl", ".json") else "parquet"
     texts: list[str] = []
     try:
-        for batch in iter_text_batches(Source(kind, str(path)), text_column, batch_size=256):
+        for batch in iter_text_batches(local_source(path, what="--data "), text_column, batch_size=256):
             texts.extend(batch)
             if limit is not None and len(texts) >= limit:
                 break  # a large held-out file need not be read whole for a quick --limit run
