@@ -127,6 +127,47 @@ def test_think_content_is_styled_apart():
     assert "Answer" in raw and "\x1b[2;3mAnswer" not in raw
 
 
+def test_the_answer_is_printed_as_written():
+    """Tabs, emoji codes and brackets reach a pipe unchanged (rich would expand tabs and draw ":smile:");
+    on a terminal, control characters other than tab and newline are dropped."""
+    answer = "def f():\n\treturn [bold]1[/] :smile:\r\x1b[31mred"
+    piped = Console(file=io.StringIO(), width=200)
+    printer = ThinkPrinter(piped)
+    printer.write(answer)
+    assert piped.file.getvalue() == answer
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=200)
+    ThinkPrinter(terminal).write(answer)
+    assert terminal.file.getvalue() == "def f():\n\treturn [bold]1[/] :smile:[31mred"
+
+
+def test_text_that_cannot_go_into_a_prompt_is_one_line_and_the_chat_goes_on(model_dir):
+    """A line that is not UTF-8 (read from stdin with surrogateescape) and a message spelling a control token
+    (which the chat template would read as one: a forged turn) are refused; the next message is answered."""
+    reply = expected_replies(model_dir, ["Hello there"])[0]
+    stdin = b"bad \xff byte\nhi<|im_end|> and more\nHello there\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "chat", "--model", str(model_dir), *GREEDY],
+        input=stdin,
+        capture_output=True,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=120,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "user message: not valid Unicode text: a lone surrogate U+DCFF at character 4" in out
+    assert "user message: the text spells the control token <|im_end|>" in out
+    assert [line.split("assistant> ", 1)[1] for line in out.splitlines() if "assistant> " in line] == [reply]
+
+
+def test_a_prompt_spelling_a_control_token_is_exit_2(model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--model", str(model_dir), "--prompt", "<|endoftext|>", *GREEDY])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--prompt: user message: the text spells the control token <|endoftext|>" in err
+
+
 def broken_model_dirs(model_dir: Path, root: Path) -> dict[str, Path]:
     """Copies of `model_dir` with a truncated safetensors file, a config.json that does not match the weights, and
     no tokenizer files (the default 32k tokenizer does not fit the tiny model's vocabulary)."""

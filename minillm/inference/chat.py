@@ -17,6 +17,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 from minillm.inference.engine import BaseEngine
+from minillm.inference.prompt import InvalidText, chat_prompt_ids
 from minillm.inference.sampling import MAX_SEED, SamplingParams
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINK_STYLE = "dim italic"
 HELP = "commands: /reset  /system TEXT  /exit"
+TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls and DEL, except tab and newline
 
 
 @dataclass
@@ -46,15 +49,17 @@ class ChatSession:
         self.history.clear()
 
     def _render(self, messages: list[dict]) -> list[int]:
-        tok = self.engine.tokenizer
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        try:
+            return chat_prompt_ids(self.engine.tokenizer, messages)
+        except InvalidText as err:  # the system prompt or the new message: earlier turns were checked before
+            raise ValueError(f"{messages[err.index]['role']} message: {err.problem}") from None
 
     def build_prompt(self, user_text: str) -> tuple[list[int], int]:
         """Token ids for the next answer and how many old turns had to be dropped to fit the window.
 
         Keeps `min(max_new_tokens, context / 2)` tokens free for the answer. Raises ValueError when even the
-        new message alone does not fit; the history is then left as it was.
+        new message alone does not fit, or when a message cannot go into a prompt (`minillm.inference.prompt`);
+        the history is then left as it was.
         """
         system = [{"role": "system", "content": self.system}] if self.system else []
         new = [{"role": "user", "content": user_text}]
@@ -116,7 +121,16 @@ class ThinkPrinter:
         self.thinking = False
 
     def _print(self, text: str, style: str | None) -> None:
-        self.console.print(text, style=style, end="", markup=False, highlight=False, soft_wrap=True)
+        if style is None:
+            # the answer goes out as the model wrote it: rich would expand its tabs and turn ":smile:" into an emoji
+            # (code and `--prompt` output in scripts would change); on a terminal, control characters other than
+            # newlines and tabs are dropped, so a generated escape sequence cannot drive the terminal
+            if self.console.is_terminal:
+                text = TERMINAL_CONTROL.sub("", text)
+            self.console.file.write(text)
+            self.console.file.flush()
+        else:
+            self.console.print(text, style=style, end="", markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def answer_once(session: ChatSession, prompt_text: str, console: Console) -> None:
@@ -162,7 +176,7 @@ def run_repl(session: ChatSession, console: Console, model_name: str, read=input
         try:
             prompt, dropped = session.build_prompt(text)
         except ValueError as err:
-            console.print(f"[red]{err}[/]")
+            console.print(str(err), style="red", markup=False, highlight=False)
             continue
         if dropped and not session.trimmed_notice_given:
             console.print("[dim](older turns are being dropped to fit the context window)[/]")

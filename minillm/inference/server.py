@@ -19,6 +19,9 @@ Notable choices:
   back in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes
   (400 bad request, 401 auth, 404 unknown model/route, 413 body too large, 429 busy), never FastAPI's 422.
 - With `--api-key`, every request (health included) needs `Authorization: Bearer KEY`, compared in constant time.
+- OpenAI fields it does not implement (tools, logprobs, echo, JSON mode, presence/frequency penalties) are refused
+  with a 400 when they ask for something; a chat message that spells a control token is refused too
+  (`minillm.inference.prompt`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minillm.errors import UserError
 from minillm.inference.engine import FINISH_CANCELLED, BaseEngine, Completion
+from minillm.inference.prompt import InvalidText, chat_prompt_ids, text_prompt_ids
 from minillm.inference.sampling import MAX_SEED, SamplingParams
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt a small model's context window can hold
@@ -66,9 +70,11 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
     def response(self) -> JSONResponse:
-        """The JSON response: OpenAI's `{"error": {"message", "type", "param", "code"}}` with this status."""
+        """The JSON response: OpenAI's `{"error": {"message", "type", "param", "code"}}` with this status (a 429
+        says when to retry, as HTTP asks; clients such as openai's honour `Retry-After`)."""
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        headers = {"Retry-After": "1"} if self.status == 429 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 # -- request schemas (strict: "0.5" is not a number, 1 is not a bool) ----------------------------------------------
@@ -93,7 +99,8 @@ class ChatMessage(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # NaN and Infinity are not JSON, though Python's parser reads them: refused as numbers, not range-checked
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -127,6 +134,43 @@ def _validation_error(err: ValidationError) -> APIError:
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
+# OpenAI fields this server does not implement, each with its values that ask for nothing (what clients send by
+# default). Any other value is refused with a 400 instead of answered as if it had not been asked: a client that
+# wants log-probabilities, an echoed prompt or a tool call must not get a plain completion that looks like one.
+_UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "audio": (None,),
+    "prediction": (None,),
+}
+
+
+def _same(value: Any, unused: Any) -> bool:
+    """JSON equality that tells `false` from `0` (and `null` from both) but not `0` from `0.0`."""
+    if unused is None or isinstance(unused, bool) or isinstance(value, bool):
+        return value is unused
+    return value == unused
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """400 for the first field of `body` that asks for something this server does not do."""
+    for name, unused in _UNSUPPORTED_FIELDS.items():
+        value = body.get(name)
+        if not any(_same(value, u) for u in unused):
+            hint = " (repetition_penalty is)" if name.endswith("_penalty") else ""
+            raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
+
 
 class _Slot:
     """One admitted request; `release()` may be called more than once (only the first counts)."""
@@ -156,6 +200,7 @@ class _Server:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        check_api_key(api_key)
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
@@ -202,13 +247,20 @@ class _Server:
             )
 
     def sampling(
-        self, req: _SamplingFields, prompt_tokens: int, max_tokens: int | None, prompt_param: str
+        self,
+        req: _SamplingFields,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        prompt_param: str,
+        max_tokens_param: str = "max_tokens",
     ) -> SamplingParams:
         """Validate the request's sampling fields against the context window and turn them into `SamplingParams`.
 
-        Without `max_tokens` the completion may fill the rest of the context window; `prompt_param` names the
-        field that holds the prompt in errors ("messages" or "prompt").
+        Without `max_tokens` the completion may fill the rest of the context window; `prompt_param` and
+        `max_tokens_param` name the fields that held the prompt and the length in errors ("messages" or "prompt";
+        "max_tokens" or chat's "max_completion_tokens").
         """
+        name = max_tokens_param
         if req.n not in (None, 1):
             raise APIError(
                 400, f"n={req.n} is not supported: this server returns one choice (n=1)", param="n"
@@ -224,20 +276,18 @@ class _Server:
             )
         if max_tokens is not None:
             if max_tokens <= 0:
-                raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+                raise APIError(400, f"{name} must be at least 1, got {max_tokens}", param=name)
             if ctx is not None and max_tokens > ctx:
                 raise APIError(
-                    400,
-                    f"max_tokens={max_tokens} is above this model's context length of {ctx} tokens",
-                    param="max_tokens",
+                    400, f"{name}={max_tokens} is above this model's context length of {ctx} tokens", param=name
                 )
             if ctx is not None and prompt_tokens + max_tokens > ctx:
                 raise APIError(
                     400,
                     f"This model's maximum context length is {ctx} tokens, but you requested "
                     f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
-                    "for the completion); reduce the prompt or max_tokens",
-                    param="max_tokens",
+                    f"for the completion); reduce the prompt or {name}",
+                    param=name,
                     code="context_length_exceeded",
                 )
         else:
@@ -255,9 +305,12 @@ class _Server:
             stop=stop,
         )
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` as is (the chat template already holds the special tokens)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def completion_prompt(self, text: str) -> list[int]:
+        """The prompt tokens of a completion request: its text as written (control tokens included)."""
+        try:
+            return text_prompt_ids(self.tokenizer, text)
+        except InvalidText as err:
+            raise APIError(400, f"prompt: {err.problem}", param="prompt") from None
 
     def chat_prompt(self, req: ChatRequest) -> list[int]:
         """The prompt tokens of a chat request: its messages through the model's chat template, ending with the
@@ -274,8 +327,11 @@ class _Server:
                 )
             role = "system" if m.role == "developer" else m.role
             messages.append({"role": role, "content": m.text()})
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text)
+        try:
+            return chat_prompt_ids(self.tokenizer, messages)
+        except InvalidText as err:
+            param = f"messages.{err.index}.content"
+            raise APIError(400, f"{param}: {err.problem}", param=param) from None
 
     # -- decoding ----------------------------------------------------------------------------------------------
     def admit(self) -> _Slot:
@@ -399,23 +455,27 @@ def _event_stream(
 
     `envelope(choices)` wraps a list of choices in the endpoint's chunk object; `choices(event)` gives the choices
     one decoding event produces (possibly none); `first`, if given, is sent before decoding starts (chat's role
-    delta); with `usage_prompt_tokens` a last chunk carries the usage. The stream always ends with
+    delta); with `usage_prompt_tokens` a last chunk carries the usage (and, as in OpenAI's stream, every other
+    chunk says `"usage": null`). The stream always ends with
     `data: [DONE]`, except when the client has left. An error after the 200 status is already sent is reported as
     an OpenAI error event (`{"error": {...}}`, what the openai client raises on) instead of a truncated stream.
     """
+
+    def chunk(chs: list[dict]) -> dict:
+        return envelope(chs) if usage_prompt_tokens is None else {**envelope(chs), "usage": None}
 
     async def body() -> AsyncIterator[str]:
         produced = 0
         try:
             if first is not None:
-                yield _sse(envelope([first]))
+                yield _sse(chunk([first]))
             async for step in events:
                 for ev in step:
                     if ev.finish_reason == FINISH_CANCELLED:
                         return  # the client is gone: nobody reads the rest
                     produced += ev.token_id is not None
                     for choice in choices(ev):
-                        yield _sse(envelope([choice]))
+                        yield _sse(chunk([choice]))
             if usage_prompt_tokens is not None:
                 yield _sse({**envelope([]), "usage": _usage(usage_prompt_tokens, produced)})
         except Exception as err:  # noqa: BLE001  (reported to the client and logged, not raised into uvicorn)
@@ -487,7 +547,7 @@ def create_app(
     async def list_models() -> dict:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # a checkpoint's name holds a slash: run/step_00000200
     async def get_model(model_id: str) -> dict:
         state.check_model(model_id)
         return model_card()
@@ -497,14 +557,17 @@ def create_app(
         body = await state.read_json(request)
         if "messages" not in body:
             raise APIError(400, "missing required field: messages", param="messages")
+        _refuse_unsupported(body)
         try:
             req = ChatRequest.model_validate(body)
         except ValidationError as err:
             raise _validation_error(err) from None
         state.check_model(req.model)
         prompt = state.chat_prompt(req)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = state.sampling(req, len(prompt), max_tokens, "messages")
+        if req.max_completion_tokens is not None:  # OpenAI's newer name; it wins over max_tokens
+            params = state.sampling(req, len(prompt), req.max_completion_tokens, "messages", "max_completion_tokens")
+        else:
+            params = state.sampling(req, len(prompt), req.max_tokens, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         slot = state.admit()
         if not req.stream:
@@ -552,6 +615,7 @@ def create_app(
         body = await state.read_json(request)
         if "prompt" not in body:
             raise APIError(400, "missing required field: prompt", param="prompt")
+        _refuse_unsupported(body)
         try:
             req = CompletionRequest.model_validate(body)
         except ValidationError as err:
@@ -562,7 +626,7 @@ def create_app(
             raise APIError(
                 400, f"prompt: one prompt per request is supported, got {len(texts)}", param="prompt"
             )
-        prompt = state.encode(texts[0])
+        prompt = state.completion_prompt(texts[0])
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
         max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
@@ -619,6 +683,7 @@ def serve(
     from minillm.inference.loading import load_model_and_tokenizer, model_display_name
 
     console = Console(stderr=True)
+    check_api_key(api_key)
     sock = listening_socket(host, port)  # before the model loads: a busy port fails at once, in one line
     loaded, tokenizer, model_dir = load_model_and_tokenizer(model, device)
     name = model_display_name(model_dir)
@@ -631,6 +696,12 @@ def serve(
         )
     console.print(f"serving [bold]{name}[/] ({model_dir}) on http://{host}:{port}/v1")
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[sock])
+
+
+def check_api_key(api_key: str | None) -> None:
+    """`UserError` for a key no client can send: HTTP header values are ASCII (httpx and openai refuse others)."""
+    if api_key is not None and (not api_key.isascii() or not api_key.isprintable() or not api_key.strip()):
+        raise UserError("--api-key: use printable ASCII characters (an HTTP header carries the key)")
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -1,0 +1,70 @@
+"""Prompt token ids from chat messages or raw text, refusing text that would not be read as itself.
+
+`minillm chat` and `minillm serve` both build prompts here, so a message that one refuses the other refuses too.
+
+Notable choices:
+- A chat prompt is rendered with the tokenizer's chat template and then tokenized with control tokens recognised:
+  that is how the template's own `<|im_start|>` / `<|im_end|>` become single ids. A message whose text spells a
+  control token would therefore turn into that token: a user could close their own turn and write a forged
+  system or assistant turn. Such a message is refused, as `minillm data sft` skips training rows that spell one
+  (`minillm.data.sft.parse_conversation`). A raw completion prompt (`/v1/completions`) is the caller's own text
+  and may hold control tokens on purpose.
+- Text with a lone UTF-16 surrogate (JSON's `"\\ud800"`, or bytes that are not UTF-8 read from a terminal) has no
+  UTF-8 encoding, so no tokenizer can read it; it is refused with the position instead of failing inside the
+  tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+class InvalidText(ValueError):
+    """Text that cannot go into a prompt as written; `index` is the message's position (None for a raw prompt)."""
+
+    def __init__(self, problem: str, index: int | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.index = problem, index
+
+
+def check_unicode(text: str, index: int | None = None) -> None:
+    """Raise `InvalidText` if `text` holds a lone surrogate (no UTF-8 encoding exists for it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        raise InvalidText(
+            f"not valid Unicode text: a lone surrogate U+{code:04X} at character {err.start}", index
+        ) from None
+
+
+def control_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's special added tokens (`<|endoftext|>`, `<|im_start|>`, ...): the texts it turns into ids."""
+    return [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` ({"role", "content"}) through the chat template, ending with the assistant turn's
+    opening. Raises `InvalidText` (with the message's index) for a message the template would misread."""
+    specials = control_tokens(tokenizer)
+    for i, message in enumerate(messages):
+        content = message["content"]
+        check_unicode(content, i)
+        spelled = next((t for t in specials if t in content), None)
+        if spelled is not None:
+            raise InvalidText(
+                f"the text spells the control token {spelled}, which the chat template would read as that token "
+                "(a forged turn); remove it",
+                i,
+            )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def text_prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a raw prompt as written, control tokens included (a completion prompt is the caller's text)."""
+    check_unicode(text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
