@@ -38,6 +38,72 @@ def test_recipe_values_are_typed_and_cli_flags_override_them(tmp_path):
         build_config("pretrain", None, {"max_step": 3})
 
 
+@pytest.mark.parametrize("text, name", [
+    ("lr: .inf", "lr"), ("epochs: .nan", "epochs"), ("max_steps: 1e9999", "max_steps"), ("seed: 1e400", "seed"),
+])
+def test_a_number_that_is_not_finite_is_one_line(tmp_path, text, name):
+    """`--lr inf` used to train a model of NaNs to exit 0; `epochs: .nan` and `max_steps: 1e9999` were tracebacks."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: mini_llama3\n{text}\n")
+    with pytest.raises(UserError, match=f"{name}=.*expected a finite number"):
+        build_config("pretrain", str(recipe))
+    with pytest.raises(UserError, match="expected a finite number"):
+        build_config("pretrain", None, {name: float("inf")})  # a CLI flag, as typer parses it
+    with pytest.raises(UserError, match="max_steps=1000.* is invalid"):
+        build_config("pretrain", None, {"max_steps": 10**400})
+
+
+def test_a_recipe_key_the_stage_does_not_use_is_refused(tmp_path):
+    """`packing: true` in a pretraining recipe was silently ignored; a key holding its default passes, since a
+    run's saved config.yaml (a valid recipe) records every field."""
+    recipe = tmp_path / "r.yaml"
+    for text, stage, message in [
+        ("model: mini_llama3\npacking: true\n", "pretrain", "packing is a sft option; pretrain runs do not use it"),
+        ("model: mini_llama3\nmodel_path: runs/x/final\n", "pretrain", "model_path is a sft option"),
+        ("preset: base\n", "sft", "preset is a pretrain option; sft runs do not use it"),
+        ("model_args: {num_hidden_layers: 2}\n", "sft", "model_args is a pretrain option"),
+    ]:
+        recipe.write_text(text)
+        with pytest.raises(UserError, match=message):
+            build_config(stage, str(recipe))
+    recipe.write_text("model: mini_llama3\npreset: tiny\nmodel_args: {}\npacking: false\nmodel_path: null\n")
+    assert build_config("sft", str(recipe)).model == "mini_llama3"
+    assert build_config("pretrain", str(recipe)).packing is False
+
+
+def test_an_sft_recipe_model_that_is_not_the_model_path_is_refused(tmp_path, capsys):
+    """An SFT recipe's `model` picks the latest pretraining run of that architecture; beside a model path of
+    another architecture it used to be silently replaced by the path's."""
+    from inference_helpers import build_model, build_tokenizer, save_model_dir
+
+    from cli.main import main
+
+    tokenizer = build_tokenizer(tmp_path / "tokenizer")
+    model_dir = save_model_dir(build_model("mini_llama3", len(tokenizer)), tokenizer, tmp_path / "llama")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: mini_deepseekv3\n")
+    run_dir = tmp_path / "run"
+    capsys.readouterr()  # the model's saving
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", "--config", str(recipe), "--model-path", str(model_dir), "--output-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and not run_dir.exists()
+    assert "model mini_deepseekv3 does not match the model to fine-tune" in err and "(mini_llama3)" in err
+
+
+def test_warmup_longer_than_the_run_is_refused(tmp_path, capsys):
+    from cli.main import main
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--model", "mini_llama3", "--max-steps", "3", "--warmup-steps", "3", "--output-dir",
+              str(run_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and not run_dir.exists()
+    assert err.strip().splitlines()[-1] == (
+        "error: --warmup-steps 3 is not below the run's 3 optimizer steps: the learning rate would never reach --lr")
+
+
 def test_model_args_typo_fails_before_anything_is_written(tmp_path, capsys):
     from cli.main import main
     from minillm.models.registry import build_config as build_model_config

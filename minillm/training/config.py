@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,19 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return {key: coerce(key, value, source=f"recipe {path}") for key, value in data.items()}
 
 
+def _check_stage_keys(values: dict[str, Any], stage: str, recipe: str | None) -> None:
+    """Refuse a recipe key that this stage does not use (`packing` in pretraining, `preset` in SFT), unless it
+    holds the default, as a run's saved config.yaml records every field. `model` is exempt: SFT uses it to pick
+    the latest pretraining run of that architecture, and checks it against `model_path` (`train`)."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("stage", "model") or f.name not in values or stage in f.metadata["stages"]:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if values[f.name] != default:
+            used_by = " and ".join(f.metadata["stages"])
+            raise UserError(f"recipe {recipe}: {f.name} is a {used_by} option; {stage} runs do not use it")
+
+
 def coerce(name: str, value: Any, source: str = "option") -> Any:
     """`value` converted to the type of field `name` (YAML reads `1e-3` as a string; the CLI gives strings)."""
     annotation = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}[name]
@@ -240,16 +254,16 @@ def coerce(name: str, value: Any, source: str = "option") -> Any:
             if not isinstance(value, bool):
                 raise ValueError("expected true or false")
             return value
-        if annotation.startswith("int"):
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError("expected an integer")
-            return int(float(value))
-        if annotation.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
+        if annotation.startswith(("int", "float")):
+            if isinstance(value, bool) or not math.isfinite(float(value)):  # YAML's .inf / .nan, `--lr inf`
+                raise ValueError("expected a finite number")
+            if annotation.startswith("int"):
+                if float(value) != int(float(value)):
+                    raise ValueError("expected an integer")
+                return int(float(value))
             return float(value)
         return str(value)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise UserError(f"{source}: {name}={value!r} is invalid ({err})") from None
 
 
@@ -278,6 +292,7 @@ def build_config(stage: str, recipe: str | None = None, overrides: dict[str, Any
         values.update(load_recipe(recipe))
     if values.get("stage", stage) != stage:
         raise UserError(f"recipe {recipe} is for stage {values['stage']!r}, not {stage!r}")
+    _check_stage_keys(values, stage, recipe)
     for key, value in (overrides or {}).items():
         if key not in TrainConfig.field_names():
             raise UserError(f"unknown option {key!r}{closest_field(key)}")

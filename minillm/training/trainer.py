@@ -667,7 +667,10 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
 
         # record what SFT starts from (the latest pretraining run when not given) and name the run after it
         model_dir = sft_model_dir(sft_start_model(config), config.model)
-        config = config.replace(model_path=str(model_dir), model=sft_model_type(model_dir))
+        model_type = sft_model_type(model_dir)
+        if config.model is not None and config.model != model_type:  # a recipe's `model` beside a model_path
+            raise UserError(f"model {config.model} does not match the model to fine-tune, {model_dir} ({model_type})")
+        config = config.replace(model_path=str(model_dir), model=model_type)
     config = config.resolve()
     if run is None:
         check_expert_parallel(config)
@@ -688,6 +691,9 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         print(f"warning: eval_every {config.eval_every}, but this run has no validation data, so no validation runs "
               "(build the data with --val-fraction to get some: `minillm data pretrain|sft`)", file=sys.stderr)
     total_steps = budget.total_steps(config, len(run.train_data))  # the formula `minillm info --config` shows
+    if config.warmup_steps is not None and config.warmup_steps >= total_steps:
+        raise UserError(f"--warmup-steps {config.warmup_steps} is not below the run's {total_steps} optimizer steps: "
+                        "the learning rate would never reach --lr")
     if accelerator.is_main_process:
         _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
