@@ -9,7 +9,7 @@ import torch
 
 from minillm.errors import UserError
 from minillm.training.config import TrainConfig, build_config, load_recipe, shipped_recipes
-from minillm.training.optim import lr_at, param_groups
+from minillm.training.optim import grad_norm, lr_at, param_groups
 
 
 def test_unknown_recipe_key_names_it_and_suggests_the_closest(tmp_path):
@@ -211,3 +211,14 @@ def test_a_user_error_on_any_rank_reaches_the_launching_process(tmp_path, monkey
     report_user_error("--data does not exist")
     assert capsys.readouterr().err == "error: --data does not exist\n"
     assert ranks_error(error_file) == "--data does not exist"
+
+
+def test_grad_norm_is_accurate_for_large_gradients():
+    """Clipping scales by this norm; torch's CPU norm of a 4M-element tensor reads about 1e-4 low (pytorch#169237)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (4_000_000, 4097, 3)]
+    for p in params:
+        p.grad = torch.randn(p.numel()) * 1e-3
+    exact = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item()
+    assert abs(grad_norm(params).item() - exact) <= 1e-6 * exact
+    assert grad_norm([torch.nn.Parameter(torch.zeros(2))]).item() == 0.0  # no gradient at all

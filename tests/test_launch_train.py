@@ -22,9 +22,9 @@ from train_helpers import ROOT, accelerate_launch, build_shards, relative_error,
 pytestmark = pytest.mark.slow
 
 
-def losses(run_dir: Path) -> list[float]:
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r[key] for r in rows if key in r]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,12 @@ def test_ddp_and_zero2_match_the_single_process_losses(config_file, single_proce
     assert len(ours) == len(ref) == 3
     for a, b in zip(ours, ref, strict=True):
         assert abs(a - b) <= 1e-4 * abs(b), (ours, ref)
+    # the norm clipping scales by: DeepSpeed's (ZeRO-2) sums partitions; the trainer's must be as accurate (it read
+    # 5e-5 low with torch's CPU norm of the large embedding gradient, and ZeRO-2 drifted once clipping acted)
+    ours, ref = losses(out, "grad_norm"), losses(reference, "grad_norm")
+    assert len(ours) == len(ref) == 3
+    for a, b in zip(ours, ref, strict=True):
+        assert abs(a - b) <= 2e-6 * b, (ours, ref)
     assert (out / "final" / "model.safetensors").is_file()
 
 

@@ -64,7 +64,7 @@ from minillm.training.metrics import (
     flops_per_token,
     peak_flops,
 )
-from minillm.training.optim import build_optimizer, build_scheduler
+from minillm.training.optim import build_optimizer, build_scheduler, grad_norm
 from minillm.training.plots import plot_curves
 
 SUMMED_TERMS = ("mtp",)  # aux_losses entries that, like "lm", are sum(CE) / num_items_in_batch
@@ -347,6 +347,11 @@ def optimizer_step(accelerator, model, optimizer, scheduler, config: TrainConfig
     if uses_deepspeed():
         # the engine clipped and stepped inside the last backward (gradient_clipping from the recipe)
         norm = model.get_global_grad_norm()
+    elif accelerator.device.type == "cpu":  # an accurate norm (optim.grad_norm); DDP's gradients are all-reduced
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = grad_norm(params)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, config.max_grad_norm, norm)
     else:
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
