@@ -611,6 +611,11 @@ def save_final_model(accelerator, model, tokenizer, run_dir: Path) -> Path:
     if accelerator.is_main_process:
         config = export_config(unwrapped)
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ckpt.TRAINING_ONLY_PREFIXES)}
+        if getattr(config, "tie_word_embeddings", False):
+            # a gathered state dict (DeepSpeed, expert parallelism) holds the tied head as a copy that
+            # save_pretrained cannot tell from a weight of its own: it would be stored twice
+            for tied in getattr(unwrapped, "_tied_weights_keys", None) or {}:
+                state_dict.pop(tied, None)
         if tmp.exists():
             shutil.rmtree(tmp)
         original = unwrapped.config
