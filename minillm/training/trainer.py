@@ -11,7 +11,11 @@ Notable choices:
   over ranks) and passes `num_items_in_batch = global_targets / world_size` to the model, whose loss is then
   `sum(CE) / num_items_in_batch`. Summing micro-batch gradients (accumulation) and averaging over ranks (DDP or
   ZeRO) gives exactly the gradient of the global mean, whatever the accumulation, world size or padding.
-  Accelerate (and DeepSpeed) divide the loss by the accumulation steps, so we multiply it back.
+  Accelerate (and DeepSpeed) divide the loss by the accumulation steps, so we multiply it back. The MoE balance
+  losses are not means over tokens but statistics of one forward's routing (as in DeepSeek-V3 and the references);
+  each micro-batch's is weighted by its share of the global targets (`layers.moe.micro_batch_share`). So they too
+  are independent of the split when rows hold equally many targets (pretraining), and move slightly with it when
+  they do not (SFT: about 6e-5 of the gradient at the default weight 1e-4, measured for mini_deepseekv3).
 - Data: `batches.GlobalBatches` makes the data of a step independent of world size and accumulation.
 - A non-finite loss on any rank skips the step on all ranks, the same way on every backend: no weight, optimizer
   state, scheduler or MoE-bias change; the step is counted (`skipped_steps`) and logged, and `max_bad_steps` in a
