@@ -541,6 +541,8 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
         if train_aux and self.mtp is not None and self.config.mtp_loss_lambda > 0:
             mtp_hidden = self._mtp_hidden_states(input_ids, attention_mask, position_ids, out)
             mtp_targets = shift_targets(labels, position_ids, shift=2)
+            # over the LM targets' count in training (num_items_in_batch), as the paper's L_MTP divides by T,
+            # not by its own one-fewer targets per row
             mtp_loss = self.lm_head(mtp_hidden, mtp_targets, num_items_in_batch)
             loss = loss + self.config.mtp_loss_lambda * mtp_loss
             aux["mtp"] = mtp_loss.detach()
