@@ -204,6 +204,27 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards, capsys):
     assert [res[s] for s in common] == [ref[s] for s in common]  # bit-identical, including the expert biases
 
 
+def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path, shards, capsys):
+    """A step is one global batch however it is split: resuming with half the micro-batch (a smaller device)
+    gives the losses of the run that went on without stopping (to rounding)."""
+    args = ["pretrain", "--model", "mini_llama3", "--data", str(shards), *TINY, "--max-steps", "4", "--save-every",
+            "2", "--model-arg", "num_hidden_layers=2"]  # fmt: skip
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    code, err = run_cli(args + ["--output-dir", str(whole)], capsys)
+    assert code == 0, err
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "final")
+    step_2 = resumed / "checkpoints" / "step_00000002"
+    code, err = run_cli(args + ["--output-dir", str(resumed), "--resume", str(step_2), "--micro-batch-size", "1"],
+                        capsys)  # fmt: skip
+    assert code == 0, err
+    ref, res = losses(whole), losses(resumed)
+    assert sorted(res) == [1, 2, 3, 4] and [res[s] for s in (1, 2)] == [ref[s] for s in (1, 2)]
+    for s in (3, 4):
+        assert abs(res[s] - ref[s]) <= 1e-5 * ref[s], (res, ref)
+    assert "micro_batch_size: 1" in (resumed / "config.yaml").read_text()  # the record says how it went on
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit code 2, nothing written or overwritten
 

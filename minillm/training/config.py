@@ -330,8 +330,8 @@ def read_saved_config(path: Path) -> dict[str, Any]:
 # Fields that define what is trained on what, and how far along which schedule: a resumed run must not change
 # them (a resume without the original flags would otherwise fall back to defaults: another length, another LR
 # curve), nor how the experts are split over processes (expert_parallel_size). Logging, saving and evaluation
-# intervals may change.
-IDENTITY_FIELDS = ("stage", "model", "preset", "model_args", "data", "packing", "seq_len", "micro_batch_size",
-                   "global_batch_size", "seed", "tokenizer", "max_steps", "epochs", "lr", "min_lr", "warmup_ratio",
+# intervals may change, and so may the micro-batch size: a step is the same global batch however it is split
+# (batches.GlobalBatches), so a run can resume on a device with less memory.
+IDENTITY_FIELDS = ("stage", "model", "preset", "model_args", "data", "packing", "seq_len", "global_batch_size", "seed", "tokenizer", "max_steps", "epochs", "lr", "min_lr", "warmup_ratio",
                    "warmup_steps", "decay_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                    "max_grad_norm", "precision", "expert_parallel_size")
