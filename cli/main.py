@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         # Imported here, not at the top: importing `minillm` loads torch and the models, and `minillm --help`
         # should not pay for that. Any UserError was raised from inside minillm, so it is loaded by now.
-        from minillm.errors import UserError
+        from minillm.errors import TrainingStopped, UserError
 
+        if isinstance(err, TrainingStopped):
+            print(err, file=sys.stderr)
+            sys.exit(err.exit_code)
         if not isinstance(err, UserError):
             raise
         report_user_error(str(err))

@@ -204,6 +204,53 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards, capsys):
     assert [res[s] for s in common] == [ref[s] for s in common]  # bit-identical, including the expert biases
 
 
+def test_sigterm_saves_a_checkpoint_at_that_step_and_the_run_continues_from_it(tmp_path, shards):
+    """What a scheduler sends before it kills a job (and what Ctrl-C does): the step in flight finishes, a
+    checkpoint of it is saved, the process exits 143 with one line saying how to continue; continuing gives the
+    losses of a run that never stopped, bit for bit."""
+    import re
+    import signal
+
+    args = ["pretrain", "--model", "mini_llama3", "--data", str(shards), *TINY, "--max-steps", "10000",
+            "--save-every", "1000", "--model-arg", "num_hidden_layers=2"]  # fmt: skip
+    reference, stopped, log = tmp_path / "reference", tmp_path / "stopped", tmp_path / "stderr.log"
+    kill_after_step(start(_cli(args + ["--output-dir", str(reference)]), log), reference, 7, log)
+    proc = start(_cli(args + ["--output-dir", str(stopped)]), log)
+    deadline = time.time() + 240
+    while 2 not in losses(stopped):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-4000:]
+    message = log.read_text().strip().splitlines()[-1]
+    found = re.fullmatch(r"stopped at step (\d+) of 10000 \(SIGTERM\); saved (\S+); continue with: (.*)", message)
+    assert found, message
+    step = int(found[1])
+    assert step >= 2 and Path(found[2]) == stopped / "checkpoints" / f"step_{step:08d}" and Path(found[2]).is_dir()
+    assert found[3] == f"minillm pretrain --config {stopped / 'config.yaml'} --resume {stopped}"
+    resume = ["pretrain", "--config", str(stopped / "config.yaml"), "--resume", str(stopped)]
+    kill_after_step(start(_cli(resume), log), stopped, 7, log)
+    ref, res = losses(reference), losses(stopped)
+    assert [res[s] for s in range(1, 8)] == [ref[s] for s in range(1, 8)]
+
+
+def test_a_second_signal_stops_at_once():
+    import os
+    import signal
+
+    from minillm.training.interrupt import StopRequest
+
+    seen = []
+    with StopRequest(True, on_request=seen.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == "SIGINT" and seen == ["SIGINT"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    with StopRequest(False) as stop, pytest.raises(KeyboardInterrupt):  # several processes: the default effect
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path, shards, capsys):
     """A step is one global batch however it is split: resuming with half the micro-batch (a smaller device)
     gives the losses of the run that went on without stopping (to rounding)."""

@@ -43,6 +43,7 @@ import functools
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from typing import Any
 
 import torch
 
-from minillm.errors import UserError
+from minillm.errors import TrainingStopped, UserError
 from minillm.parallel import expert_parallel
 from minillm.paths import check_creatable
 from minillm.training import budget
@@ -60,6 +61,7 @@ from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, Prefetcher, count_targets
 from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
 from minillm.training.host_memory import keep_freed_memory
+from minillm.training.interrupt import StopRequest
 from minillm.training.launch import fill_deepspeed_config
 from minillm.training.metrics import (
     MetricsLogger,
@@ -750,8 +752,23 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         accelerator.print(f"run directory: {run_dir}  ({total_steps} steps, global batch "
                           f"{config.global_batch_size} x {config.seq_len} tokens, {accelerator.num_processes} "
                           f"process(es), accumulation {accelerator.gradient_accumulation_steps})")
+    def save_checkpoint(step: int) -> Path:
+        save_experts = None if ep is None else functools.partial(
+            expert_parallel.save_expert_shards, accelerator.unwrap_model(model), ep=ep)
+        path = ckpt.save_checkpoint(accelerator, run_dir, step, {
+            "data": source.state_dict(), "skipped_steps": skipped_total, "bad_in_row": bad_in_row,
+            "launch": launch_layout(accelerator),
+        }, config.keep_last, save_extra=save_experts, save_model_files=functools.partial(
+            save_model_files, accelerator.unwrap_model(model), run.tokenizer))
+        if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
+            plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
+        return path
+
     try:
-        with _progress(accelerator.is_main_process) as progress:
+        with _progress(accelerator.is_main_process) as progress, StopRequest(
+            accelerator.num_processes == 1, on_request=lambda name: progress.console.print(
+                f"{name}: finishing this step and saving a checkpoint (press Ctrl-C again to stop at once)")
+        ) as stop:
             task = progress.add_task(config.stage, total=total_steps, completed=start_step, loss="-", lr="-", tps="-", mfu="-")
             for step in range(start_step + 1, total_steps + 1):
                 lr = scheduler.get_last_lr()[0]
@@ -804,16 +821,16 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
                                                config.eval_batches) if run.val_data is not None else {})
                     if metrics:
                         logger.log(step, metrics)
-                if config.save_every and step % config.save_every == 0 and step < total_steps:
-                    save_experts = None if ep is None else functools.partial(
-                        expert_parallel.save_expert_shards, accelerator.unwrap_model(model), ep=ep)
-                    ckpt.save_checkpoint(accelerator, run_dir, step, {
-                        "data": source.state_dict(), "skipped_steps": skipped_total, "bad_in_row": bad_in_row,
-                        "launch": launch_layout(accelerator),
-                    }, config.keep_last, save_extra=save_experts, save_model_files=functools.partial(
-                        save_model_files, accelerator.unwrap_model(model), run.tokenizer))
-                    if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
-                        plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
+                saved = config.save_every and step % config.save_every == 0 and step < total_steps
+                if saved:
+                    save_checkpoint(step)
+                if stop.requested and step < total_steps:  # Ctrl-C / SIGTERM: this step's checkpoint, then stop
+                    path = run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step) if saved else save_checkpoint(step)
+                    logger.close()
+                    raise TrainingStopped(
+                        f"stopped at step {step} of {total_steps} ({stop.requested}); saved {path}; continue with: "
+                        f"minillm {config.stage} --config {run_dir / 'config.yaml'} --resume {run_dir}",
+                        exit_code=128 + signal.Signals[stop.requested].value)
                 window_start += time.perf_counter() - pause_start
     finally:
         if isinstance(source, Prefetcher):
