@@ -251,6 +251,28 @@ def test_a_second_signal_stops_at_once():
         os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_sft_rows_default_to_the_length_the_data_was_built_for(tmp_path, capsys):
+    """`minillm data sft` (default --max-seq-len 512) then `minillm sft --data` (default --seq-len 256) used to
+    stop with "rows of up to 512 tokens ... longer than --seq-len 256": without --seq-len, SFT takes the data's."""
+    import yaml
+    from inference_helpers import build_model, build_tokenizer, save_model_dir
+
+    tokenizer = build_tokenizer(tmp_path / "tokenizer")
+    model_dir = save_model_dir(build_model("mini_llama3", len(tokenizer)), tokenizer, tmp_path / "model")
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"the cat number {i}"},
+                          {"role": "assistant", "content": f"the dog number {i} runs"}]} for i in range(12)]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = run_cli(["data", "sft", "--input", str(chats), "--tokenizer", str(model_dir), "--max-seq-len", "48",
+                         "--out", str(tmp_path / "sft")], capsys)  # fmt: skip
+    assert code == 0, err
+    run = tmp_path / "run"
+    code, err = run_cli(["sft", "--model-path", str(model_dir), "--data", str(tmp_path / "sft"), "--max-steps", "1",
+                         "--micro-batch-size", "2", "--global-batch-size", "2", "--output-dir", str(run)], capsys)
+    assert code == 0, err
+    assert yaml.safe_load((run / "config.yaml").read_text())["seq_len"] == 48
+
+
 def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path, shards, capsys):
     """A step is one global batch however it is split: resuming with half the micro-batch (a smaller device)
     gives the losses of the run that went on without stopping (to rounding)."""

@@ -57,7 +57,7 @@ class TrainConfig:
     # data
     data: str | None = _opt("token shard directory (pretrain) or SFT data directory (default: built-in sample)")
     packing: bool = _opt("pack several conversations per row (document-masked attention)", ("sft",), False)
-    seq_len: int | None = _opt("tokens per training row")
+    seq_len: int | None = _opt("tokens per training row (sft with --data: by default the length the data was built for)")
     # batch
     micro_batch_size: int | None = _opt("rows per forward pass on each process")
     global_batch_size: int | None = _opt(
@@ -332,6 +332,6 @@ def read_saved_config(path: Path) -> dict[str, Any]:
 # curve), nor how the experts are split over processes (expert_parallel_size). Logging, saving and evaluation
 # intervals may change, and so may the micro-batch size: a step is the same global batch however it is split
 # (batches.GlobalBatches), so a run can resume on a device with less memory.
-IDENTITY_FIELDS = ("stage", "model", "preset", "model_args", "data", "packing", "seq_len", "global_batch_size", "seed", "tokenizer", "max_steps", "epochs", "lr", "min_lr", "warmup_ratio",
-                   "warmup_steps", "decay_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+IDENTITY_FIELDS = ("stage", "model", "preset", "model_args", "data", "packing", "seq_len", "global_batch_size",
+                   "seed", "tokenizer", "max_steps", "epochs", "lr", "min_lr", "warmup_ratio", "warmup_steps", "decay_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                    "max_grad_norm", "precision", "expert_parallel_size")

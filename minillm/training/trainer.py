@@ -687,6 +687,10 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         if config.model is not None and config.model != model_type:  # a recipe's `model` beside a model_path
             raise UserError(f"model {config.model} does not match the model to fine-tune, {model_dir} ({model_type})")
         config = config.replace(model_path=str(model_dir), model=model_type)
+        if config.seq_len is None and config.data:  # rows as long as `minillm data sft --max-seq-len` built them
+            from minillm.data.manifest import SFT_FORMAT, read_manifest
+
+            config = config.replace(seq_len=read_manifest(config.data, SFT_FORMAT).get("max_seq_len"))
     config = config.resolve()
     if run is None:
         check_expert_parallel(config)
