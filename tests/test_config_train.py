@@ -24,6 +24,19 @@ def test_unknown_recipe_key_names_it_and_suggests_the_closest(tmp_path):
         load_recipe(recipe)
 
 
+def test_a_mistyped_recipe_folder_is_not_replaced_by_a_shipped_namesake(tmp_path, monkeypatch):
+    """A shipped recipe is found by name or as recipes/NAME from any directory; `myexp/quickstart_pretrain.yaml`
+    that does not exist used to train the shipped quickstart_pretrain.yaml without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("quickstart_pretrain.yaml") == load_recipe("recipes/quickstart_pretrain.yaml")
+    assert load_recipe("quickstart_pretrain")["stage"] == "pretrain"
+    with pytest.raises(UserError, match="recipe myexp/quickstart_pretrain.yaml does not exist"):
+        load_recipe("myexp/quickstart_pretrain.yaml")
+    (tmp_path / "myexp").mkdir()
+    with pytest.raises(UserError, match="recipe myexp is a directory"):
+        load_recipe("myexp")
+
+
 def test_recipe_values_are_typed_and_cli_flags_override_them(tmp_path):
     recipe = tmp_path / "r.yaml"
     # YAML 1.1 reads 1e-3 as a string: the loader converts it to the field's type

@@ -205,8 +205,13 @@ def closest_field(name: str) -> str:
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """The options of a YAML recipe, checked against the fields of `TrainConfig`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a directory; give a YAML file (shipped recipes: "
+                        f"{', '.join(shipped_recipes())})")
     if not path.is_file():
-        found = find_recipe(str(path))
+        # a shipped recipe by its name (`x.yaml`, `x`) or its place in the repository (`recipes/x.yaml`), from any
+        # directory; another folder is the user's own file, mistyped: not to be replaced by a shipped namesake
+        found = find_recipe(str(path)) if str(path.parent) in (".", "recipes") else None
         if found is None:
             raise UserError(f"recipe {path} does not exist (shipped recipes: {', '.join(shipped_recipes())})")
         path = found
