@@ -205,6 +205,8 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
     directory = Path(path) if path is not None else DEFAULT_TOKENIZER_DIR
+    if directory.is_file():
+        raise UserError(f"tokenizer {directory}: a file; give the directory that holds tokenizer.json")
     if not directory.is_dir():
         raise UserError(f"tokenizer directory {directory} does not exist")
     if not (directory / "tokenizer.json").is_file():

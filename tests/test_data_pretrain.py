@@ -126,6 +126,7 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, cap
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "numbers.parquet")
     (tmp_path / "numbers.jsonl").write_text('{"text": "fine"}\n{"text": 12345}\n', encoding="utf-8")
+    (tmp_path / "config.json").write_text('{\n  "text": "one object over lines"\n}\n', encoding="utf-8")
     cases = [
         ([str(tmp_path / "numbers.parquet")], [], "column 'text' holds int64, not text"),
         ([str(tmp_path / "numbers.jsonl")], [], "numbers.jsonl:2: field 'text' is int, not text"),
@@ -135,6 +136,8 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, cap
         ([str(d / "a.parquet")], ["--text-column", "body"], "no column 'body' (columns found: text, other)"),
         ([str(tmp_path / "empty.parquet")], [], "empty.parquet: no documents found"),
         ([str(d / "a.parquet")], ["--tokenizer", str(tmp_path / "no_tok")], "no_tok does not exist"),
+        ([str(d / "a.parquet")], ["--tokenizer", str(d / "a.parquet")], "a.parquet: a file; give the directory"),
+        ([str(tmp_path / "config.json")], [], "expected one JSON row per line or one array of rows"),
         (["someone/some-dataset"], [], "someone/some-dataset: cannot reach the HuggingFace Hub"),
     ]
     for inputs, extra, message in cases:

@@ -62,6 +62,9 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     assert run_cli("export", "--to", "minillm", str(src), str(tmp_path / "x")) == 2
     assert "already a minillm model (mini_llama3)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    (tmp_path / "afile").write_text("user data")
+    assert run_cli("export", str(src), str(tmp_path / "afile")) == 2
+    assert "afile: a file; the destination is a new directory" in capsys.readouterr().err
 
 
 def test_export_unloadable_model_is_a_one_line_error(tmp_path, capsys):

@@ -378,7 +378,7 @@ def check_shards_match(
         if manifest.get("tokenizer_fingerprint") != theirs:
             raise UserError(
                 f"{directory}: built with tokenizer {manifest.get('tokenizer')} (fingerprint "
-                f"{manifest.get('tokenizer_fingerprint')}), but training uses {getattr(tokenizer, 'name_or_path', '?')} "
+                f"{manifest.get('tokenizer_fingerprint')}), but this command uses {getattr(tokenizer, 'name_or_path', '?')} "
                 f"(fingerprint {theirs}); rebuild the data with this tokenizer"
             )
     if vocab_size is not None:

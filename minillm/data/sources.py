@@ -308,7 +308,9 @@ def iter_json_rows(
             except UnicodeDecodeError:
                 yield lineno, None, "not UTF-8 text"
             except json.JSONDecodeError as err:
-                yield lineno, None, f"bad JSON ({err.msg} column {err.colno})"
+                # a first line that is not JSON is most often a whole-file object (a config, a pretty-printed row)
+                hint = "; expected one JSON row per line or one array of rows" if lineno == 1 else ""
+                yield lineno, None, f"bad JSON ({err.msg} column {err.colno}){hint}"
             else:
                 yield lineno, row, _unicode_error(row) if _may_hold_surrogate(line) else None
 

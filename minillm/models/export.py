@@ -84,7 +84,9 @@ def convert_model(src, dst_class, dst_config, skip: tuple[str, ...] = ()):
 
 
 def _check_destination(dst: Path) -> None:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst}: a file; the destination is a new directory")
+    if dst.exists() and any(dst.iterdir()):
         raise UserError(f"{dst}: already exists and is not an empty directory; choose a new destination")
     check_not_working_directory(dst, "destination")
     check_creatable(dst, "destination")
