@@ -4,6 +4,7 @@ minutes of training or evaluation, and never a half-written output."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from minillm.errors import UserError
 
 def check_creatable(path: str | os.PathLike, option: str = "output") -> None:
     """Raise `UserError` unless `path` can be created (or replaced) by this process: its nearest existing ancestor
-    must be a writable directory. Writes nothing."""
+    must be a directory this process can create entries in. Checked by creating and removing an empty directory
+    there, since permission bits do not tell (root passes every check, yet cannot write in /proc or on a read-only
+    mount), so a long job fails before it starts rather than at its end. Leaves nothing behind."""
     path = Path(path).absolute()
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -21,6 +24,10 @@ def check_creatable(path: str | os.PathLike, option: str = "output") -> None:
         raise UserError(f"{option} {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path}: no permission to write in {ancestor}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".minillm-probe-", dir=ancestor))
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write in {ancestor} ({err.strerror or err})") from None
 
 
 def make_parent_dirs(path: str | os.PathLike, option: str = "output") -> None:

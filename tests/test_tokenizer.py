@@ -138,6 +138,7 @@ def test_tokenizer_out_is_never_an_unrelated_directory(tmp_path, capsys, monkeyp
         "corpus.jsonl": "is a file",
         "corpus.jsonl/tok": "is a file",
         "link": "is a symbolic link",  # rmtree refused it after the training, with a traceback
+        "/proc/minillm-tok": "cannot write in /proc",  # root passes permission checks: failed after the training
     }
     for out, message in cases.items():
         for extra in ([], ["--overwrite"]):
@@ -153,6 +154,16 @@ def test_tokenizer_out_is_never_an_unrelated_directory(tmp_path, capsys, monkeyp
     assert run_cli_err([*train, "--out", "tok"], capsys)[0] == 2
     assert run_cli_err([*train, "--out", "tok", "--overwrite"], capsys)[0] == 0
     assert len(load_tokenizer(tmp_path / "tok")) == 284
+
+
+def test_an_output_nobody_can_write_is_refused_before_any_work(tmp_path):
+    """Permission bits pass for root, who still cannot write in /proc: the check creates and removes a directory."""
+    from minillm.paths import check_creatable
+
+    with pytest.raises(UserError, match="--out /proc/minillm-tok: cannot write in /proc"):
+        check_creatable("/proc/minillm-tok", "--out")
+    check_creatable(tmp_path / "new" / "tok", "--out")
+    assert list(tmp_path.iterdir()) == []  # the probe is gone
 
 
 def test_load_tokenizer_errors(tmp_path, capsys):
