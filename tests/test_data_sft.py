@@ -276,6 +276,13 @@ def test_sft_bad_inputs(tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "has no {% generation %} markers" in err and not (tmp_path / "o").exists()
+    # an --out that will be refused is refused before the chats are read and tokenized
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "manifest.json").write_text(json.dumps({"format": "minillm-pretrain"}))
+    code, err = run_cli_err(
+        ["data", "sft", "--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "pre"), "--overwrite"], capsys
+    )
+    assert code == 2 and "holds minillm-pretrain data, not minillm-sft; refusing to replace it" in err, err
 
 
 def test_builtin_sample_builds_once_and_teaches_identity(tok, tmp_path):

@@ -49,12 +49,7 @@ def atomic_output_dir(out: str | Path, data_format: str, overwrite: bool = False
     a manifest.json, or pretraining data given to the SFT builder, is refused.
     """
     out = Path(out)
-    check_not_working_directory(out, "--out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise UserError(f"{out}: already exists; choose another --out or pass --overwrite")
-        _check_replaceable(out, data_format)
-    check_creatable(out, "--out")
+    check_output_dir(out, data_format, overwrite)  # again: the builder checked before its work, but time passed
     make_parent_dirs(out, "--out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -70,6 +65,18 @@ def atomic_output_dir(out: str | Path, data_format: str, overwrite: bool = False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(out: str | Path, data_format: str, overwrite: bool = False) -> None:
+    """`UserError` unless a data builder may write `out` (see `atomic_output_dir`); builders call it before they
+    read and tokenize, so a refused --out costs nothing."""
+    out = Path(out)
+    check_not_working_directory(out, "--out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"{out}: already exists; choose another --out or pass --overwrite")
+        _check_replaceable(out, data_format)
+    check_creatable(out, "--out")
 
 
 def _check_replaceable(out: Path, data_format: str) -> None:

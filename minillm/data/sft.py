@@ -37,6 +37,7 @@ from minillm.data.manifest import (
     FORMAT_VERSION,
     SFT_FORMAT,
     atomic_output_dir,
+    check_output_dir,
     read_manifest,
     token_dtype,
     write_json,
@@ -214,6 +215,7 @@ def build_sft_dataset(
         raise UserError(f"--max-seq-len {max_seq_len} is too small (at least 8)")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    check_output_dir(out_dir, SFT_FORMAT, overwrite)
     sources = resolve_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_dir)
     if not re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
