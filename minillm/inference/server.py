@@ -139,9 +139,9 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 # wants log-probabilities, an echoed prompt or a tool call must not get a plain completion that looks like one.
 _UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "tools": (None, []),
-    "tool_choice": (None, "none"),
+    "tool_choice": (None, "none", "auto"),  # "auto" with no tools asks for nothing; tools themselves are refused
     "functions": (None, []),
-    "function_call": (None, "none"),
+    "function_call": (None, "none", "auto"),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
