@@ -109,12 +109,12 @@ def test_warmup_longer_than_the_run_is_refused(tmp_path, capsys):
 
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "--model", "mini_llama3", "--max-steps", "3", "--warmup-steps", "3", "--output-dir",
+        main(["pretrain", "--model", "mini_llama3", "--max-steps", "3", "--warmup-steps", "4", "--output-dir",
               str(run_dir)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and not run_dir.exists()
     assert err.strip().splitlines()[-1] == (
-        "error: --warmup-steps 3 is not below the run's 3 optimizer steps: the learning rate would never reach --lr")
+        "error: --warmup-steps 4 is more than the run's 3 optimizer steps: the learning rate would never reach --lr")
 
 
 def test_model_args_typo_fails_before_anything_is_written(tmp_path, capsys):

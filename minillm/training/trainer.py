@@ -711,8 +711,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         print(f"warning: eval_every {config.eval_every}, but this run has no validation data, so no validation runs "
               "(build the data with --val-fraction to get some: `minillm data pretrain|sft`)", file=sys.stderr)
     total_steps = budget.total_steps(config, len(run.train_data))  # the formula `minillm info --config` shows
-    if config.warmup_steps is not None and config.warmup_steps >= total_steps:
-        raise UserError(f"--warmup-steps {config.warmup_steps} is not below the run's {total_steps} optimizer steps: "
+    if config.warmup_steps is not None and config.warmup_steps > total_steps:
+        raise UserError(f"--warmup-steps {config.warmup_steps} is more than the run's {total_steps} optimizer steps: "
                         "the learning rate would never reach --lr")
     if accelerator.is_main_process:
         _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
