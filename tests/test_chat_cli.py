@@ -138,6 +138,10 @@ def test_the_answer_is_printed_as_written():
     terminal = Console(file=io.StringIO(), force_terminal=True, width=200)
     ThinkPrinter(terminal).write(answer)
     assert terminal.file.getvalue() == "def f():\n\treturn [bold]1[/] :smile:[31mred"
+    terminal = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=200)
+    ThinkPrinter(terminal).write("<think>x\x1b]0;title\x07\x9b2J</think>ok")  # reasoning too, C1 CSI too
+    shown = terminal.file.getvalue()
+    assert "]0;title" in shown and "\x1b]0;" not in shown and "\x07" not in shown and "\x9b" not in shown
 
 
 def test_text_that_cannot_go_into_a_prompt_is_one_line_and_the_chat_goes_on(model_dir):

@@ -466,6 +466,19 @@ def test_a_busy_port_or_unknown_host_is_a_user_error():
     free.close()
 
 
+def test_an_earlier_answer_is_sent_back_without_its_reasoning(client):
+    """A client replays the conversation with the answers as the server gave them, reasoning included (or cut off
+    while thinking): accepted, with the reasoning left out of the prompt, as `minillm chat` keeps its history."""
+
+    def prompt_tokens(answer: str) -> int:
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer},
+                    {"role": "user", "content": "And the dog"}]  # fmt: skip
+        return client.chat.completions.create(model=MODEL_DIR_NAME, messages=messages, max_tokens=1).usage.prompt_tokens
+
+    assert prompt_tokens("<think>\nthe cat\n</think>\n\nHello!") == prompt_tokens("Hello!")
+    assert prompt_tokens("<think>\nthe cat, cut off by max_tokens") == prompt_tokens("")
+
+
 def test_a_checkpoint_name_with_a_slash_is_retrievable(served):
     """A checkpoint is served as `run/step_N`; `client.models.retrieve` asks for /v1/models/run/step_N."""
     from starlette.testclient import TestClient

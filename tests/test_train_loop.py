@@ -234,6 +234,19 @@ def test_sigterm_saves_a_checkpoint_at_that_step_and_the_run_continues_from_it(t
     assert [res[s] for s in range(1, 8)] == [ref[s] for s in range(1, 8)]
 
 
+def test_a_launched_process_keeps_the_default_signal_effect(monkeypatch):
+    """Under a launcher the parent stopped by Ctrl-C does not wait: a graceful child would run on, orphaned."""
+    from minillm.training.interrupt import LAUNCHER_ENV, started_directly
+
+    for name in LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert started_directly()
+    for name in ("MINILLM_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.setenv(name, "1")
+        assert not started_directly()
+        monkeypatch.delenv(name)
+
+
 def test_a_second_signal_stops_at_once():
     import os
     import signal
@@ -266,6 +279,11 @@ def test_sft_rows_default_to_the_length_the_data_was_built_for(tmp_path, capsys)
     code, err = run_cli(["data", "sft", "--input", str(chats), "--tokenizer", str(model_dir), "--max-seq-len", "48",
                          "--out", str(tmp_path / "sft")], capsys)  # fmt: skip
     assert code == 0, err
+    from minillm.training.config import build_config
+
+    # resolved so wherever the config is read (minillm info --config, the --launcher parent, the run itself)
+    assert build_config("sft", None, {"data": str(tmp_path / "sft")}).resolve().seq_len == 48
+    assert build_config("sft", None, {"data": str(tmp_path / "sft"), "seq_len": 64}).resolve().seq_len == 64
     run = tmp_path / "run"
     code, err = run_cli(["sft", "--model-path", str(model_dir), "--data", str(tmp_path / "sft"), "--max-steps", "1",
                          "--micro-batch-size", "2", "--global-batch-size", "2", "--output-dir", str(run)], capsys)

@@ -25,13 +25,18 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 from minillm.inference.engine import BaseEngine
-from minillm.inference.prompt import InvalidText, chat_prompt_ids
+from minillm.inference.prompt import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    InvalidText,
+    answer_without_reasoning,
+    chat_prompt_ids,
+)
 from minillm.inference.sampling import MAX_SEED, SamplingParams
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINK_STYLE = "dim italic"
 HELP = "commands: /reset  /system TEXT  /exit"
-TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls and DEL, except tab and newline
+TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (but tab, newline), DEL and C1 controls
 
 
 @dataclass
@@ -51,7 +56,7 @@ class ChatSession:
     def _render(self, messages: list[dict]) -> list[int]:
         try:
             return chat_prompt_ids(self.engine.tokenizer, messages)
-        except InvalidText as err:  # the system prompt or the new message: earlier turns were checked before
+        except InvalidText as err:  # the system prompt or the new message: earlier user turns passed before
             raise ValueError(f"{messages[err.index]['role']} message: {err.problem}") from None
 
     def build_prompt(self, user_text: str) -> tuple[list[int], int]:
@@ -88,9 +93,7 @@ class ChatSession:
                     pieces.append(ev.text)
                     yield ev.text
         self.turns += 1
-        answer = "".join(pieces)
-        if THINK_CLOSE in answer:  # keep the answer, not the reasoning, for later turns
-            answer = answer.split(THINK_CLOSE, 1)[1].lstrip()
+        answer = answer_without_reasoning("".join(pieces))  # the answer, not the reasoning, for later turns
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
 
 
@@ -121,12 +124,11 @@ class ThinkPrinter:
         self.thinking = False
 
     def _print(self, text: str, style: str | None) -> None:
+        if self.console.is_terminal:  # a generated escape sequence must not drive the terminal
+            text = TERMINAL_CONTROL.sub("", text)
         if style is None:
             # the answer goes out as the model wrote it: rich would expand its tabs and turn ":smile:" into an emoji
-            # (code and `--prompt` output in scripts would change); on a terminal, control characters other than
-            # newlines and tabs are dropped, so a generated escape sequence cannot drive the terminal
-            if self.console.is_terminal:
-                text = TERMINAL_CONTROL.sub("", text)
+            # (code and `--prompt` output in scripts would change)
             self.console.file.write(text)
             self.console.file.flush()
         else:

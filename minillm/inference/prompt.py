@@ -4,11 +4,13 @@
 
 Notable choices:
 - A chat prompt is rendered with the tokenizer's chat template and then tokenized with control tokens recognised:
-  that is how the template's own `<|im_start|>` / `<|im_end|>` become single ids. A message whose text spells a
-  control token would therefore turn into that token: a user could close their own turn and write a forged
-  system or assistant turn. Such a message is refused, as `minillm data sft` skips training rows that spell one
-  (`minillm.data.sft.parse_conversation`). A raw completion prompt (`/v1/completions`) is the caller's own text
-  and may hold control tokens on purpose.
+  that is how the template's own `<|im_start|>` / `<|im_end|>` become single ids. A user or system message whose
+  text spells a control token would therefore turn into that token: text pasted into a user turn could close it
+  and write a forged system or assistant turn. Such a message is refused, as `minillm data sft` skips training
+  rows that spell one (`minillm.data.sft.parse_conversation`). An assistant message is the model's own earlier
+  answer, sent back as the server returned it: its reasoning (a leading `<think>` block, closed or cut off) is
+  dropped, as earlier reasoning is not fed back (Qwen3; `minillm chat`), and the rest is taken as it is. A raw
+  completion prompt (`/v1/completions`) is the caller's own text and may hold control tokens on purpose.
 - Text with a lone UTF-16 surrogate (JSON's `"\\ud800"`, or bytes that are not UTF-8 read from a terminal) has no
   UTF-8 encoding, so no tokenizer can read it; it is refused with the position instead of failing inside the
   tokenizer.
@@ -20,6 +22,17 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def answer_without_reasoning(content: str) -> str:
+    """An assistant message's answer: the text after its reasoning's `</think>`; "" when it is all reasoning (an
+    answer cut off while thinking); the text as is when it has no reasoning."""
+    if THINK_CLOSE in content:
+        return content.split(THINK_CLOSE, 1)[1].lstrip()
+    return "" if content.lstrip().startswith(THINK_OPEN) else content
 
 
 class InvalidText(ValueError):
@@ -48,19 +61,25 @@ def control_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """Token ids of `messages` ({"role", "content"}) through the chat template, ending with the assistant turn's
-    opening. Raises `InvalidText` (with the message's index) for a message the template would misread."""
+    opening; assistant messages without their reasoning. Raises `InvalidText` (with the message's index) for a
+    message the template would misread."""
     specials = control_tokens(tokenizer)
+    rendered = []
     for i, message in enumerate(messages):
         content = message["content"]
+        if message["role"] == "assistant":
+            content = answer_without_reasoning(content)
+        else:
+            spelled = next((t for t in specials if t in content), None)
+            if spelled is not None:
+                raise InvalidText(
+                    f"the text spells the control token {spelled}, which the chat template would read as that "
+                    "token (a forged turn); remove it",
+                    i,
+                )
         check_unicode(content, i)
-        spelled = next((t for t in specials if t in content), None)
-        if spelled is not None:
-            raise InvalidText(
-                f"the text spells the control token {spelled}, which the chat template would read as that token "
-                "(a forged turn); remove it",
-                i,
-            )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered.append({**message, "content": content})
+    text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ class TrainConfig:
         defaults = dict(STAGE_DEFAULTS[self.stage])
         if self.stage == "pretrain":
             defaults.update(PRESET_DEFAULTS.get(self.preset, {}))
+        elif self.data and _built_seq_len(self.data):  # SFT rows as long as `data sft --max-seq-len` built them
+            defaults["seq_len"] = _built_seq_len(self.data)
         filled = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
                   for k in self.field_names()}
         cfg = TrainConfig(**filled)
@@ -226,6 +229,16 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         if key not in known:
             raise UserError(f"recipe {path}: unknown key {key!r}{closest_field(str(key))}")
     return {key: coerce(key, value, source=f"recipe {path}") for key, value in data.items()}
+
+
+def _built_seq_len(data: str) -> int | None:
+    """The `max_seq_len` an SFT data directory was built for (its manifest), or None when there is none to read:
+    the data checks of the run say what is wrong with the directory."""
+    try:
+        value = json.loads((Path(data) / "manifest.json").read_text(encoding="utf-8")).get("max_seq_len")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _check_stage_keys(values: dict[str, Any], stage: str, recipe: str | None) -> None:

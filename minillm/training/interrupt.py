@@ -5,19 +5,29 @@ Why: without it, Ctrl-C threw away everything since the last checkpoint (up to `
 base recipes). The step in flight is finished rather than cut, so the checkpoint is an ordinary one and
 `--resume latest` continues exactly as after any other.
 
-Only in one process: with several, each rank would see the signal at a slightly different step and would enter the
-checkpoint's collectives out of step with the others. There the signal keeps its default effect (the launcher
-stops the ranks), and a run resumes from its last periodic checkpoint.
+Only in one process started directly from the shell (`minillm pretrain`): with several, each rank would see the
+signal at a slightly different step and would enter the checkpoint's collectives out of step with the others; and
+under a launcher (`--launcher`, `accelerate launch`, torchrun), the launcher stopped by Ctrl-C does not wait for
+its child, which would then stop in the background, orphaned and out of reach of a second Ctrl-C. There the signal
+keeps its default effect, and a run resumes from its last periodic checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# set in a process started by a launcher: minillm's --launcher re-run, torchrun / DeepSpeed, any `accelerate launch`
+LAUNCHER_ENV = ("MINILLM_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION")
+
+
+def started_directly() -> bool:
+    """Whether this process was started by the user's shell rather than by a launcher."""
+    return not any(name in os.environ for name in LAUNCHER_ENV)
 
 
 class StopRequest:

@@ -61,7 +61,7 @@ from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, Prefetcher, count_targets
 from minillm.training.config import IDENTITY_FIELDS, TrainConfig, read_saved_config, save_config
 from minillm.training.host_memory import keep_freed_memory
-from minillm.training.interrupt import StopRequest
+from minillm.training.interrupt import StopRequest, started_directly
 from minillm.training.launch import fill_deepspeed_config
 from minillm.training.metrics import (
     MetricsLogger,
@@ -687,10 +687,6 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         if config.model is not None and config.model != model_type:  # a recipe's `model` beside a model_path
             raise UserError(f"model {config.model} does not match the model to fine-tune, {model_dir} ({model_type})")
         config = config.replace(model_path=str(model_dir), model=model_type)
-        if config.seq_len is None and config.data:  # rows as long as `minillm data sft --max-seq-len` built them
-            from minillm.data.manifest import SFT_FORMAT, read_manifest
-
-            config = config.replace(seq_len=read_manifest(config.data, SFT_FORMAT).get("max_seq_len"))
     config = config.resolve()
     if run is None:
         check_expert_parallel(config)
@@ -770,7 +766,7 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
 
     try:
         with _progress(accelerator.is_main_process) as progress, StopRequest(
-            accelerator.num_processes == 1, on_request=lambda name: progress.console.print(
+            accelerator.num_processes == 1 and started_directly(), on_request=lambda name: progress.console.print(
                 f"{name}: finishing this step and saving a checkpoint (press Ctrl-C again to stop at once)")
         ) as stop:
             task = progress.add_task(config.stage, total=total_steps, completed=start_step, loss="-", lr="-", tps="-", mfu="-")
