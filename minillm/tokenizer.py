@@ -37,6 +37,13 @@ EOS_TOKEN = "<|endoftext|>"
 ADDED_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 SPECIAL_TOKENS = [EOS_TOKEN, *ADDED_TOKENS]
 
+
+def spelled_special_token(text: str, specials: Iterable[str] = SPECIAL_TOKENS) -> str | None:
+    """The first of `specials` that `text` spells as characters, or None. A chat template's output is tokenized
+    with special tokens recognised, so such text would become the control token itself (an end of turn, a forged
+    turn): `data sft` skips such rows, `chat` and `serve` refuse such messages."""
+    return next((token for token in specials if token in text), None)
+
 # Qwen2 / Llama 3 style split: contractions, letter runs (optionally led by one non-letter), single digits,
 # punctuation runs, newlines, other whitespace.
 SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -45,7 +45,7 @@ from minillm.data.manifest import (
 from minillm.data.packing import pack_best_fit_decreasing, padding_ratio
 from minillm.data.sources import iter_rows, resolve_inputs
 from minillm.errors import UserError
-from minillm.tokenizer import SPECIAL_TOKENS
+from minillm.tokenizer import spelled_special_token
 
 TRUNCATION_MODES = ("turn", "drop")
 SHAREGPT_ROLES = {
@@ -138,7 +138,7 @@ def parse_conversation(row) -> list[dict]:
         )
     for k, m in enumerate(messages):
         for field in ("content", "reasoning_content"):
-            spelled = next((t for t in SPECIAL_TOKENS if t in m.get(field, "")), None)
+            spelled = spelled_special_token(m.get(field, ""))
             if spelled is not None:  # the template would turn it into the control token: a stop, a forged turn
                 raise InvalidRow(f"turn {k} spells the special token {spelled} in its text", "special token in text")
         if m["role"] == "assistant":

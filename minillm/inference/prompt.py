@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from minillm.tokenizer import spelled_special_token
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -70,7 +72,7 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
         if message["role"] == "assistant":
             content = answer_without_reasoning(content)
         else:
-            spelled = next((t for t in specials if t in content), None)
+            spelled = spelled_special_token(content, specials)
             if spelled is not None:
                 raise InvalidText(
                     f"the text spells the control token {spelled}, which the chat template would read as that "
