@@ -256,9 +256,18 @@ def test_what_text_files_hold(tok, tmp_path):
     ]
     assert manifest["splits"]["train"]["documents"] == 5 and ends[-1] == len(data) - 1
     (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 x"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"d.jsonl:2: text holds an unpaired surrogate escape \(\\ud800\)"):
+    with pytest.raises(UserError, match=r"d.jsonl:2: text holds an unpaired surrogate \(\\ud800\)"):
         build_pretrain_shards([str(tmp_path / "d.jsonl")], tmp_path / "s2", progress=False)
     assert not (tmp_path / "s2").exists()
+    # the same surrogate written out as bytes (CESU-8 / WTF-8 dumps), which json.loads lets through: it was a
+    # TypeError traceback from the tokenizer; in a line and in a JSON array
+    (tmp_path / "e.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "raw \xed\xa0\x80 x"}\n')
+    (tmp_path / "f.json").write_bytes(b'[{"text": "fine"}, {"text": "raw \xed\xa0\x80 x"}]')
+    for name, where in (("e.jsonl", "e.jsonl:2"), ("f.json", "f.json:2")):
+        with pytest.raises(UserError, match=rf"{where}: text holds an unpaired surrogate \(\\ud800\)"):
+            build_pretrain_shards([str(tmp_path / name)], tmp_path / "s2", progress=False)
+    korean = _write(tmp_path / "k.jsonl", '{"text": "한국어"}\n')  # Hangul (ED 95 9C ...) holds no surrogate
+    assert build_pretrain_shards([str(korean)], tmp_path / "s3", progress=False)["splits"]["train"]["documents"] == 1
 
 
 def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
@@ -286,3 +295,8 @@ def test_data_built_inside_its_input_directory_is_not_read_as_input(tmp_path):
     (corpus / "meta").mkdir()
     (corpus / "meta" / "manifest.json").write_text('{"text": "a user file that happens to have this name"}\n')
     assert build_pretrain_shards([str(corpus)], tmp_path / "s2", progress=False)["documents"] == 2
+
+
+def _write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -92,7 +92,7 @@ def test_labels_cover_assistant_content_and_im_end_only(tok, tmp_path, capsys):
     assert (
         "invalid rows skipped: 4" in err
         and "chats.jsonl:2: bad JSON" in err
-        and "chats.jsonl:5: text holds an unpaired surrogate escape" in err
+        and "chats.jsonl:5: text holds an unpaired surrogate" in err
         and "unknown role 'wizard'" in err
     )
     assert (tmp_path / "sft" / "summary.txt").read_text().startswith("rows read: 5; conversations kept: 1")

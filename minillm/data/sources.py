@@ -318,10 +318,14 @@ def iter_json_rows(
 _BOM = b"\xef\xbb\xbf"
 
 
+_RAW_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")  # a surrogate written as UTF-8 bytes (CESU-8 / WTF-8 dumps)
+
+
 def _may_hold_surrogate(raw: bytes) -> bool:
-    """Whether raw JSON has a `\\ud..`/`\\uD..` escape, the only way to spell a surrogate: rows without one skip the
-    check (two searches, no copy of the line: this runs on every line of a pretraining corpus)."""
-    return b"\\ud" in raw or b"\\uD" in raw
+    """Whether raw JSON may decode to a surrogate: a `\\ud..`/`\\uD..` escape, or one written out as bytes, which
+    `json.loads` of bytes lets through (it decodes with surrogatepass). Rows without either skip the check (a few
+    searches, no copy of the line: this runs on every line of a pretraining corpus)."""
+    return b"\\ud" in raw or b"\\uD" in raw or _RAW_SURROGATE.search(raw) is not None
 
 
 def _unicode_error(value) -> str | None:
@@ -331,7 +335,7 @@ def _unicode_error(value) -> str | None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as err:
-            return f"text holds an unpaired surrogate escape (\\u{ord(value[err.start]):04x}), which is not valid Unicode"
+            return f"text holds an unpaired surrogate (\\u{ord(value[err.start]):04x}), which is not valid Unicode"
         return None
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     return next((error for item in items if (error := _unicode_error(item)) is not None), None)
