@@ -47,8 +47,17 @@ def test_three_formats_parse_to_the_same_messages():
     }
     alpaca = {"system": "S", "instruction": "Q", "input": "more", "output": "A"}
     role_content_under_conversations = {"conversations": expected}
-    for row in (messages, sharegpt, alpaca, role_content_under_conversations):
+    # LLaMA-Factory's ShareGPT layout keeps the system prompt beside the turns (it used to be dropped)
+    sharegpt_system_aside = {"system": "S", "conversations": sharegpt["conversations"][1:]}
+    # a parquet column of turns written from both layouts gives every turn all four keys, the unused ones null
+    mixed_keys = {"conversations": [{"role": None, "content": None, **t} for t in sharegpt["conversations"]]}
+    for row in (messages, sharegpt, alpaca, role_content_under_conversations, sharegpt_system_aside, mixed_keys):
         assert parse_conversation(row) == expected
+    # Alpaca's history: the earlier [instruction, output] pairs come first (they used to be dropped)
+    history = {"instruction": "Q2", "output": "A2", "history": [["Q1", "A1"]]}
+    assert [m["content"] for m in parse_conversation(history)] == ["Q1", "A1", "Q2", "A2"]
+    with pytest.raises(InvalidRow, match="'history' is not a list of"):
+        parse_conversation({**history, "history": ["Q1"]})
     with_prompt_left = {"messages": [*expected, {"role": "user", "content": "unanswered"}]}
     assert parse_conversation(with_prompt_left) == expected
     for bad, reason in [

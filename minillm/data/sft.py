@@ -5,8 +5,9 @@
 
 Notable choices:
 - Formats are recognised per row: `messages` (role/content, roles system/user/assistant, optional
-  `reasoning_content` on assistant turns), ShareGPT `conversations` (from/value; human/gpt/system), Alpaca
-  (`instruction`, optional `input` and `system`, `output`).
+  `reasoning_content` on assistant turns), ShareGPT `conversations` (from/value; human/gpt/system; a top-level
+  `system` as in LLaMA-Factory's files), Alpaca (`instruction`, optional `input`, `system` and `history` of
+  earlier [instruction, output] pairs, `output`).
 - The tokenizer's chat template renders the conversation and, through its `{% generation %}` markers, says which
   tokens are assistant output (`return_assistant_tokens_mask`): labels are the token ids there (assistant content
   and its closing `<|im_end|>`, so the model learns to stop) and -100 everywhere else.
@@ -102,9 +103,16 @@ def parse_conversation(row) -> list[dict]:
         if not isinstance(turns, (list, tuple)) or not turns:
             raise InvalidRow("'messages'/'conversations' is not a non-empty list")
         messages = []
+        if row.get("system") and not (isinstance(turns[0], dict) and "system" in (turns[0].get("role"),
+                                                                                   turns[0].get("from"))):
+            # ShareGPT files (LLaMA-Factory's layout) keep the system prompt beside the turns
+            messages.append({"role": "system", "content": _text(row["system"], "system")})
         for k, turn in enumerate(turns):
             if not isinstance(turn, dict):
                 raise InvalidRow(f"turn {k} is not an object", "turn not an object")
+            # as for rows, a key holding null does not count: a parquet column of turns written from both layouts
+            # gives every turn all four keys
+            turn = {key: value for key, value in turn.items() if value is not None}
             # each turn by its own keys: ShareGPT's from/value, or role/content (also found under "conversations")
             if "from" in turn or ("value" in turn and "content" not in turn) or (sharegpt and "role" not in turn):
                 raw_role, content = turn.get("from"), turn.get("value")
@@ -126,6 +134,16 @@ def parse_conversation(row) -> list[dict]:
         messages = []
         if row.get("system"):
             messages.append({"role": "system", "content": _text(row["system"], "system")})
+        history = row.get("history") or []  # Alpaca's earlier turns: [[instruction, output], ...]
+        if not isinstance(history, (list, tuple)) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in history
+        ):
+            raise InvalidRow("'history' is not a list of [instruction, output] pairs", "bad history")
+        for k, (question, answer) in enumerate(history):
+            messages += [
+                {"role": "user", "content": _text(question, f"history {k} instruction")},
+                {"role": "assistant", "content": _text(answer, f"history {k} output")},
+            ]
         messages += [
             {"role": "user", "content": user},
             {"role": "assistant", "content": _text(row["output"], "output")},
