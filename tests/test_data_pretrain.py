@@ -300,3 +300,30 @@ def test_data_built_inside_its_input_directory_is_not_read_as_input(tmp_path):
 def _write(path, text: str):
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def test_sigterm_mid_build_leaves_nothing_behind(tmp_path):
+    """`kill` (SIGTERM) while the shards are written: the temporary directory is removed as after Ctrl-C (by
+    default SIGTERM ended the process on the spot and left it); exit code 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa"]
+    line = json.dumps({"text": " ".join(words * 40)}) + "\n"
+    (tmp_path / "big.jsonl").write_text(line * 40_000, encoding="utf-8")  # about 50 MB: seconds to tokenize
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cli.main", "data", "pretrain", "--input", str(tmp_path / "big.jsonl"), "--out",
+           str(out)]  # fmt: skip
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*/*.bin")):  # writing has begun
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]

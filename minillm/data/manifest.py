@@ -16,7 +16,9 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,7 +55,8 @@ def atomic_output_dir(out: str | Path, data_format: str, overwrite: bool = False
     make_parent_dirs(out, "--out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        yield tmp
+        with sigterm_exits():
+            yield tmp
         tmp.chmod(0o755)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -65,6 +68,25 @@ def atomic_output_dir(out: str | Path, data_format: str, overwrite: bool = False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While the block runs, SIGTERM (what `kill` and schedulers send) raises SystemExit(143) like Ctrl-C raises
+    KeyboardInterrupt, so the cleanup above runs and no half-written temporary directory stays behind; by default
+    SIGTERM ends the process on the spot. Only in the main thread, where Python can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_output_dir(out: str | Path, data_format: str, overwrite: bool = False) -> None:
