@@ -425,6 +425,7 @@ def build_commands(recipe: Recipe) -> list[list[str]]:
             str(recipe.vocab_size),
             "--out",
             str(out / "tokenizer"),
+            "--overwrite",  # a re-run rebuilds every step (the same tokenizer: its training is deterministic)
         ],
         [
             "data",

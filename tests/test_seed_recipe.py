@@ -186,6 +186,7 @@ def test_build_commands_and_dry_run(tmp_path, capsys):
     assert recipe_mod.main(["build", "--out", str(out), "--dry-run", "--vocab-size", "8000"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("minillm tokenizer train --data") and "--vocab-size 8000" in printed[0]
+    assert all("--overwrite" in line for line in printed[:3])  # a build can be run again (after a failed step)
     assert printed[1].startswith("minillm data pretrain") and printed[1].count("--input") == 2
     assert "--pack" in printed[2] and "--max-seq-len 512" in printed[2]
     assert not (out / "recipe.json").exists()
