@@ -327,3 +327,16 @@ def test_sigterm_mid_build_leaves_nothing_behind(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
+def test_a_file_named_twice_is_read_once(tmp_path, capsys):
+    """`--input a.jsonl --input '*.jsonl'`: read twice, its documents were trained twice and, with a val split,
+    the same text landed in train and val."""
+    from minillm.data.sources import resolve_inputs
+
+    a = _write(tmp_path / "a.jsonl", '{"text": "x"}\n')
+    b = _write(tmp_path / "b.jsonl", '{"text": "y"}\n')
+    sources = resolve_inputs([str(a), str(a), str(tmp_path / "*.jsonl"), str(tmp_path)])
+    assert [s.name for s in sources] == [str(a), str(b)]
+    err = capsys.readouterr().err
+    assert err.count("is given more than once; it is read once") == 2 and f"note: {a} " in err

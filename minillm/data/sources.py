@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,22 @@ def resolve_inputs(inputs: list[str] | str) -> list[Source]:
             sources.append(Source("hf", item))
         else:
             raise UserError(f"{item}: no such file")
-    return sources
+    return _read_once(sources)
+
+
+def _read_once(sources: list[Source]) -> list[Source]:
+    """`sources` with a file named twice (`--input a.jsonl --input '*.jsonl'`) kept once, with a note: read twice,
+    its documents would be trained twice, and with a validation split the same text would land in train and val."""
+    seen: dict[str, Source] = {}
+    repeated: list[str] = []
+    for source in sources:
+        key = os.path.realpath(source.name) if source.kind != "hf" else source.name
+        if key in seen and source.name not in repeated:
+            repeated.append(source.name)
+        seen.setdefault(key, source)
+    for name in repeated:
+        print(f"note: {name} is given more than once; it is read once", file=sys.stderr)
+    return list(seen.values())
 
 
 def _data_files_under(directory: Path) -> list[str]:
