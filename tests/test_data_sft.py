@@ -139,6 +139,30 @@ def test_truncation_at_turn_boundary_or_drop(tok, tmp_path):
     assert m["summary"]["truncated"] == 0 and m["summary"]["dropped_too_long"] == 2
 
 
+def test_a_cut_conversation_keeps_the_reasoning_of_its_new_last_turn(tok):
+    """The template shows only the last assistant turn's reasoning; a conversation cut after an earlier turn is
+    rendered again, so that turn is trained with its reasoning (slicing the whole conversation's tokens lost it)."""
+    from minillm.data.sft import tokenize_conversations
+
+    conversation = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello there", "reasoning_content": "greet back"},
+        {"role": "user", "content": "tell me more"},
+        {"role": "assistant", "content": "word " * 80, "reasoning_content": "a long answer"},
+    ]
+    kept, stats = tokenize_conversations(tok, [conversation], max_seq_len=48)
+    assert stats["truncated"] == 1 and len(kept) == 1
+    ids, mask = kept[0]
+    assert len(ids) <= 48
+    trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert "greet back" in trained and trained.endswith("hello there<|im_end|>")
+    expected = tok.apply_chat_template(conversation[:2], tokenize=True, return_dict=True)["input_ids"]
+    assert list(ids) == list(expected)
+    # a turn too long with its reasoning falls back to an earlier turn, or the conversation is dropped
+    kept, stats = tokenize_conversations(tok, [conversation], max_seq_len=len(expected) - 1)
+    assert kept == [] and stats["dropped_too_long"] == 1
+
+
 def test_packing_keeps_every_conversation_with_restarting_positions(tok, tmp_path, capsys):
     r = random.Random(0)
     rows = [chat("question " * r.randint(1, 30), "answer " * r.randint(1, 60)) for _ in range(120)]

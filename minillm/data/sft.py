@@ -179,6 +179,26 @@ def _turn_cut(mask: list[int], limit: int) -> int:
     return best
 
 
+def _answers_in(mask: list[int]) -> int:
+    """How many assistant segments (runs of 1s) `mask` holds."""
+    return sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+
+
+def _render_cut(tokenizer, conversation: list[dict], answers: int, max_seq_len: int) -> tuple[list, list]:
+    """(ids, mask) of `conversation` cut after its `answers`-th assistant turn, rendered again: the template keeps
+    only the last assistant turn's reasoning, so slicing the tokens of the whole conversation would train the
+    new last turn without the reasoning it has. Fewer turns if the reasoning makes it too long; ([], []) if none
+    fits."""
+    ends = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+    for count in range(answers, 0, -1):
+        out = tokenizer.apply_chat_template(
+            conversation[: ends[count - 1] + 1], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        if len(out["input_ids"]) <= max_seq_len:
+            return list(out["input_ids"]), list(out["assistant_masks"])
+    return [], []
+
+
 def tokenize_conversations(
     tokenizer, conversations: list[list[dict]], max_seq_len: int, truncation: str = "turn", on_chunk=None
 ):
@@ -193,13 +213,16 @@ def tokenize_conversations(
         out = tokenizer.apply_chat_template(
             chunk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True):
+        for conversation, ids, mask in zip(chunk, out["input_ids"], out["assistant_masks"], strict=True):
             if len(ids) > max_seq_len:
                 cut = _turn_cut(mask, max_seq_len) if truncation == "turn" else 0
-                if cut == 0:
+                if cut and any(m.get("reasoning_content") for m in conversation):
+                    ids, mask = _render_cut(tokenizer, conversation, _answers_in(mask[:cut]), max_seq_len)
+                else:
+                    ids, mask = ids[:cut], mask[:cut]
+                if not ids:
                     stats["dropped_too_long"] += 1
                     continue
-                ids, mask = ids[:cut], mask[:cut]
                 stats["truncated"] += 1
             if not any(mask):
                 stats["dropped_no_labels"] += 1
