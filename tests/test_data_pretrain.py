@@ -340,3 +340,11 @@ def test_a_file_named_twice_is_read_once(tmp_path, capsys):
     assert [s.name for s in sources] == [str(a), str(b)]
     err = capsys.readouterr().err
     assert err.count("is given more than once; it is read once") == 2 and f"note: {a} " in err
+
+
+def test_a_dictionary_encoded_text_column_is_text(tok, tmp_path):
+    """What pandas writes for a `category` column: strings stored once, referenced by index."""
+    texts = ["the same sentence", "another one", "the same sentence"]
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "cat.parquet")
+    manifest = build_pretrain_shards([str(tmp_path / "cat.parquet")], tmp_path / "s", progress=False)
+    assert manifest["splits"]["train"]["documents"] == 3

@@ -206,7 +206,8 @@ def iter_text_batches(
         import pyarrow.types as pa_types
 
         kind = pf.schema_arrow.field(text_column).type
-        if not (pa_types.is_string(kind) or pa_types.is_large_string(kind)):
+        values = kind.value_type if pa_types.is_dictionary(kind) else kind  # pandas' `category` columns
+        if not (pa_types.is_string(values) or pa_types.is_large_string(values)):
             raise UserError(f"{source.name}: column '{text_column}' holds {kind}, not text; pick one with "
                             "--text-column")
         size, rows = source.size_bytes, max(pf.metadata.num_rows, 1)
