@@ -153,6 +153,10 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, cap
         "pass a local path"
         in run_cli_err(["data", "pretrain", "--input", "someone/x", "--out", str(out)], capsys)[1]
     )
+    # the folders made for a nested --out go too when the build fails (bad rows are found while writing)
+    code, err = run_cli_err(["data", "pretrain", "--input", str(tmp_path / "numbers.jsonl"), "--out",
+                             str(tmp_path / "new" / "sub" / "out")], capsys)  # fmt: skip
+    assert code == 2 and not (tmp_path / "new").exists(), err
 
 
 def test_shard_checks_against_tokenizer_and_model(corpus, tok, tmp_path):

@@ -52,6 +52,7 @@ def atomic_output_dir(out: str | Path, data_format: str, overwrite: bool = False
     """
     out = Path(out)
     check_output_dir(out, data_format, overwrite)  # again: the builder checked before its work, but time passed
+    created = [d for d in reversed(out.absolute().parents) if not d.exists()]  # outermost first
     make_parent_dirs(out, "--out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -67,6 +68,9 @@ def atomic_output_dir(out: str | Path, data_format: str, overwrite: bool = False
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in reversed(created):  # the parents made for it, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
 
 
