@@ -405,8 +405,8 @@ def format_summary(summary: dict, max_seq_len: int, pack: bool) -> str:
         f"rows read: {summary['rows_read']:,}; conversations kept: {summary['conversations']:,}"
         + (f" (+ {held_out:,} held out as the val split)" if held_out else "")
         + f"; invalid rows skipped: {summary['invalid_rows']:,}",
-        f"longer than max_seq_len {max_seq_len}: truncated at a turn boundary {summary['truncated']:,}, "
-        f"dropped {summary['dropped_too_long']:,}",
+        f"longer than max_seq_len {max_seq_len} (counted before the val split): truncated at a turn boundary "
+        f"{summary['truncated']:,}, dropped {summary['dropped_too_long']:,}",
         f"tokens: {summary['tokens']:,} (labels on {summary['label_tokens']:,}) in {summary['rows']:,} rows",
     ]
     unpacked = f"unpacked {summary['padding_ratio_unpacked']:.2%}"
