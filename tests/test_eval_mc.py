@@ -445,6 +445,30 @@ def test_bad_input_is_one_line_exit_2_and_no_json(model_dirs, tmp_path, capsys, 
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 
 
+def test_line_breaks_inside_fields_are_kept(tmp_path):
+    """A quoted CSV field keeps its newline (a multi-line question, as MMLU's code questions), and U+2028 inside a
+    field or a JSON string splits nothing (both used to be read with str.splitlines)."""
+    question = 'Line one\nline two, with "quotes" and a\u2028separator'
+    row = {"question": question, "A": "yes", "B": "no\u2028way", "C": "maybe", "D": "never", "answer": "D"}
+    expected = [Question(question, ["yes", "no\u2028way", "maybe", "never"], 3)]
+    assert load_questions(write_csv(tmp_path / "q.csv", [row])) == expected
+    (tmp_path / "q.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_questions(tmp_path / "q.jsonl") == expected
+
+
+def test_rows_that_would_shift_or_guess_are_refused(tmp_path):
+    header = "question,A,B,C,D,answer\n"
+    (tmp_path / "extra.csv").write_text(header + "q1,part2,a,b,c,d,A\n", encoding="utf-8")
+    with pytest.raises(UserError, match="row 1: 1 more field\\(s\\) than the header has columns"):
+        load_questions(tmp_path / "extra.csv")  # was read with the choices shifted and answer 'd'
+    (tmp_path / "digit.csv").write_text(header + "q1,a,b,c,d,1\n", encoding="utf-8")
+    with pytest.raises(UserError, match="answer '1' beside choice columns A, B, ...: give the letter"):
+        load_questions(tmp_path / "digit.csv")  # 0- or 1-based? it was read as B
+    write_jsonl(tmp_path / "null.jsonl", [{"question": None, "choices": ["a", "b"], "answer": 0}])
+    with pytest.raises(UserError, match="the question is empty"):
+        load_questions(tmp_path / "null.jsonl")  # was the question "None"
+
+
 def test_unknown_columns_are_named(tmp_path):
     data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "x", "options": ["a", "b"], "label": 0}])
     with pytest.raises(UserError, match=r"missing column\(s\) question, answer, choices \(or A, B, C, D\)"):

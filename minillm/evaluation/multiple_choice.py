@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import io
 import json
 import math
 import string
@@ -125,8 +126,15 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        return [(f"{path} row {i + 1}", row) for i, row in enumerate(reader)]
+        # newline="": a quoted field keeps its line breaks (a multi-line question), and only \r / \n end rows
+        # (str.splitlines also split at U+2028 and other separators inside fields)
+        rows = []
+        for i, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
+            if None in row:  # DictReader's place for fields beyond the header's
+                raise UserError(f"{path} row {i}: {len(row[None])} more field(s) than the header has columns "
+                                "(a comma in an unquoted field?)")
+            rows.append((f"{path} row {i}", row))
+        return rows
     if suffix == ".json" and text.strip():
         try:
             data = json.loads(text)
@@ -139,7 +147,7 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
         if data is not None:
             raise UserError(f"{path}: expected a JSON list of question objects")
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # JSON strings may hold U+2028; only \n ends a line
         if not line.strip():
             continue
         try:
@@ -182,6 +190,12 @@ def _parse_row(row: dict[str, Any], location: str, where: str) -> Question:
     if missing:
         found = ", ".join(row) or "no column"
         raise UserError(f"{where}: missing column(s) {', '.join(missing)} (found: {found}); {LAYOUTS}")
+    if row["question"] is None or str(row["question"]).strip() == "":
+        raise UserError(f"{location}: the question is empty")
+    answer = row[answer_column]
+    if "choices" not in row and (isinstance(answer, int) or str(answer).strip().isdigit()):
+        raise UserError(f"{location}: answer {answer!r} beside choice columns A, B, ...: give the letter (a number "
+                        "could count from 0 or from 1)")
 
     labels: list[str] | None = None
     if "choices" in row:
