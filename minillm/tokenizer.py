@@ -38,6 +38,17 @@ ADDED_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 SPECIAL_TOKENS = [EOS_TOKEN, *ADDED_TOKENS]
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids that end a generation: eos, and `<|im_end|>` when the vocabulary has it. A chat model ends its turn
+    with the latter and never learns an eos after it, so anything that generates (our engine, `eval chat`, and
+    transformers or vLLM reading an exported `generation_config.json`) must stop there too."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    if im_end is not None and im_end not in stops:
+        stops.append(int(im_end))
+    return stops
+
+
 def spelled_special_token(text: str, specials: Iterable[str] = SPECIAL_TOKENS) -> str | None:
     """The first of `specials` that `text` spells as characters, or None. A chat template's output is tokenized
     with special tokens recognised, so such text would become the control token itself (an end of turn, a forged

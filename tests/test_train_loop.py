@@ -56,6 +56,9 @@ def test_pretrain_then_sft_packed_and_unpacked(model, tmp_path, capsys):
                  "final/tokenizer.json", "final/generation_config.json"):
         assert (pre / name).is_file(), name
     assert list((pre / "logs").rglob("events.out.tfevents.*"))
+    # generate() and vLLM on the model (or its export) stop at the end of a chat turn, not only at eos
+    generation = json.loads((pre / "final" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [0, 32001] and generation["pad_token_id"] == 0  # <|endoftext|>, <|im_end|>
     records = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 and "grad_norm" in r

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from minillm.errors import UserError
 from minillm.evaluation.loading import resolve_max_seq_len
 from minillm.evaluation.scoring import IGNORE_INDEX, progress_bar, sum_nll
+from minillm.tokenizer import stop_token_ids
 
 if TYPE_CHECKING:
     import torch
@@ -95,15 +96,6 @@ def assistant_sequence(
     if all(t == IGNORE_INDEX for t in targets):
         return None, truncated
     return (ids[:-1], targets), truncated
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """eos plus `<|im_end|>` when the vocabulary has it: a chat model ends its turn with the latter."""
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in stops:
-        stops.append(im_end)
-    return stops
 
 
 def greedy_answers(

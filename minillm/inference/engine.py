@@ -38,6 +38,7 @@ import torch
 
 from minillm.inference.sampling import SamplingParams, make_generators, sample_next
 from minillm.inference.textstream import IncrementalText
+from minillm.tokenizer import stop_token_ids
 
 FINISH_STOP = "stop"  # eos, a stop token or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens or the context window reached
@@ -92,13 +93,9 @@ class BaseEngine:
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        stop = set(_as_list(tokenizer.eos_token_id))
+        # a chat turn ends at <|im_end|> even if the model's generation config forgot to say so
+        stop = set(stop_token_ids(tokenizer))
         stop |= set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
-        im_end = (
-            tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-        )
-        if im_end is not None:  # a chat turn ends here even if the generation config forgot to say so
-            stop.add(int(im_end))
         self.stop_token_ids = stop
         self.context_length = context_length(model)
 

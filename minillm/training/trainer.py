@@ -56,6 +56,7 @@ import torch
 from minillm.errors import TrainingStopped, UserError
 from minillm.parallel import expert_parallel
 from minillm.paths import check_creatable
+from minillm.tokenizer import stop_token_ids
 from minillm.training import budget
 from minillm.training import checkpoint as ckpt
 from minillm.training.batches import GlobalBatches, Prefetcher, count_targets
@@ -596,7 +597,8 @@ def save_model_files(model, tokenizer, directory: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
         generation = copy.deepcopy(model.generation_config)
-        generation.eos_token_id = tokenizer.eos_token_id
+        stops = stop_token_ids(tokenizer)  # <|im_end|> too: generate() and vLLM stop at the end of a chat turn
+        generation.eos_token_id = stops if len(stops) > 1 else tokenizer.eos_token_id
         generation.pad_token_id = tokenizer.pad_token_id
         generation.save_pretrained(directory)
 
