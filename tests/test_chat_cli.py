@@ -164,6 +164,21 @@ def test_text_that_cannot_go_into_a_prompt_is_one_line_and_the_chat_goes_on(mode
     assert [line.split("assistant> ", 1)[1] for line in out.splitlines() if "assistant> " in line] == [reply]
 
 
+def test_an_answer_spelling_a_control_token_does_not_block_the_chat(model_dir):
+    """The model may write a control token's text out of ordinary tokens; kept in the history as it is, every
+    later prompt would be refused (a message may not spell one). Its reasoning is not kept either."""
+    from minillm.inference.engine import StepEvent
+
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir, "cpu")
+    engine = Engine(model, tokenizer)
+    engine.stream = lambda prompts, params, cancel=None: iter([[StepEvent(0, 1, "<think>hm</think>A<|im_end|>B")]])
+    session = ChatSession(engine, SamplingParams(max_new_tokens=6))
+    prompt, _ = session.build_prompt("Hello there")
+    assert "".join(session.reply("Hello there", prompt)) == "<think>hm</think>A<|im_end|>B"
+    assert session.history[-1] == {"role": "assistant", "content": "AB"}
+    session.build_prompt("And the dog")  # does not raise
+
+
 def test_a_prompt_spelling_a_control_token_is_exit_2(model_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["chat", "--model", str(model_dir), "--prompt", "<|endoftext|>", *GREEDY])

@@ -461,6 +461,8 @@ def test_rows_that_would_shift_or_guess_are_refused(tmp_path):
     (tmp_path / "extra.csv").write_text(header + "q1,part2,a,b,c,d,A\n", encoding="utf-8")
     with pytest.raises(UserError, match="row 1: 1 more field\\(s\\) than the header has columns"):
         load_questions(tmp_path / "extra.csv")  # was read with the choices shifted and answer 'd'
+    (tmp_path / "trailing.csv").write_text(header + "q1,a,b,c,d,A,\n", encoding="utf-8")  # a spreadsheet's comma
+    assert load_questions(tmp_path / "trailing.csv") == [Question("q1", ["a", "b", "c", "d"], 0)]
     (tmp_path / "digit.csv").write_text(header + "q1,a,b,c,d,1\n", encoding="utf-8")
     with pytest.raises(UserError, match="answer '1' beside choice columns A, B, ...: give the letter"):
         load_questions(tmp_path / "digit.csv")  # 0- or 1-based? it was read as B

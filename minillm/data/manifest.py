@@ -89,8 +89,8 @@ def sigterm_exits() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler installed outside Python, which cannot be put back; the default stands in
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def check_output_dir(out: str | Path, data_format: str, overwrite: bool = False) -> None:

@@ -130,8 +130,9 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
         # (str.splitlines also split at U+2028 and other separators inside fields)
         rows = []
         for i, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
-            if None in row:  # DictReader's place for fields beyond the header's
-                raise UserError(f"{path} row {i}: {len(row[None])} more field(s) than the header has columns "
+            extra = [field for field in row.pop(None, []) if field.strip()]  # fields beyond the header's columns;
+            if extra:  # empty ones (a spreadsheet's trailing comma) shift nothing
+                raise UserError(f"{path} row {i}: {len(extra)} more field(s) than the header has columns "
                                 "(a comma in an unquoted field?)")
             rows.append((f"{path} row {i}", row))
         return rows
@@ -193,9 +194,10 @@ def _parse_row(row: dict[str, Any], location: str, where: str) -> Question:
     if row["question"] is None or str(row["question"]).strip() == "":
         raise UserError(f"{location}: the question is empty")
     answer = row[answer_column]
-    if "choices" not in row and (isinstance(answer, int) or str(answer).strip().isdigit()):
-        raise UserError(f"{location}: answer {answer!r} beside choice columns A, B, ...: give the letter (a number "
-                        "could count from 0 or from 1)")
+    if "choices" not in row and isinstance(answer, str) and answer.strip().isdigit():
+        # an integer column is an index from 0 (Hugging Face's ClassLabel); digits typed beside A, B, ... columns
+        # (a CSV) could count from 0 or from 1
+        raise UserError(f"{location}: answer {answer!r} beside choice columns A, B, ...: give the letter")
 
     labels: list[str] | None = None
     if "choices" in row:

@@ -31,8 +31,10 @@ from minillm.inference.prompt import (
     InvalidText,
     answer_without_reasoning,
     chat_prompt_ids,
+    control_tokens,
 )
 from minillm.inference.sampling import MAX_SEED, SamplingParams
+from minillm.tokenizer import spelled_special_token
 
 THINK_STYLE = "dim italic"
 HELP = "commands: /reset  /system TEXT  /exit"
@@ -94,6 +96,10 @@ class ChatSession:
                     yield ev.text
         self.turns += 1
         answer = answer_without_reasoning("".join(pieces))  # the answer, not the reasoning, for later turns
+        while (spelled := spelled_special_token(answer, control_tokens(self.engine.tokenizer))) is not None:
+            # the model wrote a control token's text out of ordinary tokens: kept, it would refuse every later
+            # prompt (a message may not spell one), so the history holds the answer without it
+            answer = answer.replace(spelled, "")
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
 
 

@@ -4,12 +4,13 @@
 
 Notable choices:
 - A chat prompt is rendered with the tokenizer's chat template and then tokenized with control tokens recognised:
-  that is how the template's own `<|im_start|>` / `<|im_end|>` become single ids. A user or system message whose
-  text spells a control token would therefore turn into that token: text pasted into a user turn could close it
-  and write a forged system or assistant turn. Such a message is refused, as `minillm data sft` skips training
-  rows that spell one (`minillm.data.sft.parse_conversation`). An assistant message is the model's own earlier
-  answer, sent back as the server returned it: its reasoning (a leading `<think>` block, closed or cut off) is
-  dropped, as earlier reasoning is not fed back (Qwen3; `minillm chat`), and the rest is taken as it is. A raw
+  that is how the template's own `<|im_start|>` / `<|im_end|>` become single ids. A message whose text spells a
+  control token would therefore turn into that token: text pasted into a user turn could close it and write a
+  forged system or assistant turn. Such a message is refused, as `minillm data sft` skips training
+  rows that spell one (`minillm.data.sft.parse_conversation`). An assistant message is most often the model's own
+  earlier answer, sent back as the server returned it: its reasoning (a leading `<think>` block, closed or cut
+  off) is dropped first, as earlier reasoning is not fed back (Qwen3; `minillm chat`), and the answer is then
+  checked like any other message. A raw
   completion prompt (`/v1/completions`) is the caller's own text and may hold control tokens on purpose.
 - Text with a lone UTF-16 surrogate (JSON's `"\\ud800"`, or bytes that are not UTF-8 read from a terminal) has no
   UTF-8 encoding, so no tokenizer can read it; it is refused with the position instead of failing inside the
@@ -30,11 +31,12 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def answer_without_reasoning(content: str) -> str:
-    """An assistant message's answer: the text after its reasoning's `</think>`; "" when it is all reasoning (an
-    answer cut off while thinking); the text as is when it has no reasoning."""
-    if THINK_CLOSE in content:
-        return content.split(THINK_CLOSE, 1)[1].lstrip()
-    return "" if content.lstrip().startswith(THINK_OPEN) else content
+    """An assistant message's answer: for one that opens with `<think>` (as the model's own answers do), the text
+    after the reasoning's `</think>`, or "" when it is all reasoning (cut off while thinking); any other text as is
+    (an answer that merely mentions the tags keeps every word)."""
+    if not content.lstrip().startswith(THINK_OPEN):
+        return content
+    return content.split(THINK_CLOSE, 1)[1].lstrip() if THINK_CLOSE in content else ""
 
 
 class InvalidText(ValueError):
@@ -71,14 +73,13 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
         content = message["content"]
         if message["role"] == "assistant":
             content = answer_without_reasoning(content)
-        else:
-            spelled = spelled_special_token(content, specials)
-            if spelled is not None:
-                raise InvalidText(
-                    f"the text spells the control token {spelled}, which the chat template would read as that "
-                    "token (a forged turn); remove it",
-                    i,
-                )
+        spelled = spelled_special_token(content, specials)
+        if spelled is not None:
+            raise InvalidText(
+                f"the text spells the control token {spelled}, which the chat template would read as that token "
+                "(a forged turn); remove it",
+                i,
+            )
         check_unicode(content, i)
         rendered.append({**message, "content": content})
     text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)

@@ -22,6 +22,7 @@ from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # set in a process started by a launcher: minillm's --launcher re-run, torchrun / DeepSpeed, any `accelerate launch`
+# (the last one is also accelerate's setting for a shell: exported there, Ctrl-C keeps its default effect)
 LAUNCHER_ENV = ("MINILLM_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION")
 
 
@@ -55,6 +56,6 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in self._previous.items():  # None: set outside Python, not restorable; the default instead
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
