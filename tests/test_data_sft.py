@@ -372,3 +372,17 @@ def test_an_answer_starting_with_newlines_is_trained_after_the_inference_prompt(
     assert ids[: len(prompt)] == list(prompt)  # the row begins with exactly what chat/serve feed the model
     assert (labels[: len(prompt)] == -100).all() and labels[len(prompt)] != -100
     assert tok.decode(ids[len(prompt) :]) == "    print('hi')\nDone.<|im_end|>\n"  # indentation kept
+
+
+def test_reading_chats_reports_progress_within_a_file(tmp_path):
+    """The `data sft` reading bar advanced only once a whole file was read: a single large file showed nothing."""
+    from minillm.data.sources import iter_rows, local_source
+
+    rows = [chat(f"q{i}", f"a{i}") for i in range(3000)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pq.write_table(pa.table({"messages": [r["messages"] for r in rows]}), tmp_path / "c.parquet")
+    for name in ("c.jsonl", "c.parquet"):
+        source = local_source(tmp_path / name)
+        seen: list[int] = []
+        assert sum(1 for _ in iter_rows(source, on_bytes=seen.append)) == 3000
+        assert len(seen) > 1 and abs(sum(seen) - source.size_bytes) <= 3, (name, len(seen), sum(seen))

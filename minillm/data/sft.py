@@ -276,9 +276,7 @@ def build_sft_dataset(
     with Progress(*columns, disable=not progress, transient=True) as bar:  # gone when done: a summary follows
         task = bar.add_task("reading chats", total=sum(s.size_bytes for s in sources) or None)
         for source in sources:
-            if source.kind == "parquet":
-                bar.advance(task, source.size_bytes)
-            for where, row, error in iter_rows(source):
+            for where, row, error in iter_rows(source, on_bytes=lambda n: bar.advance(task, n)):
                 rows += 1
                 kind = error
                 if error is None:
@@ -290,8 +288,6 @@ def build_sft_dataset(
                 invalid[kind.split(" (")[0]] += 1
                 if len(reasons) < MAX_REASONS:
                     reasons.append(f"{where}: {error}")
-            if source.kind == "jsonl":
-                bar.advance(task, source.size_bytes)
     if rows == 0:
         raise UserError(f"{', '.join(s.name for s in sources)}: no rows (empty dataset)")
     if not conversations:

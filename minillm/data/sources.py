@@ -374,15 +374,21 @@ def _json_array_rows(path: str, data: bytes, on_bytes: Callable[[int], None] | N
         yield index, row, _unicode_error(row) if check_unicode else None
 
 
-def iter_rows(source: Source) -> Iterator[tuple[str, object, str | None]]:
-    """Yield (location, row dict or None, error or None) from any source (used for chat data)."""
+def iter_rows(
+    source: Source, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[str, object, str | None]]:
+    """Yield (location, row dict or None, error or None) from any source (used for chat data). `on_bytes(n)` is
+    called as the file is consumed, as in `iter_text_batches`, so a progress bar moves within a large file."""
     if source.kind == "jsonl":
-        for lineno, row, err in iter_json_rows(source.name):
+        for lineno, row, err in iter_json_rows(source.name, on_bytes):
             yield f"{source.name}:{lineno}", row, err
     elif source.kind == "parquet":
         pf = _parquet_file(source.name)
         index = 0
+        size, total_rows = source.size_bytes, max(pf.metadata.num_rows, 1)
         for batch in pf.iter_batches(batch_size=1024):
+            if on_bytes is not None:
+                on_bytes(size * batch.num_rows // total_rows)
             for row in batch.to_pylist():
                 index += 1
                 yield f"{source.name}:row {index}", row, None
