@@ -315,17 +315,19 @@ def build_sft_dataset(
         raise UserError(f"--val-fraction {val_fraction}: too few conversations ({len(kept)}) for a validation split")
     train = [kept[i] for i in index[~is_val]]
     lengths = [len(ids) for ids, _ in train]
+
+    def rows_of(lengths: list[int]) -> list[list[int]]:  # conversations per row: packed, or one each
+        return pack_best_fit_decreasing(lengths, max_seq_len) if pack else [[i] for i in range(len(lengths))]
+
     unpacked_padding = padding_ratio(lengths, max_seq_len)
-    bins = pack_best_fit_decreasing(lengths, max_seq_len) if pack else [[i] for i in range(len(train))]
+    bins = rows_of(lengths)
     packed_padding = padding_ratio(lengths, max_seq_len, bins) if pack else None
 
     with atomic_output_dir(out_dir, SFT_FORMAT, overwrite) as tmp:
         splits = {"train": _write_split(tmp, "", train, bins, dtype)}
         if is_val.any():
             val = [kept[i] for i in index[is_val]]
-            val_lengths = [len(ids) for ids, _ in val]
-            val_bins = pack_best_fit_decreasing(val_lengths, max_seq_len) if pack else [[i] for i in range(len(val))]
-            splits["val"] = _write_split(tmp, "val_", val, val_bins, dtype)
+            splits["val"] = _write_split(tmp, "val_", val, rows_of([len(ids) for ids, _ in val]), dtype)
         total = splits["train"]["tokens"]
         summary = {
             "rows_read": rows,

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+
 def _scores(nll: float, tokens: int, n_bytes: int) -> dict[str, Any]:
     """Loss, perplexity and bits per byte from summed NLL (nats), scored tokens and UTF-8 bytes."""
     loss = nll / tokens

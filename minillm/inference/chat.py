@@ -96,7 +96,8 @@ class ChatSession:
                     yield ev.text
         self.turns += 1
         answer = answer_without_reasoning("".join(pieces))  # the answer, not the reasoning, for later turns
-        while (spelled := spelled_special_token(answer, control_tokens(self.engine.tokenizer))) is not None:
+        specials = control_tokens(self.engine.tokenizer)
+        while (spelled := spelled_special_token(answer, specials)) is not None:
             # the model wrote a control token's text out of ordinary tokens: kept, it would refuse every later
             # prompt (a message may not spell one), so the history holds the answer without it
             answer = answer.replace(spelled, "")

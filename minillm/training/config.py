@@ -122,8 +122,8 @@ class TrainConfig:
         defaults = dict(STAGE_DEFAULTS[self.stage])
         if self.stage == "pretrain":
             defaults.update(PRESET_DEFAULTS.get(self.preset, {}))
-        elif self.data and _built_seq_len(self.data):  # SFT rows as long as `data sft --max-seq-len` built them
-            defaults["seq_len"] = _built_seq_len(self.data)
+        elif self.data and (built := _built_seq_len(self.data)):  # SFT rows as long as `data sft` built them
+            defaults["seq_len"] = built
         filled = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
                   for k in self.field_names()}
         cfg = TrainConfig(**filled)
@@ -351,5 +351,6 @@ def read_saved_config(path: Path) -> dict[str, Any]:
 # intervals may change, and so may the micro-batch size: a step is the same global batch however it is split
 # (batches.GlobalBatches), so a run can resume on a device with less memory.
 IDENTITY_FIELDS = ("stage", "model", "preset", "model_args", "data", "packing", "seq_len", "global_batch_size",
-                   "seed", "tokenizer", "max_steps", "epochs", "lr", "min_lr", "warmup_ratio", "warmup_steps", "decay_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                   "max_grad_norm", "precision", "expert_parallel_size")
+                   "seed", "tokenizer", "max_steps", "epochs", "lr", "min_lr", "warmup_ratio", "warmup_steps",
+                   "decay_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm", "precision",
+                   "expert_parallel_size")
