@@ -50,7 +50,10 @@ def ppl(
     model: Path | None = typer.Option(None, "--model", help=MODEL_HELP),
     text_column: str = typer.Option("text", "--text-column", help="Text column of parquet/jsonl files."),
     max_seq_len: int | None = typer.Option(
-        None, "--max-seq-len", help="Window length (default: the model's maximum, capped at 2048)."
+        None,
+        "--max-seq-len",
+        help="Window length (default: the row length the model's run trained at, else the model's maximum, "
+        "capped at 2048).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     limit: int | None = typer.Option(
@@ -65,7 +68,7 @@ def ppl(
     from minillm.devices import resolve_device
     from minillm.evaluation import loading, perplexity, report
     from minillm.paths import check_output_file
-    from minillm.runs import resolve_model_dir
+    from minillm.runs import resolve_model_dir, trained_seq_len
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
     files = perplexity.expand_data_paths(data)
@@ -75,6 +78,9 @@ def ppl(
     lm, tokenizer = loading.load_model_and_tokenizer(
         model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)
     )
+    if max_seq_len is None and (trained := trained_seq_len(model_dir)):
+        # positions past the training rows were never learned: longer windows would score extrapolation
+        max_seq_len = min(trained, getattr(lm.config, "max_position_embeddings", None) or trained)
     results = perplexity.evaluate_files(
         lm, tokenizer, files, text_column, max_seq_len, batch_size, torch_device, limit=limit, split=split
     )

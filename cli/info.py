@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
             help="mini_llama3 (default), mini_deepseekv3 or mini_qwen3_next; or a trained model: a model directory, "
             "run directory or checkpoint of a run, counted as it loads (without DeepSeek-V3's training-only MTP).",
         ),
-        preset: str = typer.Option(None, "--preset", help="Size preset: tiny (default) or base."),
+        preset: str = typer.Option(None, "--preset", help="Size preset: tiny (default), small or base."),
         seq_len: int = typer.Option(
             None, "--seq-len", help="Sequence length for attention FLOPs (default: the model's max)."
         ),

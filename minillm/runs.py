@@ -6,6 +6,7 @@ finished, `final/`: a HuggingFace model directory (safetensors, config, tokenize
 
 `resolve_model_dir` is how every command that takes a model (`chat`, `serve`, `eval`, `sft --model-path`,
 `export`) finds it: a model directory, a run directory (its `final/`) or one of a run's checkpoints.
+`trained_seq_len` reads the row length such a model was trained at from its run's `config.yaml`.
 """
 
 from __future__ import annotations
@@ -83,3 +84,28 @@ def resolve_model_dir(path: str | Path | None, option: str | None = "--model", r
         raise UserError(f"{where}: the run has not finished (no final/); pass one of its checkpoints, the newest "
                         f"is {checkpoints[-1]}")
     raise UserError(f"{where}: not a model directory (no config.json), a finished run (final/) or a checkpoint")
+
+
+def trained_seq_len(model_dir: str | Path) -> int | None:
+    """The `seq_len` of the run a model directory belongs to (its `final/` or one of its checkpoints), read from the
+    run's `config.yaml`; None for a model outside a run (an export, a download) or an unreadable config.
+
+    A model has learned positions up to that length only: `max_position_embeddings` is what it could be trained
+    at, and scoring in longer windows measures extrapolation (README: 0.3 nats worse at 1,024 than at the 256 a
+    small model was trained at)."""
+    import yaml
+
+    from minillm.training.checkpoint import CHECKPOINTS
+
+    model_dir = Path(model_dir).resolve()
+    if model_dir.name == "final":
+        run_dir = model_dir.parent
+    elif model_dir.parent.name == CHECKPOINTS:
+        run_dir = model_dir.parent.parent
+    else:
+        return None
+    try:
+        seq_len = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("seq_len")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return None
+    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None

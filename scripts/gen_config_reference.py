@@ -6,8 +6,8 @@
 
 The table is generated from `minillm.training.config.TrainConfig`: one row per field, with its recipe key, its CLI
 flag, the commands that expose it, its default, and the help text stored in the field's metadata. Defaults that
-the dataclass leaves `None` are filled from `STAGE_DEFAULTS` (pretrain / sft) and, for the `base` preset, from
-`PRESET_DEFAULTS`, which is what `TrainConfig.resolve()` does; a default that differs between pretrain and sft is
+the dataclass leaves `None` are filled from `STAGE_DEFAULTS` (pretrain / sft) and, in one column per preset that
+changes some (`small`, `base`), from `PRESET_DEFAULTS`, which is what `TrainConfig.resolve()` does; a default that differs between pretrain and sft is
 shown as `pretrain / sft`. Fields that no command exposes (`stage`) are left out.
 
 In a markdown file the table sits between the lines `<!-- config-reference:start -->` and
@@ -53,10 +53,11 @@ def _default(f: dataclasses.Field, stages: tuple[str, ...]) -> str:
 
 
 def reference_table() -> str:
-    """The markdown table: key, flag, commands, default, `--preset base` default, description."""
+    """The markdown table: key, flag, commands, default, the default of each preset that changes some, description."""
+    presets = [name for name, changes in PRESET_DEFAULTS.items() if changes]
     rows = [
-        "| recipe key | flag | commands | default | `--preset base` | meaning |",
-        "|---|---|---|---|---|---|",
+        "| recipe key | flag | commands | default | " + "".join(f"`--preset {p}` | " for p in presets) + "meaning |",
+        "|---|---|---|---|" + "---|" * len(presets) + "---|",
     ]
     for f in dataclasses.fields(TrainConfig):
         stages = tuple(s for s in STAGES if s in f.metadata.get("stages", ()))
@@ -65,12 +66,13 @@ def reference_table() -> str:
         flag = "--model-arg K=V" if f.name == "model_args" else "--" + f.name.replace("_", "-")
         if str(f.type).startswith("bool"):
             flag += f" / --no-{f.name.replace('_', '-')}"
-        base = _show(PRESET_DEFAULTS["base"][f.name]) if "pretrain" in stages and f.name in PRESET_DEFAULTS["base"] \
-            else ""
-        help_text = f.metadata["help"].replace("|", "\\|")
-        rows.append(
-            f"| `{f.name}` | `{flag}` | {', '.join(stages)} | {_default(f, stages)} | {base} | {help_text} |"
+        by_preset = "".join(
+            (_show(PRESET_DEFAULTS[p][f.name]) if "pretrain" in stages and f.name in PRESET_DEFAULTS[p] else "")
+            + " | "
+            for p in presets
         )
+        help_text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{flag}` | {', '.join(stages)} | {_default(f, stages)} | {by_preset}{help_text} |")
     return "\n".join(rows)
 
 

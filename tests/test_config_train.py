@@ -151,6 +151,8 @@ def test_defaults_depend_on_stage_and_preset():
     sft = TrainConfig(stage="sft").resolve()
     assert (quick.seq_len, quick.preset) == (256, "tiny")
     assert (base.seq_len, base.lr, base.min_lr) == (512, 3e-4, 1e-5)
+    small = TrainConfig(stage="pretrain", model="mini_llama3", preset="small", lr=1e-3).resolve()
+    assert (small.seq_len, small.micro_batch_size, small.lr, small.eval_every) == (256, 16, 1e-3, 200)
     assert (sft.lr, sft.epochs) == (3e-3, 4.0)
     with pytest.raises(UserError, match="not divisible"):
         TrainConfig(stage="pretrain", model="mini_llama3", micro_batch_size=4, global_batch_size=6).resolve()

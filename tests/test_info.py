@@ -60,10 +60,11 @@ def test_info_unknown_names(capsys):
 
 @pytest.mark.parametrize("name", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
 def test_preset_sizes_of_every_model(name):
-    tiny, base = config_stats(name, "tiny"), config_stats(name, "base")
+    tiny, small, base = config_stats(name, "tiny"), config_stats(name, "small"), config_stats(name, "base")
     assert tiny.total < 5e6
+    assert 10e6 <= small.total <= 25e6
     assert 100e6 <= base.total <= 200e6
-    for s in (tiny, base):
+    for s in (tiny, small, base):
         assert s.total == s.embedding + s.non_embedding + s.mtp
         assert s.activated_non_embedding <= s.non_embedding
         if name == "mini_llama3":
@@ -146,3 +147,16 @@ def test_budget_bad_input_is_one_line(tmp_path, capsys):
     assert run_cli("info", "--config", recipe, "--tokens", "1000") == 2  # not one global batch: no run
     assert "fewer than one global batch" in capsys.readouterr().err
     assert run_cli("info", "--config", recipe, "--tokens", "1e9") == 0
+
+
+def test_small_presets_compare_like_for_like():
+    """The `small` presets are compared on the same data (README "Measured results"): the same width, depth and
+    vocabulary, and about the same compute per token outside the embedding (within 1.5x of each other)."""
+    from minillm.models.registry import MODEL_NAMES, build_config
+
+    configs = [build_config(name, "small") for name in MODEL_NAMES]
+    assert {(c.hidden_size, c.num_hidden_layers, c.vocab_size, c.tie_word_embeddings) for c in configs} == {
+        (256, 6, 32004, True)
+    }
+    activated = [config_stats(name, "small").activated_non_embedding for name in MODEL_NAMES]
+    assert max(activated) <= 1.5 * min(activated), activated

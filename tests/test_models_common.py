@@ -268,12 +268,12 @@ def test_registry_errors_and_presets():
     assert registry.MODEL_NAMES == ("mini_llama3", "mini_deepseekv3", "mini_qwen3_next")
     with pytest.raises(UserError, match="mini_llama3, mini_deepseekv3, mini_qwen3_next"):
         registry.build_config("gpt2")
-    with pytest.raises(UserError, match="known presets: tiny, base"):
+    with pytest.raises(UserError, match="known presets: tiny, small, base"):
         registry.build_config("mini_llama3", "huge")
     config = registry.build_config("mini_llama3", "base", num_hidden_layers=2)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 2, 12)
     assert config.vocab_size == 32004
-    assert registry.known_presets("mini_llama3") == ("tiny", "base")
+    assert registry.known_presets("mini_llama3") == ("tiny", "small", "base")
 
 
 def test_auto_classes_know_our_models():

@@ -19,7 +19,8 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 
 def perplexity_table(report: dict[str, Any]) -> Table:
     """One row per file and a total row: documents, tokens, bytes, loss, perplexity, bits per byte."""
-    table = Table(title=f"perplexity: {report['model']}", title_justify="left")
+    table = Table(title=f"perplexity: {report['model']} (windows of {report['max_seq_len']:,} tokens)",
+                  title_justify="left")
     for name in ("file", "docs", "tokens", "bytes", "loss", "ppl", "bpb"):
         table.add_column(name, justify="left" if name == "file" else "right")
     rows = (

@@ -3,7 +3,8 @@
 Each architecture is a package `minillm.models.<name>` exporting:
 - `CONFIG_CLASS`, `MODEL_CLASS`: the `PretrainedConfig` and `<Arch>ForCausalLM` classes;
 - `PRESETS`: preset name -> config kwargs (`tiny`: under 5M parameters with the 32k vocabulary, for CPU and tests;
-  `base`: hidden 768, 12 layers, 12 heads, 100-200M parameters);
+  `small`: hidden 256, 6 layers, 13-22M parameters, for an hour of CPU training on real text; `base`: hidden 768,
+  12 layers, 12 heads, 100-200M parameters);
 - `to_reference(model)` / `from_reference(ref_model)`: conversion to and from the transformers reference class.
 
 Packages are found by name (`importlib`), so this module needs no import of any architecture; `import minillm`
@@ -35,7 +36,7 @@ def model_package(name: str) -> ModuleType:
 
 
 def known_presets(name: str) -> tuple[str, ...]:
-    """The preset names of a model, e.g. ('tiny', 'base')."""
+    """The preset names of a model, e.g. ('tiny', 'small', 'base')."""
     return tuple(model_package(name).PRESETS)
 
 

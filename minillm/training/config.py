@@ -46,7 +46,9 @@ class TrainConfig:
     # model
     model: str | None = _opt("architecture (required, here or in --config): mini_llama3, mini_deepseekv3 or "
                              "mini_qwen3_next", stages=("pretrain",))
-    preset: str = _opt("model size preset: tiny (CPU quick start) or base (100-200M)", ("pretrain",), "tiny")
+    preset: str = _opt(
+        "model size preset: tiny (CPU quick start), small (13-22M, a CPU hour) or base (100-200M)", ("pretrain",), "tiny"
+    )
     model_args: dict[str, Any] = _opt(
         "model config overrides, e.g. num_hidden_layers=2 (repeatable)", ("pretrain",), default_factory=dict
     )
@@ -189,6 +191,10 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {},
+    # the CPU-hour size: 16 rows of 256 tokens per step (about 1 s in bf16 on two cores for mini_llama3); use
+    # --max-steps, since one epoch of real data is hours on a CPU
+    "small": dict(micro_batch_size=16, global_batch_size=16, lr=2e-3, min_lr=1e-4, save_every=500, log_every=10,
+                  eval_every=200),
     # the seed's base pretraining: seq 512, 16 rows per GPU, lr 3e-4 -> 1e-5, one epoch
     "base": dict(seq_len=512, micro_batch_size=16, global_batch_size=64, lr=3e-4, min_lr=1e-5, save_every=1000,
                  log_every=10, eval_every=1000),

@@ -33,6 +33,27 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     ),
+    # The CPU-hour size, as mini_llama3's `small`: hidden 256, 6 layers (the first dense), 8 routed experts.
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        moe_intermediate_size=256,
+        num_hidden_layers=6,
+        num_dense_layers=1,
+        num_attention_heads=4,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
     # The seed's sizes: 174.9M parameters (164.7M without the MTP module), 111M activated per token.
     "base": dict(
         hidden_size=768,

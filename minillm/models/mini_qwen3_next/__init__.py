@@ -33,6 +33,26 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     ),
+    # The CPU-hour size, as mini_llama3's `small`: hidden 256, 6 layers (5 DeltaNet + 1 gated attention).
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=512,
+        linear_chunk_size=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
     # The seed's size (hidden 768, 12 layers, 12 heads): 9 DeltaNet + 3 gated-attention layers, 16 experts of which
     # 4 per token plus a shared expert, untied embeddings.
     "base": dict(

@@ -1,0 +1,212 @@
+"""Train the three architectures on the same data for the same number of tokens and compare what they learned.
+
+    python scripts/compare_architectures.py --data data/pretrain --out runs/compare        # small presets, 800 steps
+    python scripts/compare_architectures.py --data data/pretrain --out runs/compare --steps 2000 --precision fp32
+    python scripts/compare_architectures.py --out runs/compare --report-only               # table + plot again
+
+Each model is one `minillm pretrain` into OUT/<model> (the real trainer and its defaults for the preset: the same
+data order, batch and learning-rate schedule for every model), then `minillm eval ppl --split val` over every
+token of the data's validation split, in windows as long as the training rows. The script prints one row per model
+(parameters, tokens, training wall time, tokens/s, last training loss, validation loss, perplexity, bits per byte)
+and writes OUT/comparison.json and OUT/comparison.png: validation and training loss against tokens seen and
+against training time.
+
+A model whose OUT/<model>/final and evaluation already exist is not trained again (delete OUT/<model> to redo it),
+so an interrupted comparison continues where it stopped. Wall times are measured around each command, so they
+include start-up (a few seconds) and the periodic validation passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minillm.errors import UserError  # noqa: E402
+from minillm.models.registry import MODEL_NAMES  # noqa: E402
+from minillm.paths import check_output_file, write_output_file  # noqa: E402
+from minillm.training import perf  # noqa: E402
+from minillm.training.config import read_saved_config  # noqa: E402
+
+MINILLM = [sys.executable, "-m", "cli.main"]  # the CLI of this checkout, whatever `minillm` on PATH is
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, help="token shard directory with a val split (`minillm data pretrain "
+                   "--val-fraction ...`); required unless --report-only")
+    p.add_argument("--out", type=Path, required=True, help="one run directory per model goes here")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    p.add_argument("--preset", default="small")
+    p.add_argument("--steps", type=perf.positive_int, default=800, help="optimizer steps per model")
+    p.add_argument("--precision", default="bf16", help="fp32, bf16 (default; about 1.7x faster on CPUs with "
+                   "bf16 matmuls) or auto")
+    p.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for every `minillm pretrain`, e.g. --train-arg=--lr=1e-3 (repeatable)")
+    p.add_argument("--report-only", action="store_true", help="no training: the table and plot of OUT's runs")
+    args = p.parse_args(argv)
+    if not args.report_only and args.data is None:
+        p.error("--data is required unless --report-only")
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Raise `UserError` before any training for data without a validation split or an unwritable --out."""
+    from minillm.data.manifest import PRETRAIN_FORMAT, read_manifest
+
+    check_output_file(args.out / "comparison.json", "--out")
+    if args.report_only:
+        return
+    try:
+        splits = read_manifest(args.data, PRETRAIN_FORMAT)["splits"]
+    except UserError as err:
+        raise UserError(f"--data {err}") from None
+    if not splits.get("val", {}).get("tokens"):
+        raise UserError(f"--data {args.data}: no val split to compare on; build the data with "
+                        "`minillm data pretrain --val-fraction 0.01 ...`")
+
+
+def _run(command: list[str], log: Path) -> float:
+    """Run `command` with its output in `log`; returns its wall time. Stops the script when it fails."""
+    print("$ minillm " + " ".join(command[len(MINILLM):]), flush=True)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+        raise UserError(f"the command above failed ({code}): {' '.join(tail)} (full output in {log})")
+    return time.perf_counter() - start
+
+
+def train_and_evaluate(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Train `model` into OUT/<model> unless done before; returns its record (timings and evaluation)."""
+    run_dir = args.out / model
+    record_file = run_dir / "comparison.json"
+    if record_file.is_file() and (run_dir / "final").is_dir():
+        print(f"{model}: done before, kept ({run_dir})")
+        return json.loads(record_file.read_text())
+    if run_dir.exists():
+        raise UserError(f"{run_dir} holds an unfinished run; delete it to train {model} again")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / f"{model}.log"
+    train_seconds = _run(
+        MINILLM + ["pretrain", "--model", model, "--preset", args.preset, "--data", str(args.data),
+                   "--max-steps", str(args.steps), "--precision", args.precision, "--output-dir", str(run_dir),
+                   *args.train_arg],
+        log,
+    )
+    eval_json = run_dir / "eval_val.json"
+    seq_len = read_saved_config(run_dir / "config.yaml")["seq_len"]  # windows as long as the training rows
+    eval_seconds = _run(
+        MINILLM + ["eval", "ppl", "--data", str(args.data), "--split", "val", "--model", str(run_dir / "final"),
+                   "--max-seq-len", str(seq_len), "--json", str(eval_json)],
+        args.out / f"{model}.eval.log",
+    )
+    record = {"model": model, "preset": args.preset, "steps": args.steps, "precision": args.precision,
+              "train_args": args.train_arg, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+              "eval": json.loads(eval_json.read_text())["total"]}
+    write_output_file(record_file, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def summarize(out: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """One row of the table: the record plus sizes and the training curve read from the run directory."""
+    from minillm.models.stats import config_stats
+    run_dir = out / record["model"]
+    config = read_saved_config(run_dir / "config.yaml")
+    stats = config_stats(record["model"], config["preset"], seq_len=config["seq_len"], **config["model_args"])
+    train = [m for m in _metrics(run_dir) if "loss" in m]
+    tokens_per_step = config["global_batch_size"] * config["seq_len"]
+    return {
+        **record,
+        "parameters": stats.total,
+        "activated_non_embedding": stats.activated_non_embedding,
+        "tokens": record["steps"] * tokens_per_step,
+        "tokens_per_s": record["steps"] * tokens_per_step / record["train_seconds"],
+        "last_train_loss": train[-1]["loss"] if train else float("nan"),
+        "tokens_per_step": tokens_per_step,
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print()
+    print("| model | parameters (activated non-embedding) | tokens | training time | tokens/s | last train loss "
+          "| val loss | val ppl | val bits per byte |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        e = r["eval"]
+        print(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M ({r['activated_non_embedding'] / 1e6:.1f}M) "
+              f"| {r['tokens'] / 1e6:.2f}M | {r['train_seconds'] / 60:.1f} min | {r['tokens_per_s']:,.0f} "
+              f"| {r['last_train_loss']:.3f} | {e['loss']:.3f} | {e['ppl']:,.1f} | {e['bpb']:.3f} |")
+
+
+def plot(out: Path, rows: list[dict[str, Any]]) -> Path:
+    """Validation and training loss against tokens seen and against training time, one line per model."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in rows:
+        metrics = _metrics(out / row["model"])
+        train = [m for m in metrics if "loss" in m]
+        val = [m for m in metrics if "val/loss" in m]
+        # training time at each logged step, from the logged rates (each entry covers `log_every` steps)
+        seconds, elapsed, last_step = {}, 0.0, 0
+        for m in train:
+            elapsed += (m["step"] - last_step) * row["tokens_per_step"] / m["tokens_per_s"]
+            seconds[m["step"]], last_step = elapsed, m["step"]
+        line = by_tokens.plot([m["step"] * row["tokens_per_step"] / 1e6 for m in train], [m["loss"] for m in train],
+                              alpha=0.35)[0]
+        color = line.get_color()
+        by_tokens.plot([m["step"] * row["tokens_per_step"] / 1e6 for m in val], [m["val/loss"] for m in val], "o-",
+                       color=color, label=row["model"])
+        by_time.plot([seconds[m["step"]] / 60 for m in train], [m["loss"] for m in train], alpha=0.35, color=color)
+        val_seconds = np.interp([m["step"] for m in val], list(seconds), list(seconds.values()))
+        by_time.plot(val_seconds / 60, [m["val/loss"] for m in val], "o-", color=color, label=row["model"])
+    by_tokens.set_xlabel("tokens seen (millions)")
+    by_time.set_xlabel("training time (minutes, from the logged tokens/s)")
+    for ax in (by_tokens, by_time):
+        ax.set_ylabel("loss (faint: training; dots: validation)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{rows[0]['preset']} presets, same data and schedule")
+    fig.tight_layout()
+    path = out / "comparison.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_inputs(args)
+    if args.report_only:
+        records = [json.loads((args.out / m / "comparison.json").read_text()) for m in args.models
+                   if (args.out / m / "comparison.json").is_file()]
+        if not records:
+            raise UserError(f"--out {args.out}: no finished comparison runs")
+    else:
+        records = [train_and_evaluate(args, model) for model in args.models]
+    rows = [summarize(args.out, r) for r in records]
+    print_table(rows)
+    write_output_file(args.out / "comparison.json", json.dumps(rows, indent=2) + "\n")
+    print(f"\nwrote {args.out / 'comparison.json'} and {plot(args.out, rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    perf.run_main(main)
