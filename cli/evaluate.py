@@ -52,8 +52,8 @@ def ppl(
     max_seq_len: int | None = typer.Option(
         None,
         "--max-seq-len",
-        help="Window length (default: the row length the model's run trained at, else the model's maximum, "
-        "capped at 2048).",
+        help="Window length (default: the row length the model's pretraining run trained at, else the model's "
+        "maximum, capped at 2048).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     limit: int | None = typer.Option(

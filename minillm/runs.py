@@ -86,26 +86,36 @@ def resolve_model_dir(path: str | Path | None, option: str | None = "--model", r
     raise UserError(f"{where}: not a model directory (no config.json), a finished run (final/) or a checkpoint")
 
 
-def trained_seq_len(model_dir: str | Path) -> int | None:
-    """The `seq_len` of the run a model directory belongs to (its `final/` or one of its checkpoints), read from the
-    run's `config.yaml`; None for a model outside a run (an export, a download) or an unreadable config.
+def trained_seq_len(model_dir: str | Path, _depth: int = 0) -> int | None:
+    """The `seq_len` of the pretraining run a model directory belongs to (its `final/` or one of its checkpoints),
+    read from the run's `config.yaml`; for an SFT run, that of the model it started from (`model_path`), so a model
+    and its fine-tuned version are scored alike. None for a model outside a run (an export, a download) or an
+    unreadable config.
 
     A model has learned positions up to that length only: `max_position_embeddings` is what it could be trained
-    at, and scoring in longer windows measures extrapolation (README: 0.3 nats worse at 1,024 than at the 256 a
+    at, and scoring in longer windows measures extrapolation (README: 0.32 nats worse at 1,024 than at the 256 a
     small model was trained at)."""
     import yaml
 
     from minillm.training.checkpoint import CHECKPOINTS
 
     model_dir = Path(model_dir).resolve()
-    if model_dir.name == "final":
-        run_dir = model_dir.parent
-    elif model_dir.parent.name == CHECKPOINTS:
+    if (model_dir / "final").is_dir():  # a run directory stands for its final model, as in resolve_model_dir
+        model_dir = model_dir / "final"
+    if model_dir.parent.name == CHECKPOINTS:
         run_dir = model_dir.parent.parent
+    elif model_dir.name == "final":
+        run_dir = model_dir.parent
     else:
         return None
     try:
-        seq_len = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("seq_len")
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
         return None
+    if not isinstance(config, dict):
+        return None
+    if config.get("stage") == "sft":
+        start = config.get("model_path")
+        return trained_seq_len(start, _depth + 1) if isinstance(start, str) and _depth < 8 else None
+    seq_len = config.get("seq_len")
     return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
-    parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny or base")
+    parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny, small or base")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=perf.positive_int, default=4)

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", default="mini_llama3", choices=MODEL_NAMES)
-    parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny or base")
+    parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny, small or base")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: the GPU when there is one (as the trainer does)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp32,bf16"),

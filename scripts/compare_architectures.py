@@ -11,15 +11,20 @@ token of the data's validation split, in windows as long as the training rows. T
 and writes OUT/comparison.json and OUT/comparison.png: validation and training loss against tokens seen and
 against training time.
 
-A model whose OUT/<model>/final and evaluation already exist is not trained again (delete OUT/<model> to redo it),
-so an interrupted comparison continues where it stopped. Wall times are measured around each command, so they
-include start-up (a few seconds) and the periodic validation passes.
+Run again with the same options, the script goes on where it stopped: a model trained and evaluated with these
+settings is kept (OUT/<model>/comparison.json records them; other settings are refused: choose another --out or
+delete OUT/<model>), one trained but not evaluated is evaluated, and a training stopped by Ctrl-C (which saves its
+step) is continued with `--resume latest`; its training time is then not reported. Everything is checked for every
+model before any work starts. Wall times are measured around each command, so they include start-up (a few
+seconds) and the periodic validation passes. The parameter counts include mini_deepseekv3's training-only MTP
+module (0.9M in `small`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,9 +41,11 @@ from minillm.training import perf  # noqa: E402
 from minillm.training.config import read_saved_config  # noqa: E402
 
 MINILLM = [sys.executable, "-m", "cli.main"]  # the CLI of this checkout, whatever `minillm` on PATH is
+RECORD = "comparison.json"  # in OUT/<model>: the settings, timings and evaluation of that model's run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; `--data` and `--out` made absolute, as the commands run from another directory's view."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, help="token shard directory with a val split (`minillm data pretrain "
                    "--val-fraction ...`); required unless --report-only")
@@ -46,24 +53,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=perf.positive_int, default=800, help="optimizer steps per model")
-    p.add_argument("--precision", default="bf16", help="fp32, bf16 (default; about 1.7x faster on CPUs with "
-                   "bf16 matmuls) or auto")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "fp16", "auto"),
+                   help="bf16 (default; about 1.7x faster than fp32 on CPUs with bf16 matmuls), fp32, fp16 or auto")
     p.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every `minillm pretrain`, e.g. --train-arg=--lr=1e-3 (repeatable)")
     p.add_argument("--report-only", action="store_true", help="no training: the table and plot of OUT's runs")
     args = p.parse_args(argv)
     if not args.report_only and args.data is None:
         p.error("--data is required unless --report-only")
+    args.out = args.out.absolute()
+    args.data = args.data.absolute() if args.data is not None else None
     return args
 
 
-def check_inputs(args: argparse.Namespace) -> None:
-    """Raise `UserError` before any training for data without a validation split or an unwritable --out."""
-    from minillm.data.manifest import PRETRAIN_FORMAT, read_manifest
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes runs comparable: a recorded run is reused only when these match."""
+    return {"preset": args.preset, "steps": args.steps, "precision": args.precision, "train_args": args.train_arg}
 
-    check_output_file(args.out / "comparison.json", "--out")
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """OUT/<model>/comparison.json (None before the model's training ended)."""
+    path = run_dir / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({err}); delete {run_dir} to train the model again") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: not a record of this script; delete {run_dir} to train the model again")
+    return record
+
+
+def next_step(args: argparse.Namespace, model: str) -> str:
+    """What the comparison still has to do for `model`: `train`, `resume`, `evaluate` or `done`. Raises
+    `UserError` for a run directory it cannot use; `check_inputs` asks this for every model before any work."""
+    from minillm.training.checkpoint import list_checkpoints
+
+    run_dir = args.out / model
+    record = read_record(run_dir)
+    if record is not None:
+        differs = [f"{key} {record.get(key)!r}" for key, value in settings(args).items() if record.get(key) != value]
+        if differs:
+            raise UserError(f"{run_dir} was trained with other settings ({', '.join(differs)}); choose another "
+                            "--out or delete it")
+        return "done" if "eval" in record else "evaluate"
+    if not run_dir.exists():
+        return "train"
+    if (run_dir / "final").is_dir():
+        raise UserError(f"{run_dir} holds a finished run this script did not record (its settings are unknown); "
+                        "choose another --out or delete it")
+    if list_checkpoints(run_dir):
+        return "resume"
+    raise UserError(f"{run_dir} holds an unfinished run without a checkpoint to continue from; delete it to train "
+                    f"{model} again")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Raise `UserError` before any work for an unknown preset, data without a validation split, an unwritable
+    --out or a run directory that cannot be used (see `next_step`)."""
+    from minillm.data.manifest import PRETRAIN_FORMAT, read_manifest
+    from minillm.models.registry import build_config
+
+    check_output_file(args.out / RECORD, "--out")
     if args.report_only:
         return
+    for model in args.models:
+        build_config(model, args.preset)
+        next_step(args, model)
     try:
         splits = read_manifest(args.data, PRETRAIN_FORMAT)["splits"]
     except UserError as err:
@@ -74,11 +131,21 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 
 def _run(command: list[str], log: Path) -> float:
-    """Run `command` with its output in `log`; returns its wall time. Stops the script when it fails."""
+    """Run `command` with its output in `log`; returns its wall time. Raises `UserError` when it fails.
+
+    Ctrl-C reaches the command too: the trainer then finishes its step and saves a checkpoint, which the next
+    run of this script continues from, so this waits for it instead of killing it."""
     print("$ minillm " + " ".join(command[len(MINILLM):]), flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     with log.open("w") as out:
-        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            code = proc.wait()  # a second Ctrl-C stops both at once
+    if code in (130, 143):  # the trainer stopped on Ctrl-C / SIGTERM, after saving its step
+        raise UserError(f"stopped (output in {log}); run this script again with the same options to continue")
     if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:]
         raise UserError(f"the command above failed ({code}): {' '.join(tail)} (full output in {log})")
@@ -86,68 +153,73 @@ def _run(command: list[str], log: Path) -> float:
 
 
 def train_and_evaluate(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    """Train `model` into OUT/<model> unless done before; returns its record (timings and evaluation)."""
-    run_dir = args.out / model
-    record_file = run_dir / "comparison.json"
-    if record_file.is_file() and (run_dir / "final").is_dir():
-        print(f"{model}: done before, kept ({run_dir})")
-        return json.loads(record_file.read_text())
-    if run_dir.exists():
-        raise UserError(f"{run_dir} holds an unfinished run; delete it to train {model} again")
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / f"{model}.log"
-    train_seconds = _run(
-        MINILLM + ["pretrain", "--model", model, "--preset", args.preset, "--data", str(args.data),
-                   "--max-steps", str(args.steps), "--precision", args.precision, "--output-dir", str(run_dir),
-                   *args.train_arg],
-        log,
-    )
+    """Train `model` into OUT/<model> and evaluate it, or do what is left of that; returns its record."""
+    run_dir, step = args.out / model, next_step(args, model)
+    if step == "done":
+        print(f"{model}: trained and evaluated before, kept ({run_dir})")
+        return read_record(run_dir)
+    if step in ("train", "resume"):
+        args.out.mkdir(parents=True, exist_ok=True)
+        train_seconds = _run(
+            MINILLM + ["pretrain", "--model", model, "--preset", args.preset, "--data", str(args.data),
+                       "--max-steps", str(args.steps), "--precision", args.precision, "--output-dir", str(run_dir),
+                       *(["--resume", "latest"] if step == "resume" else []), *args.train_arg],
+            args.out / f"{model}.log",
+        )
+        # a continued run's first part is not timed: no training time rather than a wrong one
+        record = {"model": model, **settings(args), "train_seconds": train_seconds if step == "train" else None}
+        write_output_file(run_dir / RECORD, json.dumps(record, indent=2) + "\n", "--out")
+    record = read_record(run_dir)
     eval_json = run_dir / "eval_val.json"
     seq_len = read_saved_config(run_dir / "config.yaml")["seq_len"]  # windows as long as the training rows
-    eval_seconds = _run(
+    record["eval_seconds"] = _run(
         MINILLM + ["eval", "ppl", "--data", str(args.data), "--split", "val", "--model", str(run_dir / "final"),
-                   "--max-seq-len", str(seq_len), "--json", str(eval_json)],
+                   "--max-seq-len", str(seq_len), "--json", str(eval_json), "--overwrite"],
         args.out / f"{model}.eval.log",
     )
-    record = {"model": model, "preset": args.preset, "steps": args.steps, "precision": args.precision,
-              "train_args": args.train_arg, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-              "eval": json.loads(eval_json.read_text())["total"]}
-    write_output_file(record_file, json.dumps(record, indent=2) + "\n")
+    record["eval"] = json.loads(eval_json.read_text())["total"]
+    write_output_file(run_dir / RECORD, json.dumps(record, indent=2) + "\n", "--out")
     return record
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's logged steps (`metrics.jsonl`): training entries and validation entries."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def summarize(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     """One row of the table: the record plus sizes and the training curve read from the run directory."""
     from minillm.models.stats import config_stats
+
     run_dir = out / record["model"]
     config = read_saved_config(run_dir / "config.yaml")
     stats = config_stats(record["model"], config["preset"], seq_len=config["seq_len"], **config["model_args"])
     train = [m for m in _metrics(run_dir) if "loss" in m]
     tokens_per_step = config["global_batch_size"] * config["seq_len"]
+    seconds = record["train_seconds"]
     return {
         **record,
         "parameters": stats.total,
         "activated_non_embedding": stats.activated_non_embedding,
         "tokens": record["steps"] * tokens_per_step,
-        "tokens_per_s": record["steps"] * tokens_per_step / record["train_seconds"],
+        "tokens_per_s": record["steps"] * tokens_per_step / seconds if seconds else None,
         "last_train_loss": train[-1]["loss"] if train else float("nan"),
         "tokens_per_step": tokens_per_step,
     }
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a markdown table (training time and tokens/s are `—` for a run continued after a stop)."""
     print()
     print("| model | parameters (activated non-embedding) | tokens | training time | tokens/s | last train loss "
           "| val loss | val ppl | val bits per byte |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         e = r["eval"]
+        minutes = f"{r['train_seconds'] / 60:.1f} min" if r["train_seconds"] else "—"
+        rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
         print(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M ({r['activated_non_embedding'] / 1e6:.1f}M) "
-              f"| {r['tokens'] / 1e6:.2f}M | {r['train_seconds'] / 60:.1f} min | {r['tokens_per_s']:,.0f} "
+              f"| {r['tokens'] / 1e6:.2f}M | {minutes} | {rate} "
               f"| {r['last_train_loss']:.3f} | {e['loss']:.3f} | {e['ppl']:,.1f} | {e['bpb']:.3f} |")
 
 
@@ -170,11 +242,12 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> Path:
             elapsed += (m["step"] - last_step) * row["tokens_per_step"] / m["tokens_per_s"]
             seconds[m["step"]], last_step = elapsed, m["step"]
         line = by_tokens.plot([m["step"] * row["tokens_per_step"] / 1e6 for m in train], [m["loss"] for m in train],
-                              alpha=0.35)[0]
+                              alpha=0.35, label=None if val else row["model"])[0]
         color = line.get_color()
         by_tokens.plot([m["step"] * row["tokens_per_step"] / 1e6 for m in val], [m["val/loss"] for m in val], "o-",
                        color=color, label=row["model"])
-        by_time.plot([seconds[m["step"]] / 60 for m in train], [m["loss"] for m in train], alpha=0.35, color=color)
+        by_time.plot([seconds[m["step"]] / 60 for m in train], [m["loss"] for m in train], alpha=0.35, color=color,
+                     label=None if val else row["model"])
         val_seconds = np.interp([m["step"] for m in val], list(seconds), list(seconds.values()))
         by_time.plot(val_seconds / 60, [m["val/loss"] for m in val], "o-", color=color, label=row["model"])
     by_tokens.set_xlabel("tokens seen (millions)")
@@ -195,16 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_inputs(args)
     if args.report_only:
-        records = [json.loads((args.out / m / "comparison.json").read_text()) for m in args.models
-                   if (args.out / m / "comparison.json").is_file()]
+        records = [r for m in args.models if (r := read_record(args.out / m)) is not None and "eval" in r]
         if not records:
             raise UserError(f"--out {args.out}: no finished comparison runs")
+        left = sorted(set(args.models) - {r["model"] for r in records})
+        if left:
+            print(f"not finished, left out: {', '.join(left)}")
     else:
         records = [train_and_evaluate(args, model) for model in args.models]
     rows = [summarize(args.out, r) for r in records]
     print_table(rows)
-    write_output_file(args.out / "comparison.json", json.dumps(rows, indent=2) + "\n")
-    print(f"\nwrote {args.out / 'comparison.json'} and {plot(args.out, rows)}")
+    write_output_file(args.out / RECORD, json.dumps(rows, indent=2) + "\n", "--out")
+    print(f"\nwrote {args.out / RECORD} and {plot(args.out, rows)}")
     return 0
 
 

@@ -7,8 +7,8 @@
 The table is generated from `minillm.training.config.TrainConfig`: one row per field, with its recipe key, its CLI
 flag, the commands that expose it, its default, and the help text stored in the field's metadata. Defaults that
 the dataclass leaves `None` are filled from `STAGE_DEFAULTS` (pretrain / sft) and, in one column per preset that
-changes some (`small`, `base`), from `PRESET_DEFAULTS`, which is what `TrainConfig.resolve()` does; a default that differs between pretrain and sft is
-shown as `pretrain / sft`. Fields that no command exposes (`stage`) are left out.
+changes some (`small`, `base`), from `PRESET_DEFAULTS`, which is what `TrainConfig.resolve()` does; a default that
+differs between pretrain and sft is shown as `pretrain / sft`. Fields that no command exposes (`stage`) are left out.
 
 In a markdown file the table sits between the lines `<!-- config-reference:start -->` and
 `<!-- config-reference:end -->`; `--check` (run by the README checker) fails when a field was added or changed

@@ -51,7 +51,7 @@ def test_info_unknown_names(capsys):
     err = capsys.readouterr().err
     assert "mini_llama3, mini_deepseekv3, mini_qwen3_next" in err
     assert run_cli("info", "--model", "mini_llama3", "--preset", "huge") == 2
-    assert "known presets: tiny, base" in capsys.readouterr().err
+    assert "known presets: tiny, small, base" in capsys.readouterr().err
     assert run_cli("info", "--model", "mini_llama3", "--seq-len", "100000") == 2  # beyond the 1,024 positions
     assert "[1, 1024]" in capsys.readouterr().err
     assert run_cli("info", "--config", "recipes/pretrain_llama3_base.yaml", "--model", "mini_qwen3_next") == 2
