@@ -3,7 +3,7 @@
 Each architecture is a package `minillm.models.<name>` exporting:
 - `CONFIG_CLASS`, `MODEL_CLASS`: the `PretrainedConfig` and `<Arch>ForCausalLM` classes;
 - `PRESETS`: preset name -> config kwargs (`tiny`: under 5M parameters with the 32k vocabulary, for CPU and tests;
-  `small`: hidden 256, 6 layers, 13-22M parameters, for an hour of CPU training on real text; `base`: hidden 768,
+  `small`: hidden 256, 6 layers, 13-22M parameters, for CPU training on real text; `base`: hidden 768,
   12 layers, 12 heads, 100-200M parameters);
 - `to_reference(model)` / `from_reference(ref_model)`: conversion to and from the transformers reference class.
 

@@ -47,7 +47,7 @@ class TrainConfig:
     model: str | None = _opt("architecture (required, here or in --config): mini_llama3, mini_deepseekv3 or "
                              "mini_qwen3_next", stages=("pretrain",))
     preset: str = _opt(
-        "model size preset: tiny (CPU quick start), small (13-22M, a CPU hour) or base (100-200M)", ("pretrain",), "tiny"
+        "model size preset: tiny (CPU quick start), small (13-22M, CPU runs on real text) or base (100-200M)", ("pretrain",), "tiny"
     )
     model_args: dict[str, Any] = _opt(
         "model config overrides, e.g. num_hidden_layers=2 (repeatable)", ("pretrain",), default_factory=dict
@@ -191,7 +191,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    # the CPU-hour size: 16 rows of 256 tokens per step (about 1 s in bf16 on two cores for mini_llama3); use
+    # the CPU size for real text: 16 rows of 256 tokens per step (0.7 s in bf16 on two cores for mini_llama3); use
     # --max-steps, since one epoch of real data is hours on a CPU
     "small": dict(micro_batch_size=16, global_batch_size=16, lr=2e-3, min_lr=1e-4, save_every=500, log_every=10,
                   eval_every=200),

@@ -33,7 +33,7 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     ),
-    # The CPU-hour size, as mini_llama3's `small`: hidden 256, 6 layers (the first dense), 8 routed experts.
+    # The CPU size for real text, as mini_llama3's `small`: hidden 256, 6 layers (the first dense), 8 routed experts.
     "small": dict(
         hidden_size=256,
         intermediate_size=768,

@@ -33,7 +33,7 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     ),
-    # The CPU-hour size, as mini_llama3's `small`: hidden 256, 6 layers (5 DeltaNet + 1 gated attention).
+    # The CPU size for real text, as mini_llama3's `small`: hidden 256, 6 layers (5 DeltaNet + 1 gated attention).
     "small": dict(
         hidden_size=256,
         intermediate_size=768,
