@@ -86,7 +86,7 @@ def resolve_model_dir(path: str | Path | None, option: str | None = "--model", r
     raise UserError(f"{where}: not a model directory (no config.json), a finished run (final/) or a checkpoint")
 
 
-def trained_seq_len(model_dir: str | Path, _depth: int = 0) -> int | None:
+def trained_seq_len(model_dir: str | Path) -> int | None:
     """The `seq_len` of the pretraining run a model directory belongs to (its `final/` or one of its checkpoints),
     read from the run's `config.yaml`; for an SFT run, that of the model it started from (`model_path`), so a model
     and its fine-tuned version are scored alike. None for a model outside a run (an export, a download) or an
@@ -95,11 +95,32 @@ def trained_seq_len(model_dir: str | Path, _depth: int = 0) -> int | None:
     A model has learned positions up to that length only: `max_position_embeddings` is what it could be trained
     at, and scoring in longer windows measures extrapolation (README: 0.32 nats worse at 1,024 than at the 256 a
     small model was trained at)."""
+    for _ in range(8):  # an SFT of an SFT ... model; a config that names its own run ends here
+        found = _run_config(Path(model_dir))
+        if found is None:
+            return None
+        run_dir, config = found
+        if config["stage"] != "sft":
+            seq_len = config.get("seq_len")
+            return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None
+        start = config.get("model_path")
+        if not isinstance(start, str):
+            return None
+        model_dir = Path(start)
+        if not model_dir.is_absolute() and not model_dir.exists():
+            # older runs recorded the default start relative to the directory SFT ran in, the one above runs/
+            model_dir = run_dir.parent.parent / model_dir
+    return None
+
+
+def _run_config(model_dir: Path) -> tuple[Path, dict] | None:
+    """(run directory, its config.yaml) of a run's `final/`, checkpoint or the run directory itself; None when
+    `model_dir` is not in a run or the file is not a run's config (it names the stage)."""
     import yaml
 
     from minillm.training.checkpoint import CHECKPOINTS
 
-    model_dir = Path(model_dir).resolve()
+    model_dir = model_dir.resolve()
     if (model_dir / "final").is_dir():  # a run directory stands for its final model, as in resolve_model_dir
         model_dir = model_dir / "final"
     if model_dir.parent.name == CHECKPOINTS:
@@ -112,10 +133,6 @@ def trained_seq_len(model_dir: str | Path, _depth: int = 0) -> int | None:
         config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    if not isinstance(config, dict):
+    if not isinstance(config, dict) or config.get("stage") not in STAGES:
         return None
-    if config.get("stage") == "sft":
-        start = config.get("model_path")
-        return trained_seq_len(start, _depth + 1) if isinstance(start, str) and _depth < 8 else None
-    seq_len = config.get("seq_len")
-    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None
+    return run_dir, config

@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """What makes runs comparable: a recorded run is reused only when these match."""
-    return {"preset": args.preset, "steps": args.steps, "precision": args.precision, "train_args": args.train_arg}
+    return {"data": str(args.data), "preset": args.preset, "steps": args.steps, "precision": args.precision,
+            "train_args": args.train_arg}
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
@@ -104,9 +105,28 @@ def next_step(args: argparse.Namespace, model: str) -> str:
         raise UserError(f"{run_dir} holds a finished run this script did not record (its settings are unknown); "
                         "choose another --out or delete it")
     if list_checkpoints(run_dir):
+        _check_resumable(args, run_dir)
         return "resume"
     raise UserError(f"{run_dir} holds an unfinished run without a checkpoint to continue from; delete it to train "
                     f"{model} again")
+
+
+def _check_resumable(args: argparse.Namespace, run_dir: Path) -> None:
+    """Raise `UserError` when the stopped run in `run_dir` was started with other settings (the trainer would
+    refuse to continue it too, but only when its turn came, after the models before it had trained)."""
+    import yaml
+
+    try:
+        saved = read_saved_config(run_dir / "config.yaml")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"{run_dir}: no readable config.yaml ({err}); delete it to train the model again") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{run_dir}/config.yaml is not a run's config; delete {run_dir} to train the model again")
+    expected = {"data": str(args.data), "preset": args.preset, "max_steps": args.steps, "precision": args.precision}
+    differs = [f"{key} {saved.get(key)!r}" for key, value in expected.items() if saved.get(key) != value]
+    if differs:
+        raise UserError(f"{run_dir} was started with other settings ({', '.join(differs)}); choose another --out or "
+                        "delete it")
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -265,6 +285,7 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check everything, train and evaluate what is missing (or, with --report-only, nothing), then report."""
     args = parse_args(argv)
     check_inputs(args)
     if args.report_only:

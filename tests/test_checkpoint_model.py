@@ -10,11 +10,13 @@ are checked against a one-process run in tests/test_launch_train.py and tests/te
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from cli_helpers import run_cli, run_cli_err
 from train_helpers import build_shards
 
@@ -83,11 +85,12 @@ def test_eval_export_and_sft_take_a_checkpoint(runs, tmp_path, monkeypatch):
     assert all(torch.equal(copy[k], v) for k, v in _state(final).items())
 
     monkeypatch.chdir(tmp_path)  # the SFT run directory goes under ./runs
-    assert run_cli("sft", "--model-path", str(checkpoint), "--max-steps", "1", "--seq-len", "64",
+    assert run_cli("sft", "--model-path", os.path.relpath(checkpoint), "--max-steps", "1", "--seq-len", "64",
                    "--micro-batch-size", "2", "--global-batch-size", "2") == 0  # fmt: skip
     (sft_run,) = (tmp_path / "runs").glob("sft_mini_llama3_*")
     assert (sft_run / "final" / "model.safetensors").is_file()
-    assert str(checkpoint) in (sft_run / "config.yaml").read_text()
+    # recorded as an absolute path: the record names the same model from any directory
+    assert yaml.safe_load((sft_run / "config.yaml").read_text())["model_path"] == str(checkpoint)
 
 
 def test_a_model_directory_with_another_trainers_state_is_no_checkpoint(runs, tmp_path):

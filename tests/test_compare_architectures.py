@@ -100,8 +100,11 @@ def test_trains_evaluates_reports_and_goes_on_where_it_stopped(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no val split", "missing data", "unfinished run", "unfinished second model",
-                                  "unknown preset", "nothing to report", "unreadable record"])
+                                  "unknown preset", "nothing to report", "unreadable record",
+                                  "stopped run with other settings", "recorded run of other data"])
 def test_bad_input_is_one_line_and_exit_2_before_any_work(case, tmp_path, monkeypatch, capsys):
+    import shutil
+
     from minillm.training import perf
 
     out = tmp_path / "compare"
@@ -114,10 +117,27 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(case, tmp_path, monkey
         "unknown preset": ["--data", data, "--out", str(out), "--preset", "huge"],
         "nothing to report": ["--out", str(out), "--report-only"],
         "unreadable record": ["--data", data, "--out", str(out), "--models", "mini_deepseekv3"],
+        # both refused before the first model trains
+        "stopped run with other settings": ["--data", data, "--out", str(out), "--models", "mini_llama3",
+                                            "mini_qwen3_next"],
+        "recorded run of other data": ["--data", data, "--out", str(out), "--models", "mini_llama3",
+                                       "mini_qwen3_next"],
     }[case]
     (out / "mini_llama3").mkdir(parents=True)  # a run that stopped before its first checkpoint
     (out / "mini_deepseekv3").mkdir(parents=True)
     (out / "mini_deepseekv3" / "comparison.json").write_text("{not json")
+    if case == "stopped run with other settings":  # stopped at its step-2 checkpoint of a 10-step run
+        (out / "mini_qwen3_next" / "checkpoints" / "step_00000002").mkdir(parents=True)
+        (out / "mini_qwen3_next" / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{}")
+        (out / "mini_qwen3_next" / "config.yaml").write_text(
+            f"data: {data}\npreset: small\nmax_steps: 10\nprecision: bf16\n")
+        shutil.rmtree(out / "mini_llama3")
+    if case == "recorded run of other data":
+        (out / "mini_qwen3_next").mkdir()
+        (out / "mini_qwen3_next" / "comparison.json").write_text(json.dumps(
+            {"data": str(tmp_path / "other"), "preset": "small", "steps": 800, "precision": "bf16", "train_args": [],
+             "eval": {}}))
+        shutil.rmtree(out / "mini_llama3")
     module = load_script()
     monkeypatch.setattr(module, "_run", lambda *a: pytest.fail("a command ran"))
     with pytest.raises(SystemExit) as exit_info:
@@ -125,3 +145,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(case, tmp_path, monkey
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+    if case == "stopped run with other settings":
+        assert "max_steps 10" in err
+    if case == "recorded run of other data":
+        assert "other" in err and "data" in err

@@ -442,11 +442,11 @@ def test_trained_seq_len_reads_the_run_config(tmp_path):
 
     (tmp_path / "final").mkdir()
     assert trained_seq_len(tmp_path / "final") is None  # no config.yaml
-    for text, expected in (("seq_len: 512\n", 512), ("seq_len: true\n", None), ("[1, 2\n", None), ("", None),
-                           ("- 1\n", None)):
-        (tmp_path / "config.yaml").write_text(text)
+    for text, expected in (("stage: pretrain\nseq_len: 512\n", 512), ("stage: pretrain\nseq_len: true\n", None),
+                           ("seq_len: 512\n", None), ("[1, 2\n", None), ("", None), ("- 1\n", None)):
+        (tmp_path / "config.yaml").write_text(text)  # only a run's config (it names the stage) is read
         assert trained_seq_len(tmp_path / "final") == expected
-    (tmp_path / "config.yaml").write_text("seq_len: 512\n")
+    (tmp_path / "config.yaml").write_text("stage: pretrain\nseq_len: 512\n")
     assert trained_seq_len(tmp_path) == 512  # a run directory: its final model
     assert trained_seq_len(tmp_path / "elsewhere") is None
 
@@ -460,9 +460,13 @@ def test_an_sft_model_is_scored_like_the_model_it_started_from(tmp_path):
                        ("sft", f"stage: sft\nseq_len: 1024\nmodel_path: {tmp_path / 'base' / 'final'}\n"),
                        ("sft2", f"stage: sft\nseq_len: 512\nmodel_path: {tmp_path / 'sft'}\n"),
                        ("sft_of_export", f"stage: sft\nseq_len: 512\nmodel_path: {tmp_path / 'exported'}\n"),
-                       ("loop", f"stage: sft\nseq_len: 512\nmodel_path: {tmp_path / 'loop'}\n")):
+                       ("loop", f"stage: sft\nseq_len: 512\nmodel_path: {tmp_path / 'loop'}\n"),
+                       # recorded by older runs relative to the directory SFT ran in (the one above runs/)
+                       ("runs/sft_relative", "stage: sft\nseq_len: 512\nmodel_path: runs/base_run/final\n"),
+                       ("runs/base_run", "stage: pretrain\nseq_len: 128\n")):
         (tmp_path / name / "final").mkdir(parents=True)
         (tmp_path / name / "config.yaml").write_text(text)
+    assert trained_seq_len(tmp_path / "runs" / "sft_relative" / "final") == 128
     assert trained_seq_len(tmp_path / "sft" / "final") == 256
     assert trained_seq_len(tmp_path / "sft2" / "final") == 256  # SFT of an SFT model
     assert trained_seq_len(tmp_path / "sft_of_export" / "final") is None  # the model's maximum, as before

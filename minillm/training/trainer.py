@@ -688,7 +688,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         model_type = sft_model_type(model_dir)
         if config.model is not None and config.model != model_type:  # a recipe's `model` beside a model_path
             raise UserError(f"model {config.model} does not match the model to fine-tune, {model_dir} ({model_type})")
-        config = config.replace(model_path=str(model_dir), model=model_type)
+        # absolute: the record must name the same model from any directory (eval ppl follows it: runs.py)
+        config = config.replace(model_path=os.path.abspath(model_dir), model=model_type)
     config = config.resolve()
     if run is None:
         check_expert_parallel(config)
