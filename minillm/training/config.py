@@ -47,7 +47,9 @@ class TrainConfig:
     model: str | None = _opt("architecture (required, here or in --config): mini_llama3, mini_deepseekv3 or "
                              "mini_qwen3_next", stages=("pretrain",))
     preset: str = _opt(
-        "model size preset: tiny (CPU quick start), small (13-22M, CPU runs on real text) or base (100-200M)", ("pretrain",), "tiny"
+        "model size preset: tiny (CPU quick start), small (13-22M, CPU runs on real text) or base (100-200M)",
+        ("pretrain",),
+        "tiny",
     )
     model_args: dict[str, Any] = _opt(
         "model config overrides, e.g. num_hidden_layers=2 (repeatable)", ("pretrain",), default_factory=dict
