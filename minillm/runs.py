@@ -119,6 +119,7 @@ def _run_config(model_dir: Path) -> tuple[Path, dict] | None:
     import yaml
 
     from minillm.training.checkpoint import CHECKPOINTS
+    from minillm.training.config import read_saved_config
 
     model_dir = model_dir.resolve()
     if (model_dir / "final").is_dir():  # a run directory stands for its final model, as in resolve_model_dir
@@ -130,7 +131,7 @@ def _run_config(model_dir: Path) -> tuple[Path, dict] | None:
     else:
         return None
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        config = read_saved_config(run_dir / "config.yaml")
     except (OSError, ValueError, yaml.YAMLError):
         return None
     if not isinstance(config, dict) or config.get("stage") not in STAGES:

@@ -94,10 +94,7 @@ def next_step(args: argparse.Namespace, model: str) -> str:
     run_dir = args.out / model
     record = read_record(run_dir)
     if record is not None:
-        differs = [f"{key} {record.get(key)!r}" for key, value in settings(args).items() if record.get(key) != value]
-        if differs:
-            raise UserError(f"{run_dir} was trained with other settings ({', '.join(differs)}); choose another "
-                            "--out or delete it")
+        _check_same(run_dir, record, settings(args))
         return "done" if "eval" in record else "evaluate"
     if not run_dir.exists():
         return "train"
@@ -122,25 +119,31 @@ def _check_resumable(args: argparse.Namespace, run_dir: Path) -> None:
         raise UserError(f"{run_dir}: no readable config.yaml ({err}); delete it to train the model again") from None
     if not isinstance(saved, dict):
         raise UserError(f"{run_dir}/config.yaml is not a run's config; delete {run_dir} to train the model again")
-    expected = {"data": str(args.data), "preset": args.preset, "max_steps": args.steps, "precision": args.precision}
+    _check_same(run_dir, saved, {"data": str(args.data), "preset": args.preset, "max_steps": args.steps,
+                                 "precision": args.precision})
+
+
+def _check_same(run_dir: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise `UserError` naming the saved values of `run_dir` that differ from `expected`."""
     differs = [f"{key} {saved.get(key)!r}" for key, value in expected.items() if saved.get(key) != value]
     if differs:
-        raise UserError(f"{run_dir} was started with other settings ({', '.join(differs)}); choose another --out or "
+        raise UserError(f"{run_dir} was run with other settings ({', '.join(differs)}); choose another --out or "
                         "delete it")
 
 
-def check_inputs(args: argparse.Namespace) -> None:
-    """Raise `UserError` before any work for an unknown preset, data without a validation split, an unwritable
-    --out or a run directory that cannot be used (see `next_step`)."""
+def check_inputs(args: argparse.Namespace) -> dict[str, str]:
+    """Each model's `next_step`, found before any work; raises `UserError` for an unknown preset, data without a
+    validation split, an unwritable --out or a run directory that cannot be used."""
     from minillm.data.manifest import PRETRAIN_FORMAT, read_manifest
     from minillm.models.registry import build_config
 
     check_output_file(args.out / RECORD, "--out")
     if args.report_only:
-        return
+        return {}
+    steps = {}
     for model in args.models:
         build_config(model, args.preset)
-        next_step(args, model)
+        steps[model] = next_step(args, model)
     try:
         splits = read_manifest(args.data, PRETRAIN_FORMAT)["splits"]
     except UserError as err:
@@ -148,6 +151,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     if not splits.get("val", {}).get("tokens"):
         raise UserError(f"--data {args.data}: no val split to compare on; build the data with "
                         "`minillm data pretrain --val-fraction 0.01 ...`")
+    return steps
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -172,9 +176,9 @@ def _run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_and_evaluate(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    """Train `model` into OUT/<model> and evaluate it, or do what is left of that; returns its record."""
-    run_dir, step = args.out / model, next_step(args, model)
+def train_and_evaluate(args: argparse.Namespace, model: str, step: str) -> dict[str, Any]:
+    """Do `step` (`next_step`) and what follows it for `model` in OUT/<model>; returns its record."""
+    run_dir = args.out / model
     if step == "done":
         print(f"{model}: trained and evaluated before, kept ({run_dir})")
         return read_record(run_dir)
@@ -191,10 +195,9 @@ def train_and_evaluate(args: argparse.Namespace, model: str) -> dict[str, Any]:
         write_output_file(run_dir / RECORD, json.dumps(record, indent=2) + "\n", "--out")
     record = read_record(run_dir)
     eval_json = run_dir / "eval_val.json"
-    seq_len = read_saved_config(run_dir / "config.yaml")["seq_len"]  # windows as long as the training rows
-    record["eval_seconds"] = _run(
+    record["eval_seconds"] = _run(  # in windows of the training rows: eval ppl's default for a run's model
         MINILLM + ["eval", "ppl", "--data", str(args.data), "--split", "val", "--model", str(run_dir / "final"),
-                   "--max-seq-len", str(seq_len), "--json", str(eval_json), "--overwrite"],
+                   "--json", str(eval_json), "--overwrite"],
         args.out / f"{model}.eval.log",
     )
     record["eval"] = json.loads(eval_json.read_text())["total"]
@@ -287,7 +290,7 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Check everything, train and evaluate what is missing (or, with --report-only, nothing), then report."""
     args = parse_args(argv)
-    check_inputs(args)
+    steps = check_inputs(args)
     if args.report_only:
         records = [r for m in args.models if (r := read_record(args.out / m)) is not None and "eval" in r]
         if not records:
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             print(f"not finished, left out: {', '.join(left)}")
     else:
-        records = [train_and_evaluate(args, model) for model in args.models]
+        records = [train_and_evaluate(args, model, step) for model, step in steps.items()]
     rows = [summarize(args.out, r) for r in records]
     print_table(rows)
     write_output_file(args.out / RECORD, json.dumps(rows, indent=2) + "\n", "--out")
