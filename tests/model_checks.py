@@ -302,5 +302,10 @@ def check_hf_export(
     assert diff <= atol, f"exported model's logits differ by {diff:.3g}"
     back = tmp_path / "back"
     import_from_hf(dst, back)
-    state_dicts_identical(model, AutoModelForCausalLM.from_pretrained(back), skip=skip)
+    returned = AutoModelForCausalLM.from_pretrained(back)
+    state_dicts_identical(model, returned, skip=skip)
+    # every config field comes back, ours the reference lacks included (only the dropped MTP module's count not)
+    ours, theirs = model.config.to_dict(), returned.config.to_dict()
+    ignored = {"_name_or_path"} | ({"num_mtp_layers"} if "mtp." in skip else set())
+    assert {k: (v, theirs.get(k)) for k, v in ours.items() if k not in ignored and v != theirs.get(k)} == {}
     return dst

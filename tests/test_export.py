@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from cli_helpers import run_cli
 from model_checks import check_hf_export, write_tiny_tokenizer
@@ -42,6 +43,28 @@ def test_export_cli(tmp_path, capsys):
     assert "LlamaForCausalLM" in captured.out
     # transformers' own tqdm bars are off in the CLI (they would interleave with our output)
     assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
+
+
+@pytest.mark.parametrize("name, own", [
+    ("mini_llama3", {"loss_chunk_size": 77}),
+    ("mini_deepseekv3", {"loss_chunk_size": 77, "bias_update_speed": 0.01, "seq_aux_alpha": 0.5,
+                         "mtp_loss_lambda": 0.2}),
+    ("mini_qwen3_next", {"loss_chunk_size": 77, "linear_chunk_size": 32, "full_attention_interval": 2}),
+])
+def test_export_and_back_keeps_our_own_config_fields(tmp_path, name, own):
+    """Fields the reference config has no place for (training and speed knobs) travel in the export's config.json
+    and come back with --to minillm instead of being reset to our defaults; the export still loads as the
+    reference class."""
+    from transformers import AutoConfig
+
+    build_model(name, "tiny", vocab_size=VOCAB, **own).save_pretrained(tmp_path / "final")
+    assert run_cli("export", "--to", "hf", str(tmp_path / "final"), str(tmp_path / "hf")) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["minillm"] == own
+    assert AutoConfig.from_pretrained(tmp_path / "hf").model_type in ("llama", "deepseek_v3", "qwen3_next")
+    assert run_cli("export", "--to", "minillm", str(tmp_path / "hf"), str(tmp_path / "back")) == 0
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert {key: back[key] for key in own} == own
+    assert "minillm" not in back
 
 
 def test_export_refuses_bad_input(tmp_path, capsys):

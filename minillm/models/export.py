@@ -83,6 +83,25 @@ def convert_model(src, dst_class, dst_config, skip: tuple[str, ...] = ()):
     return dst.train(src.training)
 
 
+# Key of the exported config.json holding the fields of our config that the reference config has no place for
+# (training knobs such as DeepSeek-V3's `bias_update_speed`, speed knobs such as `loss_chunk_size`). transformers
+# keeps unknown config keys as plain attributes and ignores them, so the export still loads anywhere, and
+# `--to minillm` restores them instead of resetting them to our defaults.
+OWN_FIELDS_KEY = "minillm"
+
+
+def own_fields(config, names: tuple[str, ...]) -> dict:
+    """`{OWN_FIELDS_KEY: {name: value}}` for the reference config's constructor: `names` of our `config`."""
+    return {OWN_FIELDS_KEY: {name: getattr(config, name) for name in names}}
+
+
+def restored_own_fields(ref_config, names: tuple[str, ...]) -> dict:
+    """The fields `own_fields` stored in a reference config (only those in `names`; none for a checkpoint that
+    did not come from minillm)."""
+    stored = getattr(ref_config, OWN_FIELDS_KEY, None)
+    return {name: value for name, value in stored.items() if name in names} if isinstance(stored, dict) else {}
+
+
 def _check_destination(dst: Path) -> None:
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: a file; the destination is a new directory")

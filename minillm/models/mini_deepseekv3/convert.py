@@ -6,7 +6,8 @@ converting is: translate the config, build the other class, copy the state dict.
 - the MTP module (`mtp.*`) is training-only and has no counterpart in the reference: it is left out of
   `to_reference`, and `from_reference` builds a model without one (`num_mtp_layers=0`) unless asked otherwise;
 - the training-only knobs (`bias_update_speed`, `seq_aux_alpha`, `mtp_loss_lambda`) do not exist in the reference
-  config; `from_reference` uses our defaults (override them with keyword arguments).
+  config: the export keeps them under the config's `minillm` key, `from_reference` restores them from there (our
+  defaults for a checkpoint that never was a minillm model; keyword arguments override both).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from minillm.models.export import convert_model
+from minillm.models.export import convert_model, own_fields, restored_own_fields
 from minillm.models.mini_deepseekv3.configuration_mini_deepseekv3 import MiniDeepSeekV3Config
 from minillm.models.mini_deepseekv3.modeling_mini_deepseekv3 import MiniDeepSeekV3ForCausalLM
 
@@ -50,6 +51,9 @@ _SHARED_FIELDS = (
     "eos_token_id",
     "use_cache",
 )
+# Our fields the reference config lacks: kept in the export's config.json (`export.OWN_FIELDS_KEY`).
+# `num_mtp_layers` is not among them: the export drops the MTP weights, so the way back has no MTP module.
+_OWN_FIELDS = ("bias_update_speed", "seq_aux_alpha", "mtp_loss_lambda", "loss_chunk_size")
 MTP_PREFIX = "mtp."
 
 
@@ -68,6 +72,7 @@ def to_reference_config(config: MiniDeepSeekV3Config) -> DeepseekV3Config:
         hidden_act="silu",
         num_mtp_layers=0,
         architectures=["DeepseekV3ForCausalLM"],
+        **own_fields(config, _OWN_FIELDS),
     )
 
 
@@ -85,6 +90,7 @@ def from_reference_config(config: DeepseekV3Config, **overrides: Any) -> MiniDee
         rope_parameters=dict(config.rope_parameters),
         num_mtp_layers=0,
     )
+    fields.update(restored_own_fields(config, _OWN_FIELDS))
     fields.update(overrides)
     return MiniDeepSeekV3Config(**fields)
 

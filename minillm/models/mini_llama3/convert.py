@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minillm.models.export import convert_model
+from minillm.models.export import convert_model, own_fields, restored_own_fields
 from minillm.models.mini_llama3.configuration_mini_llama3 import MiniLlama3Config
 from minillm.models.mini_llama3.modeling_mini_llama3 import MiniLlama3ForCausalLM
 
@@ -30,6 +30,8 @@ _SHARED_FIELDS = (
     "eos_token_id",
     "use_cache",
 )
+# Our fields the reference config lacks: kept in the export's config.json (`export.OWN_FIELDS_KEY`).
+_OWN_FIELDS = ("loss_chunk_size",)
 
 
 def to_reference_config(config: MiniLlama3Config) -> LlamaConfig:
@@ -46,6 +48,7 @@ def to_reference_config(config: MiniLlama3Config) -> LlamaConfig:
         attention_bias=False,
         mlp_bias=False,
         architectures=["LlamaForCausalLM"],
+        **own_fields(config, _OWN_FIELDS),
     )
 
 
@@ -55,6 +58,7 @@ def from_reference_config(config: LlamaConfig) -> MiniLlama3Config:
         raise ValueError("mini_llama3 supports only SiLU MLPs without biases and attention without biases")
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
     pad = config.pad_token_id if config.pad_token_id is not None else MiniLlama3Config().pad_token_id
+    fields.update(restored_own_fields(config, _OWN_FIELDS))
     return MiniLlama3Config(**fields, pad_token_id=pad, rope_parameters=dict(config.rope_parameters))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-from minillm.models.export import convert_model
+from minillm.models.export import convert_model, own_fields, restored_own_fields
 from minillm.models.mini_qwen3_next.configuration_mini_qwen3_next import MiniQwen3NextConfig
 from minillm.models.mini_qwen3_next.modeling_mini_qwen3_next import MiniQwen3NextForCausalLM
 
@@ -46,6 +46,8 @@ _SHARED_FIELDS = (
     "eos_token_id",
     "use_cache",
 )
+# Our fields the reference config lacks: kept in the export's config.json (`export.OWN_FIELDS_KEY`).
+_OWN_FIELDS = ("full_attention_interval", "linear_chunk_size", "loss_chunk_size")
 
 
 def to_reference_config(config: MiniQwen3NextConfig) -> Qwen3NextConfig:
@@ -64,6 +66,7 @@ def to_reference_config(config: MiniQwen3NextConfig) -> Qwen3NextConfig:
         attention_bias=False,
         output_router_logits=False,
         architectures=["Qwen3NextForCausalLM"],
+        **own_fields(config, _OWN_FIELDS),
     )
 
 
@@ -73,6 +76,7 @@ def from_reference_config(config: Qwen3NextConfig) -> MiniQwen3NextConfig:
         raise ValueError("mini_qwen3_next supports only SiLU activations and attention without biases")
     fields = {name: getattr(config, name) for name in _SHARED_FIELDS}
     pad = config.pad_token_id if config.pad_token_id is not None else MiniQwen3NextConfig().pad_token_id
+    fields.update(restored_own_fields(config, _OWN_FIELDS))
     return MiniQwen3NextConfig(
         **fields,
         pad_token_id=pad,
