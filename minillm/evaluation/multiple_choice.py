@@ -19,6 +19,8 @@ Notable choices:
   With `chat`, the question is a user turn rendered by the tokenizer's chat template (for SFT models) and the
   choice is the assistant's reply. `few_shot` solved examples (from a separate dev set, the first K of the same
   subject when both sets name subjects) come before the question, "\n\n"-separated or as earlier chat turns.
+  Questions and choices are read as written: one that spells a control token (`<|im_end|>`) is scored as those
+  characters, with `chat` too (only the chat template's own control tokens are control tokens).
 - Three accuracies, as in lm-eval: `acc` (argmax of the summed log-probability), `acc_norm` (divided by the
   choice's length in characters, lm-eval's `acc_norm`) and `acc_bytes` (divided by its UTF-8 byte length,
   lm-eval's `acc_bytes`, fairer than characters when choices mix Chinese and ASCII). Per-subject and overall
@@ -311,42 +313,92 @@ def targets(question: Question, style: str) -> list[str]:
     return list(LETTERS[: len(question.choices)]) if style == "letters" else list(question.choices)
 
 
+# Marks a message's place in the chat template's output while control tokens are located (private-use
+# characters, so no question holds them).
+_MESSAGE_MARK = "\ue000{}\ue001"
+
+
 def build_context(
     question: Question,
     shots: Sequence[Question],
     style: str,
     tokenizer: PreTrainedTokenizerBase | None = None,
     chat: bool = False,
-) -> tuple[str, str]:
-    """(context text, delimiter put before each choice) of one question with its solved examples."""
+) -> tuple[list[str | int], str]:
+    """(context pieces, delimiter put before each choice) of one question with its solved examples.
+
+    The pieces are text, read as plain characters, and (with `chat`) the ids of the control tokens the chat
+    template writes around the turns (`chat_template_pieces`).
+    """
     if chat:
         messages = []
         for shot in shots:
             messages.append({"role": "user", "content": _question_text(shot, style)})
             messages.append({"role": "assistant", "content": targets(shot, style)[shot.answer]})
         messages.append({"role": "user", "content": _question_text(question, style)})
-        context = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return context, ""  # the reply starts right after the assistant header
+        return chat_template_pieces(tokenizer, messages), ""  # the reply starts right after the assistant header
     blocks = [f"Question: {_question_text(s, style)}\nAnswer: {targets(s, style)[s.answer]}" for s in shots]
     blocks.append(f"Question: {_question_text(question, style)}\nAnswer:")
-    return FEWSHOT_SEPARATOR.join(blocks), " "
+    return [FEWSHOT_SEPARATOR.join(blocks)], " "
+
+
+def chat_template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[str | int]:
+    """The chat template's rendering of `messages` (ending with the assistant's opening) as text pieces and the
+    ids of the control tokens the template itself writes.
+
+    Tokenizing the rendered string would also turn a control token's text inside a message into that token: a
+    question that spells `<|im_end|>` would close its own turn. A benchmark question is data, scored as written
+    (as the data builder encodes such text), so the messages are rendered as marks first, the template's control
+    tokens are located around them, and the marks are then replaced by the messages' text. For messages that spell
+    no control token the pieces encode to exactly the ids of the rendered string (the tokenizer splits at control
+    tokens and encodes the text between them on its own).
+    """
+    import re
+
+    from minillm.inference.prompt import control_tokens
+
+    marked = [{**m, "content": _MESSAGE_MARK.format(i)} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    specials = sorted(control_tokens(tokenizer), key=len, reverse=True)  # longest first, as the tokenizer matches
+    mark = re.compile(_MESSAGE_MARK.format("([0-9]+)"))
+    pieces: list[str | int] = []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", rendered) if specials else [rendered]:
+        if part in specials:
+            pieces.append(tokenizer.convert_tokens_to_ids(part))
+        elif part:
+            pieces.append(mark.sub(lambda m: messages[int(m.group(1))]["content"], part))
+    return pieces
+
+
+def _encode_pieces(tokenizer: PreTrainedTokenizerBase, pieces: Sequence[str | int]) -> list[int]:
+    ids: list[int] = []
+    for piece in pieces:
+        if isinstance(piece, int):
+            ids.append(piece)
+        else:
+            ids.extend(tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    return ids
 
 
 def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, prefix: list[int], plain_text: bool = True
+    tokenizer: PreTrainedTokenizerBase, context: Sequence[str | int], continuation: str, prefix: list[int]
 ) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids): the pair encoded as one string, split after the context's tokens.
 
     Trailing whitespace of the context moves to the continuation first (lm-eval's rule): "Answer:" + " Paris"
     tokenizes like running text, so the scored tokens are those the model would really have to produce.
-    `plain_text`: the strings hold no control tokens, so a question that spells one (`<|endoftext|>`) is encoded as
-    those characters, as the data builder encodes training text; a rendered chat template (False) holds its own.
+    `context`: pieces of `build_context`. Their text holds no control tokens, so a question that spells one
+    (`<|endoftext|>`) is encoded as those characters, as the data builder encodes training text.
     """
-    stripped = context.rstrip()
-    continuation = context[len(stripped) :] + continuation
-    options = dict(add_special_tokens=False, split_special_tokens=plain_text)
-    whole = tokenizer(stripped + continuation, **options)["input_ids"]
-    context_ids = tokenizer(stripped, **options)["input_ids"]
+    context = list(context)
+    if context and isinstance(context[-1], str):
+        stripped = context[-1].rstrip()
+        continuation = context[-1][len(stripped) :] + continuation
+        context[-1] = stripped
+        whole = _encode_pieces(tokenizer, [*context[:-1], stripped + continuation])
+    else:
+        whole = _encode_pieces(tokenizer, [*context, continuation])
+    context_ids = _encode_pieces(tokenizer, context)
     return prefix + list(context_ids), list(whole[len(context_ids) :])
 
 
@@ -371,7 +423,7 @@ def question_requests(
         prefix = [start] if start is not None else []
     requests, truncated = [], False
     for index, target in enumerate(targets(question, style)):
-        context_ids, continuation_ids = encode_pair(tokenizer, context, delimiter + target, prefix, not chat)
+        context_ids, continuation_ids = encode_pair(tokenizer, context, delimiter + target, prefix)
         if not continuation_ids:
             raise UserError(f"question {question.question[:40]!r}: choice {index + 1} encodes to no token")
         if len(continuation_ids) > max_seq_len:
