@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,6 +109,29 @@ def iter_texts_for_training(
                 break
 
 
+def run_interruptibly(work: Callable[[], object], poll_s: float = 0.1) -> None:
+    """Run `work` in a daemon thread while the main thread waits for it in short joins, so Ctrl-C stops the wait at
+    once. The Rust BPE trainer's merge phase releases the GIL but does not return to Python until it ends, so a
+    KeyboardInterrupt would otherwise wait for the whole training (minutes on a large corpus); the abandoned thread
+    ends with the process, and nothing has been written (the tokenizer is saved only after training)."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
+            failure.append(err)
+
+    thread = threading.Thread(target=target, name="tokenizer-train", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_s)
+    if failure:
+        raise failure[0]
+
+
 def train_tokenizer(
     texts: Iterable[str],
     out_dir: str | Path,
@@ -144,7 +167,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    run_interruptibly(lambda: tok.train_from_iterator(texts, trainer=trainer, length=length))
     if tok.get_vocab_size() <= 257:  # the byte alphabet and <|endoftext|> only
         raise UserError("the training text is too small to train a tokenizer (no merges learned)")
     tok.add_special_tokens(ADDED_TOKENS)

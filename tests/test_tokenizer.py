@@ -187,3 +187,28 @@ def test_load_tokenizer_errors(tmp_path, capsys):
     code, err = run_cli_err([*args, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "plain lacks the special tokens" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_stops_waiting_for_the_tokenizer_trainer_at_once():
+    """The Rust BPE trainer does not return to Python until its merges are done, so Ctrl-C used to wait for the
+    whole training. Its work runs in a thread the main thread waits for in short joins: a KeyboardInterrupt there
+    ends the wait at once. Errors of the work reach the caller as they were raised."""
+    import _thread
+    import threading
+    import time
+
+    from minillm.tokenizer import run_interruptibly
+
+    timer = threading.Timer(0.3, _thread.interrupt_main)  # what Ctrl-C does to the main thread
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptibly(lambda: time.sleep(30))  # like the trainer: blocked outside Python, GIL released
+    assert time.monotonic() - started < 10
+    timer.join()
+
+    def fails():
+        raise UserError("bad row")
+
+    with pytest.raises(UserError, match="bad row"):
+        run_interruptibly(fails)
