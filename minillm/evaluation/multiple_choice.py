@@ -41,6 +41,7 @@ import inspect
 import io
 import json
 import math
+import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -353,8 +354,6 @@ def chat_template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict
     no control token the pieces encode to exactly the ids of the rendered string (the tokenizer splits at control
     tokens and encodes the text between them on its own).
     """
-    import re
-
     from minillm.inference.prompt import control_tokens
 
     marked = [{**m, "content": _MESSAGE_MARK.format(i)} for i, m in enumerate(messages)]
