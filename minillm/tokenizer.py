@@ -112,8 +112,10 @@ def iter_texts_for_training(
 def run_interruptibly(work: Callable[[], object], poll_s: float = 0.1) -> None:
     """Run `work` in a daemon thread while the main thread waits for it in short joins, so Ctrl-C stops the wait at
     once. The Rust BPE trainer's merge phase releases the GIL but does not return to Python until it ends, so a
-    KeyboardInterrupt would otherwise wait for the whole training (minutes on a large corpus); the abandoned thread
-    ends with the process, and nothing has been written (the tokenizer is saved only after training)."""
+    KeyboardInterrupt would otherwise wait for the whole training (minutes on a large corpus). Nothing has been
+    written then (the tokenizer is saved only after training). The abandoned thread cannot be stopped: it ends with
+    the process (the CLI exits), but a Python caller that catches the KeyboardInterrupt and goes on leaves it
+    training in the background until it finishes."""
     import threading
 
     failure: list[BaseException] = []

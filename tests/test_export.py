@@ -67,6 +67,24 @@ def test_export_and_back_keeps_our_own_config_fields(tmp_path, name, own):
     assert "minillm" not in back
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"minillm": {"loss_chunk_size": -5}}, "loss_chunk_size must be a positive integer"),
+    ({"minillm": "oops"}, "config.json's 'minillm' must be an object"),
+    ({"hidden_act": "gelu"}, "supports only SiLU"),
+])
+def test_import_of_a_config_we_cannot_take_is_one_line(tmp_path, capsys, edit, message):
+    tiny_llama().save_pretrained(tmp_path / "final")
+    assert run_cli("export", "--to", "hf", str(tmp_path / "final"), str(tmp_path / "hf")) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **edit}))
+    capsys.readouterr()
+    assert run_cli("export", "--to", "minillm", str(tmp_path / "hf"), str(tmp_path / "back")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'hf'}: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "back").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_export_refuses_bad_input(tmp_path, capsys):
     src = tmp_path / "final"
     tiny_llama().save_pretrained(src)

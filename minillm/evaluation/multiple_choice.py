@@ -54,6 +54,8 @@ from minillm.data.sources import under_local_directory
 from minillm.errors import UserError
 from minillm.evaluation.loading import resolve_max_seq_len
 from minillm.evaluation.scoring import progress_bar
+from minillm.inference.prompt import control_tokens
+from minillm.tokenizer import spelled_special_token
 
 if TYPE_CHECKING:
     import torch
@@ -319,6 +321,11 @@ def targets(question: Question, style: str) -> list[str]:
 _MESSAGE_MARK = "\ue000{}\ue001"
 
 
+class TemplateText(str):
+    """Text written by the chat template: its control tokens (`<|im_start|>`) are read as control tokens. Any other
+    text piece of a context is read as plain characters."""
+
+
 def build_context(
     question: Question,
     shots: Sequence[Question],
@@ -328,8 +335,9 @@ def build_context(
 ) -> tuple[list[str | int], str]:
     """(context pieces, delimiter put before each choice) of one question with its solved examples.
 
-    The pieces are text, read as plain characters, and (with `chat`) the ids of the control tokens the chat
-    template writes around the turns (`chat_template_pieces`).
+    Pieces are text (a `TemplateText` reads its control tokens as such, a `str` is plain characters) and control
+    token ids. With `chat`, the context is the rendered chat template as one `TemplateText`, unless a message or a
+    choice spells a control token: then `chat_template_pieces` keeps that text plain.
     """
     if chat:
         messages = []
@@ -337,25 +345,28 @@ def build_context(
             messages.append({"role": "user", "content": _question_text(shot, style)})
             messages.append({"role": "assistant", "content": targets(shot, style)[shot.answer]})
         messages.append({"role": "user", "content": _question_text(question, style)})
-        return chat_template_pieces(tokenizer, messages), ""  # the reply starts right after the assistant header
+        specials = control_tokens(tokenizer)
+        texts = [m["content"] for m in messages] + targets(question, style)
+        if any(spelled_special_token(text, specials) for text in texts):
+            return chat_template_pieces(tokenizer, messages), ""
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return [TemplateText(rendered)], ""  # the reply starts right after the assistant header
     blocks = [f"Question: {_question_text(s, style)}\nAnswer: {targets(s, style)[s.answer]}" for s in shots]
     blocks.append(f"Question: {_question_text(question, style)}\nAnswer:")
     return [FEWSHOT_SEPARATOR.join(blocks)], " "
 
 
 def chat_template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[str | int]:
-    """The chat template's rendering of `messages` (ending with the assistant's opening) as text pieces and the
-    ids of the control tokens the template itself writes.
+    """The chat template's rendering of `messages` (ending with the assistant's opening) as plain text pieces and
+    the ids of the control tokens the template itself writes.
 
     Tokenizing the rendered string would also turn a control token's text inside a message into that token: a
     question that spells `<|im_end|>` would close its own turn. A benchmark question is data, scored as written
     (as the data builder encodes such text), so the messages are rendered as marks first, the template's control
-    tokens are located around them, and the marks are then replaced by the messages' text. For messages that spell
-    no control token the pieces encode to exactly the ids of the rendered string (the tokenizer splits at control
-    tokens and encodes the text between them on its own).
+    tokens are located around them, and the marks are then replaced by the messages' text. (Used only for such
+    questions: a template that edits a message, such as trimming it, or control tokens that swallow neighbouring
+    spaces would make these ids differ slightly from those of the rendered string.)
     """
-    from minillm.inference.prompt import control_tokens
-
     marked = [{**m, "content": _MESSAGE_MARK.format(i)} for i, m in enumerate(messages)]
     rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
     specials = sorted(control_tokens(tokenizer), key=len, reverse=True)  # longest first, as the tokenizer matches
@@ -370,12 +381,14 @@ def chat_template_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[dict
 
 
 def _encode_pieces(tokenizer: PreTrainedTokenizerBase, pieces: Sequence[str | int]) -> list[int]:
+    """Token ids of context pieces (see `build_context`), in order."""
     ids: list[int] = []
     for piece in pieces:
         if isinstance(piece, int):
             ids.append(piece)
         else:
-            ids.extend(tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            plain = not isinstance(piece, TemplateText)
+            ids.extend(tokenizer(piece, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
     return ids
 
 
@@ -386,15 +399,15 @@ def encode_pair(
 
     Trailing whitespace of the context moves to the continuation first (lm-eval's rule): "Answer:" + " Paris"
     tokenizes like running text, so the scored tokens are those the model would really have to produce.
-    `context`: pieces of `build_context`. Their text holds no control tokens, so a question that spells one
-    (`<|endoftext|>`) is encoded as those characters, as the data builder encodes training text.
+    `context`: pieces of `build_context`; the continuation joins its last text piece and is read the same way.
     """
     context = list(context)
     if context and isinstance(context[-1], str):
-        stripped = context[-1].rstrip()
-        continuation = context[-1][len(stripped) :] + continuation
-        context[-1] = stripped
-        whole = _encode_pieces(tokenizer, [*context[:-1], stripped + continuation])
+        last = context[-1]
+        stripped = last.rstrip()
+        continuation = last[len(stripped) :] + continuation
+        context[-1] = type(last)(stripped)
+        whole = _encode_pieces(tokenizer, [*context[:-1], type(last)(stripped + continuation)])
     else:
         whole = _encode_pieces(tokenizer, [*context, continuation])
     context_ids = _encode_pieces(tokenizer, context)

@@ -19,10 +19,14 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from minillm.errors import UserError
 from minillm.paths import check_creatable, check_not_working_directory, make_parent_dirs
 from minillm.runs import resolve_model_dir
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # model_type of the transformers reference config -> our architecture name.
 REFERENCE_MODEL_TYPES = {
@@ -90,16 +94,20 @@ def convert_model(src, dst_class, dst_config, skip: tuple[str, ...] = ()):
 OWN_FIELDS_KEY = "minillm"
 
 
-def own_fields(config, names: tuple[str, ...]) -> dict:
+def own_fields(config: PretrainedConfig, names: tuple[str, ...]) -> dict:
     """`{OWN_FIELDS_KEY: {name: value}}` for the reference config's constructor: `names` of our `config`."""
     return {OWN_FIELDS_KEY: {name: getattr(config, name) for name in names}}
 
 
-def restored_own_fields(ref_config, names: tuple[str, ...]) -> dict:
+def restored_own_fields(ref_config: PretrainedConfig, names: tuple[str, ...]) -> dict:
     """The fields `own_fields` stored in a reference config (only those in `names`; none for a checkpoint that
-    did not come from minillm)."""
+    did not come from minillm). Our config class checks their values."""
     stored = getattr(ref_config, OWN_FIELDS_KEY, None)
-    return {name: value for name, value in stored.items() if name in names} if isinstance(stored, dict) else {}
+    if stored is None:
+        return {}
+    if not isinstance(stored, dict):
+        raise ValueError(f"config.json's {OWN_FIELDS_KEY!r} must be an object of minillm config fields")
+    return {name: value for name, value in stored.items() if name in names}
 
 
 def _check_destination(dst: Path) -> None:
@@ -221,7 +229,10 @@ def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
             f"{src}: model_type {ref.config.model_type!r} has no minillm counterpart "
             f"(supported: {', '.join(REFERENCE_MODEL_TYPES)})"
         )
-    model = model_package(model_type).from_reference(ref)
+    try:
+        model = model_package(model_type).from_reference(ref)
+    except (ValueError, TypeError) as err:  # a config our architecture cannot take (a bad field, an activation)
+        raise UserError(f"{src}: {load_error_reason(err)}") from None
     model.generation_config = ref.generation_config
     return {"architecture": model_type, "reference": type(ref).__name__,
             "tokenizer_files": _save_with_tokenizer(model, src, dst)}
