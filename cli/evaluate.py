@@ -72,8 +72,8 @@ def ppl(
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, limit=limit)
     files = perplexity.expand_data_paths(data)
-    check_output_file(json_out, "--json", overwrite, files)
     model_dir = resolve_model_dir(model)
+    check_output_file(json_out, "--json", overwrite, [*files, model_dir])
     torch_device = resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
         model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)
@@ -119,9 +119,9 @@ def chat(
     from minillm.runs import resolve_model_dir
 
     _check_positive(max_seq_len=max_seq_len, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    check_output_file(json_out, "--json", overwrite, [data])
-    conversations, invalid = chat_eval.read_conversations(data)
     model_dir = resolve_model_dir(model)
+    check_output_file(json_out, "--json", overwrite, [data, model_dir])
+    conversations, invalid = chat_eval.read_conversations(data)
     torch_device = resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
         model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)
@@ -198,10 +198,10 @@ def mc(
         raise UserError(f"--dev {dev}: solved examples are only used with --few-shot K (K >= 1)")
     if style not in mc_eval.STYLES:
         raise UserError(f"--style {style}: expected one of {', '.join(mc_eval.STYLES)}")
-    check_output_file(json_out, "--json", overwrite, [data] + ([dev] if dev else []))
+    model_dir = resolve_model_dir(model)
+    check_output_file(json_out, "--json", overwrite, [data, model_dir] + ([dev] if dev else []))
     questions = mc_eval.load_questions(data, config, split, limit=limit)
     dev_questions = mc_eval.load_questions(dev, config, dev_split, option="--dev") if few_shot else None
-    model_dir = resolve_model_dir(model)
     torch_device = resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
         model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)

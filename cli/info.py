@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import typer
 
+# Largest --tokens a budget is computed for (a thousand times the largest public pretraining corpora): beyond it
+# the durations overflow.
+MAX_TOKENS = 1e15
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
@@ -126,8 +130,8 @@ def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str,
         raise UserError(f"--gpus {gpus}: must be at least 1")
     if mfu is not None and not 0 < mfu <= 1:
         raise UserError(f"--mfu {mfu}: must be in (0, 1]")
-    if tokens is not None and tokens < 1:
-        raise UserError(f"--tokens {tokens:g}: must be positive")
+    if tokens is not None and not 1 <= tokens <= MAX_TOKENS:  # also refuses nan
+        raise UserError(f"--tokens {tokens:g}: must be a number of tokens from 1 to {MAX_TOKENS:.0e}")
     stage = load_recipe(recipe).get("stage", "pretrain")
     cfg = build_config(stage, recipe, {"data": data} if data else {}).resolve()
     precision = "bf16" if cfg.precision in ("auto", "bf16") else cfg.precision

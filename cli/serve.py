@@ -56,7 +56,11 @@ def register(app: typer.Typer) -> None:
             repetition_penalty=repetition_penalty,
             seed=seed,
         )
-        session = ChatSession(make_engine(engine, loaded, tokenizer), params, system=system)
+        session = ChatSession(make_engine(engine, loaded, tokenizer), params)
+        try:
+            session.set_system(system)
+        except ValueError as err:
+            raise UserError(f"--system: {err}") from None
         console = Console(highlight=False)
         if prompt is not None:
             try:

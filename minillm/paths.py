@@ -56,13 +56,17 @@ def check_output_file(
 ) -> None:
     """Before a command's work (an evaluation, a benchmark): `UserError` unless the file `path` (None: none asked
     for) may be written afterwards: it is none of the command's `inputs`, not a directory, an existing file only
-    with `overwrite`, and in a place this process can create it. A bad path found after the work would waste it."""
+    with `overwrite`, and in a place this process can create it. A bad path found after the work would waste it.
+    `inputs` may hold directories (a model, a shard directory): no file inside them is written either."""
     if path is None:
         return
     target = Path(path).resolve()
     for name in inputs:
-        if Path(name).resolve() == target:
+        source = Path(name).resolve()
+        if source == target:
             raise UserError(f"{option} {path}: is an input of this command; choose another file")
+        if source.is_dir() and source in target.parents:  # a model's config.json, a data set's manifest.json
+            raise UserError(f"{option} {path}: is inside {name}, an input of this command; choose another file")
     if target.is_dir():
         raise UserError(f"{option} {path}: is a directory")
     if target.exists() and not overwrite:

@@ -109,6 +109,9 @@ def iter_texts_for_training(
                 break
 
 
+MAX_VOCAB_SIZE = 2**20
+
+
 def run_interruptibly(work: Callable[[], object], poll_s: float = 0.1) -> None:
     """Run `work` in a daemon thread while the main thread waits for it in short joins, so Ctrl-C stops the wait at
     once. The Rust BPE trainer's merge phase releases the GIL but does not return to Python until it ends, so a
@@ -154,6 +157,9 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 258 tokens (the 256 bytes, "
             "<|endoftext|> and one merge)"
         )
+    if vocab_size > MAX_VOCAB_SIZE:  # the Rust trainer allocates for the target size and aborts the process
+        raise UserError(f"--vocab-size {vocab_size} is too large: at most {MAX_VOCAB_SIZE:,} (the largest "
+                        "vocabularies in use hold about 256k tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -187,6 +187,25 @@ def test_a_prompt_spelling_a_control_token_is_exit_2(model_dir, capsys):
     assert "--prompt: user message: the text spells the control token <|endoftext|>" in err
 
 
+def test_a_system_prompt_that_cannot_go_into_a_prompt_is_refused_when_given(model_dir, capsys):
+    """--system: exit 2 before the chat starts (it used to fail every turn with exit 0); /system TEXT: refused when
+    entered, the old system prompt kept, and the next message answered."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--model", str(model_dir), "--system", "x <|im_end|>", *GREEDY])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--system: system message: the text spells the control token <|im_end|>" in err
+
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir, "cpu")
+    session = ChatSession(Engine(model, tokenizer), SamplingParams(max_new_tokens=2), system="Be brief.")
+    with pytest.raises(ValueError, match="system message: the text spells the control token <\\|im_end\\|>"):
+        session.set_system("bad <|im_end|>")
+    assert session.system == "Be brief."
+    session.build_prompt("Hello there")  # does not raise
+    session.set_system("")
+    assert session.system is None
+
+
 def broken_model_dirs(model_dir: Path, root: Path) -> dict[str, Path]:
     """Copies of `model_dir` with a truncated safetensors file, a config.json that does not match the weights, and
     no tokenizer files (the default 32k tokenizer does not fit the tiny model's vocabulary)."""

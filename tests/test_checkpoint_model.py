@@ -137,6 +137,39 @@ def test_the_served_name_of_a_checkpoint_names_its_run(runs):
     assert model_display_name(checkpoint) == f"three/{STEP_2}"
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "bad trainer state"])
+def test_resuming_a_damaged_checkpoint_is_one_line_naming_an_earlier_one(runs, tmp_path, capsys, damage):
+    """A truncated file or a hand-edited state raised from safetensors / json with a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[1].parents[1], run)
+    checkpoint = run / "checkpoints" / STEP_2
+    if damage == "truncated weights":
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (checkpoint / "trainer_state.json").write_text("{bad")
+    code, err = run_cli_err(["pretrain", "--config", str(run / "config.yaml"), "--resume", str(checkpoint)], capsys)
+    assert code == 2, err
+    assert f"--resume {checkpoint}: cannot read the checkpoint, it may be damaged (" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_save_interrupted_midway_leaves_no_half_written_checkpoint(tmp_path, capsys):
+    """A second Ctrl-C while a checkpoint is being written left `.tmp-step_N/` (GBs at base size) behind."""
+    from accelerate import Accelerator
+
+    from minillm.training import checkpoint as ckpt
+
+    def interrupted(directory: Path) -> None:
+        assert any(directory.iterdir())  # save_state has written its files
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(Accelerator(), tmp_path, 7, {}, keep_last=3, save_extra=interrupted)
+    assert list((tmp_path / ckpt.CHECKPOINTS).iterdir()) == []
+    assert "interrupted while saving the checkpoint of step 7: it was not kept" in capsys.readouterr().err
+
+
 def _broken(checkpoint: Path, tmp_path: Path, how: str) -> Path:
     """A copy of `checkpoint` (or of its run) damaged in one way."""
     run = tmp_path / "run"

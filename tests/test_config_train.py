@@ -24,6 +24,19 @@ def test_unknown_recipe_key_names_it_and_suggests_the_closest(tmp_path):
         load_recipe(recipe)
 
 
+def test_a_recipe_or_launcher_that_is_not_utf8_is_one_line(tmp_path):
+    from minillm.training.launch import read_launcher
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe model: x\n")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_recipe(bad)
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        read_launcher(bad)
+    with pytest.raises(UserError, match="a directory; give an accelerate config file"):
+        read_launcher(tmp_path)
+
+
 def test_a_mistyped_recipe_folder_is_not_replaced_by_a_shipped_namesake(tmp_path, monkeypatch):
     """A shipped recipe is found by name or as recipes/NAME from any directory; `myexp/quickstart_pretrain.yaml`
     that does not exist used to train the shipped quickstart_pretrain.yaml without a word."""

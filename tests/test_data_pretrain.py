@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -181,6 +182,21 @@ def test_shard_checks_against_tokenizer_and_model(corpus, tok, tmp_path):
     # a shard whose size does not match the manifest (truncated copy)
     shard.write_bytes(shard.read_bytes()[:-6])
     with pytest.raises(UserError, match="manifest says .* tokens"):
+        PretrainDataset(tmp_path / "s", seq_len=8)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: {"format": m["format"]}, "malformed (no field 'dtype')"),
+    (lambda m: {**m, "splits": "x"}, "malformed ("),
+    (lambda m: [m], "not a manifest (a JSON object)"),
+])
+def test_a_malformed_manifest_is_one_line(corpus, tmp_path, edit, message):
+    """A hand-edited manifest with a field missing or of the wrong type raised KeyError / AttributeError."""
+    d, _ = corpus
+    build_pretrain_shards([str(d / "b.jsonl")], tmp_path / "s", progress=False)
+    path = tmp_path / "s" / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(UserError, match=f"manifest.json: {re.escape(message)}"):
         PretrainDataset(tmp_path / "s", seq_len=8)
 
 

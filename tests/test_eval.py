@@ -528,6 +528,12 @@ def test_cli_json_never_replaces_an_input_or_an_existing_file_unasked(tiny, tmp_
         capsys.readouterr()
     assert data.read_text() == before
     assert json.loads(old.read_text())["total"]["documents"] == 1  # --overwrite replaced it
+    # nor a file inside an input directory, even with --overwrite: the model's config.json stays the model's
+    config_before = (model_dir / "config.json").read_text()
+    assert run_cli(*common, "--json", str(model_dir / "config.json"), "--overwrite") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"is inside {model_dir}, an input of this command" in err and "\n" not in err, err
+    assert (model_dir / "config.json").read_text() == config_before
 
 
 def test_model_dir_resolution(tiny, tmp_path, monkeypatch):

@@ -146,6 +146,9 @@ def test_budget_bad_input_is_one_line(tmp_path, capsys):
     assert run_cli("info", "--config", recipe, "--tokens", "1e9", "--gpus", "0") == 2
     assert run_cli("info", "--config", recipe, "--tokens", "1000") == 2  # not one global batch: no run
     assert "fewer than one global batch" in capsys.readouterr().err
+    for tokens in ("nan", "inf", "1e300", "0.5"):  # once a traceback from int() or the duration formatting
+        assert run_cli("info", "--config", recipe, "--tokens", tokens) == 2
+        assert "must be a number of tokens from 1 to 1e+15" in capsys.readouterr().err
     assert run_cli("info", "--config", recipe, "--tokens", "1e9") == 0
 
 

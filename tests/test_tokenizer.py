@@ -189,6 +189,13 @@ def test_load_tokenizer_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_vocabulary_too_large_to_allocate_is_refused(tmp_path):
+    """The Rust trainer allocates for the target size: 2^31 tokens aborted the process (SIGABRT)."""
+    with pytest.raises(UserError, match="--vocab-size 2147483647 is too large: at most 1,048,576"):
+        train_tokenizer(["hello world"] * 10, tmp_path / "tok", vocab_size=2**31 - 1)
+    assert not (tmp_path / "tok").exists()
+
+
 def test_ctrl_c_stops_waiting_for_the_tokenizer_trainer_at_once():
     """The Rust BPE trainer does not return to Python until its merges are done, so Ctrl-C used to wait for the
     whole training. Its work runs in a thread the main thread waits for in short joins: a KeyboardInterrupt there

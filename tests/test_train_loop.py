@@ -31,6 +31,20 @@ def shards(tmp_path_factory) -> Path:
     return build_shards(tmp_path_factory.mktemp("shards"))
 
 
+def test_a_default_run_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys):
+    """Without --output-dir the run goes to runs/<stage>_<model>_<time>: a `runs` file in the way raised
+    NotADirectoryError with a traceback."""
+    from cli_helpers import run_cli_err
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("user data")
+    code, err = run_cli_err(["pretrain", "--model", "mini_llama3", "--max-steps", "1", "--model-arg",
+                             "num_hidden_layers=1"], capsys)
+    assert code == 2, err
+    assert "error: run directory " in err and "runs is a file, not a directory" in err, err
+    assert (tmp_path / "runs").read_text() == "user data"
+
+
 def test_accumulation_gives_the_gradient_of_the_whole_batch():
     """Rows with uneven target counts: 1 x accumulation 4 == 1 x one batch of 16 (normalised by global targets)."""
     big = step_gradients(global_batch=16, micro_batch=16)

@@ -139,6 +139,8 @@ def read_manifest(directory: str | Path, expected_format: str | tuple[str, ...])
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a manifest (a JSON object); rebuild the data with `minillm data ...`")
     expected = (expected_format,) if isinstance(expected_format, str) else expected_format
     if manifest.get("format") not in expected:
         raise UserError(
@@ -146,6 +148,18 @@ def read_manifest(directory: str | Path, expected_format: str | tuple[str, ...])
         )
     manifest["directory"] = str(directory)  # in memory only: lets checks name the files
     return manifest
+
+
+@contextlib.contextmanager
+def malformed_manifest_is_user_error(directory: str | Path) -> Iterator[None]:
+    """Turn a manifest field that is missing or of the wrong type (a hand-edited or truncated-then-repaired file)
+    into one line naming the file, where reading it would raise KeyError, TypeError and the like."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        reason = f"no field {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise UserError(f"{Path(directory) / 'manifest.json'}: malformed ({reason}); rebuild the data with "
+                        "`minillm data ...`") from None
 
 
 def check_file_tokens(path: Path, expected_tokens: int, dtype: np.dtype) -> None:

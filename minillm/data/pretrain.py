@@ -34,6 +34,7 @@ from minillm.data.manifest import (
     SFT_FORMAT,
     atomic_output_dir,
     check_file_tokens,
+    malformed_manifest_is_user_error,
     read_manifest,
     token_dtype,
     write_json,
@@ -271,10 +272,11 @@ def load_pretrain_manifest(directory: str | Path) -> dict:
     """Read a shard directory's manifest and check every shard's size against it."""
     directory = Path(directory)
     manifest = read_manifest(directory, PRETRAIN_FORMAT)
-    dtype = np.dtype(manifest["dtype"])
-    for split in manifest["splits"].values():
-        for f in split["files"]:
-            check_file_tokens(directory / f["name"], f["tokens"], dtype)
+    with malformed_manifest_is_user_error(directory):
+        dtype = np.dtype(manifest["dtype"])
+        for split in manifest["splits"].values():
+            for f in split["files"]:
+                check_file_tokens(directory / f["name"], int(f["tokens"]), dtype)
     return manifest
 
 

@@ -55,6 +55,13 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
 
+    def set_system(self, text: str | None) -> None:
+        """Set (or with None / "" remove) the system prompt; raises ValueError, keeping the old one, for text that
+        cannot go into a prompt, so it is refused once when given rather than on every later turn."""
+        if text:
+            self._render([{"role": "system", "content": text}])
+        self.system = text or None
+
     def _render(self, messages: list[dict]) -> list[int]:
         try:
             return chat_prompt_ids(self.engine.tokenizer, messages)
@@ -175,7 +182,12 @@ def run_repl(session: ChatSession, console: Console, model_name: str, read=input
                 session.reset()
                 console.print("[dim](conversation cleared)[/]")
             elif command == "/system":
-                session.system = arg.strip() or None
+                try:
+                    session.set_system(arg.strip())
+                except ValueError as err:
+                    console.print(f"{err}; the system prompt is unchanged", style="red", markup=False,
+                                  highlight=False)
+                    continue
                 console.print(
                     "[dim](system prompt set)[/]" if session.system else "[dim](system prompt removed)[/]"
                 )

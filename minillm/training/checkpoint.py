@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,17 +83,24 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)  # a leftover of a crashed save of this same step
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if save_extra is not None:
-        save_extra(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if save_model_files is not None:
-            save_model_files(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2), encoding="utf-8")
-        if final.exists():  # re-saving a step after a resume: replace the old copy
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    try:
+        accelerator.save_state(str(tmp))
+        if save_extra is not None:
+            save_extra(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if save_model_files is not None:
+                save_model_files(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2), encoding="utf-8")
+            if final.exists():  # re-saving a step after a resume: replace the old copy
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException as err:  # a second Ctrl-C while saving, a full disk: no half-written checkpoint stays
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, KeyboardInterrupt):
+                print(f"interrupted while saving the checkpoint of step {step}: it was not kept", file=sys.stderr)
+        raise
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -228,6 +228,8 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         path = found
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise UserError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

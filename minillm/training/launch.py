@@ -32,6 +32,8 @@ ERROR_FILE_ENV = "MINILLM_ERROR_FILE"  # where the ranks leave the message of a 
 def read_launcher(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     """The accelerate config as a dict (DeepSpeed file path made absolute) and its own path."""
     cfg_path = Path(path)
+    if cfg_path.is_dir():
+        raise UserError(f"--launcher {path}: a directory; give an accelerate config file (accelerate_configs/*.yaml)")
     if not cfg_path.is_file():
         shipped = Path(__file__).resolve().parent.parent.parent / "accelerate_configs" / cfg_path.name
         if not shipped.is_file():
@@ -39,6 +41,8 @@ def read_launcher(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         cfg_path = shipped
     try:
         data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"--launcher {cfg_path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise UserError(f"--launcher {cfg_path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -154,7 +158,7 @@ def check_deepspeed_file(launcher_cfg: dict[str, Any], config) -> None:
         return
     try:
         ds = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
         raise UserError(f"{path}: not a readable DeepSpeed JSON config ({err})") from None
     fill_deepspeed_config(ds, config, int(launcher_cfg.get("num_processes", 1) or 1), path)
 
@@ -171,7 +175,7 @@ def launch_facts(launcher_cfg: dict[str, Any]) -> tuple[int, bool, int | None]:
         try:
             ds = json.loads(Path(ds_cfg["deepspeed_config_file"]).read_text(encoding="utf-8"))
             stage = ds.get("zero_optimization", {}).get("stage", stage)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             pass  # reported by check_deepspeed_file
     return world, uses_deepspeed, int(stage) if uses_deepspeed and stage not in (None, "auto") else None
 

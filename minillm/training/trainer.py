@@ -38,6 +38,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -46,7 +47,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -499,8 +500,13 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
             raise UserError(problem[0])
         return run_dir, None
     name = [str(runs.new_run_dir(config.stage, model_tag)) if accelerator.is_main_process else None]
+    # a runs/ that is a file, a working directory nobody may write in: one line, as for --output-dir
+    problem = [_output_dir_problem(Path(name[0]), False) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(name)  # ranks may straddle a clock second
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise UserError(problem[0].replace("--output-dir", "run directory", 1))
     return Path(name[0]), None
 
 
@@ -514,6 +520,21 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None
         for stale in ("metrics.jsonl", "loss_curve.png"):
             (run_dir / stale).unlink(missing_ok=True)
     save_config(config, run_dir / "config.yaml")
+
+
+@contextlib.contextmanager
+def damaged_checkpoint_is_user_error(checkpoint: Path, run_dir: Path) -> Iterator[None]:
+    """Turn a failure to read `checkpoint` (a truncated weights or optimizer file, a hand-edited state: whatever
+    the loaders raise) into one line naming it and the checkpoint before it, which `--resume` can take instead."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001  (safetensors, torch, pickle and json each raise their own)
+        earlier = [c for c in ckpt.list_checkpoints(run_dir) if c.name < checkpoint.name]
+        hint = f"; resume from an earlier one: --resume {earlier[-1]}" if earlier else ""
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"--resume {checkpoint}: cannot read the checkpoint, it may be damaged ({reason}){hint}") from None
 
 
 def launch_layout(accelerator) -> dict:
@@ -725,14 +746,16 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     start_step, skipped_total, bad_in_row = 0, 0, 0
     ep = expert_parallel.model_expert_parallel(accelerator.unwrap_model(model))
     if resume_from is not None:
-        state = ckpt.read_trainer_state(resume_from)
+        with damaged_checkpoint_is_user_error(resume_from, run_dir):
+            state = ckpt.read_trainer_state(resume_from)
         check_same_launch(state, accelerator, resume_from)
-        accelerator.load_state(str(resume_from))
-        if ep is not None:  # DeepSpeed restored the dense weights; the experts come from this rank's shard
-            expert_parallel.load_expert_shards(accelerator.unwrap_model(model), resume_from, ep)
-        start_step, skipped_total = state["step"], state.get("skipped_steps", 0)
-        bad_in_row = state.get("bad_in_row", 0)
-        batches.load_state_dict(state["data"])
+        with damaged_checkpoint_is_user_error(resume_from, run_dir):
+            accelerator.load_state(str(resume_from))
+            if ep is not None:  # DeepSpeed restored the dense weights; the experts come from this rank's shard
+                expert_parallel.load_expert_shards(accelerator.unwrap_model(model), resume_from, ep)
+            start_step, skipped_total = state["step"], state.get("skipped_steps", 0)
+            bad_in_row = state.get("bad_in_row", 0)
+            batches.load_state_dict(state["data"])
         if accelerator.is_main_process:
             accelerator.print(f"resuming {run_dir} from {resume_from.name} (step {start_step})")
             aside = ckpt.set_aside_later_checkpoints(run_dir, start_step)
