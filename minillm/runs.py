@@ -7,6 +7,7 @@ finished, `final/`: a HuggingFace model directory (safetensors, config, tokenize
 `resolve_model_dir` is how every command that takes a model (`chat`, `serve`, `eval`, `sft --model-path`,
 `export`) finds it: a model directory, a run directory (its `final/`) or one of a run's checkpoints.
 `trained_seq_len` reads the row length such a model was trained at from its run's `config.yaml`.
+A training process holds `lock_run_dir`'s lock on its run directory while it writes there.
 """
 
 from __future__ import annotations
@@ -14,11 +15,54 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import IO
 
 from minillm.errors import UserError
 
 DEFAULT_RUNS_ROOT = Path(os.environ.get("MINILLM_RUNS", "runs"))
 STAGES = ("sft", "pretrain")  # search order: a chat model (SFT) is preferred over a base model
+
+
+RUN_LOCK = ".lock"  # in a run directory: locked by the process training into it
+
+
+def lock_run_dir(run_dir: Path) -> IO | None:
+    """Take the exclusive lock of `run_dir` (created if missing) for this process, which keeps it until it ends,
+    however it ends: a second `pretrain --overwrite` or `--resume` of a run still being written is refused, instead
+    of moving the live run's checkpoints aside and interleaving the two runs' metrics. Returns the open lock file
+    (keep it referenced: closing it releases the lock); None where the system has no file locks."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")  # noqa: SIM115  (held for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        pid = handle.read().strip()
+        handle.close()
+        raise UserError(f"{run_dir}: another training process{f' (pid {pid})' if pid else ''} is writing this run; "
+                        "wait for it to end or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def live_run_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` may not be trained into now (another process holds its lock), or None; creates nothing."""
+    if not (run_dir / RUN_LOCK).is_file():
+        return None
+    try:
+        handle = lock_run_dir(run_dir)
+    except UserError as err:
+        return str(err)
+    if handle is not None:
+        handle.close()
+    return None
 
 
 def new_run_dir(stage: str, model: str, root: Path | None = None) -> Path:

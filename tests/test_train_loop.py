@@ -4,6 +4,7 @@ after SIGKILL, and every bad input (one line, exit code 2, nothing written or ov
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,6 +30,28 @@ from train_helpers import (
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return build_shards(tmp_path_factory.mktemp("shards"))
+
+
+def test_a_run_being_written_by_another_process_is_not_overwritten_or_resumed(tmp_path, capsys):
+    """A second `pretrain --overwrite` into a live run moved its checkpoints aside and interleaved the two runs'
+    metrics. The training process holds the run directory's lock until it ends (here: taken by the test)."""
+    from cli_helpers import run_cli_err
+
+    from minillm.runs import lock_run_dir
+
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "--model", "mini_llama3", "--max-steps", "2", "--save-every", "1", "--model-arg",
+            "num_hidden_layers=1", "--output-dir", str(run_dir)]
+    assert run_cli_err(args, capsys)[0] == 0
+    before = sorted(p.name for p in run_dir.iterdir())
+    lock = lock_run_dir(run_dir)
+    for extra in (["--overwrite"], ["--resume", "latest"]):
+        code, err = run_cli_err(args + extra, capsys)
+        assert code == 2, err
+        assert f"{run_dir}: another training process (pid {os.getpid()}) is writing this run" in err, err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    lock.close()
+    assert run_cli_err(args + ["--overwrite"], capsys)[0] == 0  # released: the run may be replaced
 
 
 def test_a_default_run_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys):

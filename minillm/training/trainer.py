@@ -50,10 +50,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
+from minillm import runs
 from minillm.errors import TrainingStopped, UserError
 from minillm.parallel import expert_parallel
 from minillm.paths import check_creatable
@@ -425,7 +426,7 @@ def check_expert_parallel(config: TrainConfig, launch: tuple[int, bool, int | No
 
 def _output_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
     """Why a new run may not be written into `run_dir` (None when it may)."""
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+    if not run_dir.exists() or (run_dir.is_dir() and not any(p.name != runs.RUN_LOCK for p in run_dir.iterdir())):
         try:
             check_creatable(run_dir, "--output-dir")
         except UserError as err:
@@ -442,7 +443,6 @@ def _output_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
 
 def find_resume_checkpoint(config: TrainConfig) -> Path:
     """The checkpoint `--resume` names: in `--output-dir` when given, else among the runs of this stage and model."""
-    from minillm import runs
 
     run_dir = Path(config.output_dir) if config.output_dir else None
     candidates = []
@@ -474,7 +474,6 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
     """The run directory and, when resuming, the checkpoint to load; refuses to clobber another run."""
     from accelerate.utils import broadcast_object_list
 
-    from minillm import runs
 
     model_tag = config.model or "model"
     if config.resume:
@@ -699,6 +698,16 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     split: pretraining shards' or SFT conversations') every `eval_every` steps; its metrics go to TensorBoard and metrics.jsonl. `run` lets
     library callers bring their own model and data (see `Run`); by default `build_run` makes them.
     """
+    held: list[IO] = []  # the run directory's lock (main process), released however training ends
+    try:
+        return _train(config, eval_fn, run, held)
+    finally:
+        for handle in held:
+            handle.close()
+
+
+def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: list[IO]) -> Path:
+    """`train`'s body; appends the run directory's lock to `held` once it takes it."""
     from accelerate.utils import set_seed
 
     if config.stage == "sft" and run is None:
@@ -718,6 +727,13 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # no page faults for each step's activations (host_memory.py)
     run_dir, resume_from = resolve_run_dir(config, accelerator)  # checks only; nothing is written yet
+    live = [runs.live_run_problem(run_dir) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(live)
+    if live[0]:
+        raise UserError(live[0])
     set_seed(config.seed)  # identical initial weights on every rank
     if run is None:
         run = build_run(config)  # every input check happens here, before the run directory exists
@@ -735,6 +751,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
         raise UserError(f"--warmup-steps {config.warmup_steps} is more than the run's {total_steps} optimizer steps: "
                         "the learning rate would never reach --lr")
     if accelerator.is_main_process:
+        if (lock := runs.lock_run_dir(run_dir)) is not None:
+            held.append(lock)
         _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
     model = run.model
