@@ -39,8 +39,10 @@ def register(app: typer.Typer) -> None:
         tokens: float = typer.Option(
             None, "--tokens", help="With --config: the dataset's size in tokens, when it is not built yet."
         ),
-        gpu: str = typer.Option("H100", "--gpu", help="With --config: the GPU for the wall time (e.g. H100, A100, 4090)."),
-        gpus: int = typer.Option(1, "--gpus", help="With --config: number of GPUs."),
+        gpu: str = typer.Option(
+            None, "--gpu", help="With --config: the GPU for the wall time (H100 unless given; A100, 4090, ...)."
+        ),
+        gpus: int = typer.Option(None, "--gpus", help="With --config: number of GPUs (default 1)."),
         mfu: float = typer.Option(
             None, "--mfu", help="With --config: assumed MFU (default: 0.40 dense, 0.25 MoE, our GPU goals)."
         ),
@@ -57,8 +59,12 @@ def register(app: typer.Typer) -> None:
                      if value is not None]
             if given:
                 raise UserError(f"{', '.join(given)}: with --config the recipe decides the model; drop them")
-            _print_budget(config, data, tokens, gpu, gpus, mfu)
+            _print_budget(config, data, tokens, gpu or "H100", 1 if gpus is None else gpus, mfu)
             return
+        budget_only = [flag for flag, value in (("--data", data), ("--tokens", tokens), ("--gpu", gpu),
+                                                ("--gpus", gpus), ("--mfu", mfu)) if value is not None]
+        if budget_only:
+            raise UserError(f"{', '.join(budget_only)}: only used with --config RECIPE (a training budget)")
         from minillm.models.registry import MODEL_NAMES, build_config
 
         if model is not None and model not in MODEL_NAMES and _names_a_path(model):

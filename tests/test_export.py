@@ -103,6 +103,9 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     assert run_cli("export", "--to", "minillm", str(src), str(tmp_path / "x")) == 2
     assert "already a minillm model (mini_llama3)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert run_cli("export", str(src), str(src / "sub")) == 2  # would be written into the model it converts
+    assert "inside the model being converted" in capsys.readouterr().err
+    assert not (src / "sub").exists()
     (tmp_path / "afile").write_text("user data")
     assert run_cli("export", str(src), str(tmp_path / "afile")) == 2
     assert "afile: a file; the destination is a new directory" in capsys.readouterr().err

@@ -150,6 +150,9 @@ def test_budget_bad_input_is_one_line(tmp_path, capsys):
         assert run_cli("info", "--config", recipe, "--tokens", tokens) == 2
         assert "must be a number of tokens from 1 to 1e+15" in capsys.readouterr().err
     assert run_cli("info", "--config", recipe, "--tokens", "1e9") == 0
+    capsys.readouterr()
+    assert run_cli("info", "--tokens", "1e9", "--gpus", "2") == 2  # silently ignored before
+    assert "--tokens, --gpus: only used with --config RECIPE" in capsys.readouterr().err
 
 
 def test_small_presets_compare_like_for_like():

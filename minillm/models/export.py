@@ -110,7 +110,9 @@ def restored_own_fields(ref_config: PretrainedConfig, names: tuple[str, ...]) ->
     return {name: value for name, value in stored.items() if name in names}
 
 
-def _check_destination(dst: Path) -> None:
+def _check_destination(dst: Path, src: Path) -> None:
+    if src.resolve() in dst.resolve().parents or dst.resolve() == src.resolve():
+        raise UserError(f"{dst}: inside the model being converted ({src}); choose a destination outside it")
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: a file; the destination is a new directory")
     if dst.exists() and any(dst.iterdir()):
@@ -187,7 +189,7 @@ def export_to_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     from minillm.models.registry import MODEL_NAMES, model_package
 
     src, dst = resolve_model_dir(src_dir, option=None), Path(dst_dir)
-    _check_destination(dst)
+    _check_destination(dst, src)
     model = load_causal_lm(src, "auto", None)
     model_type = model.config.model_type
     if model_type not in MODEL_NAMES:
@@ -213,7 +215,7 @@ def import_from_hf(src_dir: str | Path, dst_dir: str | Path) -> dict:
     from minillm.training.checkpoint import is_checkpoint
 
     src, dst = resolve_model_dir(src_dir, option=None), Path(dst_dir)
-    _check_destination(dst)
+    _check_destination(dst, src)
     if is_checkpoint(src):
         return _save_checkpoint_model(src, dst)
     try:
