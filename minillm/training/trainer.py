@@ -443,7 +443,6 @@ def _output_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
 
 def find_resume_checkpoint(config: TrainConfig) -> Path:
     """The checkpoint `--resume` names: in `--output-dir` when given, else among the runs of this stage and model."""
-
     run_dir = Path(config.output_dir) if config.output_dir else None
     candidates = []
     if run_dir is None:
@@ -473,7 +472,6 @@ def sft_start_model(config: TrainConfig) -> str | None:
 def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
     """The run directory and, when resuming, the checkpoint to load; refuses to clobber another run."""
     from accelerate.utils import broadcast_object_list
-
 
     model_tag = config.model or "model"
     if config.resume:
