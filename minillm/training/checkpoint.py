@@ -101,6 +101,7 @@ def save_checkpoint(
             if isinstance(err, KeyboardInterrupt):
                 print(f"interrupted while saving the checkpoint of step {step}: it was not kept", file=sys.stderr)
         raise
+    if accelerator.is_main_process:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
