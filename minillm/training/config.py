@@ -292,6 +292,9 @@ def coerce(name: str, value: Any, source: str = "option") -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError, OverflowError) as err:
+        if source == "option":  # a command-line flag: named as the user typed it
+            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}..."
+            raise UserError(f"--{name.replace('_', '-')} {shown}: invalid ({err})") from None
         raise UserError(f"{source}: {name}={value!r} is invalid ({err})") from None
 
 
