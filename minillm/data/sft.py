@@ -38,7 +38,9 @@ from minillm.data.manifest import (
     FORMAT_VERSION,
     SFT_FORMAT,
     atomic_output_dir,
+    check_file_tokens,
     check_output_dir,
+    malformed_manifest_is_user_error,
     read_manifest,
     token_dtype,
     write_json,
@@ -428,16 +430,12 @@ class SFTDataset:
     "position_ids" when packed."""
 
     def __init__(self, directory: str | Path, split: str = "train") -> None:
-        from minillm.data.manifest import malformed_manifest_is_user_error
-
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory, SFT_FORMAT)
         with malformed_manifest_is_user_error(self.directory):
             self._open_split(split)
 
     def _open_split(self, split: str) -> None:
-        from minillm.data.manifest import check_file_tokens
-
         if split not in self.manifest["splits"]:
             hint = " (built without --val-fraction)" if split == "val" else ""
             raise UserError(f"{self.directory}: no '{split}' split{hint}; it has {', '.join(self.manifest['splits'])}")

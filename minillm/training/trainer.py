@@ -424,21 +424,33 @@ def check_expert_parallel(config: TrainConfig, launch: tuple[int, bool, int | No
     expert_parallel.check_expert_parallel_launch(config.expert_parallel_size, model_config, name, launch=launch)
 
 
-def _output_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
-    """Why a new run may not be written into `run_dir` (None when it may)."""
+def _output_dir_problem(run_dir: Path, overwrite: bool, option: str = "--output-dir") -> str | None:
+    """Why a new run may not be written into `run_dir` (None when it may); `option` names it in the message."""
     if not run_dir.exists() or (run_dir.is_dir() and not any(p.name != runs.RUN_LOCK for p in run_dir.iterdir())):
         try:
-            check_creatable(run_dir, "--output-dir")
+            check_creatable(run_dir, option)
         except UserError as err:
             return str(err)
         return None
     if not run_dir.is_dir():
-        return f"--output-dir {run_dir} exists and is not a directory"
+        return f"{option} {run_dir} exists and is not a directory"
     if not (run_dir / "config.yaml").is_file():
-        return f"--output-dir {run_dir} is not empty and holds no run; choose an empty or new directory"
+        return f"{option} {run_dir} is not empty and holds no run; choose an empty or new directory"
     if not overwrite:
-        return f"--output-dir {run_dir} already holds a run; pass --overwrite, --resume latest, or another directory"
+        return f"{option} {run_dir} already holds a run; pass --overwrite, --resume latest, or another directory"
     return None
+
+
+def _refuse_problem_judged_on_main(accelerator, judge: Callable[[], str | None]) -> None:
+    """Raise `judge()`'s problem (if any) as a `UserError` on every rank, judged on the main process only: another
+    rank looking later would see the files rank 0 has started to write and refuse a run that is its own."""
+    from accelerate.utils import broadcast_object_list
+
+    problem = [judge() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise UserError(problem[0])
 
 
 def find_resume_checkpoint(config: TrainConfig) -> Path:
@@ -485,25 +497,20 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
             if diffs:
                 raise UserError(f"--resume {checkpoint}: the run was made with other options ({'; '.join(diffs)}); "
                                 f"resume it with its own: --config {saved_path} --resume {config.resume}")
+        _refuse_problem_judged_on_main(accelerator, lambda: runs.live_run_problem(run_dir))
         return run_dir, checkpoint
     if config.output_dir:
         run_dir = Path(config.output_dir)
-        # Judged on the main process and shared: another rank looking later would see the files rank 0 has
-        # started to write and refuse a run that is its own.
-        problem = [_output_dir_problem(run_dir, config.overwrite) if accelerator.is_main_process else None]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(problem)
-        if problem[0]:
-            raise UserError(problem[0])
+        # a live run first: "pass --overwrite" is no advice for a directory another process is writing
+        _refuse_problem_judged_on_main(
+            accelerator, lambda: runs.live_run_problem(run_dir) or _output_dir_problem(run_dir, config.overwrite)
+        )
         return run_dir, None
     name = [str(runs.new_run_dir(config.stage, model_tag)) if accelerator.is_main_process else None]
-    # a runs/ that is a file, a working directory nobody may write in: one line, as for --output-dir
-    problem = [_output_dir_problem(Path(name[0]), False) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(name)  # ranks may straddle a clock second
-        broadcast_object_list(problem)
-    if problem[0]:
-        raise UserError(problem[0].replace("--output-dir", "run directory", 1))
+    # a runs/ that is a file, a working directory nobody may write in: one line, as for --output-dir
+    _refuse_problem_judged_on_main(accelerator, lambda: _output_dir_problem(Path(name[0]), False, "run directory"))
     return Path(name[0]), None
 
 
@@ -725,13 +732,6 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # no page faults for each step's activations (host_memory.py)
     run_dir, resume_from = resolve_run_dir(config, accelerator)  # checks only; nothing is written yet
-    live = [runs.live_run_problem(run_dir) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(live)
-    if live[0]:
-        raise UserError(live[0])
     set_seed(config.seed)  # identical initial weights on every rank
     if run is None:
         run = build_run(config)  # every input check happens here, before the run directory exists
