@@ -1,4 +1,4 @@
-"""Shared test setup: small thread counts (CI has 2 cores) and deterministic seeds."""
+"""Shared test setup: small thread counts (CI has 2 cores, one per pytest-xdist worker) and deterministic seeds."""
 
 import os
 
@@ -7,11 +7,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Under pytest-xdist (`-n 2`, README) each worker has one core: a second thread per worker, or per CLI run it
+# starts, would only contend for it (a subprocess's OpenMP threads spin on a core the other worker is using).
+UNDER_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if UNDER_XDIST:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if UNDER_XDIST else 2)
 
 
 @pytest.fixture(autouse=True)
