@@ -139,6 +139,25 @@ def chat(
         report.write_json(results, json_out)
 
 
+def _check_hub_options(
+    data: str, dev: str | None, config: str | None, split: str | None, dev_split: str | None
+) -> None:
+    """Refuse --config/--split/--dev-split where no Hugging Face dataset would take them: silently ignored, a
+    user asking for C-Eval's `val` split of a local file would be scored on whatever the file holds."""
+    from minillm.errors import UserError
+    from minillm.evaluation.multiple_choice import names_hub_dataset
+
+    if dev_split is not None and dev is None:
+        raise UserError(f"--dev-split {dev_split}: only used with --dev DATASET")
+    for option, value, flag, source in (("--split", split, "--data", data), ("--dev-split", dev_split, "--dev", dev)):
+        if value is not None and not names_hub_dataset(source):
+            raise UserError(f"{option} {value}: {flag} {source} is a local file (the option picks a split of a "
+                            "Hugging Face dataset)")
+    if config is not None and not any(names_hub_dataset(s) for s in (data, dev) if s is not None):
+        raise UserError(f"--config {config}: --data {data} is a local file (the option picks a configuration "
+                        "of a Hugging Face dataset)")
+
+
 def mc(
     data: str = typer.Option(
         ...,
@@ -149,13 +168,17 @@ def mc(
     config: str | None = typer.Option(
         None, "--config", help="Dataset configuration (subject) of a hub dataset."
     ),
-    split: str = typer.Option("test", "--split", help="Split of a hub dataset given as --data."),
+    split: str | None = typer.Option(
+        None, "--split", help="Split of a hub dataset given as --data (default: test)."
+    ),
     dev: str | None = typer.Option(
         None,
         "--dev",
         help="Solved examples for --few-shot: a file or hub dataset (C-Eval/CMMLU/MMLU dev sets).",
     ),
-    dev_split: str = typer.Option("dev", "--dev-split", help="Split of a hub dataset given as --dev."),
+    dev_split: str | None = typer.Option(
+        None, "--dev-split", help="Split of a hub dataset given as --dev (default: dev)."
+    ),
     few_shot: int = typer.Option(0, "--few-shot", help="Solved examples from --dev before each question."),
     style: str = typer.Option(
         "cloze",
@@ -198,10 +221,11 @@ def mc(
         raise UserError(f"--dev {dev}: solved examples are only used with --few-shot K (K >= 1)")
     if style not in mc_eval.STYLES:
         raise UserError(f"--style {style}: expected one of {', '.join(mc_eval.STYLES)}")
+    _check_hub_options(data, dev, config, split, dev_split)
     model_dir = resolve_model_dir(model)
     check_output_file(json_out, "--json", overwrite, [data, model_dir] + ([dev] if dev else []))
-    questions = mc_eval.load_questions(data, config, split, limit=limit)
-    dev_questions = mc_eval.load_questions(dev, config, dev_split, option="--dev") if few_shot else None
+    questions = mc_eval.load_questions(data, config, split or "test", limit=limit)
+    dev_questions = mc_eval.load_questions(dev, config, dev_split or "dev", option="--dev") if few_shot else None
     torch_device = resolve_device(device)
     lm, tokenizer = loading.load_model_and_tokenizer(
         model_dir, torch_device, loading.resolve_dtype(dtype, torch_device)

@@ -88,3 +88,16 @@ def write_output_file(path: str | os.PathLike, text: str, option: str = "--json"
         raise UserError(f"{option} {path}: cannot write ({err.strerror or err})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def apply_umask(directory: str | os.PathLike) -> None:
+    """Give `directory` and everything under it the modes that a plain `mkdir` / `open` would have given under this
+    process's umask. `tempfile.mkdtemp` makes 0700 directories and safetensors writes its files 0600: the model of a
+    run, an export or a data set would otherwise be unreadable to the other accounts of a shared machine (a server
+    run as another user) however the umask is set. Called on a finished temporary directory before its rename."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root = Path(directory)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

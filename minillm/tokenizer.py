@@ -21,12 +21,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minillm.errors import UserError
-from minillm.paths import check_creatable, check_not_working_directory, make_parent_dirs
+from minillm.paths import apply_umask, check_creatable, check_not_working_directory, make_parent_dirs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -143,12 +144,14 @@ def train_tokenizer(
     vocab_size: int = 32000,
     min_frequency: int = 2,
     length: int | None = None,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and save it (tokenizer.json, config, chat template) to `out_dir`.
 
     `vocab_size` counts the base vocabulary including `<|endoftext|>`; the four chat/reasoning tokens come after.
     The directory is written to a temporary sibling and renamed, so a failed run leaves nothing behind.
+    `show_progress=None` shows the Rust trainer's bars on a terminal only: they end each stage with a line break on
+    stdout, which would otherwise land in a log or pipe.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -173,7 +176,7 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        show_progress=sys.stdout.isatty() and sys.stderr.isatty() if show_progress is None else show_progress,
     )
     run_interruptibly(lambda: tok.train_from_iterator(texts, trainer=trainer, length=length))
     if tok.get_vocab_size() <= 257:  # the byte alphabet and <|endoftext|> only
@@ -239,7 +242,7 @@ def save_tokenizer(tok, out_dir: str | Path) -> PreTrainedTokenizerFast:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
+        apply_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

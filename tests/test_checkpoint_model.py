@@ -208,3 +208,19 @@ def test_a_bad_checkpoint_is_one_line_and_exit_2(runs, tmp_path, capsys, how, me
         if how == "unfinished run":
             assert str(path / "checkpoints" / STEP_2) in err
     assert not (tmp_path / "out").exists()
+
+
+def test_models_and_exports_are_readable_by_other_users(runs, tmp_path):
+    """A run's model, its checkpoints and an export get the modes of the umask (0644 / 0755 under 022), not the
+    0600 files of safetensors and the 0700 directories of mkdtemp: a server run under another account reads them."""
+    two, checkpoint, _ = runs
+    mask = os.umask(0o022)
+    try:
+        assert run_cli("export", str(two / "final"), str(tmp_path / "hf")) == 0
+    finally:
+        os.umask(mask)
+    for root, umask in ((two / "final", mask), (checkpoint, mask), (tmp_path / "hf", 0o022)):
+        for path in [root, *root.rglob("*")]:
+            expected = (0o777 if path.is_dir() else 0o666) & ~umask
+            assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o644

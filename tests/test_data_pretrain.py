@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cli_helpers import run_cli_err
+from cli_helpers import run_cli, run_cli_err
 
 from minillm.data.pretrain import PretrainDataset, build_pretrain_shards, check_shards_match
 from minillm.data.sampler import ResumableSampler
@@ -140,13 +140,16 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, cap
         ([str(d / "a.parquet")], ["--tokenizer", str(d / "a.parquet")], "a.parquet: a file; give the directory"),
         ([str(tmp_path / "config.json")], [], "expected one JSON row per line or one array of rows"),
         (["someone/some-dataset"], [], "someone/some-dataset: cannot reach the HuggingFace Hub"),
+        ([str(d / "a.parquet")], ["--shard-tokens", "0"], "--shard-tokens 0: must be positive"),
     ]
     for inputs, extra, message in cases:
         out = tmp_path / "out"
         args = ["data", "pretrain", "--out", str(out), *extra]
         for i in inputs:
             args += ["--input", i]
-        code, err = run_cli_err(args, capsys)
+        code = run_cli(*args)
+        stdout, err = capsys.readouterr()
+        assert stdout == ""  # not even the line break of a progress bar that ended
         assert code == 2, (message, err)
         assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cli_helpers import run_cli_err
+from cli_helpers import run_cli, run_cli_err
 
 from minillm.data.builtin import builtin_pretrain_shards, builtin_sft_dataset
 from minillm.data.collate import PackedCollator, PaddedCollator
@@ -262,16 +262,25 @@ def test_best_fit_decreasing():
 def test_sft_bad_inputs(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "junk.jsonl").write_text("{oops\n[1, 2]\n")
+    (tmp_path / "notes.txt").write_text("plain text has no messages\n")
+    (tmp_path / "text_only").mkdir()
+    (tmp_path / "text_only" / "notes.txt").write_text("plain text has no messages\n")
     for name, message in [
         ("empty.jsonl", "no rows (empty dataset)"),
         ("junk.jsonl", "none of the 2 rows is a valid"),
         ("nope.jsonl", "nope.jsonl: no such file"),
+        ("notes.txt", "notes.txt: unsupported file type '.txt' (use .parquet, .jsonl, .json)"),
+        ("text_only", "text_only: the directory holds no .parquet, .jsonl, .json files"),
     ]:
-        code, err = run_cli_err(
-            ["data", "sft", "--input", str(tmp_path / name), "--out", str(tmp_path / "o")], capsys
-        )
+        code = run_cli("data", "sft", "--input", str(tmp_path / name), "--out", str(tmp_path / "o"))
+        out, err = capsys.readouterr()
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
-        assert not (tmp_path / "o").exists()
+        assert out == "" and not (tmp_path / "o").exists()  # nothing on stdout, not even a progress bar's line
+    # a directory of chats gives its chat files only (the notes beside them are not chats)
+    (tmp_path / "text_only" / "chats.jsonl").write_text(json.dumps(chat("q", "a")) + "\n")
+    code = run_cli("data", "sft", "--input", str(tmp_path / "text_only"), "--out", str(tmp_path / "d"))
+    out, err = capsys.readouterr()
+    assert code == 0 and out == "" and err.startswith("wrote ") and "conversations kept: 1;" in err, err
     (tmp_path / "ok.jsonl").write_text(json.dumps(chat("q", "a")) + "\n")
     code, err = run_cli_err(
         [

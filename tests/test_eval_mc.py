@@ -444,6 +444,12 @@ BAD_CASES = {
     "dev_without_few_shot": ("q.csv", None, "only used with --few-shot"),
     "not_json": ("q.jsonl", "{oops", "not valid JSON"),
     "chat_without_template": ("q.csv", None, "no chat template"),
+    "unclosed_quote": ("q.csv", '"x,1,2,3,4,A\n', "q.csv row 5: not valid CSV (unexpected end of data: a quoted"),
+    "short_row": ("q.csv", "x,1,2,3\n", "q.csv row 5: 5 field(s) where the header has 7 columns (missing: D, answer)"),
+    "split_of_a_local_file": ("q.csv", None, "--split val: --data"),
+    "config_of_a_local_file": ("q.csv", None, "--config logic: --data"),
+    "dev_split_of_a_local_file": ("q.csv", None, "--dev-split val: --dev"),
+    "dev_split_without_dev": ("q.csv", None, "--dev-split val: only used with --dev"),
 }
 
 
@@ -458,6 +464,8 @@ def test_bad_input_is_one_line_exit_2_and_no_json(model_dirs, tmp_path, capsys, 
         write_csv(data, [*rows, {**rows[0], "answer": content}])
     elif case == "not_json":
         data.write_text(json.dumps(rows[0]) + "\n" + content + "\n", encoding="utf-8")
+    elif case in ("unclosed_quote", "short_row"):  # four good rows, then the bad one
+        data.write_text(write_csv(data, rows).read_text(encoding="utf-8") + "ai," + content, encoding="utf-8")
     elif name.endswith(".csv"):
         write_csv(data, rows)
     elif content is not None:
@@ -468,6 +476,14 @@ def test_bad_input_is_one_line_exit_2_and_no_json(model_dirs, tmp_path, capsys, 
         extra = ["--dev", str(write_csv(tmp_path / "dev.csv", rows))]
     elif case == "too_few_dev_questions":
         extra = ["--few-shot", "5", "--dev", str(write_csv(tmp_path / "dev.csv", rows))]
+    elif case == "split_of_a_local_file":
+        extra = ["--split", "val"]
+    elif case == "config_of_a_local_file":
+        extra = ["--config", "logic"]
+    elif case == "dev_split_of_a_local_file":
+        extra = ["--few-shot", "1", "--dev", str(write_csv(tmp_path / "dev.csv", rows)), "--dev-split", "val"]
+    elif case == "dev_split_without_dev":
+        extra = ["--dev-split", "val"]
     elif case == "chat_without_template":
         model_dir = tmp_path / "no_template"
         build_llama(build_tokenizer()).save_pretrained(model_dir)
@@ -483,7 +499,7 @@ def test_bad_input_is_one_line_exit_2_and_no_json(model_dirs, tmp_path, capsys, 
     err = err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     assert message in err, err
-    if case in ("missing_file", "unknown_columns", "letter_not_a_choice", "empty_file"):
+    if case in ("missing_file", "unknown_columns", "letter_not_a_choice", "empty_file", "split_of_a_local_file"):
         assert name in err  # names the file
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from minillm.errors import UserError
-from minillm.paths import check_creatable, check_not_working_directory, make_parent_dirs
+from minillm.paths import apply_umask, check_creatable, check_not_working_directory, make_parent_dirs
 
 PRETRAIN_FORMAT = "minillm-pretrain-shards"
 SFT_FORMAT = "minillm-sft"
@@ -58,7 +58,7 @@ def atomic_output_dir(out: str | Path, data_format: str, overwrite: bool = False
     try:
         with sigterm_exits():
             yield tmp
-        tmp.chmod(0o755)
+        apply_umask(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / "data")

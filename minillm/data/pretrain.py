@@ -139,6 +139,7 @@ class _ShardWriter:
 
 
 def _progress(enabled: bool):
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -148,6 +149,7 @@ def _progress(enabled: bool):
         TransferSpeedColumn,
     )
 
+    console = Console(stderr=True)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -155,7 +157,8 @@ def _progress(enabled: bool):
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[tokens]} tokens"),
-        disable=not enabled,
+        console=console,
+        disable=not enabled or not console.is_terminal,  # a log gets the summary, not a bar's empty line
         transient=True,  # gone when done: the summary line (or a one-line error) follows
     )
 
@@ -180,7 +183,7 @@ def build_pretrain_shards(
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if shard_tokens <= 0:
-        raise UserError(f"shard size {shard_tokens} must be positive")
+        raise UserError(f"--shard-tokens {shard_tokens}: must be positive")
     sources = resolve_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_dir)
     # Text that spells a special token ("<|endoftext|>" in a page about tokenizers) is encoded as its characters,

@@ -46,7 +46,7 @@ from minillm.data.manifest import (
     write_json,
 )
 from minillm.data.packing import pack_best_fit_decreasing, padding_ratio
-from minillm.data.sources import iter_rows, resolve_inputs
+from minillm.data.sources import CHAT_KINDS, iter_rows, resolve_inputs
 from minillm.errors import UserError
 from minillm.tokenizer import spelled_special_token
 
@@ -248,6 +248,7 @@ def build_sft_dataset(
     val_fraction: float = 0.0,
 ) -> dict:
     """Build an SFT data directory from chat files (or an HF dataset name); return the manifest (with summary)."""
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from minillm.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -259,7 +260,7 @@ def build_sft_dataset(
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
     check_output_dir(out_dir, SFT_FORMAT, overwrite)
-    sources = resolve_inputs(inputs)
+    sources = resolve_inputs(inputs, CHAT_KINDS)
     tokenizer = load_tokenizer(tokenizer_dir)
     if not re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
         raise UserError(
@@ -275,7 +276,9 @@ def build_sft_dataset(
     reasons: list[str] = []
     rows = 0
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
-    with Progress(*columns, disable=not progress, transient=True) as bar:  # gone when done: a summary follows
+    stderr = Console(stderr=True)
+    progress = progress and stderr.is_terminal  # a log gets the summary, not a bar's empty line
+    with Progress(*columns, console=stderr, disable=not progress, transient=True) as bar:  # a summary follows
         task = bar.add_task("reading chats", total=sum(s.size_bytes for s in sources) or None)
         for source in sources:
             for where, row, error in iter_rows(source, on_bytes=lambda n: bar.advance(task, n)):
@@ -298,8 +301,8 @@ def build_sft_dataset(
         )
 
     with Progress(
-        *columns[:2], TextColumn("{task.completed:,}/{task.total:,} conversations"), disable=not progress,
-        transient=True,
+        *columns[:2], TextColumn("{task.completed:,}/{task.total:,} conversations"), console=stderr,
+        disable=not progress, transient=True,
     ) as bar:
         task = bar.add_task("templating", total=len(conversations))
         kept, stats = tokenize_conversations(

@@ -42,13 +42,22 @@ class Source:
         return os.path.getsize(self.name) if self.kind != "hf" else 0
 
 
-def local_source(path: str | os.PathLike, kinds: tuple[str, ...] = ("parquet", "jsonl", "txt"), what: str = "") -> Source:
+TEXT_KINDS = ("parquet", "jsonl", "txt")  # what pretraining data and tokenizer training read
+CHAT_KINDS = ("parquet", "jsonl")  # chats need fields: a .txt file has none
+
+
+def suffixes_of(kinds: tuple[str, ...]) -> list[str]:
+    """The file suffixes read as one of `kinds` (".json" is read as JSON Lines or as one JSON list)."""
+    return [suffix for suffix, kind in KIND_OF_SUFFIX.items() if kind in kinds]
+
+
+def local_source(path: str | os.PathLike, kinds: tuple[str, ...] = TEXT_KINDS, what: str = "") -> Source:
     """The source of one local file, its kind read from its suffix; a suffix outside `kinds` is one line naming
     the suffixes that are (prefixed with `what`, e.g. "--data ", where an option names the input)."""
     suffix = Path(path).suffix.lower()
     kind = KIND_OF_SUFFIX.get(suffix)
     if kind not in kinds:
-        allowed = ", ".join(s for s, k in KIND_OF_SUFFIX.items() if k in kinds)
+        allowed = ", ".join(suffixes_of(kinds))
         raise UserError(f"{what}{path}: unsupported file type '{Path(path).suffix}' (use {allowed})")
     return Source(kind, str(path))
 
@@ -60,8 +69,9 @@ def under_local_directory(name: str) -> bool:
     return "/" in name and os.path.isdir(os.path.expanduser(head))
 
 
-def resolve_inputs(inputs: list[str] | str) -> list[Source]:
-    """Expand files, directories and globs (sorted) into sources; HF names pass through. Errors name the input."""
+def resolve_inputs(inputs: list[str] | str, kinds: tuple[str, ...] = TEXT_KINDS) -> list[Source]:
+    """Expand files, directories and globs (sorted) into sources of `kinds`; HF names pass through. A directory
+    contributes its files of those kinds; a file or glob match of another kind is an error naming it."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
     if not inputs:
@@ -73,14 +83,14 @@ def resolve_inputs(inputs: list[str] | str) -> list[Source]:
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise UserError(f"{item}: the glob matches no files")
-            sources.extend(local_source(p) for p in matches)
+            sources.extend(local_source(p, kinds) for p in matches)
         elif os.path.isdir(item):
-            matches = _data_files_under(Path(item))
+            matches = _data_files_under(Path(item), suffixes_of(kinds))
             if not matches:
-                raise UserError(f"{item}: the directory holds no .parquet, .jsonl or .txt files")
-            sources.extend(local_source(p) for p in matches)
+                raise UserError(f"{item}: the directory holds no {', '.join(suffixes_of(kinds))} files")
+            sources.extend(local_source(p, kinds) for p in matches)
         elif os.path.isfile(item):
-            sources.append(local_source(item))
+            sources.append(local_source(item, kinds))
         elif (
             _HF_NAME.match(item)
             and not item.startswith((".", "/"))
@@ -109,8 +119,8 @@ def _read_once(sources: list[Source]) -> list[Source]:
     return list(seen.values())
 
 
-def _data_files_under(directory: Path) -> list[str]:
-    """The text files under `directory`, sorted, leaving out hidden files and folders (`.git`, a build's
+def _data_files_under(directory: Path, suffixes: list[str]) -> list[str]:
+    """The files with one of `suffixes` under `directory`, sorted, leaving out hidden files and folders (`.git`, a build's
     temporary) and the data directories minillm built (data written beside its own input: their manifest.json
     would otherwise be read as text by the next build)."""
     built = {manifest.parent for manifest in directory.rglob("manifest.json") if _minillm_manifest(manifest)}
@@ -119,7 +129,7 @@ def _data_files_under(directory: Path) -> list[str]:
         inner = path.relative_to(directory).parts
         if (
             path.is_file()
-            and path.suffix.lower() in KIND_OF_SUFFIX
+            and path.suffix.lower() in suffixes
             and not any(part.startswith(".") for part in inner)
             and not any(parent in built for parent in path.parents)
         ):

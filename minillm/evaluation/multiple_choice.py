@@ -101,8 +101,7 @@ def load_questions(
                 f"{option} {source}: unsupported file type '{path.suffix}' (expected {', '.join(LOCAL_SUFFIXES)})"
             )
         rows, where = _read_rows(path), str(path)
-    elif (path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))
-          or under_local_directory(source)):
+    elif not names_hub_dataset(source):
         raise UserError(f"{option} {source}: no such file")
     else:
         rows, where = (
@@ -113,6 +112,19 @@ def load_questions(
     if not questions:
         raise UserError(f"{option} {source}: no question in the file")
     return questions
+
+
+def names_hub_dataset(source: str | Path) -> bool:
+    """Whether `source` is read as a Hugging Face dataset name: no such local path, and nothing in it (a question
+    file's suffix, a leading `.`, `/` or `~`, a first directory that exists here) says it was meant as one."""
+    source = str(source)
+    path = Path(source).expanduser()
+    return not (
+        path.exists()
+        or path.suffix.lower() in LOCAL_SUFFIXES
+        or source.startswith((".", "/", "~"))
+        or under_local_directory(source)
+    )
 
 
 def _read_rows(path: Path) -> list[tuple[str, Any]]:
@@ -134,12 +146,21 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
         # newline="": a quoted field keeps its line breaks (a multi-line question), and only \r / \n end rows
         # (str.splitlines also split at U+2028 and other separators inside fields)
         rows = []
-        for i, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
-            extra = [field for field in row.pop(None, []) if field.strip()]  # fields beyond the header's columns;
-            if extra:  # empty ones (a spreadsheet's trailing comma) shift nothing
-                raise UserError(f"{path} row {i}: {len(extra)} more field(s) than the header has columns "
-                                "(a comma in an unquoted field?)")
-            rows.append((f"{path} row {i}", row))
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        try:
+            for i, row in enumerate(reader, start=1):
+                extra = [field for field in row.pop(None, []) if field.strip()]  # fields beyond the header's;
+                if extra:  # empty ones (a spreadsheet's trailing comma) shift nothing
+                    raise UserError(f"{path} row {i}: {len(extra)} more field(s) than the header has columns "
+                                    "(a comma in an unquoted field?)")
+                missing = [column for column, value in row.items() if value is None]
+                if missing:
+                    raise UserError(f"{path} row {i}: {len(row) - len(missing)} field(s) where the header has "
+                                    f"{len(row)} columns (missing: {', '.join(missing)})")
+                rows.append((f"{path} row {i}", row))
+        except csv.Error as err:  # strict: a quote never closed would otherwise swallow the rest of the file
+            hint = ": a quoted field is never closed" if "end of data" in str(err) else ""
+            raise UserError(f"{path} row {len(rows) + 1}: not valid CSV ({err}{hint})") from err
         return rows
     if suffix == ".json" and text.strip():
         try:

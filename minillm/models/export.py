@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minillm.errors import UserError
-from minillm.paths import check_creatable, check_not_working_directory, make_parent_dirs
+from minillm.paths import apply_umask, check_creatable, check_not_working_directory, make_parent_dirs
 from minillm.runs import resolve_model_dir
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ def _write_atomically(dst: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         write(tmp)
+        apply_umask(tmp)
         if dst.exists():
             dst.rmdir()  # empty (checked before)
         tmp.rename(dst)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minillm.errors import UserError
+from minillm.paths import apply_umask
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +93,7 @@ def save_checkpoint(
             if save_model_files is not None:
                 save_model_files(tmp)
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2), encoding="utf-8")
+            apply_umask(tmp)
             if final.exists():  # re-saving a step after a resume: replace the old copy
                 shutil.rmtree(final)
             os.replace(tmp, final)

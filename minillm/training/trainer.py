@@ -57,7 +57,7 @@ import torch
 from minillm import runs
 from minillm.errors import TrainingStopped, UserError
 from minillm.parallel import expert_parallel
-from minillm.paths import check_creatable
+from minillm.paths import apply_umask, check_creatable
 from minillm.tokenizer import stop_token_ids
 from minillm.training import budget
 from minillm.training import checkpoint as ckpt
@@ -658,6 +658,7 @@ def save_final_model(accelerator, model, tokenizer, run_dir: Path) -> Path:
         finally:
             unwrapped.config = original
         save_model_files(unwrapped, tokenizer, tmp)
+        apply_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
