@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minillm.devices import resolve_device  # noqa: E402
+from minillm.devices import flush_denormals, resolve_device  # noqa: E402
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
 from minillm.paths import check_output_file, write_output_file  # noqa: E402
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     if device.type == "cpu":
         keep_freed_memory()  # as the trainer does on a CPU (host_memory.py), for both sides
+        flush_denormals()  # as the trainer does (devices.py), before any tensor work: both sides get it
 
     results = []
     print(f"device {device} ({torch.get_num_threads()} threads, {args.clock} clock), {args.dtype}, preset {args.preset}, "

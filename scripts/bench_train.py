@@ -60,7 +60,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minillm.devices import resolve_device  # noqa: E402
+from minillm.devices import flush_denormals, resolve_device  # noqa: E402
 from minillm.errors import UserError  # noqa: E402
 from minillm.models.layers.linear import force_cpu_matmul  # noqa: E402
 from minillm.models.registry import MODEL_NAMES, build_model, model_package  # noqa: E402
@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         keep_freed_memory()  # what the trainer does on a CPU, set before any round so the reference's get it too
+        flush_denormals()  # the trainer's setting too (devices.py), before the peak's matmul starts torch's threads
 
     dtypes = args.dtype.split(",")
     original_check = trainer_module.step_is_bad

@@ -17,7 +17,10 @@ if UNDER_XDIST:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from minillm.devices import flush_denormals  # noqa: E402
+
 torch.set_num_threads(1 if UNDER_XDIST else 2)
+flush_denormals()  # as the trainer does, before any tensor work: every test computes in the trainer's mode
 
 
 @pytest.fixture(autouse=True)

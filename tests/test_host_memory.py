@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -39,3 +40,21 @@ def test_freed_blocks_are_reused_without_page_faults():
     exec(REUSE_FAULTS, namespace)
     namespace["faults_of_reuse"]()  # the first block may still grow the heap
     assert namespace["faults_of_reuse"]() < PAGES // 100
+
+
+def test_subnormal_floats_are_flushed_in_every_cpu_thread():
+    """`flush_denormals` (called first by the trainer): subnormal products become zero, also those computed by
+    torch's second OpenMP thread (started after the call), so no step pays the CPU's slow path for them."""
+    code = (
+        "import torch\n"
+        "from minillm.devices import flush_denormals\n"
+        "assert flush_denormals()\n"
+        "x = torch.full((1 << 20,), 1e-39) * 0.5\n"  # both threads' halves: the inputs and products are subnormal
+        "assert torch.get_num_threads() == 2 and x.max().item() == 0.0, x.max().item()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    unflushed = code.replace("assert flush_denormals()\n", "").replace("x.max().item() == 0.0", "x.max().item() > 0")
+    done = subprocess.run([sys.executable, "-c", unflushed], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # the test can tell: without the call they stay

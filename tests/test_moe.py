@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 
+from minillm.models.layers import moe
 from minillm.models.layers.moe import (
     RoutedExperts,
     combine,
@@ -13,6 +14,7 @@ from minillm.models.layers.moe import (
     expert_counts,
     grouped_mm,
     grouped_mm_applies,
+    row_bucket,
 )
 
 E, D, I, T, K = 6, 16, 8, 20, 2  # noqa: E741  (the shape legend of moe.py)
@@ -122,6 +124,33 @@ def test_grouped_mm_jagged_blocks():
         torch.testing.assert_close(grouped_mm(x, w, counts, backend="grouped_mm"), want)
     with pytest.raises(ValueError, match="backend"):
         grouped_mm(x, w, counts, backend="nope")
+
+
+def test_row_buckets_are_few_and_waste_at_most_an_eighth():
+    sizes = [row_bucket(rows) for rows in range(8193)]
+    assert sizes[0] == 0 and sizes[1] == sizes[32] == 32 and sizes[33] == 64 and sizes[257] == 288
+    for rows, size in enumerate(sizes):
+        assert rows <= size <= rows + max(31, rows // 8), rows
+    assert len(set(sizes)) <= 50  # the kernels a step of any routing can meet, cached after the first steps
+
+
+def test_bf16_expert_products_on_the_cpu_are_exact_with_padded_groups():
+    """On the CPU in bf16 the groups are padded to their row bucket (oneDNN then meets a few recurring shapes):
+    the products and all gradients are bit for bit those of the unpadded kernel, idle experts included."""
+    counts = torch.tensor([10, 0, 100, 57, 133, 0])
+    x = torch.randn(int(counts.sum()), 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(len(counts), 64, 48, dtype=torch.bfloat16, requires_grad=True)
+    if not grouped_mm_applies(x, w):
+        pytest.skip("grouped_mm kernel not available on this torch build")
+    grad_out = torch.randn(x.shape[0], 48, dtype=torch.bfloat16)
+    padded = grouped_mm(x, w, counts)
+    unpadded = moe._GROUPED_MM(x, w, offs=torch.cumsum(counts, 0, dtype=torch.int32))
+    assert torch.equal(padded, unpadded)
+    for got, want in zip(torch.autograd.grad((padded * grad_out).sum(), (x, w)),
+                         torch.autograd.grad((unpadded * grad_out).sum(), (x, w)), strict=True):
+        assert torch.equal(got, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's case: fp32 weights under autocast
+        assert torch.equal(grouped_mm(x.float(), w.float(), counts), unpadded)
 
 
 def test_weight_layout_matches_transformers_experts():

@@ -55,6 +55,7 @@ from typing import IO, Any
 import torch
 
 from minillm import runs
+from minillm.devices import flush_denormals
 from minillm.errors import TrainingStopped, UserError
 from minillm.parallel import expert_parallel
 from minillm.paths import apply_umask, check_creatable
@@ -715,6 +716,8 @@ def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = 
 def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: list[IO]) -> Path:
     """`train`'s body; appends the run directory's lock to `held` once it takes it."""
     from accelerate.utils import set_seed
+
+    flush_denormals()  # first: the CPU threads torch starts later inherit it (devices.py)
 
     if config.stage == "sft" and run is None:
         from minillm.training.setup import sft_model_dir, sft_model_type
