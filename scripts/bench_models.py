@@ -8,9 +8,9 @@ under bf16 autocast. The two run interleaved in one process: `--rounds` rounds o
 first in even rounds and the reference first in odd ones, so load from other processes hits both alike. Reported
 per model: median tokens/s over rounds and the median of the per-round ratios ours / reference.
 
-Our models run their fp32 CPU matmuls through oneDNN (`minillm/models/layers/linear.py`); the reference runs
-torch's default (MKL). `--cpu-matmul both` adds a third runner, ours with torch's kernels, to show how much of the
-ratio is the kernel and how much the model code.
+Our models run their fp32 CPU matmuls through oneDNN on non-Intel x86 CPUs (`minillm/models/layers/linear.py`); the
+reference runs torch's default (MKL). `--cpu-matmul both` runs ours on oneDNN and adds a third runner, ours with
+torch's kernels, to show how much of the ratio is the kernel and how much the model code.
 
     python scripts/bench_models.py                          # the three models, fp32, batch 4 x 256
     python scripts/bench_models.py --dtype bf16             # bf16 autocast (CPUs with bf16 matmuls, GPUs)
@@ -72,7 +72,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     vocab = ours.config.vocab_size
     input_ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
     # key -> (model, optimizer, fp32 CPU matmul backend); every model starts from the same weights
-    runners = {"ours": (ours, perf.bare_optimizer(ours), None if args.cpu_matmul == "both" else args.cpu_matmul)}
+    backend = {"auto": None, "both": "onednn"}.get(args.cpu_matmul, args.cpu_matmul)
+    runners = {"ours": (ours, perf.bare_optimizer(ours), backend)}
     if args.cpu_matmul == "both":
         torch_kernels = copy.deepcopy(ours)
         runners["ours_torch_kernels"] = (torch_kernels, perf.bare_optimizer(torch_kernels), "torch")
@@ -126,9 +127,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=("wall", "process"),
                         help="process: CPU seconds of this process (steadier on a shared CPU with --threads 1)")
-    parser.add_argument("--cpu-matmul", default="onednn", choices=("onednn", "torch", "both"),
-                        help="fp32 CPU matmuls of our models: oneDNN (the default), torch's (MKL), or both side by "
-                             "side (a third runner: ours with torch's kernels)")
+    parser.add_argument("--cpu-matmul", default="auto", choices=("auto", "onednn", "torch", "both"),
+                        help="fp32 CPU matmuls of our models: auto (the trainer's choice: oneDNN on non-Intel x86 "
+                             "CPUs, else torch's), oneDNN, torch's (MKL), or both side by side (ours on oneDNN and a "
+                             "third runner, ours on torch's kernels)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)

@@ -389,9 +389,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, as `minillm pretrain --model-arg` (repeatable), e.g. "
                              "loss_chunk_size=4096; the reference gets the fields it knows")
-    parser.add_argument("--cpu-matmul", default="onednn", choices=("onednn", "torch"),
-                        help="fp32 CPU matmuls of the trainer's model: oneDNN (default) or torch's (MKL); the "
-                             "reference always runs torch's")
+    parser.add_argument("--cpu-matmul", default="auto", choices=("auto", "onednn", "torch"),
+                        help="fp32 CPU matmuls of the trainer's model: auto (the trainer's choice: oneDNN on "
+                             "non-Intel x86 CPUs, else torch's), oneDNN or torch's (MKL); the reference always runs "
+                             "torch's")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--no-nonfinite-check", action="store_true",
                         help="measurement only: skip the trainer's per-step non-finite loss check (its one wait for "
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.no_nonfinite_check:
         trainer_module.step_is_bad = lambda check: False  # every step counts as finite, read or not
     try:
-        with force_cpu_matmul(args.cpu_matmul):
+        with force_cpu_matmul(None if args.cpu_matmul == "auto" else args.cpu_matmul):
             results = measure(args, device, dtypes)
     finally:
         trainer_module.step_is_bad = original_check

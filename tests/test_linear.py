@@ -24,7 +24,19 @@ from minillm.models.layers.linear import (
 from minillm.models.registry import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-needs_onednn = pytest.mark.skipif(cpu_matmul_backend() != "onednn", reason="this torch has no oneDNN linear")
+
+
+@pytest.fixture
+def pin_onednn():
+    """The kernel under test, whichever backend this machine's CPU gets by default (MKL on Intel CPUs)."""
+    with force_cpu_matmul("onednn"):
+        yield
+
+
+def needs_onednn(test):
+    """Run `test` with oneDNN pinned; skipped where this torch has no working oneDNN linear."""
+    skip = pytest.mark.skipif(not dense.onednn_available(), reason="this torch has no oneDNN linear")
+    return skip(pytest.mark.usefixtures("pin_onednn")(test))
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +127,23 @@ def test_small_products_keep_torchs_kernel(monkeypatch):
     with OpNames() as ops:
         linear(large, weight)
     assert "_linear_pointwise" in ops.names
+
+
+@pytest.mark.parametrize(("cpuinfo", "machine", "expected"), [
+    ("vendor_id\t: AuthenticAMD\n", "x86_64", "onednn"),  # MKL runs AVX2 code there: oneDNN is twice as fast
+    ("vendor_id\t: GenuineIntel\n", "x86_64", "torch"),  # MKL's own CPUs: MKL is the faster
+    ("vendor_id\t: HygonGenuine\n", "x86_64", "onednn"),
+    ("", "aarch64", "torch"),
+])
+def test_the_default_backend_follows_the_cpu_maker(cpuinfo, machine, expected, monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\n{cpuinfo}flags\t\t: avx512f\n")
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+        tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *a, **k))
+    monkeypatch.setattr(dense.platform, "machine", lambda: machine)
+    assert dense.default_cpu_matmul_backend() == expected
 
 
 def test_unknown_backend_is_a_user_error(monkeypatch):

@@ -22,6 +22,7 @@ intermediate size.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.models.layers.contiguous_grad import contiguous_grad
+from minillm.models.layers.kernel_choice import KernelChoice
 from minillm.models.layers.loss import IGNORE_INDEX
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -167,6 +169,17 @@ def _grouped_mm_outside_graph(x: torch.Tensor, weight: torch.Tensor, offsets: to
     return contiguous_grad(_GROUPED_MM(x, weight, offs=offsets))
 
 
+# CPU bf16/fp16 expert products: "bucketed" pads each expert's rows to its `row_bucket` size (the default),
+# "exact" runs the unpadded groups (to measure what the padding saves: `MINILLM_MOE_GROUP_SIZES=exact`).
+CPU_GROUP_SIZES = ("bucketed", "exact")
+_GROUP_SIZE_CHOICE = KernelChoice("CPU expert group sizes", "MINILLM_MOE_GROUP_SIZES", CPU_GROUP_SIZES)
+
+
+def force_moe_group_sizes(name: str | None) -> contextlib.AbstractContextManager[None]:
+    """Pin the CPU expert group sizes ("bucketed" / "exact") inside a `with` block (tests, benchmarks)."""
+    return _GROUP_SIZE_CHOICE.force(name)
+
+
 def row_bucket(rows: int) -> int:
     """`rows` rounded up to the next size of a short ladder: multiples of 32 up to 256, then 8 steps per doubling
     (256, 288, ..., 480, 512, 576, ...), so at most 1/8 of the rows are padding and a few dozen sizes recur."""
@@ -211,7 +224,8 @@ def grouped_mm(
     if backend is None:
         backend = "grouped_mm" if grouped_mm_applies(x, weight) else "padded"
     if backend == "grouped_mm":
-        if device_type == "cpu" and x.dtype != torch.float32 and not torch.compiler.is_compiling():
+        if (device_type == "cpu" and x.dtype != torch.float32 and not torch.compiler.is_compiling()
+                and (_GROUP_SIZE_CHOICE.pinned() or "bucketed") == "bucketed"):
             return _grouped_mm_in_row_buckets(x, weight, counts)
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (G,) end of each group
         if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
