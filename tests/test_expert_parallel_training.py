@@ -1,7 +1,8 @@
 """Expert-parallel training end to end: `minillm pretrain` on 2 CPU processes (DeepSpeed ZeRO-2, gloo).
 
 - EP = 2 reproduces EP = 1 (pure data parallelism) from the same seed and data, in fp32: per-step losses within
-  1e-5 relative and exported weights within 1e-5, for both MoE models.
+  1e-5 relative and exported weights within 5e-5 (AdamW's share of rounding; see `_assert_same_run`), for both
+  MoE models.
 - An EP = 2 run killed after a checkpoint resumes and continues with the same losses (mini_deepseekv3: the killed
   run plus its resumption must match the uninterrupted data-parallel run step for step).
 - The export of an EP = 2 run is an ordinary HF checkpoint with all experts: it loads in one process and generates.
@@ -137,8 +138,13 @@ def _assert_same_run(dp_dir: Path, ep_dir: Path) -> None:
     assert any(".experts.gate_up_proj" in k for k in common)
     for key in sorted(common):
         assert dp[key].shape == ep[key].shape, key
+        # EP sums an expert's gradient over both ranks' rows in one product, DP per rank and then all-reduces: the
+        # same sum in another order. AdamW divides each gradient by its own running RMS, so an element whose
+        # gradient is at rounding level moves by a rounding-sized share of lr: measured up to 1e-6 (AMD, oneDNN),
+        # 6.4e-6 (Intel, oneDNN) and 1.0e-5 (Intel, MKL) after 5 steps at lr 3e-3. A wrong expert mapping or a
+        # missing gradient reduction moves weights by about lr per step.
         diff = (dp[key] - ep[key]).abs().max().item()
-        assert diff <= 1e-5, f"{key}: max |difference| {diff:.3g}"
+        assert diff <= 5e-5, f"{key}: max |difference| {diff:.3g}"
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ MIN_ONEDNN_MACS = 1 << 20  # smaller products stay in torch's kernel (see `onedn
 
 
 def cpu_vendor() -> str:
-    """"intel", "amd" or "other": the x86 CPU's maker as /proc/cpuinfo (Linux) or `platform.processor()` names it."""
+    """The x86 CPU's maker, "intel", "amd" or "other", as /proc/cpuinfo (Linux) or `platform.processor()` names it."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
             text = next((line for line in handle if line.startswith("vendor_id")), "")
