@@ -1,4 +1,5 @@
-"""glibc malloc keeps freed blocks during CPU training (minillm/training/host_memory.py)."""
+"""Process-wide CPU settings of training: glibc malloc keeps freed blocks (minillm/training/host_memory.py), and
+subnormal floats are flushed to zero (minillm/devices.py)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert namespace["faults_of_reuse"]() < PAGES // 100
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="FTZ/DAZ checked on x86 only")
 def test_subnormal_floats_are_flushed_in_every_cpu_thread():
     """`flush_denormals` (called first by the trainer): subnormal products become zero, also those computed by
     torch's second OpenMP thread (started after the call), so no step pays the CPU's slow path for them."""
