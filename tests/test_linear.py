@@ -136,12 +136,8 @@ def test_small_products_keep_torchs_kernel(monkeypatch):
     ("", "aarch64", "torch"),
 ])
 def test_the_default_backend_follows_the_cpu_maker(cpuinfo, machine, expected, monkeypatch, tmp_path):
-    import builtins
-
-    real_open = builtins.open
     (tmp_path / "cpuinfo").write_text(f"processor\t: 0\n{cpuinfo}flags\t\t: avx512f\n")
-    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
-        tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *a, **k))
+    monkeypatch.setattr(dense, "CPUINFO", str(tmp_path / "cpuinfo"))
     monkeypatch.setattr(dense.platform, "machine", lambda: machine)
     assert dense.default_cpu_matmul_backend() == expected
 

@@ -38,10 +38,13 @@ _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"
 MIN_ONEDNN_MACS = 1 << 20  # smaller products stay in torch's kernel (see `onednn_applies`)
 
 
+CPUINFO = "/proc/cpuinfo"  # Linux's description of the CPU, read for its vendor_id line
+
+
 def cpu_vendor() -> str:
-    """The x86 CPU's maker, "intel", "amd" or "other", as /proc/cpuinfo (Linux) or `platform.processor()` names it."""
+    """The x86 CPU's maker, "intel", "amd" or "other", as `CPUINFO` (Linux) or `platform.processor()` names it."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as handle:
             text = next((line for line in handle if line.startswith("vendor_id")), "")
     except OSError:
         text = platform.processor()
