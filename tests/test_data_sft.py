@@ -216,6 +216,36 @@ def test_packing_keeps_every_conversation_with_restarting_positions(tok, tmp_pat
         assert padded["labels"][0, n0:].eq(-100).all() and padded["input_ids"][0, n0:].eq(0).all()
 
 
+def test_collators_round_lengths_up_to_row_buckets_when_asked():
+    """`bucket_up_to` (the trainer's setting on a CPU in bf16): the padded length is the longest row rounded up to a
+    `row_bucket` size, never past the limit nor below the longest row; the extra columns are pure padding."""
+    from minillm.data.collate import batch_length
+    from minillm.training.trainer import bucket_batch_lengths
+
+    def rows(*lengths):
+        return [{"input_ids": torch.arange(1, n + 1), "labels": torch.arange(1, n + 1),
+                 "position_ids": torch.arange(n)} for n in lengths]
+
+    assert batch_length(rows(70, 5)) == 70
+    assert batch_length(rows(70, 5), bucket_up_to=512) == 96 and batch_length(rows(300), 512) == 320
+    assert batch_length(rows(300), bucket_up_to=310) == 310 and batch_length(rows(600), 512) == 600
+    padded = PaddedCollator(pad_id=0, bucket_up_to=512)(rows(70, 5))
+    assert padded["input_ids"].shape == (2, 96) and padded["attention_mask"].sum().item() == 75
+    assert padded["labels"][0, 70:].eq(-100).all() and padded["input_ids"][0, 70:].eq(0).all()
+    packed = PackedCollator(bucket_up_to=512, return_cu_seqlens=True)(rows(70, 5))
+    assert packed["input_ids"].shape == (2, 96) and packed["labels"][0, 70:].eq(-100).all()
+    assert packed["position_ids"][0, 70:].tolist() == list(range(26))  # the padding is one more document
+    assert packed["cu_seqlens"].tolist() == [0, 70, 96, 101, 192]
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for device, precision, applies in ((cpu, "bf16", True), (cpu, "fp16", True), (cpu, "no", False),
+                                       (gpu, "bf16", False)):
+        collate = PaddedCollator(pad_id=0)
+        assert bucket_batch_lengths(collate, device, precision, 256) is applies
+        assert collate.bucket_up_to == (256 if applies else None)
+    assert bucket_batch_lengths(lambda items: items, cpu, "bf16", 256) is False  # pretraining's plain stack
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_val_fraction_holds_out_every_kth_conversation(tok, tmp_path, capsys, pack):
     """`--val-fraction 0.25`: conversations 4, 8, 12, ... (1-based) form the val split, packed like the train rows;

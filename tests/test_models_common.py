@@ -180,6 +180,40 @@ def test_cpu_low_precision_loss_reuses_its_logit_buffers():
         assert abs(loss.item() - expected.item()) < 1e-5
 
 
+def test_cpu_low_precision_loss_pads_its_chunks_to_row_buckets(monkeypatch):
+    """bf16 on a CPU: each chunk's rows are padded with zero rows to `row_bucket` (SFT's row count changes every
+    step, and oneDNN compiles a kernel per shape), and the loss and gradients are those of the unpadded chunks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from minillm.models.layers import loss as loss_module
+
+    class MatmulRows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] == "mm":  # logits (m, V), grad_h (m, V) @ (V, D), grad_w (V, m) @ (m, D)
+                self.rows.append(args[0].shape[0] if args[0].shape[0] != 50 else args[1].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    hidden = torch.randn(45, 16, requires_grad=True)  # chunks of 16, 16 and 13 rows
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (45,))
+    results = []
+    for pad in (True, False):
+        if not pad:
+            monkeypatch.setattr(loss_module, "_pad_rows", lambda h: h)
+        with torch.autocast("cpu", dtype=torch.bfloat16), MatmulRows() as mode:
+            loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+        results.append((mode.rows, loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+    (rows, loss, grad_h, grad_w), (exact_rows, want, want_h, want_w) = results
+    assert rows == [32] * 9 and exact_rows == [16] * 6 + [13] * 3
+    assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
+    torch.testing.assert_close(grad_h, want_h, rtol=0, atol=0)  # padding rows are dropped before they reach it
+    torch.testing.assert_close(grad_w, want_w, rtol=1e-2, atol=1e-5)  # zeros added: at most a rounding apart
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_log_softmax_loss_path_matches_the_in_place_path(monkeypatch, dtype):
     """The GPU's two-pass path (`_log_softmax_loss`), taken here on the CPU: the same loss to fp32 rounding and the

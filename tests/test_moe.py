@@ -154,6 +154,30 @@ def test_bf16_expert_products_on_the_cpu_are_exact_with_padded_groups():
         assert torch.equal(grouped_mm(x.float(), w.float(), counts), unpadded)
 
 
+def test_compiled_bf16_expert_products_keep_the_padded_groups(monkeypatch):
+    """Under torch.compile (the trainer's `--compile`) the CPU bf16 groups are still padded to their row buckets:
+    the padding runs eagerly inside the compiled code, with the eager numbers."""
+    import minillm.models.layers.moe as moe
+
+    counts = torch.tensor([10, 0, 100, 57])
+    x = torch.randn(int(counts.sum()), 64, dtype=torch.bfloat16)
+    w = torch.randn(len(counts), 64, 48, dtype=torch.bfloat16)
+    if not grouped_mm_applies(x, w):
+        pytest.skip("grouped_mm kernel not available on this torch build")
+    eager = grouped_mm(x, w, counts)
+    kernel, group_ends = moe._GROUPED_MM, []
+
+    def spy(a, b, offs):
+        group_ends.append(offs.tolist())
+        return kernel(a, b, offs=offs)
+
+    monkeypatch.setattr(moe, "_GROUPED_MM", spy)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, c: grouped_mm(a, b, c) * 2, backend="eager")
+    assert torch.equal(compiled(x, w, counts), eager * 2)
+    assert group_ends == [[32, 32, 160, 224]]  # 10 -> 32, 0 -> 0, 100 -> 128, 57 -> 64 rows
+
+
 def test_weight_layout_matches_transformers_experts():
     """Conversion to DeepseekV3 / Qwen3-Next experts must be a plain copy of gate_up_proj and down_proj."""
     config = DeepseekV3Config(hidden_size=D, moe_intermediate_size=I, n_routed_experts=E)

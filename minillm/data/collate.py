@@ -7,11 +7,27 @@
   shorter than the longest are padded with one more "document" (positions 0.., labels -100), which nothing
   attends across. `return_cu_seqlens=True` adds the flattened cumulative lengths (`cu_seqlens`, int32) and
   `max_seqlen`, the form varlen attention kernels take.
+
+Both take `bucket_up_to`: None pads to the batch's longest row; a length N pads to that rounded up to the next
+`row_bucket` size (multiples of 32, then 8 sizes per doubling), at most N. The trainer sets it to `--seq-len` on a CPU
+in bf16/fp16, where oneDNN compiles a kernel for every new matrix shape: with the longest row changing every step,
+mini_llama3's bf16 step took 1.5x as long and the process grew by about 15 MiB a step (README, "SFT batches in bf16
+on a CPU").
 """
 
 from __future__ import annotations
 
 import torch
+
+from minillm.models.layers.linear import row_bucket
+
+
+def batch_length(items: list[dict], bucket_up_to: int | None = None) -> int:
+    """The padded length of a batch: its longest row, or that rounded up to `row_bucket`, at most `bucket_up_to`."""
+    longest = max(len(item["input_ids"]) for item in items)
+    if bucket_up_to is None:
+        return longest
+    return max(longest, min(row_bucket(longest), bucket_up_to))
 
 
 def _pad_stack(rows: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
@@ -24,14 +40,12 @@ def _pad_stack(rows: list[torch.Tensor], length: int, value: int) -> torch.Tenso
 class PaddedCollator:
     """Right padding to the batch's longest row: input_ids (pad_id), labels (-100), attention_mask (1 = real)."""
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_id: int, bucket_up_to: int | None = None) -> None:
         self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.bucket_up_to = bucket_up_to
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(item["input_ids"]) for item in items)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = batch_length(items, self.bucket_up_to)
         ids = [item["input_ids"] for item in items]
         labels = [item.get("labels", item["input_ids"]) for item in items]
         mask = [torch.ones(len(x), dtype=torch.long) for x in ids]
@@ -45,12 +59,13 @@ class PaddedCollator:
 class PackedCollator:
     """Packed rows: input_ids, labels, position_ids (restarting per conversation); no attention mask."""
 
-    def __init__(self, pad_id: int = 0, return_cu_seqlens: bool = False) -> None:
+    def __init__(self, pad_id: int = 0, return_cu_seqlens: bool = False, bucket_up_to: int | None = None) -> None:
         self.pad_id = pad_id
         self.return_cu_seqlens = return_cu_seqlens
+        self.bucket_up_to = bucket_up_to
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(item["input_ids"]) for item in items)
+        length = batch_length(items, self.bucket_up_to)
         positions = []
         for item in items:
             pos = item.get("position_ids")

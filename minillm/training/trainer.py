@@ -105,6 +105,17 @@ def prefetch_batches(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def bucket_batch_lengths(collate: Callable, device: torch.device, mixed_precision: str, seq_len: int) -> bool:
+    """On a CPU in bf16/fp16, have a padding collator round each batch's length up to a `row_bucket` size (at most
+    `seq_len`) instead of its longest row: oneDNN compiles a kernel for every new matrix shape, and SFT's longest row
+    changes every step (data/collate.py). Returns whether it did. fp32 keeps the exact length: MKL compiles nothing,
+    and oneDNN's fp32 kernels cost less to build than the padding (README, "SFT batches in bf16 on a CPU")."""
+    if device.type != "cpu" or mixed_precision == "no" or not hasattr(collate, "bucket_up_to"):
+        return False
+    collate.bucket_up_to = seq_len
+    return True
+
+
 def make_accelerator(config: TrainConfig):
     """The Accelerator for this process: gradient accumulation from the batch sizes, CPU fallbacks."""
     from accelerate import Accelerator
@@ -761,6 +772,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
 
     flops_token = flops_per_token(model, config.seq_len)  # the whole model: before EP shards its experts
     model, optimizer, scheduler = prepare_model_and_optimizer(accelerator, model, config, total_steps)
+    bucket_batch_lengths(run.collate, accelerator.device, str(accelerator.mixed_precision), config.seq_len)
     batches = GlobalBatches(run.train_data, run.sampler, run.collate, config.global_batch_size,
                             config.micro_batch_size, accelerator.process_index, accelerator.num_processes)
     start_step, skipped_total, bad_in_row = 0, 0, 0

@@ -38,6 +38,18 @@ _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"
 MIN_ONEDNN_MACS = 1 << 20  # smaller products stay in torch's kernel (see `onednn_applies`)
 
 
+def row_bucket(rows: int) -> int:
+    """`rows` rounded up to the next size of a short ladder: multiples of 32 up to 256, then 8 steps per doubling
+    (256, 288, ..., 480, 512, 576, ...), so at most 1/8 of the rows are padding and a few dozen sizes recur.
+
+    Why: oneDNN (every bf16 CPU matmul, and our fp32 one on non-Intel CPUs) JIT-compiles a kernel for each new
+    matrix shape and caches it, about a millisecond each. Sizes that change every step (the experts' row counts,
+    the target rows of an SFT batch, its padded length) are padded to this ladder, so the shapes recur.
+    """
+    step = max(32, 1 << max(rows.bit_length() - 4, 0))
+    return -(-rows // step) * step
+
+
 CPUINFO = "/proc/cpuinfo"  # Linux's description of the CPU, read for its vendor_id line
 
 

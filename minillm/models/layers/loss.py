@@ -27,7 +27,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from minillm.models.layers.linear import Linear, addmm_, mm
+from minillm.models.layers.linear import Linear, addmm_, mm, row_bucket
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 32k fp32 logits = 128 MiB
@@ -84,17 +84,20 @@ def _in_place_softmax_loss(
     h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool,
     buffers: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum of CE over one chunk (fp32, 0-d) and `d_logits` = softmax - one_hot (n, V) in the matmul dtype (None
+    """Sum of CE over one chunk (fp32, 0-d) and `d_logits` = softmax - one_hot (m, V) in the matmul dtype (None
     without `need_grad`). The logits are upcast to fp32 and the softmax is formed in place in them (max, subtract,
     exp, sum, divide): log_softmax + exp would write a second (n, V) tensor, about a quarter of the loss's
-    non-matmul time on a CPU. `buffers` are `_logit_buffers` when the matmul runs in bf16/fp16, else None (fp32)."""
-    n, vocab = h.shape[0], weight.shape[0]
+    non-matmul time on a CPU. `buffers` are `_logit_buffers` when the matmul runs in bf16/fp16, else None (fp32).
+
+    `h` may carry zero rows after the chunk's n = len(t) targets (`_pad_rows`): they are left out of the loss, and
+    their rows of `d_logits` are zero, so the gradient products that use the padded shapes gain exact zeros."""
+    n, m, vocab = t.shape[0], h.shape[0], weight.shape[0]
     if buffers is not None:
         low, high = buffers
-        logits_c = torch.mm(h, weight.t(), out=low[: n * vocab].view(n, vocab))  # (n, V) in bf16/fp16
-        logits = high[: n * vocab].view(n, vocab).copy_(logits_c)  # fp32
+        logits_c = torch.mm(h, weight.t(), out=low[: m * vocab].view(m, vocab))  # (m, V) in bf16/fp16
+        logits = high[: n * vocab].view(n, vocab).copy_(logits_c[:n])  # fp32, the target rows only
     else:
-        logits = mm(h, weight.t())  # (n, V) fp32 (oneDNN on a CPU, see layers/linear.py)
+        logits = mm(h, weight.t())[:n]  # (n, V) fp32 (oneDNN on a CPU, see layers/linear.py)
     target_logit = logits.gather(1, t[:, None])  # (n, 1)
     row_max = logits.amax(dim=1, keepdim=True)  # (n, 1)
     probs = logits.sub_(row_max).exp_()  # unnormalised, in place
@@ -105,8 +108,18 @@ def _in_place_softmax_loss(
     d_logits = probs.div_(row_sum)  # softmax
     d_logits[torch.arange(n, device=t.device), t] -= 1.0  # in fp32, before any rounding to bf16/fp16
     if buffers is not None:
-        d_logits = logits_c.copy_(d_logits)  # back to bf16/fp16, in the low-precision buffer
+        logits_c[:n].copy_(d_logits)  # back to bf16/fp16, in the low-precision buffer
+        logits_c[n:].zero_()  # the padding rows
+        d_logits = logits_c
     return loss, d_logits
+
+
+def _pad_rows(h: torch.Tensor) -> torch.Tensor:
+    """`h` (n, D) with zero rows appended up to `row_bucket(n)`. For the CPU's bf16/fp16 chunks: oneDNN compiles
+    a kernel per matrix shape, and in SFT the number of target rows, hence the last chunk's size, changes every
+    step (three new shapes a step: 1 GB of kernel cache after 60 steps, and the three matmuls 1.6x slower)."""
+    pad = row_bucket(h.shape[0]) - h.shape[0]
+    return torch.cat([h, h.new_zeros(pad, h.shape[1])]) if pad else h
 
 
 def _log_softmax_loss(
@@ -152,17 +165,21 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         two_pass = low_precision and log_softmax_path(hidden.device)
         buffers = None
         if low_precision and not two_pass:
-            buffers = _logit_buffers(min(chunk_size, hidden.shape[0]) * weight.shape[0], compute, hidden.device)
+            rows = row_bucket(min(chunk_size, hidden.shape[0]))  # the most rows a padded chunk has
+            buffers = _logit_buffers(rows * weight.shape[0], compute, hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden_c[start : start + chunk_size]  # (n, D)
             t = targets[start : start + chunk_size]  # (n,)
+            n = t.shape[0]
             if two_pass:
                 chunk_loss, d_logits = _log_softmax_loss(torch.mm(h, weight_c.t()), t, need_h or need_w)
             else:
+                if buffers is not None:
+                    h = _pad_rows(h)  # (m, D), m = row_bucket(n)
                 chunk_loss, d_logits = _in_place_softmax_loss(h, weight_c, t, need_h or need_w, buffers)
             total += chunk_loss
             if need_h:
-                grad_h[start : start + chunk_size] = mm(d_logits, weight_c)  # (n, D)
+                grad_h[start : start + chunk_size] = mm(d_logits, weight_c)[:n]  # (n, D)
             if need_w:
                 if grad_w is None:
                     grad_w = mm(d_logits.t(), h).float()  # (V, D)
