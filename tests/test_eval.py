@@ -404,7 +404,8 @@ def test_cli_ppl_prints_table_and_writes_json(tiny, tmp_path, capsys):
         ]
     )
     assert code == 0
-    assert "bpb" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "bpb" in captured.out and captured.err == ""  # no progress bar (nor its empty line) off a terminal
     report = json.loads(out.read_text())
     expected = evaluate_perplexity(model, tokenizer, texts, max_seq_len=16, batch_size=4, progress=False)
     assert len(report["files"]) == 2 and report["total"]["documents"] == 12

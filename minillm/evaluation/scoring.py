@@ -36,16 +36,18 @@ class NLLSum:
 
 
 def progress_bar(enabled: bool = True) -> Progress:
-    """A rich progress bar on stderr (stdout stays clean for the result table); disabled when `enabled` is False."""
+    """A rich progress bar on stderr (stdout stays clean for the result table); disabled when `enabled` is False
+    and when stderr is not a terminal (a log gets the result, not the empty line a finished bar leaves)."""
+    console = Console(stderr=True)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
-        disable=not enabled,
+        disable=not enabled or not console.is_terminal,
     )
 
 
