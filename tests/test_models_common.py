@@ -214,6 +214,45 @@ def test_cpu_low_precision_loss_pads_its_chunks_to_row_buckets(monkeypatch):
     torch.testing.assert_close(grad_w, want_w, rtol=1e-2, atol=1e-5)  # zeros added: at most a rounding apart
 
 
+def test_cpu_fused_loss_kernel_matches_the_eager_path_and_falls_back(monkeypatch, capsys):
+    """bf16 on a CPU with a large vocabulary: the softmax, loss and gradient run as one compiled kernel, with the
+    eager path's numbers (the same fp32 math, summed in another order). Where the kernel cannot be built, one
+    note on stderr and the eager path from then on."""
+    from minillm.models.layers import loss as loss_module
+
+    hidden = torch.randn(45, 16, requires_grad=True)  # chunks of 16, 16 and 13 rows, padded to 32
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (45,))
+
+    def run(kernel):
+        with loss_module.force_cpu_loss_kernel(kernel), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
+        return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+    rows_seen = []
+    fused = loss_module._fused_softmax_loss
+    monkeypatch.setattr(loss_module, "_fused_softmax_loss", lambda x, t: rows_seen.append(x.shape) or fused(x, t))
+    (loss, grad_h, grad_w), (want, want_h, want_w) = run("compiled"), run("eager")
+    assert rows_seen == [(32, 300)] * 3  # every chunk took the kernel
+    assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
+    torch.testing.assert_close(grad_h, want_h, rtol=1e-2, atol=1e-5)  # bf16 gradients: a rounding apart at most
+    torch.testing.assert_close(grad_w, want_w, rtol=1e-2, atol=1e-5)
+    assert not loss_module._use_fused_loss(1024, 8000) and loss_module._use_fused_loss(1024, 32000)  # by size
+
+    def no_compiler(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("InductorError: no C++ compiler found\nmore detail")
+        return fails
+
+    monkeypatch.setattr(loss_module, "_fused_kernel", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    (loss, grad_h, _), (again, *_) = run("compiled"), run("compiled")
+    assert loss.item() == want.item() == again.item() and torch.equal(grad_h, want_h)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not be compiled (InductorError: no C++ compiler found)" in err
+    assert not loss_module._use_fused_loss(1024, 32000)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_log_softmax_loss_path_matches_the_in_place_path(monkeypatch, dtype):
     """The GPU's two-pass path (`_log_softmax_loss`), taken here on the CPU: the same loss to fp32 rounding and the
