@@ -92,15 +92,16 @@ def _in_place_softmax_loss(
     exp, sum, divide): log_softmax + exp would write a second (n, V) tensor, about a quarter of the loss's
     non-matmul time on a CPU. `buffers` are `_logit_buffers` when the matmul runs in bf16/fp16, else None (fp32).
 
-    `h` may carry zero rows after the chunk's n = len(t) targets (`_pad_rows`): they are left out of the loss, and
-    their rows of `d_logits` are zero, so the gradient products that use the padded shapes gain exact zeros."""
+    In bf16/fp16 `h` may carry zero rows after the chunk's n = len(t) targets (`_pad_rows`): they are left out of
+    the loss, and their rows of `d_logits` are zero, so the gradient products that use the padded shapes gain exact
+    zeros."""
     n, m, vocab = t.shape[0], h.shape[0], weight.shape[0]
     if buffers is not None:
         low, high = buffers
         logits_c = torch.mm(h, weight.t(), out=low[: m * vocab].view(m, vocab))  # (m, V) in bf16/fp16
         logits = high[: n * vocab].view(n, vocab).copy_(logits_c[:n])  # fp32, the target rows only
     else:
-        logits = mm(h, weight.t())[:n]  # (n, V) fp32 (oneDNN on a CPU, see layers/linear.py)
+        logits = mm(h, weight.t())  # (n, V) fp32 (oneDNN on a CPU, see layers/linear.py); never padded
     target_logit = logits.gather(1, t[:, None])  # (n, 1)
     row_max = logits.amax(dim=1, keepdim=True)  # (n, 1)
     probs = logits.sub_(row_max).exp_()  # unnormalised, in place
@@ -243,7 +244,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 fused = None
                 if buffers is not None and (need_h or need_w) and _use_fused_loss(h.shape[0], weight.shape[0]):
                     m, vocab = h.shape[0], weight.shape[0]
-                    fused = _fused_softmax_loss(torch.mm(h, weight_c.t(), out=buffers[0][: m * vocab].view(m, vocab)), t)
+                    logits_c = torch.mm(h, weight_c.t(), out=buffers[0][: m * vocab].view(m, vocab))  # (m, V)
+                    fused = _fused_softmax_loss(logits_c, t)
                 if fused is not None:
                     chunk_loss, d_logits = fused
                 else:
