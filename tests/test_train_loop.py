@@ -169,6 +169,38 @@ def test_sft_val_loss_is_the_models_loss_on_the_held_out_chats(packing, tmp_path
     assert targets > 0 and logged == pytest.approx(total / targets, rel=1e-5)
 
 
+def test_sft_in_bf16_on_a_cpu_pads_batches_to_row_buckets(tmp_path, capsys, monkeypatch):
+    """On a CPU in bf16 the trainer has the SFT collator round each batch's length up to a `row_bucket` size (at
+    most --seq-len), so oneDNN meets recurring shapes; in fp32 batches keep their longest row."""
+    from minillm.data.sft import SFTDataset, build_sft_dataset
+    from minillm.models.layers.linear import row_bucket
+    from minillm.training import trainer
+
+    code, err = run_cli(["pretrain", "--model", "mini_llama3", *TINY, "--max-steps", "1", "--model-arg",
+                         "num_hidden_layers=1", "--output-dir", str(tmp_path / "pre")], capsys)  # fmt: skip
+    assert code == 0, err
+    chats = [{"messages": [{"role": "user", "content": "why? " * (1 + i % 7)},
+                           {"role": "assistant", "content": f"because {i}."}]} for i in range(12)]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n", encoding="utf-8")
+    build_sft_dataset([str(tmp_path / "chats.jsonl")], tmp_path / "data", tmp_path / "pre" / "final",
+                      max_seq_len=128, progress=False)  # fmt: skip
+    rows = SFTDataset(tmp_path / "data")
+    items = [rows[i] for i in range(4)]
+    longest = max(len(item["input_ids"]) for item in items)
+    assert row_bucket(longest) != longest  # the data must leave room for padding
+    seen = []
+    real = trainer.bucket_batch_lengths
+    monkeypatch.setattr(trainer, "bucket_batch_lengths", lambda collate, *a: seen.append(collate) or real(collate, *a))
+    for precision in ("bf16", "fp32"):
+        code, err = run_cli(["sft", "--model-path", str(tmp_path / "pre"), "--data", str(tmp_path / "data"),
+                             "--seq-len", "128", "--micro-batch-size", "2", "--global-batch-size", "2", "--max-steps",
+                             "2", "--precision", precision, "--output-dir", str(tmp_path / precision)], capsys)  # fmt: skip
+        assert code == 0, err
+    (bf16, fp32) = seen
+    assert bf16(items)["input_ids"].shape[1] == min(row_bucket(longest), 128)
+    assert fp32(items)["input_ids"].shape[1] == longest
+
+
 def test_non_finite_loss_skips_the_step_and_several_stop_the_run(tmp_path, shards):
     from minillm.data.pretrain import PretrainDataset
     from minillm.errors import UserError
