@@ -139,27 +139,18 @@ class _ShardWriter:
 
 
 def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    console = Console(stderr=True)
-    return Progress(
+    from minillm.progress import stderr_progress
+
+    return stderr_progress(  # gone when done: the summary line (or a one-line error) follows
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[tokens]} tokens"),
-        console=console,
-        disable=not enabled or not console.is_terminal,  # a log gets the summary, not a bar's empty line
-        transient=True,  # gone when done: the summary line (or a one-line error) follows
+        enabled=enabled,
     )
 
 

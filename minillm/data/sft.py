@@ -248,9 +248,9 @@ def build_sft_dataset(
     val_fraction: float = 0.0,
 ) -> dict:
     """Build an SFT data directory from chat files (or an HF dataset name); return the manifest (with summary)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
 
+    from minillm.progress import stderr_progress
     from minillm.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     if truncation not in TRUNCATION_MODES:
@@ -276,9 +276,7 @@ def build_sft_dataset(
     reasons: list[str] = []
     rows = 0
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
-    stderr = Console(stderr=True)
-    progress = progress and stderr.is_terminal  # a log gets the summary, not a bar's empty line
-    with Progress(*columns, console=stderr, disable=not progress, transient=True) as bar:  # a summary follows
+    with stderr_progress(*columns, enabled=progress) as bar:  # gone when done: a summary follows
         task = bar.add_task("reading chats", total=sum(s.size_bytes for s in sources) or None)
         for source in sources:
             for where, row, error in iter_rows(source, on_bytes=lambda n: bar.advance(task, n)):
@@ -300,9 +298,8 @@ def build_sft_dataset(
             f"{sources[0].name}: none of the {rows} rows is a valid conversation (first: {reasons[0]})"
         )
 
-    with Progress(
-        *columns[:2], TextColumn("{task.completed:,}/{task.total:,} conversations"), console=stderr,
-        disable=not progress, transient=True,
+    with stderr_progress(
+        *columns[:2], TextColumn("{task.completed:,}/{task.total:,} conversations"), enabled=progress
     ) as bar:
         task = bar.add_task("templating", total=len(conversations))
         kept, stats = tokenize_conversations(

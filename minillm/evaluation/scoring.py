@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from minillm.progress import stderr_progress
 
 if TYPE_CHECKING:  # torch is imported inside the functions, so reading options and files stays fast
     import torch
@@ -36,18 +37,14 @@ class NLLSum:
 
 
 def progress_bar(enabled: bool = True) -> Progress:
-    """A rich progress bar on stderr (stdout stays clean for the result table); disabled when `enabled` is False
-    and when stderr is not a terminal (a log gets the result, not the empty line a finished bar leaves)."""
-    console = Console(stderr=True)
-    return Progress(
+    """The evaluation's progress bar (`minillm.progress.stderr_progress`): stdout stays clean for the result table."""
+    return stderr_progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not enabled or not console.is_terminal,
+        enabled=enabled,
     )
 
 
