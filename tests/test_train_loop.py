@@ -607,3 +607,56 @@ def test_every_rank_runs_the_same_validation_forwards(rows, micro, monkeypatch):
         trainer.validation_loss(accelerator, Model(), dataset, collate, micro, max_batches=8)
     assert forwards[0] == forwards[1] == math.ceil(math.ceil(rows / 2) / micro)  # rank 0's share, in batches
     assert sum(total[1].item() for total in counted) == 3 * rows  # 3 targets per row of 4 tokens
+
+
+def test_auto_precision_is_bf16_where_the_hardware_multiplies_in_bf16(monkeypatch):
+    """`--precision auto`: bf16 autocast on a CPU with bf16 matrix instructions (AVX512-BF16, AMX), except under
+    DeepSpeed; fp32 on other CPUs. An explicit precision is kept whatever the CPU."""
+    from minillm.training import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: True)
+    assert trainer.resolve_precision("auto") == "bf16"
+    assert trainer.resolve_precision("auto", deepspeed=True) == "no"
+    assert trainer.resolve_precision("fp32") == "no"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    assert trainer.resolve_precision("auto") == "no"
+    assert trainer.resolve_precision("auto", deepspeed=False) == "bf16"
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: False)
+    assert trainer.resolve_precision("auto") == "no"
+    assert trainer.resolve_precision("bf16") == "bf16"
+
+
+def test_cpu_multiplies_bf16_asks_torchs_probes(monkeypatch):
+    from minillm.devices import cpu_multiplies_bf16
+
+    for amx, avx512_bf16, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert cpu_multiplies_bf16() is expected
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probes: no
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert cpu_multiplies_bf16() is False
+
+
+def test_the_run_names_the_precision_auto_chose(tmp_path, capsys, monkeypatch):
+    """The run's first line says which precision `auto` became, and the run trains in it."""
+    from cli_helpers import run_cli as run_cli_code
+
+    from minillm.training import trainer
+
+    seen = []
+    real = trainer.make_accelerator
+    monkeypatch.setattr(trainer, "make_accelerator", lambda config: seen.append(real(config)) or seen[-1])
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda v=native: v)
+        code = run_cli_code("pretrain", "--model", "mini_llama3", "--seq-len", "32", "--micro-batch-size", "2",
+                            "--global-batch-size", "2", "--max-steps", "1", "--model-arg", "num_hidden_layers=1",
+                            "--output-dir", str(tmp_path / expected))  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == 0, out
+        header = next(line for line in out.splitlines() if line.startswith("run directory:"))
+        assert header.endswith(f", {expected})"), header
+        assert str(seen[-1].mixed_precision) == {"bf16": "bf16", "fp32": "no"}[expected]

@@ -81,7 +81,7 @@ class TrainConfig:
     adam_beta2: float = _opt("AdamW beta2", default=0.95)
     adam_eps: float = _opt("AdamW epsilon", default=1e-8)
     max_grad_norm: float = _opt("gradient clipping norm (0 disables clipping)", default=1.0)
-    precision: str = _opt("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (GPU)", default="auto")
+    precision: str = _opt("auto (bf16 on a GPU or CPU that multiplies in bf16, else fp32), fp32, bf16 or fp16 (GPU)", default="auto")
     seed: int = _opt("random seed (weights, data order)", default=42)
     gradient_checkpointing: bool = _opt("recompute activations in backward to save memory", default=False)
     compile: bool = _opt("torch.compile each decoder layer (faster steps after a slower first one)", default=False)

@@ -105,7 +105,7 @@ def fill_deepspeed_config(ds: dict[str, Any], config, world: int, name: str) -> 
             raise UserError(f"{name}: {key}={current!r} is not a number; set it to \"auto\"")
         elif float(current) != float(value):
             raise UserError(f"{name}: {key}={current} contradicts the recipe ({value}); set it to \"auto\"")
-    precision = resolve_precision(config.precision)
+    precision = resolve_precision(config.precision, deepspeed=True)
     for section, dtype in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16")):  # DeepSpeed reads both bf16 names
         enabled = (ds.get(section) or {}).get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != (precision == dtype):

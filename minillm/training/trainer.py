@@ -55,7 +55,7 @@ from typing import IO, Any
 import torch
 
 from minillm import runs
-from minillm.devices import flush_denormals
+from minillm.devices import cpu_multiplies_bf16, flush_denormals
 from minillm.errors import TrainingStopped, UserError
 from minillm.parallel import expert_parallel
 from minillm.paths import apply_umask, check_creatable
@@ -86,10 +86,19 @@ EvalFn = Callable[[Any, Any, int], dict[str, float]]
 # Accelerator
 
 
-def resolve_precision(precision: str) -> str:
-    """Accelerate's `mixed_precision` value for our `precision` option."""
+def resolve_precision(precision: str, deepspeed: bool | None = None) -> str:
+    """Accelerate's `mixed_precision` value for our `precision` option.
+
+    `auto` is bf16 autocast where the hardware multiplies in bf16: a GPU that supports it, or a CPU with bf16 matrix
+    instructions (`cpu_multiplies_bf16`), except under DeepSpeed, whose bf16 mode is not autocast (bf16 weights
+    with fp32 master copies) and runs on a CPU only as a test bed; else fp32. `deepspeed`: whether the run uses
+    DeepSpeed (None: as this process's launch says, `uses_deepspeed()`).
+    """
     if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        deepspeed = uses_deepspeed() if deepspeed is None else deepspeed
+        return "bf16" if not deepspeed and cpu_multiplies_bf16() else "no"
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--precision fp16 needs a GPU (loss scaling); use fp32 or bf16 on a CPU")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
@@ -809,7 +818,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     if accelerator.is_main_process:
         accelerator.print(f"run directory: {run_dir}  ({total_steps} steps, global batch "
                           f"{config.global_batch_size} x {config.seq_len} tokens, {accelerator.num_processes} "
-                          f"process(es), accumulation {accelerator.gradient_accumulation_steps})")
+                          f"process(es), accumulation {accelerator.gradient_accumulation_steps}, {precision})")
     def save_checkpoint(step: int) -> Path:
         save_experts = None if ep is None else functools.partial(
             expert_parallel.save_expert_shards, accelerator.unwrap_model(model), ep=ep)
