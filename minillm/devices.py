@@ -42,7 +42,7 @@ def resolve_device(name: str | torch.device = "auto", option: str = "--device") 
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (AVX512-BF16, as on AMD Zen 4/5 and Intel Cooper Lake; or Intel's
     AMX), where oneDNN runs bf16 matmuls at 2x (AVX512-BF16) to 7x (AMX) the fp32 rate and a bf16-autocast training
-    step runs 1.2-1.8x faster than an fp32 one (README, "bf16 by default on CPUs that multiply in bf16"). Elsewhere
+    step runs 1.2-2.4x faster than an fp32 one (README, "bf16 by default on CPUs that multiply in bf16"). Elsewhere
     bf16 is emulated in fp32 arithmetic and only adds conversions. Asks torch's own CPU probes, which are private:
     a torch without them answers False."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")

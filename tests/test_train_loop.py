@@ -624,6 +624,9 @@ def test_auto_precision_is_bf16_where_the_hardware_multiplies_in_bf16(monkeypatc
     assert trainer.resolve_precision("auto") == "no"
     assert trainer.resolve_precision("auto", deepspeed=False) == "bf16"
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setattr(trainer, "mps_available", lambda: True)  # Accelerate would train on Apple's GPU
+    assert trainer.resolve_precision("auto") == "no"
+    monkeypatch.setattr(trainer, "mps_available", lambda: False)
     monkeypatch.setattr(trainer, "cpu_multiplies_bf16", lambda: False)
     assert trainer.resolve_precision("auto") == "no"
     assert trainer.resolve_precision("bf16") == "bf16"

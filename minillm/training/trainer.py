@@ -55,7 +55,7 @@ from typing import IO, Any
 import torch
 
 from minillm import runs
-from minillm.devices import cpu_multiplies_bf16, flush_denormals
+from minillm.devices import cpu_multiplies_bf16, flush_denormals, mps_available
 from minillm.errors import TrainingStopped, UserError
 from minillm.parallel import expert_parallel
 from minillm.paths import apply_umask, check_creatable
@@ -91,12 +91,14 @@ def resolve_precision(precision: str, deepspeed: bool | None = None) -> str:
 
     `auto` is bf16 autocast where the hardware multiplies in bf16: a GPU that supports it, or a CPU with bf16 matrix
     instructions (`cpu_multiplies_bf16`), except under DeepSpeed, whose bf16 mode is not autocast (bf16 weights
-    with fp32 master copies) and runs on a CPU only as a test bed; else fp32. `deepspeed`: whether the run uses
+    with fp32 master copies) and runs on a CPU only as a test bed; else fp32 (Apple's GPU included). `deepspeed`: whether the run uses
     DeepSpeed (None: as this process's launch says, `uses_deepspeed()`).
     """
     if precision == "auto":
         if torch.cuda.is_available():
             return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        if mps_available():  # the run trains on Apple's GPU (Accelerate's choice), in fp32 there
+            return "no"
         deepspeed = uses_deepspeed() if deepspeed is None else deepspeed
         return "bf16" if not deepspeed and cpu_multiplies_bf16() else "no"
     if precision == "fp16" and not torch.cuda.is_available():
