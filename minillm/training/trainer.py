@@ -91,8 +91,8 @@ def resolve_precision(precision: str, deepspeed: bool | None = None) -> str:
 
     `auto` is bf16 autocast where the hardware multiplies in bf16: a GPU that supports it, or a CPU with bf16 matrix
     instructions (`cpu_multiplies_bf16`), except under DeepSpeed, whose bf16 mode is not autocast (bf16 weights
-    with fp32 master copies) and runs on a CPU only as a test bed; else fp32 (Apple's GPU included). `deepspeed`: whether the run uses
-    DeepSpeed (None: as this process's launch says, `uses_deepspeed()`).
+    with fp32 master copies) and runs on a CPU only as a test bed; else fp32 (Apple's GPU included). `deepspeed`:
+    whether the run uses DeepSpeed (None: as this process's launch says, `uses_deepspeed()`).
     """
     if precision == "auto":
         if torch.cuda.is_available():
