@@ -365,21 +365,23 @@ def test_sft_rows_default_to_the_length_the_data_was_built_for(tmp_path, capsys)
 
 def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path, shards, capsys):
     """A step is one global batch however it is split: resuming with half the micro-batch (a smaller device)
-    gives the losses of the run that went on without stopping (to rounding)."""
-    args = ["pretrain", "--model", "mini_llama3", "--data", str(shards), *TINY, "--max-steps", "4", "--save-every",
-            "2", "--model-arg", "num_hidden_layers=2"]  # fmt: skip
+    gives the losses of the run that went on without stopping (to rounding). Resumed at an odd step: Accelerate's
+    restored micro-step count (3 steps x 2 micro-batches) is not a multiple of the new accumulation (4), which once
+    left every later step without its optimizer step."""
+    args = ["pretrain", "--model", "mini_llama3", "--data", str(shards), *TINY, "--max-steps", "5", "--save-every",
+            "3", "--model-arg", "num_hidden_layers=2"]  # fmt: skip
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     code, err = run_cli(args + ["--output-dir", str(whole)], capsys)
     assert code == 0, err
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "final")
-    step_2 = resumed / "checkpoints" / "step_00000002"
-    code, err = run_cli(args + ["--output-dir", str(resumed), "--resume", str(step_2), "--micro-batch-size", "1"],
+    step_3 = resumed / "checkpoints" / "step_00000003"
+    code, err = run_cli(args + ["--output-dir", str(resumed), "--resume", str(step_3), "--micro-batch-size", "1"],
                         capsys)  # fmt: skip
     assert code == 0, err
     ref, res = losses(whole), losses(resumed)
-    assert sorted(res) == [1, 2, 3, 4] and [res[s] for s in (1, 2)] == [ref[s] for s in (1, 2)]
-    for s in (3, 4):
+    assert sorted(res) == [1, 2, 3, 4, 5] and [res[s] for s in (1, 2, 3)] == [ref[s] for s in (1, 2, 3)]
+    for s in (4, 5):
         assert abs(res[s] - ref[s]) <= 1e-5 * ref[s], (res, ref)
     assert "micro_batch_size: 1" in (resumed / "config.yaml").read_text()  # the record says how it went on
 
@@ -581,8 +583,29 @@ def test_every_rank_runs_the_same_validation_forwards(rows, micro, monkeypatch):
     """Under ZeRO-3 and expert parallelism a forward is a collective: with 2 ranks and an odd validation split,
     rank 0 used to run one forward more than rank 1 and the run hung. Each rank now runs as many forwards as the
     largest share needs, and across the ranks every row's targets are counted once (stand-in rows not at all)."""
-    import contextlib
     import math
+
+    forwards, scored, counted = _validation_pass(monkeypatch, rows, world=2, micro=micro, max_rows=100)
+    assert forwards[0] == forwards[1] == math.ceil(math.ceil(rows / 2) / micro)  # rank 0's share, in batches
+    assert sum(total[1].item() for total in counted) == 3 * rows  # 3 targets per row of 4 tokens
+    assert sorted(scored) == list(range(rows))
+
+
+@pytest.mark.parametrize("world, micro", [(1, 4), (1, 1), (2, 2), (2, 1), (4, 1)])
+def test_validation_scores_the_same_rows_however_the_batch_is_split(world, micro, monkeypatch):
+    """`--eval-batches 2 --global-batch-size 4` scores the split's first 8 rows in one process or several, with
+    or without accumulation; it once scored eval_batches micro-batches per rank, so the sample grew with the
+    number of processes and shrank with the micro-batch (a resume with another --micro-batch-size)."""
+    _, scored, _ = _validation_pass(monkeypatch, rows=20, world=world, micro=micro, max_rows=2 * 4)
+    assert sorted(scored) == list(range(8))
+
+
+def _validation_pass(monkeypatch, rows: int, world: int, micro: int, max_rows: int):
+    """Run `validation_loss` as each of `world` ranks would, on rows whose tokens are their index.
+
+    Returns each rank's number of forwards, the indices of the rows scored (stand-in rows left out) and each
+    rank's (sum CE, targets) as it enters the all-reduce."""
+    import contextlib
     from types import SimpleNamespace
 
     import minillm.training.trainer as trainer
@@ -592,21 +615,25 @@ def test_every_rank_runs_the_same_validation_forwards(rows, micro, monkeypatch):
     def collate(items):
         return {k: torch.stack([item[k] for item in items]) for k in ("input_ids", "labels")}
 
+    forwards, batches, counted = [], [], []
+
     class Model(torch.nn.Module):
         def forward(self, input_ids, labels, **kwargs):
             forwards[-1] += 1
+            batches[-1].append(input_ids[:, 0].tolist())
             return SimpleNamespace(loss=torch.tensor(0.0), aux_losses={})
 
-    counted = []  # (sum CE, targets) of each rank, as it enters the all-reduce
     monkeypatch.setattr(trainer, "_reduce_sum", lambda accelerator, total: counted.append(total) or total)
-    forwards = []
-    for rank in range(2):
+    for rank in range(world):
         forwards.append(0)
-        accelerator = SimpleNamespace(process_index=rank, num_processes=2, device=torch.device("cpu"),
+        batches.append([])
+        accelerator = SimpleNamespace(process_index=rank, num_processes=world, device=torch.device("cpu"),
                                       autocast=contextlib.nullcontext)  # fmt: skip
-        trainer.validation_loss(accelerator, Model(), dataset, collate, micro, max_batches=8)
-    assert forwards[0] == forwards[1] == math.ceil(math.ceil(rows / 2) / micro)  # rank 0's share, in batches
-    assert sum(total[1].item() for total in counted) == 3 * rows  # 3 targets per row of 4 tokens
+        trainer.validation_loss(accelerator, Model(), dataset, collate, micro, max_rows=max_rows)
+        # a rank whose share ran out scores nothing from its stand-in forward (the count says how many it had)
+        share = len(range(rank, min(max_rows, rows), world))
+        batches[-1] = [row for batch in batches[-1] for row in batch][:share]
+    return forwards, [row for rank_rows in batches for row in rank_rows], counted
 
 
 def test_auto_precision_is_bf16_where_the_hardware_multiplies_in_bf16(monkeypatch):

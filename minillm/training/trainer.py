@@ -591,20 +591,24 @@ def check_same_launch(state: dict, accelerator, checkpoint: Path) -> None:
 
 
 @torch.no_grad()
-def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int, max_batches: int) -> dict[str, float]:
-    """Mean LM loss and perplexity over the first `max_batches` micro-batches of each rank's share of `dataset`.
+def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int, max_rows: int) -> dict[str, float]:
+    """Mean LM loss and perplexity over the first `max_rows` rows of `dataset`, shared out over the ranks.
 
-    Every rank runs the same number of forwards: under ZeRO-3 (parameter gathers) and expert parallelism
-    (all-to-all) a forward is a collective, and a rank that stopped early would leave the others waiting forever.
-    A rank whose share has run out runs its forward on a stand-in row and counts nothing from it.
+    The rows scored depend only on `max_rows` (`--eval-batches` x `--global-batch-size`), not on how a step is
+    split into processes and micro-batches: a DDP run, a one-process run with accumulation and a resume with another
+    --micro-batch-size report validation on the same rows. Each rank scores rows rank, rank + world, ... in forwards
+    of `micro_batch_size` rows. Every rank runs the same number of forwards: under ZeRO-3 (parameter gathers) and
+    expert parallelism (all-to-all) a forward is a collective, and a rank that stopped early would leave the others
+    waiting forever. A rank whose share has run out runs its forward on a stand-in row and counts nothing from it.
     """
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum CE, targets)
     rank, world = accelerator.process_index, accelerator.num_processes
-    indices = list(range(rank, len(dataset), world))
-    largest_share = -(-len(dataset) // world)  # rank 0's
-    for b in range(min(max_batches, -(-largest_share // micro_batch_size))):
+    num_rows = min(max_rows, len(dataset))
+    indices = list(range(rank, num_rows, world))
+    largest_share = -(-num_rows // world)  # rank 0's
+    for b in range(-(-largest_share // micro_batch_size)):
         chunk = indices[b * micro_batch_size:(b + 1) * micro_batch_size]
         batch = {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in chunk or [0]]).items()}
         n = count_targets(batch) if chunk else 0
@@ -794,6 +798,10 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
         check_same_launch(state, accelerator, resume_from)
         with damaged_checkpoint_is_user_error(resume_from, run_dir):
             accelerator.load_state(str(resume_from))
+            # load_state restores Accelerate's micro-step counter, counted in the saved run's accumulation; a resume
+            # with another --micro-batch-size would then meet its step boundaries mid-step (no optimizer step, or
+            # one on part of the batch). Checkpoints lie on step boundaries, so the count starts again from 0.
+            accelerator.step = 0
             if ep is not None:  # DeepSpeed restored the dense weights; the experts come from this rank's shard
                 expert_parallel.load_expert_shards(accelerator.unwrap_model(model), resume_from, ep)
             start_step, skipped_total = state["step"], state.get("skipped_steps", 0)
@@ -887,7 +895,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                 if config.eval_every and step % config.eval_every == 0:
                     metrics = (eval_fn(accelerator, model, step) if eval_fn is not None else
                                validation_loss(accelerator, model, run.val_data, run.collate, config.micro_batch_size,
-                                               config.eval_batches) if run.val_data is not None else {})
+                                               config.eval_batches * config.global_batch_size)
+                               if run.val_data is not None else {})
                     if metrics:
                         logger.log(step, metrics)
                 saved = config.save_every and step % config.save_every == 0 and step < total_steps
