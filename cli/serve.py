@@ -23,10 +23,13 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(None, "--model", help=MODEL_HELP),
         prompt: str = typer.Option(None, "--prompt", help="Answer this one message on stdout and exit."),
         system: str = typer.Option(None, "--system", help="System prompt."),
-        temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0 = greedy."),
+        temperature: float = typer.Option(
+            0.7, "--temperature", min=0.0,
+            help="0 = greedy: the likeliest token after --repetition-penalty (1 for transformers' plain greedy).",
+        ),
         top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0),
         top_k: int = typer.Option(0, "--top-k", min=0, help="0 = off."),
-        repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", min=0.01),
+        repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", min=0.01, help="1 = off."),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
         seed: int = typer.Option(
             None, "--seed", min=0, max=MAX_SEED, help="Seed for sampling (turn i uses seed + i)."

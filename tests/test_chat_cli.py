@@ -204,6 +204,10 @@ def test_a_system_prompt_that_cannot_go_into_a_prompt_is_refused_when_given(mode
     session.build_prompt("Hello there")  # does not raise
     session.set_system("")
     assert session.system is None
+    # a system prompt longer than the window is refused as such; it used to be blamed on the next message
+    with pytest.raises(ValueError, match="system message: too long: .* the context window is 96 tokens"):
+        session.set_system("the cat " * 200)
+    assert session.system is None
 
 
 def broken_model_dirs(model_dir: Path, root: Path) -> dict[str, Path]:

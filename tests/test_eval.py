@@ -336,6 +336,31 @@ def test_exact_match_counts_greedy_answers(tiny):
     assert result["conversations"] == 5
 
 
+def test_a_reasoning_models_answer_is_matched_after_its_reasoning():
+    """A reasoning model writes `<think>...</think>` before its answer: the prediction is the answer (decoded
+    without special tokens, the thoughts once stayed in it without their tags, so no answer matched), and a turn
+    counts as short by its reasoning and answer together (the answer alone let cut-off answers in)."""
+    from minillm.tokenizer import CHAT_TEMPLATE as REASONING_TEMPLATE
+
+    tokenizer = byte_bpe_tokenizer(sentences(400, seed=1), 320, SPECIAL, REASONING_TEMPLATE)
+    model = build_model(tokenizer)
+    written = tokenizer("<think>\nthe cat sat\n</think>\n\nli bai<|im_end|>", add_special_tokens=False)["input_ids"]
+
+    def generate(input_ids, attention_mask, max_new_tokens, **kwargs):  # the model "writes" `written`
+        new = torch.tensor(written[:max_new_tokens]).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, new], dim=1)
+
+    model.generate = generate
+    conversations = [[{"role": "user", "content": "who wrote this poem"},
+                      {"role": "assistant", "content": "li bai", "reasoning_content": reasoning}]
+                     for reasoning in ("the cat sat", "the cat sat on a mat " * 5)]  # fmt: skip
+    assert len(written) <= 16
+    result = evaluate_chat(model, tokenizer, conversations, max_seq_len=256, max_new_tokens=16, progress=False)
+    em = result["exact_match"]
+    assert em["items"] == 1 and em["correct"] == 1  # the second one's reasoning alone is longer than 16 tokens
+    assert em["answers"][0]["prediction"] == "li bai"
+
+
 def test_chat_template_without_generation_markers_is_refused(tiny):
     _, model, tokenizer = tiny
     plain = build_tokenizer()

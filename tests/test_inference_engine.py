@@ -184,6 +184,12 @@ def test_sampling_filters():
     # probs ~ [0.09, 0.67, 0.24, 0.03]: top_p 0.7 keeps the two largest (0.67 alone does not reach 0.7)
     assert torch.isinf(filter_top_p(logits, 0.7)).tolist() == [[True, False, False, True]]
     assert torch.isinf(filter_top_p(logits, 0.5)).tolist() == [[True, False, True, True]]
+    # a p that rounds to 0 in fp32 still keeps the top token (it once dropped every token: a 500 from the server)
+    assert torch.isinf(filter_top_p(logits, 1e-300)).tolist() == [[True, False, True, True]]
+    assert sample_next(logits, SamplingParams(temperature=1.0, top_p=1e-300), None,
+                       [torch.Generator().manual_seed(0)]).tolist() == [1]  # fmt: skip
+    with pytest.raises(ValueError, match="repetition_penalty must be >= 0.01"):
+        SamplingParams(repetition_penalty=1e-40)  # would divide the logits into infinities
     greedy = SamplingParams(repetition_penalty=4.0)
     seen = torch.tensor([[False, True, False, False]])
     assert sample_next(logits, greedy, seen).tolist() == [2]  # 3 / 4 < 2: the repeated token loses

@@ -11,9 +11,10 @@ Notable choices:
   (assistant content and its closing `<|im_end|>`), read through `return_assistant_tokens_mask`. A template
   without those markers is refused rather than silently scoring nothing or everything.
 - Exact match covers the "short-answer" conversations: those ending with an assistant turn of at most
-  `max_new_tokens` tokens (e.g. "who wrote this poem?" -> "Li Bai"). The model answers the conversation without
-  its last turn greedily; the answer matches when it equals the reference after normalising whitespace, case and
-  trailing punctuation. Longer answers only count towards the loss: exact match on a paragraph says nothing.
+  `max_new_tokens` tokens, its reasoning included when it has one (e.g. "who wrote this poem?" -> "Li Bai"). The
+  model answers the conversation without its last turn greedily; its answer (after the reasoning, as `minillm chat`
+  and `serve` read it) matches when it equals the reference after normalising whitespace, case and trailing
+  punctuation. Longer answers only count towards the loss: exact match on a paragraph says nothing.
 - Generation runs in left-padded batches and stops at `<|im_end|>` or eos. A short-answer conversation whose
   prompt plus `max_new_tokens` does not fit in `max_seq_len` is left out of exact match.
 """
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from minillm.errors import UserError
 from minillm.evaluation.loading import resolve_max_seq_len
 from minillm.evaluation.scoring import IGNORE_INDEX, progress_bar, sum_nll
+from minillm.inference.prompt import control_tokens, history_answer
 from minillm.tokenizer import stop_token_ids
 
 if TYPE_CHECKING:
@@ -98,6 +100,15 @@ def assistant_sequence(
     return (ids[:-1], targets), truncated
 
 
+def answer_tokens(tokenizer: PreTrainedTokenizerBase, messages: Conversation, prompt_len: int,
+                  stops: list[int]) -> int:
+    """How many tokens the model writes for the last assistant turn before its stop token: the turn as the chat
+    template renders it after the prompt (`prompt_len` tokens), so a reasoning block counts as well as the answer."""
+    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    turn = full[prompt_len:]
+    return next((k for k, token in enumerate(turn) if token in stops), len(turn))
+
+
 def greedy_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -107,10 +118,14 @@ def greedy_answers(
     device: torch.device,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy continuations of tokenized prompts (left-padded batches), cut at the first stop token, decoded."""
+    """Greedy continuations of tokenized prompts (left-padded batches), cut at the first stop token, decoded, and
+    read as answers: without a leading reasoning block, and without control tokens' text (`history_answer`). Decoding
+    without special tokens kept a reasoning model's thoughts but lost the `<think>` tags that set them apart, so its
+    answers never matched."""
     import torch
 
     stops = stop_token_ids(tokenizer)
+    specials = control_tokens(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     answers: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -137,7 +152,7 @@ def greedy_answers(
             for row, i in enumerate(chunk):
                 new = output[row, width:].tolist()
                 cut = next((k for k, tok in enumerate(new) if tok in stops), len(new))
-                answers[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+                answers[i] = history_answer(tokenizer.decode(new[:cut], skip_special_tokens=False), specials)
             bar.update(task, advance=len(chunk), rate="")
     return answers
 
@@ -162,6 +177,7 @@ def evaluate_chat(
     import torch
 
     max_seq_len = resolve_max_seq_len(model, max_seq_len)
+    stops = stop_token_ids(tokenizer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -186,11 +202,11 @@ def evaluate_chat(
             if len(messages) < 2 or messages[-1]["role"] != "assistant":
                 continue
             reference = messages[-1]["content"]
-            if len(tokenizer(reference, add_special_tokens=False)["input_ids"]) > max_new_tokens:
-                continue
             prompt = tokenizer.apply_chat_template(
                 messages[:-1], tokenize=True, return_dict=True, add_generation_prompt=True
             )["input_ids"]
+            if answer_tokens(tokenizer, messages, len(prompt), stops) > max_new_tokens:
+                continue
             if len(prompt) + max_new_tokens > max_seq_len:
                 continue  # the answer would not fit in the window the model is evaluated at
             items.append({"prompt": messages[-2]["content"], "reference": reference, "ids": list(prompt)})

@@ -29,12 +29,11 @@ from minillm.inference.prompt import (
     THINK_CLOSE,
     THINK_OPEN,
     InvalidText,
-    answer_without_reasoning,
     chat_prompt_ids,
     control_tokens,
+    history_answer,
 )
 from minillm.inference.sampling import MAX_SEED, SamplingParams
-from minillm.tokenizer import spelled_special_token
 
 THINK_STYLE = "dim italic"
 HELP = "commands: /reset  /system TEXT  /exit"
@@ -57,9 +56,13 @@ class ChatSession:
 
     def set_system(self, text: str | None) -> None:
         """Set (or with None / "" remove) the system prompt; raises ValueError, keeping the old one, for text that
-        cannot go into a prompt, so it is refused once when given rather than on every later turn."""
+        cannot go into a prompt or leaves no room for a message, so it is refused once when given rather than on
+        every later turn (where the error would blame the message)."""
         if text:
-            self._render([{"role": "system", "content": text}])
+            ids = self._render([{"role": "system", "content": text}])
+            ctx = self.engine.context_length
+            if ctx is not None and len(ids) >= ctx:
+                raise ValueError(f"system message: too long: {len(ids)} tokens, the context window is {ctx} tokens")
         self.system = text or None
 
     def _render(self, messages: list[dict]) -> list[int]:
@@ -86,8 +89,9 @@ class ChatSession:
                 break
             start += 2  # the oldest user message and its answer
         if ctx is not None and len(ids) >= ctx:
+            with_system = f" with the system prompt's {len(self._render(system))}" if system else ""
             raise ValueError(
-                f"the message is too long: {len(ids)} tokens, the context window is {ctx} tokens"
+                f"the message is too long: {len(ids)} tokens{with_system}, the context window is {ctx} tokens"
             )
         del self.history[:start]
         return ids, start // 2
@@ -102,12 +106,8 @@ class ChatSession:
                     pieces.append(ev.text)
                     yield ev.text
         self.turns += 1
-        answer = answer_without_reasoning("".join(pieces))  # the answer, not the reasoning, for later turns
-        specials = control_tokens(self.engine.tokenizer)
-        while (spelled := spelled_special_token(answer, specials)) is not None:
-            # the model wrote a control token's text out of ordinary tokens: kept, it would refuse every later
-            # prompt (a message may not spell one), so the history holds the answer without it
-            answer = answer.replace(spelled, "")
+        # the answer, not the reasoning, for later turns; without any control token's text the model wrote
+        answer = history_answer("".join(pieces), control_tokens(self.engine.tokenizer))
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
 
 

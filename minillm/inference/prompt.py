@@ -8,10 +8,12 @@ Notable choices:
   control token would therefore turn into that token: text pasted into a user turn could close it and write a
   forged system or assistant turn. Such a message is refused, as `minillm data sft` skips training
   rows that spell one (`minillm.data.sft.parse_conversation`). An assistant message is most often the model's own
-  earlier answer, sent back as the server returned it: its reasoning (a leading `<think>` block, closed or cut
-  off) is dropped first, as earlier reasoning is not fed back (Qwen3; `minillm chat`), and the answer is then
-  checked like any other message. A raw
-  completion prompt (`/v1/completions`) is the caller's own text and may hold control tokens on purpose.
+  earlier answer, sent back as the server returned it (`history_answer`): its reasoning (a leading `<think>`
+  block, closed or cut off) is dropped, as earlier reasoning is not fed back (Qwen3; `minillm chat`), and so is
+  any control token's text in it. A model can write one mid-answer (a stray `</think>`, an `<|im_start|>`): refused,
+  the server's own answer could not be sent back and the conversation could not go on. Dropped, the text cannot
+  forge a turn either. A raw completion prompt (`/v1/completions`) is the caller's own text and may hold control
+  tokens on purpose.
 - Text with a lone UTF-16 surrogate (JSON's `"\\ud800"`, or bytes that are not UTF-8 read from a terminal) has no
   UTF-8 encoding, so no tokenizer can read it; it is refused with the position instead of failing inside the
   tokenizer.
@@ -37,6 +39,15 @@ def answer_without_reasoning(content: str) -> str:
     if not content.lstrip().startswith(THINK_OPEN):
         return content
     return content.split(THINK_CLOSE, 1)[1].lstrip() if THINK_CLOSE in content else ""
+
+
+def history_answer(content: str, specials: list[str]) -> str:
+    """An earlier assistant message as it goes back into a prompt: the answer without its reasoning
+    (`answer_without_reasoning`) and without the text of any of the control tokens `specials`."""
+    answer = answer_without_reasoning(content)
+    while (spelled := spelled_special_token(answer, specials)) is not None:
+        answer = answer.replace(spelled, "")  # again: removing one may join the halves of another
+    return answer
 
 
 class InvalidText(ValueError):
@@ -65,14 +76,14 @@ def control_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """Token ids of `messages` ({"role", "content"}) through the chat template, ending with the assistant turn's
-    opening; assistant messages without their reasoning. Raises `InvalidText` (with the message's index) for a
-    message the template would misread."""
+    opening; assistant messages as `history_answer` keeps them. Raises `InvalidText` (with the message's index) for
+    a message the template would misread."""
     specials = control_tokens(tokenizer)
     rendered = []
     for i, message in enumerate(messages):
         content = message["content"]
         if message["role"] == "assistant":
-            content = answer_without_reasoning(content)
+            content = history_answer(content, specials)
         spelled = spelled_special_token(content, specials)
         if spelled is not None:
             raise InvalidText(

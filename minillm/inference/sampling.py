@@ -20,6 +20,9 @@ import torch
 # torch generators take 64-bit seeds; row i of a batch (and turn i of a chat) uses seed + i, so leave headroom.
 MAX_SEED = 2**63 - 1024
 MIN_SAMPLING_TEMPERATURE = 1e-5  # lower temperatures decode greedily (`SamplingParams.greedy`)
+# A smaller penalty divides the logits it meets into infinities (1e-40 made them inf, and sampling failed); 0.01
+# keeps even large logits finite. The same bound as `minillm chat --repetition-penalty`.
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass
@@ -48,8 +51,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_penalty < MIN_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY}, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
@@ -97,8 +100,10 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    # drop a token when the mass *before* it already reaches p; the top token is always kept
+    # drop a token when the mass *before* it already reaches p; the top token is always kept, also when p is so
+    # small (1e-300) that it rounds to 0 in the logits' dtype and the top token's mass before it (0) would reach it
     drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= p
+    drop_sorted[:, 0] = False
     drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

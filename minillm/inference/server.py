@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minillm.errors import UserError
 from minillm.inference.engine import FINISH_CANCELLED, BaseEngine, Completion
 from minillm.inference.prompt import InvalidText, chat_prompt_ids, text_prompt_ids
-from minillm.inference.sampling import MAX_SEED, SamplingParams
+from minillm.inference.sampling import MAX_SEED, MIN_REPETITION_PENALTY, SamplingParams
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt a small model's context window can hold
 ROLES = ("system", "developer", "user", "assistant")
@@ -105,7 +105,7 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # extension (vLLM-style)
-    repetition_penalty: float | None = Field(default=None, gt=0)  # extension
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY)  # extension
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # any int64, as OpenAI's; wrapped for the sampler
@@ -230,8 +230,10 @@ class _Server:
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except ValueError as err:  # not JSON, not UTF-8, or an integer of more than 4,300 digits
             raise APIError(400, f"invalid JSON body: {err}") from None
+        except RecursionError:  # arrays nested deeper than Python's parser recurses
+            raise APIError(400, "invalid JSON body: nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         return body
