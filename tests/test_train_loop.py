@@ -54,6 +54,33 @@ def test_a_run_being_written_by_another_process_is_not_overwritten_or_resumed(tm
     assert run_cli_err(args + ["--overwrite"], capsys)[0] == 0  # released: the run may be replaced
 
 
+def test_overwrite_moves_the_old_run_aside_whole_before_the_new_one_starts(tmp_path, monkeypatch, capsys):
+    """`--overwrite` once cleared the old run in place before the first step: a new run that then failed deleted
+    the old metrics and left the old final model under the new run's config. The old run now moves whole into
+    `<dir>.previous-<time>`, loadable as it was, whatever becomes of the new one."""
+    from cli_helpers import run_cli_err
+
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "--model", "mini_llama3", "--max-steps", "2", "--save-every", "1", "--model-arg",
+            "num_hidden_layers=1", "--output-dir", str(run_dir)]
+    assert run_cli_err(args, capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in (run_dir / "final").iterdir()}
+    old_metrics = (run_dir / "metrics.jsonl").read_text()
+    monkeypatch.setenv("MINILLM_TEST_NONFINITE_STEPS", "1")  # the new run diverges at its first step
+    code, err = run_cli_err(args + ["--overwrite", "--max-bad-steps", "1", "--lr", "1e-3"], capsys)
+    assert code == 2 and "non-finite loss" in err, err
+    (aside,) = tmp_path.glob("run.previous-*")
+    assert {p.name: p.read_bytes() for p in (aside / "final").iterdir()} == before
+    assert (aside / "metrics.jsonl").read_text() == old_metrics and (aside / "loss_curve.png").is_file()
+    assert "lr: 0.001" not in (aside / "config.yaml").read_text()
+    assert (aside / "checkpoints" / "step_00000001").is_dir()
+    assert not (run_dir / "final").exists() and "lr: 0.001" in (run_dir / "config.yaml").read_text()
+    monkeypatch.delenv("MINILLM_TEST_NONFINITE_STEPS")
+    code, err = run_cli_err(args + ["--overwrite"], capsys)  # the failed run is moved aside in turn
+    assert code == 0, err
+    assert len(list(tmp_path.glob("run.previous-*"))) == 2 and (run_dir / "final" / "config.json").is_file()
+
+
 def test_a_default_run_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys):
     """Without --output-dir the run goes to runs/<stage>_<model>_<time>: a `runs` file in the way raised
     NotADirectoryError with a traceback."""

@@ -94,7 +94,9 @@ class TrainConfig:
     )
     # run directory, checkpoints, logs
     output_dir: str | None = _opt("run directory (default: runs/<stage>_<model>_<time>)")
-    overwrite: bool = _opt("allow writing into an output directory that already holds a run", default=False)
+    overwrite: bool = _opt(
+        "start a new run in an output directory that holds one (the old run is moved to <dir>.previous-<time>)",
+        default=False)
     resume: str | None = _opt("continue a run: `latest` or a checkpoint/run directory")
     save_every: int | None = _opt("save a checkpoint every N steps (0: only the final model)")
     keep_last: int = _opt("checkpoints to keep (older ones of this run are deleted)", default=3)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import math
 import os
 import shutil
@@ -537,16 +538,27 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
     return Path(name[0]), None
 
 
-def _prepare_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
-    """Create the run directory; with --overwrite, move an older run's checkpoints aside (never delete them)."""
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> Path | None:
+    """Create the run directory and write its config. With --overwrite, the run it held is moved whole (its
+    config, metrics, curves, checkpoints and final model) into a new sibling `<dir>.previous-<time>`, which is
+    returned. It was once cleared in place before the first step: a new run that then failed (diverged, out of
+    memory) had deleted the old metrics and left the old final model described by the new run's config."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming and config.overwrite:
-        old = run_dir / ckpt.CHECKPOINTS
-        if old.is_dir() and any(old.iterdir()):
-            old.rename(run_dir / f"{ckpt.CHECKPOINTS}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        for stale in ("metrics.jsonl", "loss_curve.png"):
-            (run_dir / stale).unlink(missing_ok=True)
+    aside = None
+    old = [p for p in run_dir.iterdir() if p.name != runs.RUN_LOCK]
+    if not resuming and config.overwrite and old:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = run_dir.with_name(f"{run_dir.name}.previous-{stamp}")
+        for n in itertools.count(2):  # two replacements within one second
+            try:
+                aside.mkdir()
+                break
+            except FileExistsError:
+                aside = run_dir.with_name(f"{run_dir.name}.previous-{stamp}-{n}")
+        for path in old:
+            path.rename(aside / path.name)
     save_config(config, run_dir / "config.yaml")
+    return aside
 
 
 @contextlib.contextmanager
@@ -781,7 +793,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     if accelerator.is_main_process:
         if (lock := runs.lock_run_dir(run_dir)) is not None:
             held.append(lock)
-        _prepare_run_dir(run_dir, config, resuming=resume_from is not None)
+        if (aside := _prepare_run_dir(run_dir, config, resuming=resume_from is not None)) is not None:
+            accelerator.print(f"--overwrite: the run that was in {run_dir} was moved to {aside}")
     accelerator.wait_for_everyone()
     model = run.model
 
