@@ -186,10 +186,12 @@ def _recipe_model_stats(cfg):
 
     import minillm  # noqa: F401  (registers our architectures)
     from minillm.errors import UserError
-    from minillm.models.stats import config_stats, model_stats
+    from minillm.models.stats import config_stats, model_stats, stats_of_config
 
     if cfg.stage == "pretrain":
-        return config_stats(cfg.model, cfg.preset, seq_len=cfg.seq_len, **cfg.model_args), f"{cfg.model} ({cfg.preset})"
+        from minillm.training.setup import pretrain_model_config
+
+        return stats_of_config(pretrain_model_config(cfg), cfg.seq_len), f"{cfg.model} ({cfg.preset})"
     try:
         from minillm.training.setup import sft_model_dir
 

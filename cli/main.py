@@ -115,16 +115,17 @@ def _command_path(err: Exception, argv: list[str] | None) -> str:
 
 def report_user_error(message: str) -> None:
     """Print `error: message` once. Under `accelerate launch` every rank raises the same error, so only rank 0
-    prints it. Under `--launcher` every rank also leaves its message in the file the parent process names (rank 0
-    in that file, rank N in `<file>.rankN`), so the parent can repeat it after the launcher's own failure report,
-    even when only another rank failed, and exit with 2 too (see `minillm.training.launch`)."""
+    prints it. Under `--launcher` no rank prints: each leaves its message in the file the parent process names
+    (rank 0 in that file, rank N in `<file>.rankN`), and the parent prints it, after the launcher's own failure
+    report, even when only another rank failed, and exits with 2 too (see `minillm.training.launch`). Rank 0 once
+    printed it as well, so the same line appeared twice."""
     import os
 
     rank = os.environ.get("RANK", "0")
     error_file = os.environ.get("MINILLM_ERROR_FILE")
     if error_file:
         Path(error_file if rank == "0" else f"{error_file}.rank{rank}").write_text(message, encoding="utf-8")
-    if rank == "0":
+    elif rank == "0":
         print(f"error: {message}", file=sys.stderr)
 
 

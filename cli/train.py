@@ -76,7 +76,11 @@ def _run(stage: str, recipe: str | None, launcher: str | None, values: dict[str,
     if launcher:
         from minillm.training import launch
 
-        resolved = config.resolve()  # one clear error here rather than one per rank
+        resolved = config.resolve()  # one clear error here rather than after starting the ranks
+        if resolved.stage == "pretrain":
+            from minillm.training.setup import pretrain_model_config
+
+            pretrain_model_config(resolved)  # --model-arg values the model config refuses
         launcher_cfg, _ = launch.read_launcher(launcher)
         launch.check_world(launcher_cfg, resolved.micro_batch_size, resolved.global_batch_size)
         launch.check_deepspeed_file(launcher_cfg, resolved)

@@ -149,6 +149,15 @@ def test_model_args_typo_fails_before_anything_is_written(tmp_path, capsys):
     assert build_model_config("mini_llama3", "tiny", num_hidden_layers=2).num_hidden_layers == 2
     assert build_model_config("mini_llama3", "tiny", rope_theta=1e4).rope_parameters["rope_theta"] == 1e4  # legacy
     assert build_model_config("mini_deepseekv3", "tiny", num_local_experts=16).n_routed_experts == 16  # alias
+    # values take their field's type: YAML reads 1e-6 as a string (its floats need a dot), an int may be a float
+    assert build_model_config("mini_llama3", "tiny", rms_norm_eps="1e-6").rms_norm_eps == 1e-6
+    assert build_model_config("mini_deepseekv3", "tiny", routed_scaling_factor=2).routed_scaling_factor == 2.0
+    assert build_model_config("mini_qwen3_next", "tiny", mlp_only_layers=[1]).mlp_only_layers == [1]
+    for name, field, value in (("mini_llama3", "tie_word_embeddings", "maybe"), ("mini_llama3", "dtype", "foo"),
+                               ("mini_qwen3_next", "layer_types", "abc"), ("mini_llama3", "initializer_range", -1),
+                               ("mini_deepseekv3", "routed_scaling_factor", "abc")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name}: {field} "):
+            build_model_config(name, "tiny", **{field: value})
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--model", "mini_llama3", "--model-arg", "num_hiden_layers=2", "--max-steps", "1",
@@ -246,8 +255,11 @@ def test_a_user_error_on_any_rank_reaches_the_launching_process(tmp_path, monkey
     assert ranks_error(error_file) == "(rank 3) shard 3 is missing"
     monkeypatch.setenv("RANK", "0")
     report_user_error("--data does not exist")
-    assert capsys.readouterr().err == "error: --data does not exist\n"
+    assert capsys.readouterr().err == ""  # the parent says it, once (rank 0 said it too: the line came twice)
     assert ranks_error(error_file) == "--data does not exist"
+    monkeypatch.delenv("MINILLM_ERROR_FILE")  # `accelerate launch` without the launcher: rank 0 says it
+    report_user_error("--data does not exist")
+    assert capsys.readouterr().err == "error: --data does not exist\n"
 
 
 def test_grad_norm_is_accurate_for_large_gradients():

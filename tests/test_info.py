@@ -153,6 +153,10 @@ def test_budget_bad_input_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("info", "--tokens", "1e9", "--gpus", "2") == 2  # silently ignored before
     assert "--tokens, --gpus: only used with --config RECIPE" in capsys.readouterr().err
+    bad_args = tmp_path / "bad_args.yaml"  # a model_args value the config refuses: once a traceback here
+    bad_args.write_text("model: mini_llama3\nmodel_args:\n  num_hidden_layers: -1\nmax_steps: 10\n")
+    assert run_cli("info", "--config", str(bad_args), "--tokens", "1e9") == 2
+    assert "num_hidden_layers must be a positive integer" in capsys.readouterr().err
 
 
 def test_small_presets_compare_like_for_like():

@@ -465,6 +465,21 @@ BAD_INPUTS = {
                        "did you mean 'num_hidden_layers'"),
     "recipe given as launcher": (["pretrain", "--model", "mini_llama3", "--launcher", "{tmp}/r.yaml"],
                                  "not an accelerate config"),
+    # --model-arg values of the wrong type or range: once a traceback, some only at the first forward, after the
+    # run directory was made (and a NaN run reported as a success for rms_norm_eps=-1)
+    "model arg not a number": (["pretrain", "--model", "mini_llama3", "--model-arg", "rms_norm_eps=abc"],
+                               "rms_norm_eps takes float, got 'abc'"),
+    "model arg out of range": (["pretrain", "--model", "mini_llama3", "--model-arg", "rms_norm_eps=-1"],
+                               "rms_norm_eps must be > 0"),
+    "model arg not a list": (["pretrain", "--model", "mini_qwen3_next", "--model-arg", "mlp_only_layers=5"],
+                             "mlp_only_layers takes list[int] | None, got 5"),
+    "model arg legacy key": (["pretrain", "--model", "mini_llama3", "--model-arg", "rope_theta=abc"],
+                             "could not convert string to float"),
+    "model arg not YAML": (["pretrain", "--model", "mini_llama3", "--model-arg", "x=[1"], "not valid YAML"),
+    "model arg before launching": (["pretrain", "--model", "mini_llama3", "--launcher",
+                                    "accelerate_configs/cpu_multiprocess.yaml", "--micro-batch-size", "4",
+                                    "--global-batch-size", "8", "--model-arg", "num_hidden_layers=-1"],
+                                   "num_hidden_layers must be a positive integer"),
 }
 
 

@@ -347,7 +347,11 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not a YAML value"
+            raise UserError(f"--model-arg {item}: the value is not valid YAML ({problem})") from None
     return out
 
 

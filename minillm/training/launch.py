@@ -209,8 +209,8 @@ def relaunch(launcher: str, argv: list[str]) -> int:
         code = subprocess.run(cmd, env=env).returncode
         message = ranks_error(error_file) if code != 0 else None
         if message is not None:
-            # torchrun turned the ranks' exit code 2 into 1 and printed its failure report after our line:
-            # say the one line again, last, and keep the code that means "bad input"
+            # torchrun turned the ranks' exit code 2 into 1: the ranks left their one line to say here, last,
+            # after any failure report of the launcher's, with the code that means "bad input"
             print(f"error: {message}", file=sys.stderr)
             return 2
         return code

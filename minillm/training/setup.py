@@ -70,17 +70,25 @@ def _load_tokenizer(path: str | Path | None):
     return load_tokenizer(str(path) if path is not None else None)
 
 
+def pretrain_model_config(config: TrainConfig, overrides: dict[str, Any] | None = None):
+    """The model config a pretraining run builds: `config.model` at `config.preset` with `overrides` (default: the
+    run's --model-arg). A value the config refuses is a `UserError` naming the model and preset."""
+    from minillm.models.registry import build_config
+
+    try:
+        return build_config(config.model, config.preset, **(config.model_args if overrides is None else overrides))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"model {config.model} ({config.preset}): {err}") from None
+
+
 def _pretrain_parts(config: TrainConfig) -> dict[str, Any]:
     from minillm.data import pretrain as pre
-    from minillm.models.registry import build_config, model_package
+    from minillm.models.registry import model_package
 
     tokenizer = _load_tokenizer(config.tokenizer)
     overrides = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
                  "eos_token_id": tokenizer.eos_token_id, **config.model_args}
-    try:
-        model_config = build_config(config.model, config.preset, **overrides)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"model {config.model} ({config.preset}): {err}") from None
+    model_config = pretrain_model_config(config, overrides)
     if config.data:
         data_dir = Path(config.data)
     else:
@@ -92,7 +100,10 @@ def _pretrain_parts(config: TrainConfig) -> dict[str, Any]:
                            max_seq_len=config.seq_len, model_max_len=model_config.max_position_embeddings)
     train_data = pre.PretrainDataset(data_dir, config.seq_len, split="train")
     val_data = pre.PretrainDataset(data_dir, config.seq_len, split="val") if "val" in manifest["splits"] else None
-    model = model_package(config.model).MODEL_CLASS(model_config)
+    try:  # a value the config takes may still fail the model's layers (a legacy `rope_theta=abc`)
+        model = model_package(config.model).MODEL_CLASS(model_config)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"model {config.model} ({config.preset}): {err}") from None
     return dict(model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
                 sampler=_sampler(len(train_data), config.seed), collate=stack_collate)
 

@@ -430,12 +430,9 @@ def check_expert_parallel(config: TrainConfig, launch: tuple[int, bool, int | No
     if config.expert_parallel_size == 1:
         return
     if config.stage == "pretrain":
-        from minillm.models.registry import build_config
+        from minillm.training.setup import pretrain_model_config
 
-        try:
-            model_config = build_config(config.model, config.preset, **config.model_args)
-        except (ValueError, TypeError) as err:
-            raise UserError(f"model {config.model} ({config.preset}): {err}") from None
+        model_config = pretrain_model_config(config)
         name = config.model
     else:
         from transformers import AutoConfig
