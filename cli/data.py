@@ -60,7 +60,10 @@ def tokenizer_train(
         yield from texts
 
     tok = train_tokenizer(all_texts(), out, vocab_size=vocab_size, min_frequency=min_frequency)
-    console.print(f"saved tokenizer with {len(tok)} tokens to {out}")
+    short = (f" (a vocabulary of {tok.vocab_size:,}, not the {vocab_size:,} asked for: the data held no more merges"
+             f"{' seen --min-frequency times' if min_frequency > 1 else ''}; more text gives more)"
+             if tok.vocab_size < vocab_size else "")
+    console.print(f"saved tokenizer with {len(tok):,} tokens to {out}{short}")
     for source in sources:
         sample = list(iter_texts_for_training([source.name], text_column, max_chars_per_file=200_000))
         if sample:

@@ -361,6 +361,14 @@ def test_a_reasoning_models_answer_is_matched_after_its_reasoning():
     assert em["answers"][0]["prediction"] == "li bai"
 
 
+def test_answers_cut_off_by_the_window_are_named_as_such(tiny):
+    """Every answer beyond --max-seq-len: the error said there was no assistant turn, though there were."""
+    _, model, tokenizer = tiny
+    conversation = [{"role": "user", "content": "who wrote this poem " * 8}, {"role": "assistant", "content": "li bai"}]
+    with pytest.raises(UserError, match="1 conversation\\(s\\) cut at --max-seq-len 8 tokens before their answers"):
+        evaluate_chat(model, tokenizer, [conversation], max_seq_len=8, progress=False)
+
+
 def test_chat_template_without_generation_markers_is_refused(tiny):
     _, model, tokenizer = tiny
     plain = build_tokenizer()

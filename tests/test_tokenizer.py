@@ -109,7 +109,16 @@ def test_train_tiny_tokenizer_and_cli(tmp_path, capfd):
     out, err = capfd.readouterr()  # file descriptors: the Rust trainer writes to fd 1 itself
     assert code == 0 and out == "", (out, err)  # no progress bar's line breaks in a log
     assert len(load_tokenizer(tmp_path / "cli_tok")) == 284
-    assert "characters/token" in err
+    assert "characters/token" in err and "asked for" not in err
+    code = run_cli("tokenizer", "train", "--data", str(corpus), "--text-column", "body", "--vocab-size", "5000",
+                   "--out", str(tmp_path / "short_tok"))  # more than this text has merges for
+    err = capfd.readouterr().err
+    short = load_tokenizer(tmp_path / "short_tok").vocab_size
+    assert code == 0 and short < 5000 and f"a vocabulary of {short:,}, not the 5,000 asked for" in err, err
+    corpus.write_text('{"body": "fine"}\n"just a string"\n', encoding="utf-8")
+    code = run_cli("tokenizer", "train", "--data", str(corpus), "--text-column", "body", "--out", str(tmp_path / "t3"))
+    err = capfd.readouterr().err
+    assert code == 2 and f"{corpus}:2: the row is a string, not an object with a 'body' field" in err, err
 
 
 def test_tokenizer_out_is_never_an_unrelated_directory(tmp_path, capsys, monkeypatch):

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import cli_helpers
 import pytest
 import torch
 from cli_helpers import run_cli_err as run_cli
@@ -174,12 +175,15 @@ def test_sft_val_loss_is_the_models_loss_on_the_held_out_chats(packing, tmp_path
     build_sft_dataset([str(tmp_path / "chats.jsonl")], data, tmp_path / "pre" / "final", max_seq_len=128,
                       pack=packing == "--packing", val_fraction=0.25, progress=False)  # fmt: skip
     out = tmp_path / "sft"
-    code, err = run_cli(["sft", "--model-path", str(tmp_path / "pre"), "--data", str(data), packing, "--seq-len",
-                         "128", "--micro-batch-size", "2", "--global-batch-size", "2", "--max-steps", "2",
-                         "--eval-every", "2", "--precision", "fp32", "--output-dir", str(out)], capsys)  # fmt: skip
+    code = cli_helpers.run_cli("sft", "--model-path", str(tmp_path / "pre"), "--data", str(data), packing,
+                               "--seq-len", "128", "--micro-batch-size", "2", "--global-batch-size", "2",
+                               "--max-steps", "2", "--eval-every", "2", "--precision", "fp32", "--output-dir", str(out))
+    printed, err = capsys.readouterr()
     assert code == 0, err
     (logged,) = [r["val/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                  if "val/loss" in r]  # fmt: skip
+    # on the terminal as well (it once went only to metrics.jsonl and TensorBoard)
+    assert f"step 2: val loss {logged:.4f}" in printed and f"(val loss {logged:.4f}); model saved to" in printed
     model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     total, targets = 0.0, 0
     val = SFTDataset(data, split="val")

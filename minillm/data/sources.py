@@ -258,9 +258,11 @@ def _jsonl_documents(path: str, text_column: str, report: Callable[[int], None])
     for lineno, row, error in iter_json_rows(path, report):
         if error is not None:
             raise UserError(f"{path}:{lineno}: {error}")
-        if not isinstance(row, dict) or text_column not in row:
-            found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-            raise UserError(f"{path}:{lineno}: no field '{text_column}' (fields found: {found})")
+        if not isinstance(row, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(row), "a number")
+            raise UserError(f"{path}:{lineno}: the row is {kind}, not an object with a '{text_column}' field")
+        if text_column not in row:
+            raise UserError(f"{path}:{lineno}: no field '{text_column}' (fields found: {', '.join(row)})")
         text = _document(row[text_column], f"{path}:{lineno}", f"field '{text_column}'")
         if text is not None:
             yield text

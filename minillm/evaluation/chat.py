@@ -188,6 +188,9 @@ def evaluate_chat(
         if sequence is not None:
             sequences.append(sequence)
     if not sequences:
+        if truncated:  # the answers were there: the window cut them off
+            raise UserError(f"no assistant turn left to score: {truncated} conversation(s) cut at --max-seq-len "
+                            f"{max_seq_len} tokens before their answers; raise --max-seq-len")
         raise UserError("no assistant turn to score in the conversations")
 
     was_training = model.training

@@ -835,6 +835,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     poisoned = injected_nonfinite_steps(accelerator.process_index)
     window_tokens, window_start = 0, time.perf_counter()
     last = StepResult()
+    last_val = None  # the latest validation loss, for the closing line
     if accelerator.is_main_process:
         accelerator.print(f"run directory: {run_dir}  ({total_steps} steps, global batch "
                           f"{config.global_batch_size} x {config.seq_len} tokens, {accelerator.num_processes} "
@@ -909,6 +910,11 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                                if run.val_data is not None else {})
                     if metrics:
                         logger.log(step, metrics)
+                    if "val/loss" in metrics:  # said on the terminal too, not only in metrics.jsonl / TensorBoard
+                        last_val = metrics["val/loss"]
+                        if accelerator.is_main_process:
+                            progress.console.print(f"step {step}: val loss {last_val:.4f}, "
+                                                   f"val ppl {math.exp(min(last_val, 50.0)):,.1f}")
                 saved = config.save_every and step % config.save_every == 0 and step < total_steps
                 if saved:
                     save_checkpoint(step)
@@ -927,7 +933,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     final = save_final_model(accelerator, model, run.tokenizer, run_dir)
     if accelerator.is_main_process:
         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
-        accelerator.print(f"final loss {last.read()['loss']:.4f}; model saved to {final}")
+        val = f" (val loss {last_val:.4f})" if last_val is not None else ""
+        accelerator.print(f"final loss {last.read()['loss']:.4f}{val}; model saved to {final}")
     accelerator.wait_for_everyone()
     logger.close()
     return run_dir
