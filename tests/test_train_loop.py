@@ -639,11 +639,12 @@ def test_every_rank_runs_the_same_validation_forwards(rows, micro, monkeypatch):
 
 @pytest.mark.parametrize("world, micro", [(1, 4), (1, 1), (2, 2), (2, 1), (4, 1)])
 def test_validation_scores_the_same_rows_however_the_batch_is_split(world, micro, monkeypatch):
-    """`--eval-batches 2 --global-batch-size 4` scores the split's first 8 rows in one process or several, with
+    """`--eval-batches 2 --global-batch-size 4` scores 8 rows spread over the split in one process or several, with
     or without accumulation; it once scored eval_batches micro-batches per rank, so the sample grew with the
-    number of processes and shrank with the micro-batch (a resume with another --micro-batch-size)."""
+    number of processes and shrank with the micro-batch (a resume with another --micro-batch-size). Spread, not
+    the first 8: a split stored by source or longest first would be scored on one end of it."""
     _, scored, _ = _validation_pass(monkeypatch, rows=20, world=world, micro=micro, max_rows=2 * 4)
-    assert sorted(scored) == list(range(8))
+    assert sorted(scored) == [0, 2, 5, 7, 10, 12, 15, 17]
 
 
 def _validation_pass(monkeypatch, rows: int, world: int, micro: int, max_rows: int):

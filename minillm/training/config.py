@@ -105,8 +105,8 @@ class TrainConfig:
     )
     eval_every: int | None = _opt("validation loss every N steps on the data's val split (0: off)")
     eval_batches: int = _opt(
-        "global batches per validation pass: the val split's first N x global_batch_size rows, whatever the "
-        "processes and micro-batches", default=8)
+        "global batches per validation pass: N x global_batch_size rows spread evenly over the val split, whatever "
+        "the processes and micro-batches", default=8)
     max_bad_steps: int = _opt("stop after this many non-finite losses in a row", default=5)
     peak_tflops: float | None = _opt("peak TFLOP/s of one device for the MFU estimate (default: known GPUs)")
 

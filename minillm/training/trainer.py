@@ -601,12 +601,15 @@ def check_same_launch(state: dict, accelerator, checkpoint: Path) -> None:
 
 @torch.no_grad()
 def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int, max_rows: int) -> dict[str, float]:
-    """Mean LM loss and perplexity over the first `max_rows` rows of `dataset`, shared out over the ranks.
+    """Mean LM loss and perplexity over `max_rows` rows of `dataset` spread evenly over it (all of it when it holds
+    no more), shared out over the ranks.
 
-    The rows scored depend only on `max_rows` (`--eval-batches` x `--global-batch-size`), not on how a step is
-    split into processes and micro-batches: a DDP run, a one-process run with accumulation and a resume with another
-    --micro-batch-size report validation on the same rows. Each rank scores rows rank, rank + world, ... in forwards
-    of `micro_batch_size` rows. Every rank runs the same number of forwards: under ZeRO-3 (parameter gathers) and
+    Spread, not the first rows: the split is stored in an order that is not a sample (pretraining documents in the
+    order of their input files, packed SFT rows longest first), and its first 128 rows once scored 83% English
+    from a split of 13%. The rows depend only on `max_rows` (`--eval-batches` x `--global-batch-size`), not on how
+    a step is split into processes and micro-batches: a DDP run, a one-process run with accumulation and a resume
+    with another --micro-batch-size report validation on the same rows. Each rank scores every world-th of them, in
+    forwards of `micro_batch_size` rows. Every rank runs the same number of forwards: under ZeRO-3 (parameter gathers) and
     expert parallelism (all-to-all) a forward is a collective, and a rank that stopped early would leave the others
     waiting forever. A rank whose share has run out runs its forward on a stand-in row and counts nothing from it.
     """
@@ -615,7 +618,8 @@ def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int,
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum CE, targets)
     rank, world = accelerator.process_index, accelerator.num_processes
     num_rows = min(max_rows, len(dataset))
-    indices = list(range(rank, num_rows, world))
+    chosen = [i * len(dataset) // num_rows for i in range(num_rows)]  # evenly spaced; all rows if num_rows = len
+    indices = chosen[rank::world]
     largest_share = -(-num_rows // world)  # rank 0's
     for b in range(-(-largest_share // micro_batch_size)):
         chunk = indices[b * micro_batch_size:(b + 1) * micro_batch_size]
