@@ -256,7 +256,7 @@ def test_val_fraction_holds_out_every_kth_conversation(tok, tmp_path, capsys, pa
             "--val-fraction", "0.25", *(["--pack"] if pack else [])]  # fmt: skip
     code, err = run_cli_err(args, capsys)
     assert code == 0, err
-    assert "conversations kept: 30 (+ 10 held out as the val split)" in err
+    assert "conversations kept: 30 (+ 10 held out as the val split, also as chats in val.jsonl)" in err
     train, val = SFTDataset(tmp_path / "d"), SFTDataset(tmp_path / "d", split="val")
 
     def answers(ds) -> list[int]:
@@ -268,6 +268,7 @@ def test_val_fraction_holds_out_every_kth_conversation(tok, tmp_path, capsys, pa
 
     assert answers(val) == [3, 7, 11, 15, 19, 23, 27, 31, 35, 39]
     assert sorted(answers(train) + answers(val)) == list(range(40))
+    assert _val_chats(tmp_path / "d") == [rows[i]["messages"] for i in answers(val)]  # for `eval chat --data`
     assert (len(val) < 10) == pack  # packed: several conversations per row
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert manifest["splits"]["val"]["documents"] == 10 and manifest["splits"]["train"]["documents"] == 30
@@ -277,6 +278,24 @@ def test_val_fraction_holds_out_every_kth_conversation(tok, tmp_path, capsys, pa
         SFTDataset(tmp_path / "plain", split="val")
     code, err = run_cli_err(args[:-1 if pack else None] + ["--overwrite", "--val-fraction", "0.01"], capsys)
     assert code == 2 and "too few conversations (40) for a validation split" in err
+
+
+def _val_chats(data_dir):
+    return [json.loads(line)["messages"] for line in (data_dir / "val.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_val_chats_are_the_held_out_conversations_whatever_was_skipped(tmp_path):
+    """Rows skipped (invalid) or dropped (too long) before the split shift which lines of the input are held out:
+    `val.jsonl` names them, where "every k-th line of the file" would not."""
+    rows = [chat(f"question {i}", f"answer number {i}") for i in range(12)]
+    rows[1] = {"messages": "not a list"}  # invalid: skipped
+    rows[2] = chat("question 2 " + "long " * 200, "answer number 2")  # too long at 64 tokens: dropped
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    build_sft_dataset([str(tmp_path / "c.jsonl")], tmp_path / "d", max_seq_len=64, truncation="drop",
+                      val_fraction=0.25, progress=False)  # fmt: skip
+    kept = [r for i, r in enumerate(rows) if i not in (1, 2)]
+    assert _val_chats(tmp_path / "d") == [kept[3]["messages"], kept[7]["messages"]]  # the 4th and 8th kept
+    assert kept[3] is rows[5] and kept[7] is rows[9]  # not the 4th and 8th lines of the file
 
 
 def test_best_fit_decreasing():

@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 # The names of the files each builder writes: `--overwrite` replaces a directory holding only these.
 OWN_FILES = {
     PRETRAIN_FORMAT: re.compile(r"manifest\.json|\w+_\d+\.bin"),
-    SFT_FORMAT: re.compile(r"manifest\.json|summary\.txt|(val_)?(input_ids\.bin|loss_mask\.bin|(row|seq)_offsets\.npy)"),
+    SFT_FORMAT: re.compile(r"manifest\.json|summary\.txt|val\.jsonl|(val_)?(input_ids\.bin|loss_mask\.bin|(row|seq)_offsets\.npy)"),
 }
 
 

@@ -289,7 +289,7 @@ class PretrainDataset:
         if seq_len < 2:
             raise UserError(f"seq_len {seq_len} must be at least 2")
         self.seq_len = seq_len
-        self.stride = stride or seq_len
+        self.stride = seq_len if stride is None else stride
         if self.stride < 1:
             raise UserError(f"stride {stride} must be positive")
         self.dtype = np.dtype(self.manifest["dtype"])

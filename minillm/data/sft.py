@@ -21,11 +21,13 @@ Notable choices:
   `packing.py`); their `position_ids` restart at 0 at every conversation and are derived from `seq_offsets`.
 - `val_fraction` holds out every k-th kept conversation (k = 1 / val_fraction, the rule of the pretraining shards)
   as the `val` split: the same four files prefixed `val_`, packed like the train rows. The trainer computes
-  `val/loss` on it every `--eval-every` steps.
+  `val/loss` on it every `--eval-every` steps. The same conversations are written as chats to `val.jsonl` (whole,
+  as read, before any truncation), so `minillm eval chat --data <out>/val.jsonl` scores exactly the held-out ones.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -62,6 +64,7 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 MAX_REASONS = 5
+VAL_CHATS = "val.jsonl"  # the val split's conversations as chats (messages), for `minillm eval chat`
 TEMPLATE_CHUNK = 2000  # conversations per apply_chat_template call
 
 
@@ -202,11 +205,13 @@ def _render_cut(tokenizer, conversation: list[dict], answers: int, max_seq_len: 
 
 
 def tokenize_conversations(
-    tokenizer, conversations: list[list[dict]], max_seq_len: int, truncation: str = "turn", on_chunk=None
+    tokenizer, conversations: list[list[dict]], max_seq_len: int, truncation: str = "turn", on_chunk=None,
+    kept_from: list[int] | None = None,
 ):
     """Template and tokenize; return (list of (ids, mask) kept, Counter of outcomes).
 
-    `on_chunk(n)` is called after each chunk of n conversations (progress bars).
+    `on_chunk(n)` is called after each chunk of n conversations (progress bars); `kept_from`, when given, receives
+    the index in `conversations` of each one kept.
     """
     stats: Counter = Counter()
     kept = []
@@ -215,7 +220,9 @@ def tokenize_conversations(
         out = tokenizer.apply_chat_template(
             chunk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        for conversation, ids, mask in zip(chunk, out["input_ids"], out["assistant_masks"], strict=True):
+        for offset, (conversation, ids, mask) in enumerate(
+            zip(chunk, out["input_ids"], out["assistant_masks"], strict=True)
+        ):
             if len(ids) > max_seq_len:
                 cut = _turn_cut(mask, max_seq_len) if truncation == "turn" else 0
                 if cut and any(m.get("reasoning_content") for m in conversation):
@@ -230,6 +237,8 @@ def tokenize_conversations(
                 stats["dropped_no_labels"] += 1
                 continue
             kept.append((ids, mask))
+            if kept_from is not None:
+                kept_from.append(start + offset)
         if on_chunk is not None:
             on_chunk(len(chunk))
     return kept, stats
@@ -302,8 +311,10 @@ def build_sft_dataset(
         *columns[:2], TextColumn("{task.completed:,}/{task.total:,} conversations"), enabled=progress
     ) as bar:
         task = bar.add_task("templating", total=len(conversations))
+        kept_from: list[int] = []
         kept, stats = tokenize_conversations(
-            tokenizer, conversations, max_seq_len, truncation, on_chunk=lambda n: bar.advance(task, n)
+            tokenizer, conversations, max_seq_len, truncation, on_chunk=lambda n: bar.advance(task, n),
+            kept_from=kept_from,
         )
     if not kept:
         raise UserError(
@@ -330,6 +341,11 @@ def build_sft_dataset(
         if is_val.any():
             val = [kept[i] for i in index[is_val]]
             splits["val"] = _write_split(tmp, "val_", val, rows_of([len(ids) for ids, _ in val]), dtype)
+            # the same conversations as chats, for `minillm eval chat --data <out>/val.jsonl`: which rows of the
+            # input they are depends on the rows skipped and dropped before the split, so no rule can name them
+            with open(tmp / VAL_CHATS, "w", encoding="utf-8") as f:
+                for i in index[is_val]:
+                    f.write(json.dumps({"messages": conversations[kept_from[i]]}, ensure_ascii=False) + "\n")
         total = splits["train"]["tokens"]
         summary = {
             "rows_read": rows,
@@ -403,7 +419,7 @@ def format_summary(summary: dict, max_seq_len: int, pack: bool) -> str:
     held_out = summary.get("val_conversations")
     lines = [
         f"rows read: {summary['rows_read']:,}; conversations kept: {summary['conversations']:,}"
-        + (f" (+ {held_out:,} held out as the val split)" if held_out else "")
+        + (f" (+ {held_out:,} held out as the val split, also as chats in {VAL_CHATS})" if held_out else "")
         + f"; invalid rows skipped: {summary['invalid_rows']:,}",
         f"longer than max_seq_len {max_seq_len} (counted before the val split): truncated at a turn boundary "
         f"{summary['truncated']:,}, dropped {summary['dropped_too_long']:,}",
@@ -412,10 +428,12 @@ def format_summary(summary: dict, max_seq_len: int, pack: bool) -> str:
     unpacked = f"unpacked {summary['padding_ratio_unpacked']:.2%}"
     if pack:
         lines.append(
-            f"padding ratio: packed {summary['padding_ratio_packed']:.2%} (vs {unpacked} without packing)"
+            f"padding ratio: packed {summary['padding_ratio_packed']:.2%} (vs {unpacked} without packing, rows padded "
+            "to max_seq_len)"
         )
     else:
-        lines.append(f"padding ratio: {unpacked} (rows padded to max_seq_len; --pack removes most of it)")
+        lines.append(f"padding ratio: {unpacked} (rows padded to max_seq_len; batches padded to their longest row pad "
+                     "less; --pack removes most of it)")
     if summary["invalid_by_reason"]:
         lines.append(
             "invalid rows by reason: "

@@ -50,7 +50,11 @@ def read_conversations(path: Path) -> tuple[list[Conversation], dict[str, Any]]:
     from minillm.data.sources import iter_rows, local_source
 
     if path.is_dir():
-        raise UserError(f"--data {path}: a directory; give a .jsonl, .json or .parquet file of conversations")
+        from minillm.data.sft import VAL_CHATS
+
+        hint = (f" (this one's held-out conversations: --data {path / VAL_CHATS})"
+                if (path / VAL_CHATS).is_file() else "")
+        raise UserError(f"--data {path}: a directory; give a .jsonl, .json or .parquet file of conversations{hint}")
     if not path.is_file():
         raise UserError(f"--data {path}: no such file")
     source = local_source(path, kinds=("jsonl", "parquet"), what="--data ")
