@@ -163,6 +163,26 @@ def test_a_cut_conversation_keeps_the_reasoning_of_its_new_last_turn(tok):
     assert kept == [] and stats["dropped_too_long"] == 1
 
 
+def test_earlier_answers_shown_without_their_reasoning_are_context_not_labels(tok):
+    """The template shows only the last turn's reasoning: an earlier answer that had some appears without it, and
+    trained there a reasoning model learns to answer without thinking. It stays in the context, unlabelled; an
+    earlier answer without reasoning is still trained."""
+    from minillm.data.sft import tokenize_conversations
+
+    conversation = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello there", "reasoning_content": "greet back"},
+        {"role": "user", "content": "and"},
+        {"role": "assistant", "content": "plain answer"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "last answer", "reasoning_content": "think last"},
+    ]
+    (ids, mask), = tokenize_conversations(tok, [conversation], max_seq_len=256)[0]
+    trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert trained == "plain answer<|im_end|><think>\nthink last\n</think>\n\nlast answer<|im_end|>"
+    assert "hello there" in tok.decode(ids)  # still context
+
+
 def test_packing_keeps_every_conversation_with_restarting_positions(tok, tmp_path, capsys):
     r = random.Random(0)
     rows = [chat("question " * r.randint(1, 30), "answer " * r.randint(1, 60)) for _ in range(120)]

@@ -10,7 +10,9 @@ Notable choices:
   earlier [instruction, output] pairs, `output`).
 - The tokenizer's chat template renders the conversation and, through its `{% generation %}` markers, says which
   tokens are assistant output (`return_assistant_tokens_mask`): labels are the token ids there (assistant content
-  and its closing `<|im_end|>`, so the model learns to stop) and -100 everywhere else.
+  and its closing `<|im_end|>`, so the model learns to stop) and -100 everywhere else. An earlier assistant turn
+  with reasoning is rendered without it (only the last turn's is shown, as at inference) and is not labelled, so
+  the model does not learn to answer without thinking.
 - A conversation longer than `max_seq_len` is cut after the last assistant turn that still fits
   (`truncation="turn"`), or dropped (`"drop"`); one whose first answer does not fit is always dropped. Invalid rows
   (bad JSON, unknown role, empty assistant turn, no assistant turn, ...) are skipped and counted; the first reasons
@@ -189,6 +191,25 @@ def _answers_in(mask: list[int]) -> int:
     return sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
 
 
+def unlabel_answers_shown_without_reasoning(conversation: list[dict], mask: list[int]) -> list[int]:
+    """`mask` without the labels of the earlier assistant turns that have reasoning: the template renders only the
+    last turn's reasoning (as at inference, where earlier reasoning is not fed back), so an earlier one appears
+    with its answer straight after `<|im_start|>assistant`; trained there, a reasoning model learns to answer
+    without thinking. Such turns stay in the context, unlabelled. Segment k of the mask is assistant turn k."""
+    answers = [m for m in conversation if m["role"] == "assistant"]
+    starts = [i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1])]
+    if len(starts) < 2 or not any(m.get("reasoning_content") for m in answers[: len(starts) - 1]):
+        return mask
+    mask = list(mask)
+    for k, start in enumerate(starts[:-1]):
+        if answers[k].get("reasoning_content"):
+            end = start
+            while end < len(mask) and mask[end]:
+                end += 1
+            mask[start:end] = [0] * (end - start)
+    return mask
+
+
 def _render_cut(tokenizer, conversation: list[dict], answers: int, max_seq_len: int) -> tuple[list, list]:
     """(ids, mask) of `conversation` cut after its `answers`-th assistant turn, rendered again: the template keeps
     only the last assistant turn's reasoning, so slicing the tokens of the whole conversation would train the
@@ -233,6 +254,7 @@ def tokenize_conversations(
                     stats["dropped_too_long"] += 1
                     continue
                 stats["truncated"] += 1
+            mask = unlabel_answers_shown_without_reasoning(conversation, mask)
             if not any(mask):
                 stats["dropped_no_labels"] += 1
                 continue

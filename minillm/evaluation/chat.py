@@ -89,7 +89,10 @@ def assistant_sequence(
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
-    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    from minillm.data.sft import unlabel_answers_shown_without_reasoning
+
+    ids = list(encoded["input_ids"])  # the turns training labels, no more (earlier answers shown without reasoning)
+    mask = unlabel_answers_shown_without_reasoning(messages, list(encoded["assistant_masks"]))
     has_answer = any(m["role"] == "assistant" and m["content"] for m in messages)
     if has_answer and not any(mask):
         raise UserError(
