@@ -116,4 +116,5 @@ def test_real_readme_marked_commands_pass():
     if not any(b.marker in ("run", "covered-by") for b in blocks):
         pytest.skip("README.md marks no bash block with <!-- test: run --> or covered-by yet")
     lines: list[str] = []
-    assert readme_commands.check(readme, echo=lines.append) == 0, "\n".join(lines)
+    # strict: an unmarked bash block fails too, as `readme_commands.py --strict` (the README's own check) does
+    assert readme_commands.check(readme, strict=True, echo=lines.append) == 0, "\n".join(lines)
