@@ -138,11 +138,13 @@ def trained_seq_len(model_dir: str | Path) -> int | None:
 
     A model has learned positions up to that length only: `max_position_embeddings` is what it could be trained
     at, and scoring in longer windows measures extrapolation (README: 0.32 nats worse at 1,024 than at the 256 a
-    small model was trained at)."""
+    small model was trained at). A model directory written by `minillm export` (either way) carries the length of
+    the model it was converted from in its config.json (`{"minillm": {"trained_seq_len": N}}`), so the same
+    weights are scored alike after a conversion."""
     for _ in range(8):  # an SFT of an SFT ... model; a config that names its own run ends here
         found = _run_config(Path(model_dir))
         if found is None:
-            return None
+            return _recorded_seq_len(Path(model_dir))
         run_dir, config = found
         if config["stage"] != "sft":
             seq_len = config.get("seq_len")
@@ -155,6 +157,22 @@ def trained_seq_len(model_dir: str | Path) -> int | None:
             # older runs recorded the default start relative to the directory SFT ran in, the one above runs/
             model_dir = run_dir.parent.parent / model_dir
     return None
+
+
+TRAINED_SEQ_LEN_KEY = ("minillm", "trained_seq_len")  # where an exported config.json records `trained_seq_len`
+
+
+def _recorded_seq_len(model_dir: Path) -> int | None:
+    """The `trained_seq_len` an export recorded in `model_dir/config.json`, or None."""
+    import json
+
+    try:
+        value = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        for key in TRAINED_SEQ_LEN_KEY:
+            value = value[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _run_config(model_dir: Path) -> tuple[Path, dict] | None:

@@ -41,6 +41,14 @@ def test_export_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "mini_llama3"
     captured = capsys.readouterr()
     assert "LlamaForCausalLM" in captured.out
+    # the length the run trained at travels with the conversions, so `eval` scores them in the same windows
+    (src.parent / "config.yaml").write_text("stage: pretrain\nseq_len: 64\n")
+    assert run_cli("export", "--to", "hf", str(src.parent), str(tmp_path / "hf64")) == 0
+    assert run_cli("export", "--to", "minillm", str(tmp_path / "hf64"), str(tmp_path / "back64")) == 0
+    from minillm.runs import trained_seq_len
+
+    assert trained_seq_len(tmp_path / "hf64") == trained_seq_len(tmp_path / "back64") == 64
+    assert trained_seq_len(tmp_path / "hf") is None  # from a run without a config: nothing recorded
     # transformers' own tqdm bars are off in the CLI (they would interleave with our output)
     assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from minillm.errors import UserError
 from minillm.paths import apply_umask, check_creatable, check_not_working_directory, make_parent_dirs
-from minillm.runs import resolve_model_dir
+from minillm.runs import TRAINED_SEQ_LEN_KEY, resolve_model_dir, trained_seq_len
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -248,12 +248,20 @@ def _save_checkpoint_model(src: Path, dst: Path) -> dict:
 
 
 def _save_with_tokenizer(model, src: Path, dst: Path) -> list[str]:
-    """Write `model` and the tokenizer files of `src` to `dst` (atomically); returns the tokenizer files copied."""
+    """Write `model` and the tokenizer files of `src` to `dst` (atomically); returns the tokenizer files copied.
+    The length `src` was trained at goes into the config (`runs.trained_seq_len`), so `eval` scores the converted
+    model in the windows it scored the original in."""
     tokenizer_files: list[str] = []
+    seq_len = trained_seq_len(src)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer_files.extend(_copy_tokenizer_files(src, tmp))
+        if seq_len is not None:
+            config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+            section, key = TRAINED_SEQ_LEN_KEY
+            config[section] = {**(config.get(section) or {}), key: seq_len}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     _write_atomically(dst, write)
     return tokenizer_files
