@@ -184,6 +184,7 @@ def test_sft_val_loss_is_the_models_loss_on_the_held_out_chats(packing, tmp_path
                  if "val/loss" in r]  # fmt: skip
     # on the terminal as well (it once went only to metrics.jsonl and TensorBoard)
     assert f"step 2: val loss {logged:.4f}" in printed and f"(val loss {logged:.4f}); model saved to" in printed
+    assert f"starting from {tmp_path / 'pre' / 'final'}" in printed  # the run says which model it fine-tunes
     model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     total, targets = 0.0, 0
     val = SFTDataset(data, split="val")

@@ -45,7 +45,8 @@ class TrainConfig:
     stage: str = _opt("pretrain or sft (set by the command)", stages=(), default="pretrain")
     # model
     model: str | None = _opt("architecture (required, here or in --config): mini_llama3, mini_deepseekv3 or "
-                             "mini_qwen3_next", stages=("pretrain",))
+                             "mini_qwen3_next; in an SFT recipe, whose newest pretraining run to start from",
+                             stages=("pretrain",))
     preset: str = _opt(
         "model size preset: tiny (CPU quick start), small (13-22M, CPU runs on real text) or base (100-200M)",
         ("pretrain",),

@@ -153,7 +153,7 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
     collate = PackedCollator(tokenizer.pad_token_id) if config.packing else PaddedCollator(tokenizer.pad_token_id)
     val_data = sft.SFTDataset(data_dir, split="val") if "val" in train_data.manifest["splits"] else None
     return dict(model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,
-                sampler=_sampler(len(train_data), config.seed), collate=collate)
+                sampler=_sampler(len(train_data), config.seed), collate=collate, start=str(model_dir))
 
 
 def _sampler(num_samples: int, seed: int):

@@ -414,6 +414,7 @@ class Run:
     collate: Callable
     val_data: Any = None
     model_name: str = ""
+    start: str = ""  # the model directory SFT starts from (said in the run's first lines)
 
 
 def build_run(config: TrainConfig) -> Run:
@@ -844,6 +845,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
         accelerator.print(f"run directory: {run_dir}  ({total_steps} steps, global batch "
                           f"{config.global_batch_size} x {config.seq_len} tokens, {accelerator.num_processes} "
                           f"process(es), accumulation {accelerator.gradient_accumulation_steps}, {precision})")
+        if run.start:  # without --model-path, the newest pretraining run: say which one that was
+            accelerator.print(f"starting from {run.start}")
     def save_checkpoint(step: int) -> Path:
         save_experts = None if ep is None else functools.partial(
             expert_parallel.save_expert_shards, accelerator.unwrap_model(model), ep=ep)
