@@ -29,6 +29,20 @@ def _field_type(annotation: str) -> Any:
     return _TYPES[annotation.split("|")[0].strip()]
 
 
+def _default_note(stage: str, field: dataclasses.Field) -> str:
+    """` [default: X]` for `--help`: the dataclass default, else the stage's (`STAGE_DEFAULTS`), with the presets
+    that change it (`small: 16, base: 32`) for pretraining; "" when there is none (a value derived at run time)."""
+    from minillm.training.config import PRESET_DEFAULTS, STAGE_DEFAULTS
+
+    value = field.default if field.default not in (None, dataclasses.MISSING) else STAGE_DEFAULTS[stage].get(
+        field.name)
+    if value is None:
+        return ""
+    presets = [f"{name}: {values[field.name]}" for name, values in PRESET_DEFAULTS.items()
+               if stage == "pretrain" and field.name in values and values[field.name] != value]
+    return f" \\[default: {value}{'; ' + ', '.join(presets) if presets else ''}]"
+
+
 def _stage_command(stage: str, doc: str):
     """A Typer command for `stage` whose options are the `TrainConfig` fields exposed for that stage."""
     from minillm.training.config import TrainConfig
@@ -50,8 +64,7 @@ def _stage_command(stage: str, doc: str):
             continue
         kind = _field_type(str(f.type))
         decls = [f"{flag}/--no-{flag[2:]}"] if kind == (bool | None) else [flag]
-        default_note = "" if f.default in (None, dataclasses.MISSING) or kind == (bool | None) \
-            else f" [default: {f.default}]"
+        default_note = "" if kind == (bool | None) else _default_note(stage, f)
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
             default=typer.Option(None, *decls, help=f.metadata["help"] + default_note, show_default=False,

@@ -37,6 +37,19 @@ def test_help_and_bare_groups_still_print_help(capsys):
     assert (shown.out + shown.err).count("Usage:") == 1  # once
 
 
+def test_training_help_shows_each_stages_defaults(capsys, monkeypatch):
+    """`pretrain --help` and `sft --help` showed no defaults (rich read `[default: ...]` as a markup tag, and the
+    stage defaults were not looked up): now the stage's, with the presets that change it."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    assert run_cli("pretrain", "--help") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peak learning rate [default: 0.003; small: 0.002, base: 0.0003]" in out
+    assert "[default: tiny]" in out and "[default: 8]" in out  # the preset; --eval-batches
+    assert run_cli("sft", "--help") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "passes over the data when max_steps is not set [default: 4.0]" in out
+
+
 def test_device_names_mean_the_same_in_every_command(tmp_path, capsys):
     """One resolver for `--device` (chat, serve, eval, benchmarks): `auto` is CUDA, else MPS, else the CPU; a
     device this machine lacks or a name that is no device is one line, exit 2, before any model is loaded."""
