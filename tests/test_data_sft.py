@@ -221,9 +221,10 @@ def test_packing_keeps_every_conversation_with_restarting_positions(tok, tmp_pat
     assert pieces == Counter(tuple(a[i]["input_ids"].tolist()) for i in range(len(a)))
 
     batch = PackedCollator(return_cu_seqlens=True)([b[0], b[len(b) - 1]])
-    assert set(batch) >= {"input_ids", "labels", "position_ids"} and "attention_mask" not in batch
+    assert set(batch) >= {"input_ids", "labels", "position_ids", "attention_mask"}
     length = batch["input_ids"].shape[1]
     tail = length - len(b[len(b) - 1]["input_ids"])
+    assert batch["attention_mask"][0].all() and batch["attention_mask"][1].sum() == length - tail
     if tail:
         assert batch["labels"][1, -tail:].eq(-100).all() and batch["position_ids"][
             1, -tail:

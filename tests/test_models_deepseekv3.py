@@ -196,6 +196,24 @@ def test_packed_documents_including_mtp():
     assert torch.equal(packed_out.expert_counts, sum(o.expert_counts for o in alone_out))
 
 
+def test_the_padding_of_packed_rows_is_no_expert_load():
+    """PackedCollator pads a short row with one more "document" of pad tokens: without its attention_mask (0 there)
+    they were routed and counted (all one id, so all to the same experts: the bias update pushed against a load
+    that was not there) and made one more sequence of the balance loss. The real tokens' loss is the same."""
+    from minillm.data.collate import PackedCollator
+
+    model = tiny().train()
+    items = [{"input_ids": random_ids(VOCAB, 1, n, seed=n)[0], "labels": random_ids(VOCAB, 1, n, seed=n)[0],
+              "position_ids": torch.arange(n)} for n in (40, 12)]  # fmt: skip
+    batch = PackedCollator(pad_id=0)(items)
+    out = model(**batch)
+    top_k = model.config.num_experts_per_tok
+    assert out.expert_counts.sum(-1).tolist() == [52 * top_k] * out.expert_counts.shape[0]  # real tokens only
+    alone = [model(**PackedCollator(pad_id=0)([item])) for item in items]
+    assert torch.equal(out.expert_counts, sum(o.expert_counts for o in alone))
+    assert torch.allclose(out.aux_losses["seq_aux"], sum(o.aux_losses["seq_aux"] for o in alone) / 2, atol=1e-5)
+
+
 def test_chunked_loss_and_gradients():
     check_chunked_loss(tiny(), VOCAB)
 

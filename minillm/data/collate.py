@@ -3,10 +3,12 @@
 - `PaddedCollator(pad_id)`: right-pads each row to the longest in the batch; `attention_mask` is 1 on real tokens,
   labels are -100 on padding. For pretraining windows (all the same length) it just stacks.
 - `PackedCollator()`: rows that already hold several conversations (from `SFTDataset` built with `--pack`). The
-  model derives document boundaries from `position_ids` restarting at 0, so there is no attention mask. Rows
-  shorter than the longest are padded with one more "document" (positions 0.., labels -100), which nothing
-  attends across. `return_cu_seqlens=True` adds the flattened cumulative lengths (`cu_seqlens`, int32) and
-  `max_seqlen`, the form varlen attention kernels take.
+  model derives document boundaries from `position_ids` restarting at 0. Rows shorter than the longest are padded
+  with one more "document" (positions 0.., labels -100), which nothing attends across, and which `attention_mask`
+  (0 there) marks as padding: without it the MoE models counted the pad tokens as expert load (all of one id, so
+  all routed alike: the bias update and the balance losses pushed against a load that was not there).
+  `return_cu_seqlens=True` adds the flattened cumulative lengths (`cu_seqlens`, int32) and `max_seqlen`, the form
+  varlen attention kernels take.
 
 Both take `bucket_up_to`: None pads to the batch's longest row; a length N pads to that rounded up to the next
 `row_bucket` size (multiples of 32, then 8 sizes per doubling), at most N. The trainer sets it to `--seq-len` on a CPU
@@ -57,7 +59,7 @@ class PaddedCollator:
 
 
 class PackedCollator:
-    """Packed rows: input_ids, labels, position_ids (restarting per conversation); no attention mask."""
+    """Packed rows: input_ids, labels, position_ids (restarting per conversation), attention_mask (0 = padding)."""
 
     def __init__(self, pad_id: int = 0, return_cu_seqlens: bool = False, bucket_up_to: int | None = None) -> None:
         self.pad_id = pad_id
@@ -73,10 +75,12 @@ class PackedCollator:
                 pos = torch.arange(len(item["input_ids"]))
             pad = length - len(pos)
             positions.append(torch.cat([pos, torch.arange(pad)]) if pad else pos)  # padding: its own document
+        real = [torch.ones(len(item["input_ids"]), dtype=torch.long) for item in items]
         batch = {
             "input_ids": _pad_stack([item["input_ids"] for item in items], length, self.pad_id),  # (B, L)
             "labels": _pad_stack([item["labels"] for item in items], length, -100),  # (B, L)
             "position_ids": torch.stack(positions).long(),  # (B, L)
+            "attention_mask": _pad_stack(real, length, 0),  # (B, L)
         }
         if self.return_cu_seqlens:
             flat = batch["position_ids"].reshape(-1)  # (B*L,)
