@@ -185,6 +185,9 @@ def test_sft_val_loss_is_the_models_loss_on_the_held_out_chats(packing, tmp_path
     # on the terminal as well (it once went only to metrics.jsonl and TensorBoard)
     assert f"step 2: val loss {logged:.4f}" in printed and f"(val loss {logged:.4f}); model saved to" in printed
     assert f"starting from {tmp_path / 'pre' / 'final'}" in printed  # the run says which model it fine-tunes
+    assert "model mini_llama3: " in printed and " parameters; device cpu; 512 tokens, " in printed
+    # not a terminal (a log file): no live bar, one line per log interval, as it happens
+    assert "step 2/2 | loss " in printed and "━" not in printed
     model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     total, targets = 0.0, 0
     val = SFTDataset(data, split="val")

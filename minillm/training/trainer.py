@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import functools
 import itertools
 import math
@@ -723,19 +724,35 @@ def _progress(enabled: bool):
     )
 
     console = Console()
-    if not console.is_terminal:  # a log file or a pipe: the whole line, not cut at rich's default 80 columns
+    if not console.is_terminal:
+        # a log file or a pipe: no live bar (rich writes it only when it stops, so a log showed nothing of the
+        # training until the end, and nothing at all after a kill); the per-interval lines say it all
         console = Console(width=160)
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=10),  # room for the numbers and the ETA in 80 columns (lr: in the log lines)
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}"),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-        disable=not enabled,
+        disable=not enabled or not console.is_terminal,
     )
+
+
+def _log_line(step: int, total_steps: int, values: dict[str, float], tokens_per_s: float, mfu: float | None,
+              elapsed: float) -> str:
+    """The line printed at each log interval (kept in the terminal's scrollback and in logs): the step's loss, lr,
+    gradient norm, the interval's speed and the time since the first step."""
+    parts = [f"step {step}/{total_steps}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}"]
+    if "grad_norm" in values:
+        parts.append(f"grad_norm {values['grad_norm']:.3f}")
+    parts.append(f"{tokens_per_s:,.0f} tok/s")
+    if mfu is not None:
+        parts.append(f"MFU {100 * mfu:.1f}%")
+    parts.append(f"elapsed {datetime.timedelta(seconds=round(elapsed))}")
+    return " | ".join(parts)
 
 
 def train(config: TrainConfig, eval_fn: EvalFn | None = None, run: Run | None = None) -> Path:
@@ -799,6 +816,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
             accelerator.print(f"--overwrite: the run that was in {run_dir} was moved to {aside}")
     accelerator.wait_for_everyone()
     model = run.model
+    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 or expert parallelism shards them
 
     flops_token = flops_per_token(model, config.seq_len)  # the whole model: before EP shards its experts
     model, optimizer, scheduler = prepare_model_and_optimizer(accelerator, model, config, total_steps)
@@ -839,12 +857,18 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     model.train()
     poisoned = injected_nonfinite_steps(accelerator.process_index)
     window_tokens, window_start = 0, time.perf_counter()
+    train_start = window_start
     last = StepResult()
     last_val = None  # the latest validation loss, for the closing line
     if accelerator.is_main_process:
         accelerator.print(f"run directory: {run_dir}  ({total_steps} steps, global batch "
                           f"{config.global_batch_size} x {config.seq_len} tokens, {accelerator.num_processes} "
                           f"process(es), accumulation {accelerator.gradient_accumulation_steps}, {precision})")
+        epochs = total_steps * config.global_batch_size / max(len(run.train_data), 1)
+        name = run.model_name or getattr(getattr(run.model, "config", None), "model_type", "the model")
+        accelerator.print(f"model {name}: {num_params:,} parameters; device "
+                          f"{accelerator.device}; {total_steps * config.global_batch_size * config.seq_len:,} "
+                          f"tokens, {epochs:.2f} epochs of the data")
         if run.start:  # without --model-path, the newest pretraining run: say which one that was
             accelerator.print(f"starting from {run.start}")
     def save_checkpoint(step: int) -> Path:
@@ -857,6 +881,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
             save_model_files, accelerator.unwrap_model(model), run.tokenizer))
         if accelerator.is_main_process:  # keep the curves of a long run readable while it trains
             plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
+            accelerator.print(f"step {step}: saved {path}")
         return path
 
     try:
@@ -901,6 +926,10 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                     if result.expert_counts is not None:
                         values.update(expert_load_stats(result.expert_counts.cpu()))
                     logger.log(step, values)
+                    if accelerator.is_main_process:
+                        progress.console.print(_log_line(step, total_steps, values, values["tokens_per_s"],
+                                                         values.get("mfu"), time.perf_counter() - train_start),
+                                               soft_wrap=True)  # one line in a log, the terminal's own wrap
                     window_tokens, window_start = 0, time.perf_counter()
                 if result.skipped and bad_in_row >= config.max_bad_steps:  # stop after logging the last one
                     logger.close()
