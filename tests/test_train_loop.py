@@ -133,7 +133,8 @@ def test_pretrain_then_sft_packed_and_unpacked(model, tmp_path, capsys):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     if model == "mini_deepseekv3":
         assert loaded.config.num_mtp_layers == 0 and not any(k.startswith("mtp.") for k in loaded.state_dict())
-        assert {"loss/mtp", "loss/seq_aux", "moe/layer_0/max_min_ratio", "moe/layer_0/cv"} <= set(records[0])
+        assert {"loss/mtp", "loss/seq_aux", "moe/layer_0/max_min_ratio", "moe/layer_0/cv", "moe/layer_0/max_over_mean",
+                "moe/layer_0/idle_experts"} <= set(records[0])
     for packing in ("--packing", "--no-packing"):
         out = tmp_path / f"sft{packing}"
         code, err = run_cli(["sft", "--model-path", str(pre), packing, "--seq-len", "128", "--micro-batch-size",
@@ -741,3 +742,21 @@ def test_the_run_names_the_precision_auto_chose(tmp_path, capsys, monkeypatch):
         header = next(line for line in out.splitlines() if line.startswith("run directory:"))
         assert header.endswith(f", {expected})"), header
         assert str(seen[-1].mixed_precision) == {"bf16": "bf16", "fp32": "no"}[expected]
+
+
+def test_expert_load_stats_and_the_curves_they_are_plotted_in(tmp_path):
+    """max/min once was the only balance figure plotted: with one idle expert it is the busiest expert's count (a
+    batch size, 2,048 in a tiny run); max over mean is bounded (E/k) and idle experts are counted."""
+    import math
+
+    from minillm.training.metrics import expert_load_stats
+    from minillm.training.plots import plot_curves
+
+    stats = expert_load_stats(torch.tensor([[4, 4, 4, 4], [8, 0, 4, 4]]))
+    assert stats["moe/layer_0/max_over_mean"] == 1.0 and stats["moe/layer_0/idle_experts"] == 0
+    assert stats["moe/layer_1/max_over_mean"] == 2.0 and stats["moe/layer_1/idle_experts"] == 1
+    assert stats["moe/layer_1/max_min_ratio"] == 8.0  # min clamped to 1
+    records = [{"step": s, "loss": 10 * math.exp(-s / 30), "lr": 1e-3, "grad_norm": 200.0 if s == 5 else 1.0,
+                "loss/seq_aux": 1.0, **stats} for s in range(1, 41)] + [{"step": 40, "val/loss": 3.0}]  # fmt: skip
+    assert plot_curves(records, tmp_path / "c.png", "pretrain").stat().st_size > 10_000
+    assert plot_curves([{"step": 1, "lr": 1e-3}], tmp_path / "none.png") is None  # no loss logged: no plot

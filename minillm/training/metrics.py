@@ -76,14 +76,18 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 
 def expert_load_stats(counts: torch.Tensor) -> dict[str, float]:
-    """Per-MoE-layer balance from `counts` (n_moe_layers, n_experts): max/min ratio and coefficient of variation.
-
-    A ratio near 1 and a CV near 0 mean the router spreads tokens evenly (the seed plots the same ratio).
+    """Per-MoE-layer balance from `counts` (n_moe_layers, n_experts): the busiest expert's load over the mean
+    (DeepSeek's MaxVio + 1: 1 is balanced, E/k all tokens on k experts), the number of idle experts, the max/min
+    ratio (the seed plots it; with one idle expert it is the busiest one's count, so it says more about the batch
+    size than about the router) and the coefficient of variation. A ratio near 1 and a CV near 0 mean the router
+    spreads tokens evenly. `layer_i` counts MoE layers (DeepSeek-V3's first `num_dense_layers` have none).
     """
     out: dict[str, float] = {}
     counts = counts.float()
     for layer, row in enumerate(counts):
         mean = row.mean().item()
+        out[f"moe/layer_{layer}/max_over_mean"] = row.max().item() / mean if mean > 0 else 1.0
+        out[f"moe/layer_{layer}/idle_experts"] = float((row == 0).sum().item())
         out[f"moe/layer_{layer}/max_min_ratio"] = row.max().item() / max(row.min().item(), 1.0)
         out[f"moe/layer_{layer}/cv"] = (row.std(unbiased=False).item() / mean) if mean > 0 else 0.0
     return out
