@@ -611,9 +611,11 @@ def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int,
     from a split of 13%. The rows depend only on `max_rows` (`--eval-batches` x `--global-batch-size`), not on how
     a step is split into processes and micro-batches: a DDP run, a one-process run with accumulation and a resume
     with another --micro-batch-size report validation on the same rows. Each rank scores every world-th of them, in
-    forwards of `micro_batch_size` rows. Every rank runs the same number of forwards: under ZeRO-3 (parameter gathers) and
-    expert parallelism (all-to-all) a forward is a collective, and a rank that stopped early would leave the others
-    waiting forever. A rank whose share has run out runs its forward on a stand-in row and counts nothing from it.
+    forwards of `micro_batch_size` rows.
+
+    Every rank runs the same number of forwards: under ZeRO-3 (parameter gathers) and expert parallelism
+    (all-to-all) a forward is a collective, and a rank that stopped early would leave the others waiting forever.
+    A rank whose share has run out runs its forward on a stand-in row and counts nothing from it.
     """
     was_training = model.training
     model.eval()
@@ -816,7 +818,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
             accelerator.print(f"--overwrite: the run that was in {run_dir} was moved to {aside}")
     accelerator.wait_for_everyone()
     model = run.model
-    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 or expert parallelism shards them
+    # before expert parallelism shards them; `ds_numel`: a parameter ZeRO-3 partitioned as it was built
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
     flops_token = flops_per_token(model, config.seq_len)  # the whole model: before EP shards its experts
     model, optimizer, scheduler = prepare_model_and_optimizer(accelerator, model, config, total_steps)
