@@ -60,3 +60,13 @@ def flush_denormals() -> bool:
     so the trainer calls it before any tensor work, while torch's OpenMP threads do not exist yet.
     """
     return torch.set_flush_denormal(True)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The run's peak memory so far, in GiB: on CUDA the most the caching allocator has handed out on `device`;
+    elsewhere the process's peak resident set (host memory, the CPU's weights and activations included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # POSIX; Linux reports KiB
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -126,8 +126,11 @@ def test_pretrain_then_sft_packed_and_unpacked(model, tmp_path, capsys):
     assert generation["eos_token_id"] == [0, 32001] and generation["pad_token_id"] == 0  # <|endoftext|>, <|im_end|>
     records = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
-    assert all(r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 and "grad_norm" in r
+    assert all(r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 and "grad_norm" in r and r["mem_gib"] > 0
                for r in records if "loss" in r)
+    assert [r["tokens_seen"] for r in records if "loss" in r] == [step * 4 * 32 for step in (1, 2, 3)]
+    elapsed = [r["elapsed_s"] for r in records if "loss" in r]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
     assert any("val/loss" in r for r in records)  # the periodic validation on the shards' val split
     loaded, info = AutoModelForCausalLM.from_pretrained(pre / "final", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -57,7 +57,7 @@ from typing import IO, Any
 import torch
 
 from minillm import runs
-from minillm.devices import cpu_multiplies_bf16, flush_denormals, mps_available
+from minillm.devices import cpu_multiplies_bf16, flush_denormals, mps_available, peak_memory_gib
 from minillm.errors import TrainingStopped, UserError
 from minillm.parallel import expert_parallel
 from minillm.paths import apply_umask, check_creatable
@@ -746,13 +746,15 @@ def _progress(enabled: bool):
 def _log_line(step: int, total_steps: int, values: dict[str, float], tokens_per_s: float, mfu: float | None,
               elapsed: float) -> str:
     """The line printed at each log interval (kept in the terminal's scrollback and in logs): the step's loss, lr,
-    gradient norm, the interval's speed and the time since the first step."""
+    gradient norm, the interval's speed, the peak memory and the time since the first step."""
     parts = [f"step {step}/{total_steps}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}"]
     if "grad_norm" in values:
         parts.append(f"grad_norm {values['grad_norm']:.3f}")
     parts.append(f"{tokens_per_s:,.0f} tok/s")
     if mfu is not None:
         parts.append(f"MFU {100 * mfu:.1f}%")
+    if "mem_gib" in values:
+        parts.append(f"peak mem {values['mem_gib']:.2f} GiB")
     parts.append(f"elapsed {datetime.timedelta(seconds=round(elapsed))}")
     return " | ".join(parts)
 
@@ -920,7 +922,9 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     values: dict[str, float] = result.read()  # waits for the device: at log intervals only
                     values.update({"lr": lr, "tokens_per_s": window_tokens / elapsed, "skipped_steps": skipped_total,
-                                   "targets": result.targets})
+                                   "targets": result.targets, "elapsed_s": time.perf_counter() - train_start,
+                                   "tokens_seen": step * config.global_batch_size * config.seq_len,
+                                   "mem_gib": peak_memory_gib(accelerator.device)})
                     if not result.skipped:
                         values["ppl"] = math.exp(min(values["loss"], 50.0))
                         progress.update(task, loss=f"{values['loss']:.4f}")
@@ -931,7 +935,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                     logger.log(step, values)
                     if accelerator.is_main_process:
                         progress.console.print(_log_line(step, total_steps, values, values["tokens_per_s"],
-                                                         values.get("mfu"), time.perf_counter() - train_start),
+                                                         values.get("mfu"), values["elapsed_s"]),
                                                soft_wrap=True)  # one line in a log, the terminal's own wrap
                     window_tokens, window_start = 0, time.perf_counter()
                 if result.skipped and bad_in_row >= config.max_bad_steps:  # stop after logging the last one
