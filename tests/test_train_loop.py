@@ -763,3 +763,12 @@ def test_expert_load_stats_and_the_curves_they_are_plotted_in(tmp_path):
                 "loss/seq_aux": 1.0, **stats} for s in range(1, 41)] + [{"step": 40, "val/loss": 3.0}]  # fmt: skip
     assert plot_curves(records, tmp_path / "c.png", "pretrain").stat().st_size > 10_000
     assert plot_curves([{"step": 1, "lr": 1e-3}], tmp_path / "none.png") is None  # no loss logged: no plot
+
+
+def test_tensorboard_groups_the_training_scalars():
+    from minillm.training.metrics import tensorboard_tag
+
+    assert [tensorboard_tag(k) for k in ("loss", "loss/mtp", "lr", "grad_norm", "tokens_per_s", "val/loss",
+                                         "moe/layer_0/cv")] == [
+        "train/loss", "train/loss_mtp", "optim/lr", "optim/grad_norm", "perf/tokens_per_s", "val/loss",
+        "moe/layer_0/cv"]

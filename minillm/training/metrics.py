@@ -93,6 +93,22 @@ def expert_load_stats(counts: torch.Tensor) -> dict[str, float]:
     return out
 
 
+# TensorBoard groups scalars by the part of the tag before the first "/": these put a step's numbers in a few
+# groups (`metrics.jsonl` keeps the plain keys, which scripts and plots read)
+_TAG_GROUPS = {"loss": "train/loss", "ppl": "train/ppl", "grad_norm": "optim/grad_norm", "lr": "optim/lr",
+               "skipped_steps": "optim/skipped_steps", "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu",
+               "mem_gib": "perf/mem_gib", "elapsed_s": "perf/elapsed_s", "tokens_seen": "data/tokens_seen",
+               "targets": "data/target_tokens"}
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a `metrics.jsonl` key: `loss` -> `train/loss`, `loss/mtp` -> `train/loss_mtp`,
+    `lr` -> `optim/lr`, `tokens_per_s` -> `perf/tokens_per_s`; `val/...` and `moe/...` as they are."""
+    if key.startswith("loss/"):
+        return "train/loss_" + key.split("/", 1)[1]
+    return _TAG_GROUPS.get(key, key)
+
+
 class MetricsLogger:
     """Writes step metrics to TensorBoard (Accelerate tracker) and `metrics.jsonl`; keeps them for the plot."""
 
@@ -135,7 +151,7 @@ class MetricsLogger:
         self.records.append(record)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        self.accelerator.log(clean, step=step)
+        self.accelerator.log({tensorboard_tag(k): v for k, v in clean.items()}, step=step)
 
     def close(self) -> None:
         """Flush and close the trackers (not `accelerator.end_training`, which also tears down the process group
