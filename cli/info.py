@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("info")
     def info(
+        target: str = typer.Argument(None, help="The same as --model: `minillm info runs/<run>`.", show_default=False),
         model: str = typer.Option(
             None, "--model",
             help="mini_llama3 (default), mini_deepseekv3 or mini_qwen3_next; or a trained model: a model directory, "
@@ -30,7 +31,8 @@ def register(app: typer.Typer) -> None:
         ),
         preset: str = typer.Option(None, "--preset", help="Size preset: tiny (default), small or base."),
         seq_len: int = typer.Option(
-            None, "--seq-len", help="Sequence length for attention FLOPs (default: the model's max)."
+            None, "--seq-len",
+            help="Sequence length for attention FLOPs (default: a trained model's training length, else the max).",
         ),
         config: str = typer.Option(
             None, "--config", help="A training recipe: print its budget (steps, tokens, FLOPs, wall time) instead."
@@ -54,6 +56,10 @@ def register(app: typer.Typer) -> None:
         from minillm.errors import UserError
         from minillm.models.stats import stats_of_config
 
+        if target is not None:
+            if model is not None:
+                raise UserError(f"{target} and --model {model}: give the model once")
+            model = target
         if config is not None:
             given = [flag for flag, value in (("--model", model), ("--preset", preset), ("--seq-len", seq_len))
                      if value is not None]
@@ -71,6 +77,10 @@ def register(app: typer.Typer) -> None:
             if preset is not None:
                 raise UserError(f"--preset {preset}: {model} is a trained model, whose size is its own; drop --preset")
             model_config, title = _trained_model_config(model)
+            if seq_len is None:  # the length the MFU of its run was computed at
+                from minillm.runs import resolve_model_dir, trained_seq_len
+
+                seq_len = trained_seq_len(resolve_model_dir(model, "--model"))
         else:
             model, preset = model or "mini_llama3", preset or "tiny"
             model_config, title = build_config(model, preset), f"{model} ({preset})"

@@ -44,6 +44,13 @@ def test_info_counts_a_trained_model_directory(tmp_path, capsys):
     assert f"{config_stats('mini_deepseekv3', 'tiny').total:,}" not in out
     assert run_cli("info", "--model", str(tmp_path / "model"), "--preset", "base") == 2
     assert "drop --preset" in capsys.readouterr().err
+    # a run's model: given as an argument too, its FLOPs at the length the run trained at (the figure its MFU used)
+    (tmp_path / "run").mkdir()
+    model.save_pretrained(tmp_path / "run" / "final")
+    (tmp_path / "run" / "config.yaml").write_text("stage: pretrain\nseq_len: 64\n")
+    assert run_cli("info", str(tmp_path / "run")) == 0
+    assert f"{model_stats(model, seq_len=64).flops_per_token:,}" in capsys.readouterr().out
+    assert run_cli("info", str(tmp_path / "run"), "--model", "mini_llama3") == 2
 
 
 def test_info_unknown_names(capsys):
