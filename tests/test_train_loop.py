@@ -571,7 +571,8 @@ def test_training_with_prefetch_matches_without(tmp_path, shards, monkeypatch):
 
 def test_step_results_are_read_from_the_device_at_log_intervals_only(tmp_path, shards, monkeypatch):
     """Reading a step's loss waits for the device (on a GPU the host then cannot queue the next step): the loop
-    reads the results of the logged steps (and the last one, for the final message) only."""
+    reads the results at the log steps only (the final message repeats the last one), and what it logs is the mean
+    of the steps since the previous log, summed on the device."""
     from minillm.training import trainer
     from minillm.training.config import TrainConfig
 
@@ -590,8 +591,18 @@ def test_step_results_are_read_from_the_device_at_log_intervals_only(tmp_path, s
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in logged if "loss" in r]
     assert steps == [3, 6, 7]  # the log steps and the last one
-    assert len(reads) == 4  # those three, and the final loss printed at the end
+    assert len(reads) == 3  # those three
     assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in logged if "loss" in r)
+    per_step = [json.loads(line)["loss"] for line in (_log_every_step(tmp_path, config) / "metrics.jsonl")
+                .read_text().splitlines() if "loss" in json.loads(line)]  # fmt: skip
+    means = [sum(per_step[0:3]) / 3, sum(per_step[3:6]) / 3, per_step[6]]
+    assert [r["loss"] for r in logged if "loss" in r] == pytest.approx(means, rel=1e-6)
+
+
+def _log_every_step(tmp_path, config):
+    from minillm.training import trainer
+
+    return trainer.train(config.replace(log_every=1, output_dir=str(tmp_path / "every_step")))
 
 
 def test_evaluation_time_does_not_count_as_training_speed(tmp_path, shards):

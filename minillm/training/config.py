@@ -102,7 +102,8 @@ class TrainConfig:
     save_every: int | None = _opt("save a checkpoint every N steps (0: only the final model)")
     keep_last: int = _opt("checkpoints to keep (older ones of this run are deleted)", default=3)
     log_every: int | None = _opt(
-        "log metrics (and show the loss) every N steps; only then is the loss read from the device"
+        "log metrics (and show the loss: the mean of the steps since the last log) every N steps; only then is the "
+        "loss read from the device"
     )
     eval_every: int | None = _opt("validation loss every N steps on the data's val split (0: off)")
     eval_batches: int = _opt(

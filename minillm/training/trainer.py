@@ -50,7 +50,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -241,6 +241,31 @@ class StepResult:
         if self.grad_norm is not None:
             out["grad_norm"] = float(self.grad_norm)
         return out
+
+
+class LossWindow:
+    """The loss terms of the steps since the last log, summed on the device (no host sync per step), so a log
+    reports their mean, not the one step it falls on: with `log_every` 10 a single step's loss is a sample of a
+    noisy curve. Skipped (non-finite) steps are left out."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, result: StepResult) -> None:
+        if result.skipped or result.terms is None:
+            return
+        self.total = result.terms.detach().clone() if self.total is None else self.total + result.terms
+        self.steps += 1
+
+    def mean_of(self, result: StepResult) -> StepResult:
+        """`result` with its loss terms replaced by the window's mean (its gradient norm stays the step's), and the
+        window emptied; `result` itself when the window holds no step."""
+        if self.total is None:
+            return result
+        mean = replace(result, terms=self.total / self.steps)
+        self.total, self.steps = None, 0
+        return mean
 
 
 def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -863,7 +888,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     poisoned = injected_nonfinite_steps(accelerator.process_index)
     window_tokens, window_start = 0, time.perf_counter()
     train_start = window_start
-    last = StepResult()
+    window = LossWindow()
+    final_loss = float("nan")  # the last logged mean loss, for the closing line
     last_val = None  # the latest validation loss, for the closing line
     if accelerator.is_main_process:
         accelerator.print(f"run directory: {run_dir}  ({total_steps} steps, global batch "
@@ -910,7 +936,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                                                f"{skipped_total} in all)")
                 else:
                     bad_in_row = 0
-                    last = result
+                    window.add(result)
                 tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 if peak and accelerator.device.type == "cpu" and not config.peak_tflops:
                     peak = cpu_peak_at_least(precision, tokens_per_s * flops_token / accelerator.num_processes)
@@ -920,13 +946,15 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
 
                 if step % config.log_every == 0 or step == total_steps or result.skipped:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    values: dict[str, float] = result.read()  # waits for the device: at log intervals only
+                    # waits for the device: at log intervals only; a skipped step is logged alone, at once
+                    values: dict[str, float] = (result if result.skipped else window.mean_of(result)).read()
                     values.update({"lr": lr, "tokens_per_s": window_tokens / elapsed, "skipped_steps": skipped_total,
                                    "targets": result.targets, "elapsed_s": time.perf_counter() - train_start,
                                    "tokens_seen": step * config.global_batch_size * config.seq_len,
                                    "mem_gib": peak_memory_gib(accelerator.device)})
                     if not result.skipped:
                         values["ppl"] = math.exp(min(values["loss"], 50.0))
+                        final_loss = values["loss"]
                         progress.update(task, loss=f"{values['loss']:.4f}")
                     if peak:
                         values["mfu"] = window_tokens * flops_token / elapsed / (peak * accelerator.num_processes)
@@ -977,7 +1005,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     if accelerator.is_main_process:
         plot_curves(logger.records, run_dir / "loss_curve.png", title=f"{config.stage} {run.model_name}")
         val = f" (val loss {last_val:.4f})" if last_val is not None else ""
-        accelerator.print(f"final loss {last.read()['loss']:.4f}{val}; model saved to {final}")
+        accelerator.print(f"final loss {final_loss:.4f}{val}; model saved to {final}")
     accelerator.wait_for_everyone()
     logger.close()
     return run_dir
