@@ -76,11 +76,9 @@ def register(app: typer.Typer) -> None:
         if model is not None and model not in MODEL_NAMES and _names_a_path(model):
             if preset is not None:
                 raise UserError(f"--preset {preset}: {model} is a trained model, whose size is its own; drop --preset")
-            model_config, title = _trained_model_config(model)
+            model_config, title, trained_len = _trained_model_config(model)
             if seq_len is None:  # the length the MFU of its run was computed at
-                from minillm.runs import resolve_model_dir, trained_seq_len
-
-                seq_len = trained_seq_len(resolve_model_dir(model, "--model"))
+                seq_len = trained_len
         else:
             model, preset = model or "mini_llama3", preset or "tiny"
             model_config, title = build_config(model, preset), f"{model} ({preset})"
@@ -114,12 +112,13 @@ def _names_a_path(model: str) -> bool:
 
 
 def _trained_model_config(path: str):
-    """(config, table title) of the minillm model at `path` (model directory, run directory or checkpoint)."""
+    """(config, table title, the length its run trained at or None) of the minillm model at `path` (model
+    directory, run directory or checkpoint)."""
     from transformers import AutoConfig
 
     from minillm.errors import UserError
     from minillm.models.registry import MODEL_NAMES
-    from minillm.runs import resolve_model_dir
+    from minillm.runs import resolve_model_dir, trained_seq_len
 
     model_dir = resolve_model_dir(path)
     try:
@@ -129,7 +128,7 @@ def _trained_model_config(path: str):
     if config.model_type not in MODEL_NAMES:
         raise UserError(f"--model {path}: a {config.model_type!r} model; info counts minillm models "
                         f"({', '.join(MODEL_NAMES)}); `minillm export --to minillm` converts the references")
-    return config, f"{config.model_type} ({model_dir})"
+    return config, f"{config.model_type} ({model_dir})", trained_seq_len(model_dir)
 
 
 def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str, gpus: int, mfu: float | None) -> None:
