@@ -768,19 +768,17 @@ def _progress(enabled: bool):
     )
 
 
-def _log_line(step: int, total_steps: int, values: dict[str, float], tokens_per_s: float, mfu: float | None,
-              elapsed: float) -> str:
-    """The line printed at each log interval (kept in the terminal's scrollback and in logs): the step's loss, lr,
-    gradient norm, the interval's speed, the peak memory and the time since the first step."""
+def _log_line(step: int, total_steps: int, values: dict[str, float]) -> str:
+    """The line printed at each log interval (kept in the terminal's scrollback and in logs) from the values logged
+    for it: the loss, lr, gradient norm, the interval's speed, the peak memory and the time since the first step."""
     parts = [f"step {step}/{total_steps}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.2e}"]
     if "grad_norm" in values:
         parts.append(f"grad_norm {values['grad_norm']:.3f}")
-    parts.append(f"{tokens_per_s:,.0f} tok/s")
-    if mfu is not None:
-        parts.append(f"MFU {100 * mfu:.1f}%")
-    if "mem_gib" in values:
-        parts.append(f"peak mem {values['mem_gib']:.2f} GiB")
-    parts.append(f"elapsed {datetime.timedelta(seconds=round(elapsed))}")
+    parts.append(f"{values['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in values:
+        parts.append(f"MFU {100 * values['mfu']:.1f}%")
+    parts.append(f"peak mem {values['mem_gib']:.2f} GiB")
+    parts.append(f"elapsed {datetime.timedelta(seconds=round(values['elapsed_s']))}")
     return " | ".join(parts)
 
 
@@ -962,8 +960,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                         values.update(expert_load_stats(result.expert_counts.cpu()))
                     logger.log(step, values)
                     if accelerator.is_main_process:
-                        progress.console.print(_log_line(step, total_steps, values, values["tokens_per_s"],
-                                                         values.get("mfu"), values["elapsed_s"]),
+                        progress.console.print(_log_line(step, total_steps, values),
                                                soft_wrap=True)  # one line in a log, the terminal's own wrap
                     window_tokens, window_start = 0, time.perf_counter()
                 if result.skipped and bad_in_row >= config.max_bad_steps:  # stop after logging the last one
