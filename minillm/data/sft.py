@@ -186,9 +186,14 @@ def _turn_cut(mask: list[int], limit: int) -> int:
     return best
 
 
+def _segment_starts(mask: list[int]) -> list[int]:
+    """Where each assistant segment (run of 1s) of `mask` starts."""
+    return [i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1])]
+
+
 def _answers_in(mask: list[int]) -> int:
     """How many assistant segments (runs of 1s) `mask` holds."""
-    return sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+    return len(_segment_starts(mask))
 
 
 def unlabel_answers_shown_without_reasoning(conversation: list[dict], mask: list[int]) -> list[int]:
@@ -197,7 +202,7 @@ def unlabel_answers_shown_without_reasoning(conversation: list[dict], mask: list
     with its answer straight after `<|im_start|>assistant`; trained there, a reasoning model learns to answer
     without thinking. Such turns stay in the context, unlabelled. Segment k of the mask is assistant turn k."""
     answers = [m for m in conversation if m["role"] == "assistant"]
-    starts = [i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1])]
+    starts = _segment_starts(mask)
     if len(starts) < 2 or not any(m.get("reasoning_content") for m in answers[: len(starts) - 1]):
         return mask
     mask = list(mask)
