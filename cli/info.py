@@ -2,6 +2,8 @@
 
     minillm info --model mini_deepseekv3 --preset base
     minillm info --model mini_llama3 --preset base --seq-len 1024
+    minillm info runs/pretrain_mini_llama3_<stamp>       # where a run stands (steps, losses, speed), its model's sizes
+    minillm info runs                                    # every run there: state, steps, losses
     minillm info --model runs/pretrain_mini_llama3_<stamp>/checkpoints/step_00000200    # a trained model's sizes
     minillm info --config recipes/pretrain_llama3_base.yaml --data data/pretrain --gpu H100   # a run's budget
 
@@ -76,6 +78,16 @@ def register(app: typer.Typer) -> None:
         if model is not None and model not in MODEL_NAMES and _names_a_path(model):
             if preset is not None:
                 raise UserError(f"--preset {preset}: {model} is a trained model, whose size is its own; drop --preset")
+            from minillm.runs import run_progress
+
+            progress = run_progress(model)
+            if progress is not None:  # a run directory: where it stands, then the sizes of the model it has
+                _print_progress(progress)
+                if progress.model_dir is None:
+                    return
+                model = str(progress.model_dir)
+            elif seq_len is None and _print_runs_under(model):  # a directory of runs (runs/): one line each
+                return
             model_config, title, trained_len = _trained_model_config(model)
             if seq_len is None:  # the length the MFU of its run was computed at
                 seq_len = trained_len
@@ -109,6 +121,90 @@ def _names_a_path(model: str) -> bool:
     from pathlib import Path
 
     return Path(model).exists() or "/" in model or "\\" in model
+
+
+def _print_progress(progress) -> None:
+    """The table of where a run stands (`minillm.runs.RunProgress`): state, steps, losses, speed, checkpoints."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from minillm.training.budget import format_duration
+
+    config, run_dir = progress.config, progress.run_dir
+    if config.get("stage") == "sft":
+        what = f"sft of {config.get('model') or '?'} from {config.get('model_path') or '?'}"
+    else:
+        what = f"pretrain of {config.get('model') or '?'} ({config.get('preset') or '?'} preset)"
+    resume = f"minillm {config['stage']} --config {run_dir / 'config.yaml'} --resume {run_dir}"
+    if progress.state == "finished":
+        state = f"finished: its model is {run_dir / 'final'}"
+    elif progress.state == "training":
+        state = "training now" + (f" (pid {progress.holder_pid})" if progress.holder_pid else "")
+    elif progress.checkpoints:
+        state = f"stopped; continue with: {resume}"
+    else:
+        state = "stopped before its first checkpoint: nothing to resume (start it again)"
+    steps = f"{progress.last_step:,}" + (f" of {progress.total_steps:,}" if progress.total_steps else "") + " logged"
+    rows = [("run", what), ("state", state), ("steps", steps)]
+    if progress.state != "finished" and progress.checkpoints:
+        newest = progress.checkpoints[-1]
+        step = progress.checkpoint_steps.get(newest)
+        if step is not None and step < progress.last_step:
+            again = (f"step {progress.last_step:,} runs" if progress.last_step == step + 1 else
+                     f"steps {step + 1:,} to {progress.last_step:,} run")
+            rows.append(("resumes at", f"step {step:,} (its checkpoint; {again} again)"))
+    if (tokens := progress.latest("tokens_seen")) is not None:
+        rows.append(("tokens seen", f"{tokens[1]:,.0f}"))
+    if progress.records:
+        rows.append(("training time", format_duration(progress.training_seconds)))
+    if (loss := progress.latest("loss")) is not None:
+        rows.append(("train loss", f"{loss[1]:.4f} at step {loss[0]:,} (mean since the log before)"))
+    if (best := progress.best("val/loss")) is not None:
+        last = progress.latest("val/loss")
+        rows.append(("val loss", f"best {best[1]:.4f} at step {best[0]:,}; last {last[1]:.4f} at step {last[0]:,}"))
+    speeds = sorted(r["tokens_per_s"] for r in progress.records if isinstance(r.get("tokens_per_s"), (int, float)))
+    if speeds:
+        mfus = sorted(r["mfu"] for r in progress.records if isinstance(r.get("mfu"), (int, float)))
+        mfu = f", MFU {100 * mfus[len(mfus) // 2]:.1f}%" if mfus else ""
+        rows.append(("speed (median of logs)", f"{speeds[len(speeds) // 2]:,.0f} tokens/s{mfu}"))
+    memory = [r["mem_gib"] for r in progress.records if isinstance(r.get("mem_gib"), (int, float))]
+    if memory:
+        rows.append(("peak memory", f"{max(memory):.2f} GiB"))
+    if (skipped := progress.latest("skipped_steps")) is not None and skipped[1] > 0:
+        rows.append(("skipped steps", f"{skipped[1]:,.0f} (non-finite loss or no targets)"))
+    if progress.checkpoints:
+        rows.append(("checkpoints", ", ".join(p.name for p in progress.checkpoints)))
+    table = Table(title=str(run_dir))
+    table.add_column("quantity")
+    table.add_column("value", overflow="fold")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+def _print_runs_under(directory: str) -> bool:
+    """One row per run directory directly under `directory` (by name: stage, model, start time); False (nothing
+    printed) when there is none."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from minillm.runs import run_progress
+
+    found = [p for p in (run_progress(d) for d in sorted(Path(directory).glob("*")) if d.is_dir()) if p is not None]
+    if not found:
+        return False
+    table = Table(title=f"runs in {directory}")
+    for column in ("run", "state", "steps", "train loss", "best val loss"):
+        table.add_column(column, justify="left" if column in ("run", "state") else "right", overflow="fold")
+    for progress in found:
+        loss, best = progress.latest("loss"), progress.best("val/loss")
+        table.add_row(progress.run_dir.name, progress.state,
+                      f"{progress.last_step:,}" + (f"/{progress.total_steps:,}" if progress.total_steps else ""),
+                      f"{loss[1]:.4f}" if loss else "-", f"{best[1]:.4f} (step {best[0]:,})" if best else "-")
+    Console().print(table)
+    return True
 
 
 def _trained_model_config(path: str):

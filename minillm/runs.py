@@ -1,4 +1,4 @@
-"""Where runs live and how to find the newest one.
+"""Where runs live, how to find the newest one, and where a run stands.
 
 A run directory is `<runs_root>/<stage>_<model>_<YYYYmmdd-HHMMSS>/` (stage is `pretrain` or `sft`). It holds the
 resolved `config.yaml`, `checkpoints/`, TensorBoard `logs/`, `metrics.jsonl`, `loss_curve.png` and, when the run
@@ -7,15 +7,17 @@ finished, `final/`: a HuggingFace model directory (safetensors, config, tokenize
 `resolve_model_dir` is how every command that takes a model (`chat`, `serve`, `eval`, `sft --model-path`,
 `export`) finds it: a model directory, a run directory (its `final/`) or one of a run's checkpoints.
 `trained_seq_len` reads the row length such a model was trained at from its run's `config.yaml`.
-A training process holds `lock_run_dir`'s lock on its run directory while it writes there.
+A training process holds `lock_run_dir`'s lock on its run directory while it writes there. `run_progress` reads
+where a run stands (finished, training now, or stopped and resumable) from those files, for `minillm info RUN_DIR`.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from minillm.errors import UserError
 
@@ -40,11 +42,9 @@ def lock_run_dir(run_dir: Path) -> IO | None:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        handle.seek(0)
-        pid = handle.read().strip()
         handle.close()
-        raise UserError(f"{run_dir}: another training process{f' (pid {pid})' if pid else ''} is writing this run; "
-                        "wait for it to end or stop it") from None
+        raise UserError(live_run_problem(run_dir) or f"{run_dir}: another training process is writing this run") \
+            from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -52,17 +52,32 @@ def lock_run_dir(run_dir: Path) -> IO | None:
     return handle
 
 
-def live_run_problem(run_dir: Path) -> str | None:
-    """Why `run_dir` may not be trained into now (another process holds its lock), or None; creates nothing."""
-    if not (run_dir / RUN_LOCK).is_file():
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid of the process that holds `run_dir`'s lock ("" when it has not written it yet), or None when no
+    process does. Writes nothing: a shared lock is refused while the trainer holds its exclusive one."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
         return None
     try:
-        handle = lock_run_dir(run_dir)
-    except UserError as err:
-        return str(err)
-    if handle is not None:
-        handle.close()
+        handle = open(run_dir / RUN_LOCK, encoding="utf-8")  # noqa: SIM115  (closed below)
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read().strip()
     return None
+
+
+def live_run_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` may not be trained into now (another process holds its lock), or None; writes nothing."""
+    pid = lock_holder(run_dir)
+    if pid is None:
+        return None
+    return (f"{run_dir}: another training process{f' (pid {pid})' if pid else ''} is writing this run; wait for it "
+            "to end or stop it")
 
 
 def new_run_dir(stage: str, model: str, root: Path | None = None) -> Path:
@@ -178,10 +193,7 @@ def _recorded_seq_len(model_dir: Path) -> int | None:
 def _run_config(model_dir: Path) -> tuple[Path, dict] | None:
     """(run directory, its config.yaml) of a run's `final/`, checkpoint or the run directory itself; None when
     `model_dir` is not in a run or the file is not a run's config (it names the stage)."""
-    import yaml
-
     from minillm.training.checkpoint import CHECKPOINTS
-    from minillm.training.config import read_saved_config
 
     model_dir = model_dir.resolve()
     if (model_dir / "final").is_dir():  # a run directory stands for its final model, as in resolve_model_dir
@@ -192,10 +204,108 @@ def _run_config(model_dir: Path) -> tuple[Path, dict] | None:
         run_dir = model_dir.parent
     else:
         return None
+    config = _read_run_config(run_dir)
+    return None if config is None else (run_dir, config)
+
+
+def _read_run_config(run_dir: Path) -> dict | None:
+    """The `config.yaml` of the run in `run_dir`; None when there is none or it is not a run's (it names the
+    stage)."""
+    import yaml
+
+    from minillm.training.config import read_saved_config
+
     try:
         config = read_saved_config(run_dir / "config.yaml")
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    if not isinstance(config, dict) or config.get("stage") not in STAGES:
+    return config if isinstance(config, dict) and config.get("stage") in STAGES else None
+
+
+@dataclass
+class RunProgress:
+    """Where a run stands, read from its directory (see `run_progress`)."""
+
+    run_dir: Path
+    config: dict[str, Any]  # its config.yaml
+    state: str  # "finished", "training" (another process holds the run's lock) or "stopped"
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl
+    checkpoints: list[Path] = field(default_factory=list)  # oldest first
+    checkpoint_steps: dict[Path, int] = field(default_factory=dict)  # of the checkpoints whose state is readable
+    total_steps: int | None = None  # the run's planned steps, where its files record them
+    holder_pid: str | None = None  # state "training": the pid of the training process ("" if not known)
+
+    @property
+    def last_step(self) -> int:
+        """The last step logged (0 before the first log)."""
+        return self.records[-1]["step"] if self.records else 0
+
+    @property
+    def training_seconds(self) -> float:
+        """Time spent training over all of the run's starts: each start logs `elapsed_s` from its own beginning."""
+        total, previous = 0.0, 0.0
+        for record in self.records:
+            elapsed = record.get("elapsed_s")
+            if not isinstance(elapsed, (int, float)):
+                continue
+            if elapsed < previous:  # a resume started the clock again
+                total += previous
+            previous = elapsed
+        return total + previous
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The model the run has to show: its `final/`, else its newest checkpoint, else None."""
+        if self.state == "finished":
+            return self.run_dir / "final"
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def latest(self, key: str) -> tuple[int, float] | None:
+        """(step, value) of the last record holding `key`, or None."""
+        for record in reversed(self.records):
+            if isinstance(record.get(key), (int, float)):
+                return record["step"], float(record[key])
         return None
-    return run_dir, config
+
+    def best(self, key: str) -> tuple[int, float] | None:
+        """(step, value) of the lowest value of `key` logged (the first such step), or None."""
+        found = [(r[key], r["step"]) for r in self.records if isinstance(r.get(key), (int, float))]
+        if not found:
+            return None
+        value, step = min(found)
+        return step, float(value)
+
+
+def run_progress(run_dir: str | Path) -> RunProgress | None:
+    """Where the run in `run_dir` stands, read from its files without loading a model; None when `run_dir` is not a
+    run directory (no `config.yaml` that names a stage). A run is "training" while a process holds its lock,
+    "finished" once it has a `final/` model, else "stopped" (killed, interrupted or failed): resumable from its
+    newest checkpoint if it has one."""
+    from minillm.training.checkpoint import list_checkpoints, read_trainer_state
+    from minillm.training.metrics import read_metrics
+
+    run_dir = Path(run_dir)
+    config = _read_run_config(run_dir)
+    if config is None:
+        return None
+    holder_pid = lock_holder(run_dir)
+    if holder_pid is not None:
+        state = "training"
+    elif (run_dir / "final" / "config.json").is_file():
+        state = "finished"
+    else:
+        state = "stopped"
+    progress = RunProgress(run_dir, config, state, read_metrics(run_dir / "metrics.jsonl"),
+                           list_checkpoints(run_dir), holder_pid=holder_pid)
+    for checkpoint in progress.checkpoints:
+        try:
+            trainer_state = read_trainer_state(checkpoint)
+            progress.checkpoint_steps[checkpoint] = int(trainer_state["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged checkpoint: listed, without its step
+            continue
+        total = trainer_state.get("total_steps")
+        if isinstance(total, int) and not isinstance(total, bool) and total > 0:
+            progress.total_steps = total  # runs from before it was recorded leave it unknown
+    if state == "finished" and progress.records:
+        progress.total_steps = progress.last_step  # the last step is always logged
+    return progress

@@ -1,5 +1,7 @@
 """`minillm info` and the parameter / FLOPs counts behind it."""
 
+import os
+
 import pytest
 from cli_helpers import run_cli
 
@@ -177,3 +179,70 @@ def test_small_presets_compare_like_for_like():
     }
     activated = [config_stats(name, "small").activated_non_embedding for name in MODEL_NAMES]
     assert max(activated) <= 1.5 * min(activated), activated
+
+
+def test_info_of_a_run_says_where_it_stands(tmp_path, capsys, monkeypatch):
+    """`minillm info RUN_DIR`: finished, stopped (with the command that resumes it and the step it resumes at),
+    or training now, with the steps, losses and speed read from its files; an unfinished run is not an error."""
+    import json
+    import shutil
+
+    from cli_helpers import run_cli_err
+
+    from minillm.runs import RUN_LOCK, lock_run_dir
+
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    run = tmp_path / "run"
+    code, err = run_cli_err(["pretrain", "--model", "mini_llama3", "--model-arg", "num_hidden_layers=1",
+                             "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--log-every", "1",
+                             "--output-dir", str(run)], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["val/loss"], r["step"]) for r in records if "val/loss" in r]
+    best, best_step = min(val)
+    val_at = {step: loss for loss, step in val}
+    code, out = run_cli("info", str(run)), capsys.readouterr().out
+    assert code == 0
+    text = " ".join(out.split())
+    assert "pretrain of mini_llama3 (tiny preset)" in text and f"finished: its model is {run / 'final'}" in text
+    assert "4 of 4 logged" in text and f"best {best:.4f} at step {best_step}" in text
+    assert f"{[r for r in records if 'loss' in r][-1]['loss']:.4f} at step 4" in text
+    assert "total parameters" in text  # and the sizes of its final model
+
+    stopped = tmp_path / "stopped"  # killed after logging step 3: no final/, the checkpoint of step 2 resumes
+    shutil.copytree(run, stopped)
+    shutil.rmtree(stopped / "final")
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 3)
+                                           + '{"step": 4, "lo')  # a line cut short by the kill
+    code, out = run_cli("info", str(stopped)), capsys.readouterr().out
+    assert code == 0
+    text = " ".join(out.split())
+    assert f"continue with: minillm pretrain --config {stopped / 'config.yaml'} --resume {stopped}" in text
+    assert "3 of 4 logged" in text and "step 2 (its checkpoint; step 3 runs again)" in text
+    assert "step_00000002" in text and "total parameters" in text  # its newest checkpoint's sizes
+
+    code, out = run_cli("info", str(tmp_path)), capsys.readouterr().out  # the directory of runs: one row each
+    assert code == 0
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    train_loss = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert rows == [["run", "finished", "4/4", f"{train_loss[4]:.4f}", f"{best:.4f} (step {best_step})"],
+                    ["stopped", "stopped", "3/4", f"{train_loss[3]:.4f}", f"{val_at[2]:.4f} (step 2)"]]
+
+    lock = lock_run_dir(stopped)  # a training process holds it: says so, and writes nothing into the lock
+    before = (stopped / RUN_LOCK).read_bytes()
+    code, out = run_cli("info", str(stopped)), capsys.readouterr().out
+    assert code == 0 and f"training now (pid {os.getpid()})" in " ".join(out.split())
+    assert (stopped / RUN_LOCK).read_bytes() == before
+    lock.close()
+
+    shutil.rmtree(stopped / "checkpoints")
+    code, out = run_cli("info", str(stopped)), capsys.readouterr().out
+    assert code == 0 and "nothing to resume" in " ".join(out.split()) and "total parameters" not in out
+
+
+def test_training_time_adds_up_the_starts_of_a_resumed_run(tmp_path):
+    from minillm.runs import RunProgress
+
+    records = [{"step": 1, "elapsed_s": 10.0}, {"step": 2, "elapsed_s": 20.0},  # killed after step 2
+               {"step": 2, "elapsed_s": 5.0}, {"step": 3, "elapsed_s": 12.0}]  # resumed: the clock starts again
+    assert RunProgress(tmp_path, {}, "finished", records).training_seconds == 32.0

@@ -109,6 +109,24 @@ def tensorboard_tag(key: str) -> str:
     return _TAG_GROUPS.get(key, key)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` in order ([] when the file is missing), without the lines that are not a
+    record: the last line of a killed run may be cut short."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 class MetricsLogger:
     """Writes step metrics to TensorBoard (Accelerate tracker) and `metrics.jsonl`; keeps them for the plot."""
 
@@ -119,13 +137,7 @@ class MetricsLogger:
         if accelerator.is_main_process:
             if self.path.exists():
                 # a resumed run: keep what was logged up to the checkpoint, drop what a killed run logged after it
-                kept = []
-                for line in self.path.read_text(encoding="utf-8").splitlines():
-                    try:
-                        kept.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue  # the last line of a killed run may be cut short
-                self.records = [r for r in kept if r.get("step", 0) <= start_step]
+                self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
                 self._rewrite()
             # Accelerate's TensorBoard tracker, attached here because the run directory is only known now;
             # purge_step drops events a killed run wrote after the checkpoint we resume from

@@ -905,6 +905,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
             expert_parallel.save_expert_shards, accelerator.unwrap_model(model), ep=ep)
         path = ckpt.save_checkpoint(accelerator, run_dir, step, {
             "data": source.state_dict(), "skipped_steps": skipped_total, "bad_in_row": bad_in_row,
+            "total_steps": total_steps,
             "launch": launch_layout(accelerator),
         }, config.keep_last, save_extra=save_experts, save_model_files=functools.partial(
             save_model_files, accelerator.unwrap_model(model), run.tokenizer))
