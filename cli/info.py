@@ -291,6 +291,7 @@ def _recipe_model_stats(cfg):
 
     import minillm  # noqa: F401  (registers our architectures)
     from minillm.errors import UserError
+    from minillm.models.registry import build_config as build_model_config
     from minillm.models.stats import config_stats, model_stats, stats_of_config
 
     if cfg.stage == "pretrain":
@@ -304,7 +305,10 @@ def _recipe_model_stats(cfg):
     except UserError:
         if not cfg.model:
             raise
-        return config_stats(cfg.model, "base", seq_len=cfg.seq_len), f"{cfg.model} (base preset: not pretrained yet)"
+        # SFT starts from a pretraining run's final/, saved without DeepSeek-V3's training-only MTP block
+        no_mtp = {"num_mtp_layers": 0} if hasattr(build_model_config(cfg.model, "base"), "num_mtp_layers") else {}
+        return (config_stats(cfg.model, "base", seq_len=cfg.seq_len, **no_mtp),
+                f"{cfg.model} (base preset: not pretrained yet)")
     import torch
     from transformers import AutoModelForCausalLM
 

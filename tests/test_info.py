@@ -144,6 +144,23 @@ def test_budget_wall_time_is_flops_over_peak_times_mfu(tmp_path):
     assert run.seconds(989e12, 0.25, devices=2) == pytest.approx(1000 * 32 * 512 * flops / (989e12 * 0.25 * 2))
 
 
+def test_budget_of_an_sft_recipe_before_pretraining_has_no_mtp(tmp_path, capsys, monkeypatch):
+    """SFT starts from a pretraining run's final/, saved without DeepSeek-V3's training-only MTP block: a budget
+    made before that run exists (the base preset stands in) counts the model SFT will train (677M, not 892M
+    FLOPs per token at 512)."""
+    from minillm.models.stats import config_stats
+
+    monkeypatch.setenv("COLUMNS", "400")
+    recipe = _recipe(tmp_path, stage="sft", model="mini_deepseekv3", seq_len=512, micro_batch_size=16,
+                     global_batch_size=16, model_path=str(tmp_path / "not_pretrained_yet"))
+    capsys.readouterr()
+    assert run_cli("info", "--config", recipe, "--tokens", "1e7") == 0
+    out = capsys.readouterr().out
+    sft = config_stats("mini_deepseekv3", "base", seq_len=512, num_mtp_layers=0).flops_per_token
+    assert sft < config_stats("mini_deepseekv3", "base", seq_len=512).flops_per_token
+    assert f"({sft / 1e6:,.0f}M / token)" in out and "not pretrained yet" in out
+
+
 def test_budget_bad_input_is_one_line(tmp_path, capsys):
     recipe = _recipe(tmp_path, model="mini_llama3", preset="base", data=str(tmp_path / "not_built"))
     capsys.readouterr()

@@ -90,8 +90,9 @@ def convert_model(src, dst_class, dst_config, skip: tuple[str, ...] = ()):
 # Key of the exported config.json holding the fields of our config that the reference config has no place for
 # (training knobs such as DeepSeek-V3's `bias_update_speed`, speed knobs such as `loss_chunk_size`). transformers
 # keeps unknown config keys as plain attributes and ignores them, so the export still loads anywhere, and
-# `--to minillm` restores them instead of resetting them to our defaults.
-OWN_FIELDS_KEY = "minillm"
+# `--to minillm` restores them instead of resetting them to our defaults. The same section records the length the
+# model trained at (`runs.TRAINED_SEQ_LEN_KEY`).
+OWN_FIELDS_KEY = TRAINED_SEQ_LEN_KEY[0]
 
 
 def own_fields(config: PretrainedConfig, names: tuple[str, ...]) -> dict:

@@ -54,7 +54,7 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     ),
-    # The seed's sizes: 174.9M parameters (164.7M without the MTP module), 111M activated per token.
+    # About the seed's size: 174.9M parameters (164.7M without the MTP module), 101.0M activated per token.
     "base": dict(
         hidden_size=768,
         intermediate_size=3072,
