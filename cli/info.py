@@ -1,4 +1,4 @@
-"""`minillm info`: parameter counts and training FLOPs per token of a model preset.
+"""`minillm info`: parameter counts and training FLOPs per token of a model preset, where a run stands.
 
     minillm info --model mini_deepseekv3 --preset base
     minillm info --model mini_llama3 --preset base --seq-len 1024
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             None, "--mfu", help="With --config: assumed MFU (default: 0.40 dense, 0.25 MoE, our GPU goals)."
         ),
     ) -> None:
-        """Print total, activated (MoE), MTP and non-embedding parameters and training FLOPs per token."""
+        """Parameters and FLOPs per token of a model; where a run stands (info runs/RUN); a recipe's budget."""
         from rich.console import Console
         from rich.table import Table
 
