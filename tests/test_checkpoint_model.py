@@ -148,10 +148,13 @@ def test_resuming_a_damaged_checkpoint_is_one_line_naming_an_earlier_one(runs, t
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     else:
         (checkpoint / "trainer_state.json").write_text("{bad")
-    code, err = run_cli_err(["pretrain", "--config", str(run / "config.yaml"), "--resume", str(checkpoint)], capsys)
+    saved_config = (run / "config.yaml").read_text()
+    code, err = run_cli_err(["pretrain", "--config", str(run / "config.yaml"), "--resume", str(checkpoint),
+                             "--log-every", "7"], capsys)
     assert code == 2, err
     assert f"--resume {checkpoint}: cannot read the checkpoint, it may be damaged (" in err, err
     assert len(err.strip().splitlines()) == 1, err
+    assert (run / "config.yaml").read_text() == saved_config  # the refused launch's options are not recorded
 
 
 def test_a_save_interrupted_midway_leaves_no_half_written_checkpoint(tmp_path, capsys):

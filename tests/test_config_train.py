@@ -37,6 +37,35 @@ def test_a_recipe_or_launcher_that_is_not_utf8_is_one_line(tmp_path):
         read_launcher(tmp_path)
 
 
+def test_launcher_paths(tmp_path, monkeypatch):
+    """The shipped configs are found from any directory by their README name or alone; a path elsewhere that does
+    not exist is refused (it once ran the shipped file of the same name, unsaid)."""
+    from minillm.training.launch import read_launcher
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("accelerate_configs/ddp.yaml", "ddp.yaml"):
+        assert read_launcher(name)[1].parent.name == "accelerate_configs"
+    with pytest.raises(UserError, match="^--launcher my_configs/ddp.yaml: no such accelerate config file$"):
+        read_launcher("my_configs/ddp.yaml")
+
+
+def test_torchruns_report_of_a_failed_rank_is_held_back(monkeypatch):
+    """Under `--launcher` the ranks' stderr passes through as it comes; from torch's elastic agent's first log
+    line on, the rest is returned instead (dropped when a rank left its one-line error, printed for a crash)."""
+    import io
+    import sys
+
+    from minillm.training.launch import _pass_stderr_until_failure_report
+
+    report = (b"W1129 23:11:43.992000 15278 site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] "
+              b"Sending process 15283 closing signal SIGTERM\nTraceback (most recent call last):\n  ChildFailedError\n")
+    stream = io.BytesIO(b"warning: eval_every 5, but no validation data\n" + report)
+    stderr = io.TextIOWrapper(io.BytesIO(), write_through=True)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert _pass_stderr_until_failure_report(stream) == report
+    assert stderr.buffer.getvalue() == b"warning: eval_every 5, but no validation data\n"
+
+
 def test_a_bad_flag_value_names_the_flag():
     from minillm.training.config import build_config
 

@@ -305,8 +305,13 @@ def test_resume_after_sigkill_repeats_the_same_losses(tmp_path, shards, capsys):
     state = json.loads(state_file.read_text())
     assert state["launch"] == {"processes": 1, "zero_stage": None}
     state_file.write_text(json.dumps({**state, "launch": {"processes": 2, "zero_stage": 2}}))
-    code, err = run_cli(args + ["--output-dir", str(resumed), "--resume", str(state_file.parent)], capsys)
+    saved_config = (resumed / "config.yaml").read_text()
+    code, err = run_cli(args + ["--output-dir", str(resumed), "--resume", str(state_file.parent), "--keep-last", "1"],
+                        capsys)
     assert code == 2 and "saved by 2 processes, DeepSpeed ZeRO-2, but this launch has 1 process" in err, err
+    # the refused launch's options were once written into the run's config.yaml (keep_last 1 would then have
+    # deleted checkpoints in the resume its error message advises)
+    assert (resumed / "config.yaml").read_text() == saved_config
     state_file.write_text(json.dumps(state))
     kill_after_step(start(_cli(args + ["--output-dir", str(resumed), "--resume", "latest"]), log), resumed, 6, log)
     ref, res = losses(reference), losses(resumed)

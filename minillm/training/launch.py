@@ -13,12 +13,13 @@ config and one level up (the repository root), so the shipped configs work from 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -35,8 +36,10 @@ def read_launcher(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     if cfg_path.is_dir():
         raise UserError(f"--launcher {path}: a directory; give an accelerate config file (accelerate_configs/*.yaml)")
     if not cfg_path.is_file():
+        # the shipped configs are found from any directory, named as the README does (`accelerate_configs/ddp.yaml`)
+        # or alone (`ddp.yaml`); a path anywhere else names a file of the user's, which must exist
         shipped = Path(__file__).resolve().parent.parent.parent / "accelerate_configs" / cfg_path.name
-        if not shipped.is_file():
+        if cfg_path.parent not in (Path("."), Path("accelerate_configs")) or not shipped.is_file():
             raise UserError(f"--launcher {path}: no such accelerate config file")
         cfg_path = shipped
     try:
@@ -198,22 +201,44 @@ def relaunch(launcher: str, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="minillm-launch-") as tmp:
         resolved = Path(tmp) / "accelerate_config.yaml"
         resolved.write_text(yaml.safe_dump(data), encoding="utf-8")
-        # --quiet: no traceback of accelerate's own about the failed child (single-process and DeepSpeed
-        # launches), which used to precede the one-line error of a bad input found in the ranks
+        # --quiet: no traceback of accelerate's own about the failed child of a single-process launch; torchrun's
+        # report of a multi-process one is held back below
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(resolved),
                str(MAIN_SCRIPT), *argv]
         error_file = Path(tmp) / "error.txt"  # ranks write a UserError's message here (cli/main.py)
         env = {**os.environ, LAUNCHED_ENV: "1", ERROR_FILE_ENV: str(error_file)}
         if data.get("distributed_type") == "DEEPSPEED":
             env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-        code = subprocess.run(cmd, env=env).returncode
+        with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE) as child:
+            report = _pass_stderr_until_failure_report(child.stderr)
+            code = child.wait()
         message = ranks_error(error_file) if code != 0 else None
         if message is not None:
-            # torchrun turned the ranks' exit code 2 into 1: the ranks left their one line to say here, last,
-            # after any failure report of the launcher's, with the code that means "bad input"
+            # torchrun turned the ranks' exit code 2 into 1: the ranks left their one line to say here, with the code
+            # that means "bad input", instead of torchrun's report of a failed child (40 lines, a traceback)
             print(f"error: {message}", file=sys.stderr)
             return 2
+        sys.stderr.buffer.write(report)  # a crash: everything torchrun says about it
+        sys.stderr.flush()
         return code
+
+
+# A log line of torch's elastic agent ("W1129 23:11:43.992000 15278 .../torch/distributed/elastic/...] Sending
+# process 15283 closing signal SIGTERM"): it starts its report of a failed child, which a traceback follows.
+_ELASTIC_LOG = re.compile(rb"^[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")
+
+
+def _pass_stderr_until_failure_report(stream: IO[bytes]) -> bytes:
+    """Copy the launched command's stderr to ours, line by line, until torch's elastic agent starts reporting a
+    failed child; return that report and whatever follows, for the caller to print or drop."""
+    held: list[bytes] = []
+    for line in stream:
+        if held or _ELASTIC_LOG.match(line):
+            held.append(line)
+            continue
+        sys.stderr.buffer.write(line)
+        sys.stderr.flush()
+    return b"".join(held)
 
 
 def ranks_error(error_file: Path) -> str | None:

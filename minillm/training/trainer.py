@@ -563,7 +563,8 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
 
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> Path | None:
-    """Create the run directory and write its config. With --overwrite, the run it held is moved whole (its
+    """Create the run directory and write its config (a resumed run's once its checkpoint has loaded: a refused
+    resume must leave the options the run was made with). With --overwrite, the run it held is moved whole (its
     config, metrics, curves, checkpoints and final model) into a new sibling `<dir>.previous-<time>`, which is
     returned. It was once cleared in place before the first step: a new run that then failed (diverged, out of
     memory) had deleted the old metrics and left the old final model described by the new run's config."""
@@ -581,7 +582,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resuming: bool) -> Path
                 aside = run_dir.with_name(f"{run_dir.name}.previous-{stamp}-{n}")
         for path in old:
             path.rename(aside / path.name)
-    save_config(config, run_dir / "config.yaml")
+    if not resuming:
+        save_config(config, run_dir / "config.yaml")
     return aside
 
 
@@ -820,6 +822,11 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # no page faults for each step's activations (host_memory.py)
     run_dir, resume_from = resolve_run_dir(config, accelerator)  # checks only; nothing is written yet
+    resume_state = None
+    if resume_from is not None:  # a checkpoint this launch cannot load is refused before its config is rewritten
+        with damaged_checkpoint_is_user_error(resume_from, run_dir):
+            resume_state = ckpt.read_trainer_state(resume_from)
+        check_same_launch(resume_state, accelerator, resume_from)
     set_seed(config.seed)  # identical initial weights on every rank
     if run is None:
         run = build_run(config)  # every input check happens here, before the run directory exists
@@ -854,9 +861,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     start_step, skipped_total, bad_in_row = 0, 0, 0
     ep = expert_parallel.model_expert_parallel(accelerator.unwrap_model(model))
     if resume_from is not None:
-        with damaged_checkpoint_is_user_error(resume_from, run_dir):
-            state = ckpt.read_trainer_state(resume_from)
-        check_same_launch(state, accelerator, resume_from)
+        state = resume_state
         with damaged_checkpoint_is_user_error(resume_from, run_dir):
             accelerator.load_state(str(resume_from))
             # load_state restores Accelerate's micro-step counter, counted in the saved run's accumulation; a resume
@@ -869,6 +874,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
             bad_in_row = state.get("bad_in_row", 0)
             batches.load_state_dict(state["data"])
         if accelerator.is_main_process:
+            save_config(config, run_dir / "config.yaml")  # now that the checkpoint has loaded
             accelerator.print(f"resuming {run_dir} from {resume_from.name} (step {start_step})")
             aside = ckpt.set_aside_later_checkpoints(run_dir, start_step)
             if aside is not None:
