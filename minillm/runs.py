@@ -242,7 +242,8 @@ class RunProgress:
 
     @property
     def training_seconds(self) -> float:
-        """Time spent training over all of the run's starts: each start logs `elapsed_s` from its own beginning."""
+        """Time spent training over all of the run's starts: a resumed run logs `elapsed_s` on from its checkpoint's,
+        where runs before that started it again from 0."""
         total, previous = 0.0, 0.0
         for record in self.records:
             elapsed = record.get("elapsed_s")

@@ -260,6 +260,8 @@ def test_info_of_a_run_says_where_it_stands(tmp_path, capsys, monkeypatch):
 def test_training_time_adds_up_the_starts_of_a_resumed_run(tmp_path):
     from minillm.runs import RunProgress
 
-    records = [{"step": 1, "elapsed_s": 10.0}, {"step": 2, "elapsed_s": 20.0},  # killed after step 2
-               {"step": 2, "elapsed_s": 5.0}, {"step": 3, "elapsed_s": 12.0}]  # resumed: the clock starts again
+    records = [{"step": 1, "elapsed_s": 10.0}, {"step": 2, "elapsed_s": 20.0},  # resumed from step 2 ...
+               {"step": 3, "elapsed_s": 7.0}, {"step": 4, "elapsed_s": 12.0}]  # ... by a minillm that began at 0
+    assert RunProgress(tmp_path, {}, "finished", records).training_seconds == 32.0
+    records[2:] = [{"step": 3, "elapsed_s": 27.0}, {"step": 4, "elapsed_s": 32.0}]  # now: from the checkpoint's
     assert RunProgress(tmp_path, {}, "finished", records).training_seconds == 32.0

@@ -428,6 +428,10 @@ def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path,
     for s in (4, 5):
         assert abs(res[s] - ref[s]) <= 1e-5 * ref[s], (res, ref)
     assert "micro_batch_size: 1" in (resumed / "config.yaml").read_text()  # the record says how it went on
+    # the elapsed time goes on from the checkpoint's, as `minillm info` adds it up (it once started again at 0)
+    elapsed = {r["step"]: r["elapsed_s"] for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r}
+    assert elapsed[3] < elapsed[4] < elapsed[5], elapsed
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -891,7 +891,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     model.train()
     poisoned = injected_nonfinite_steps(accelerator.process_index)
     window_tokens, window_start = 0, time.perf_counter()
-    train_start = window_start
+    # a resumed run's elapsed time goes on from its checkpoint's (the time of the steps it kept)
+    train_start = window_start - next((r["elapsed_s"] for r in reversed(logger.records) if "elapsed_s" in r), 0.0)
     window = LossWindow()
     final_loss = float("nan")  # the last logged mean loss, for the closing line
     last_val = None  # the latest validation loss, for the closing line
