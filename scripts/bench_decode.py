@@ -6,7 +6,7 @@ time to first token (prefill + first sample) and decode throughput (tokens/s aft
 (detokenization and stop checks included), so the comparison does not flatter us. Ours runs twice: through the
 models' decode fast path (`minillm`, what `minillm chat` / `serve` use) and through the plain `forward` with the
 model's cache (`minillm forward()`), so one run also shows what the fast path buys. Each number is the median of
-`--repeats` runs (the two engines interleaved) after one warm-up run. Eos is ignored so every run produces exactly `--new-tokens` tokens.
+`--repeats` runs (the engines interleaved) after one warm-up run. Eos is ignored so every run produces exactly `--new-tokens` tokens.
 
     python scripts/bench_decode.py                                  # the three models, tiny preset, random weights
     python scripts/bench_decode.py --preset base --device cuda      # 100-200M models on a GPU

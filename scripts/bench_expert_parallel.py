@@ -60,13 +60,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def bench_config(args: argparse.Namespace, world: int, ep: int):
+    """The training config of one EP size's launch over `world` processes."""
+    from minillm.training.config import TrainConfig
+
+    return TrainConfig(stage="pretrain", model=args.model, preset=args.preset, model_args=parse_model_args(args.model_arg),
+                       seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                       global_batch_size=args.micro_batch_size * world, max_steps=args.warmup + args.steps,
+                       expert_parallel_size=ep, precision="auto" if args.device == "cuda" else "fp32").resolve()
+
+
 def worker(args: argparse.Namespace) -> None:
     """One process of one EP size: time `--warmup + --steps` training steps, rank 0 writes the JSON result."""
     import torch
 
     from minillm.models.registry import build_model
     from minillm.parallel.expert_parallel import ALL_TO_ALL_TIMER
-    from minillm.training.config import TrainConfig
     from minillm.training.trainer import (
         forward_backward,
         make_accelerator,
@@ -76,10 +85,7 @@ def worker(args: argparse.Namespace) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     total = args.warmup + args.steps
-    config = TrainConfig(stage="pretrain", model=args.model, preset=args.preset, seq_len=args.seq_len,
-                         micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size * world,
-                         max_steps=total, expert_parallel_size=args.ep_size,
-                         precision="auto" if args.device == "cuda" else "fp32").resolve()  # fmt: skip
+    config = bench_config(args, world, args.ep_size)
     accelerator = make_accelerator(config)
     torch.manual_seed(0)
     model = build_model(args.model, args.preset, **parse_model_args(args.model_arg))
@@ -156,7 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
     # Checked here, before the launches: each of them starts `--nproc` processes and trains
-    parse_model_args(args.model_arg)  # a UserError for a pair that is not KEY=VALUE
+    from minillm.models.registry import build_config
+    from minillm.training.trainer import check_expert_parallel
+
+    build_config(args.model, args.preset, **parse_model_args(args.model_arg))  # the preset and the overrides
+    for ep in args.ep:  # each size divides the experts and the processes (ZeRO-2, as LAUNCHER)
+        check_expert_parallel(bench_config(args, args.nproc, ep), launch=(args.nproc, True, 2))
     if args.device == "cuda":
         resolve_device("cuda")
     check_output_file(args.json, "--json")

@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -52,7 +53,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]:
+if "--device=cpu" in sys.argv or "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer (Accelerate) uses a GPU whenever one is visible
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -270,6 +271,8 @@ def build_trainer_run(args: argparse.Namespace, config: TrainConfig):
 
 def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: int, sync: bool,
                       between_steps=None) -> StageTimer:
+    # the previous round's run goes: `overwrite` would keep it beside the new one (`<dir>.previous-<time>`)
+    shutil.rmtree(config.output_dir, ignore_errors=True)
     with StageTimer(device, warmup, sync, between_steps) as timer:
         hooks = timer.watch_model(run.model)
         try:
@@ -283,7 +286,9 @@ def run_trainer_round(config: TrainConfig, run, device: torch.device, warmup: in
 def profile_round(config: TrainConfig, run, device: torch.device, warmup: int, steps: int = 5) -> str:
     """Where the time of `steps` trainer steps after the warm-up goes (torch.profiler): on CUDA the kernels by their
     own time and the operators by the time of the kernels they launched, on a CPU the operators by their own time.
-    The profiler steps at each step boundary, from the hook the reference steps use."""
+    The profiler steps at each step boundary, from the hook the reference steps use: before each timed step, so
+    `steps` profiled steps need `steps + 1` timed ones (the last profiled step ends where the next begins, not
+    after the final model is saved)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = device.type == "cuda"
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default=perf.CPU_BENCH_PRESET, help="cpu256 (default), tiny, small or base")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: the GPU when there is one (as the trainer does)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp32,bf16"),
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp32,bf16"), metavar="fp32|bf16|fp32,bf16",
                         help="bf16 = autocast; fp32,bf16 = both, alternating rounds, with their ratio")
     parser.add_argument("--batch", type=perf.positive_int, default=4, help="rows per micro-batch")
     parser.add_argument("--accumulation", type=perf.positive_int, default=1, help="micro-batches per optimizer step")
@@ -398,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="measurement only: skip the trainer's per-step non-finite loss check (its one wait for "
                              "the device per step), to see what that wait costs on a GPU")
     parser.add_argument("--profile", default=None, metavar="FILE",
-                        help="after the timed rounds, profile 5 steps of one more trainer round (torch.profiler) and "
+                        help="after the timed rounds, profile up to 5 steps (at most --steps - 1) of one more trainer "
+                             "round (torch.profiler) and "
                              "write the operators that take the most time (self time on the device) to FILE")
     args = parser.parse_args(argv)
     # Everything the user can get wrong is checked here, before the first round: a UserError (one line, exit 2
@@ -411,6 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
         resolve_device("cuda")
     if args.clock == "process" and torch.cuda.is_available():
         raise UserError("--clock process measures CPU time; use it only for CPU runs")
+    if args.profile and args.steps < 2:
+        raise UserError("--profile needs --steps 2 or more (a profiled step ends where the next one starts)")
+    if args.compile_mode != "default" and not args.compile:
+        raise UserError(f"--compile-mode {args.compile_mode}: only with --compile")
     if args.against_reference and args.accumulation != 1:
         raise UserError("--against-reference compares single-batch steps; drop --accumulation")
     if args.threads:
@@ -448,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
 def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -> dict[str, dict]:
     """The results of each dtype in `dtypes`; with two, their rounds alternate on the same model and data."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        configs = {dtype: train_config(args, tmp, dtype) for dtype in dtypes}
+        configs = {dtype: train_config(args, os.path.join(tmp, "run"), dtype) for dtype in dtypes}
         run = build_trainer_run(args, configs[dtypes[0]])
         stats = model_stats(run.model, args.seq)
         reference = ref_optimizer = input_ids = None
@@ -493,9 +503,10 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
             else:
                 m["peak"] = perf.device_peak_flops(device, dtype)
         if args.profile:
-            table = profile_round(configs[dtypes[0]], run, device, args.warmup, steps=min(5, args.steps))
+            profiled = min(5, args.steps - 1)
+            table = profile_round(configs[dtypes[0]], run, device, args.warmup, steps=profiled)
             write_output_file(args.profile, table + "\n", "--profile")
-            print(f"profile of {min(5, args.steps)} steps ({dtypes[0]}) written to {args.profile}")
+            print(f"profile of {profiled} steps ({dtypes[0]}) written to {args.profile}")
 
     results = {}
     for dtype in dtypes:

@@ -268,11 +268,12 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> Path:
                               alpha=0.35, label=None if val else row["model"])[0]
         color = line.get_color()
         by_tokens.plot([m["step"] * row["tokens_per_step"] / 1e6 for m in val], [m["val/loss"] for m in val], "o-",
-                       color=color, label=row["model"])
+                       color=color, label=row["model"] if val else None)
         by_time.plot([seconds[m["step"]] / 60 for m in train], [m["loss"] for m in train], alpha=0.35, color=color,
                      label=None if val else row["model"])
         val_seconds = np.interp([m["step"] for m in val], list(seconds), list(seconds.values()))
-        by_time.plot(val_seconds / 60, [m["val/loss"] for m in val], "o-", color=color, label=row["model"])
+        by_time.plot(val_seconds / 60, [m["val/loss"] for m in val], "o-", color=color,
+                     label=row["model"] if val else None)
     by_tokens.set_xlabel("tokens seen (millions)")
     by_time.set_xlabel("training time (minutes, from the logged tokens/s)")
     for ax in (by_tokens, by_time):

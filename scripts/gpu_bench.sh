@@ -30,7 +30,9 @@ BUDGET=${BUDGET:-470}    # seconds for the whole script
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # images with only `python3` too
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import minillm from this checkout
 mkdir -p "$OUT"
+rm -f "$OUT"/*.json  # the summary reads every JSON here: none from an earlier invocation
 deadline=$((SECONDS + BUDGET))
+if ! nvidia-smi >/dev/null 2>&1; then echo "no NVIDIA GPU here (nvidia-smi fails): this benchmark needs one" >&2; exit 2; fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
@@ -99,5 +101,7 @@ for path in runs:
     shares = " ".join(f"{k} {100 * v:.0f}%" for k, v in r.get("shares", {}).items())
     print(f"{path.stem:<24} {r['tokens_per_s']:>10,.0f} {mfu:>6} {r['peak_memory_bytes'] / 2**30:>8.1f} "
           f"{ref:>10} {ratio:>6}  {shares}")
-print(f"({r['device_name']}, bf16, batch {r['batch']} x {r['seq']}, {r['steps']} steps x {r['rounds']} rounds)")
+batches = sorted({r["batch"] for r in map(lambda p: json.loads(p.read_text()), runs)})
+print(f"({r['device_name']}, bf16, batch {' or '.join(map(str, batches))} x {r['seq']}, {r['steps']} steps x "
+      f"{r['rounds']} rounds)")
 EOF

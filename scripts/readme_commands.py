@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             first = block.code.strip().splitlines()[0] if block.code.strip() else ""
             print(f"{number:3d}  line {block.line:4d}  {block.marker or '-':10s}  {first}")
         return 0
+    count = len(extract_blocks(args.markdown.read_text(encoding="utf-8")))
+    if args.only is not None and not 1 <= args.only <= count:
+        print(f"error: --only {args.only}: {args.markdown} has bash blocks 1 to {count} (--list shows them)",
+              file=sys.stderr)
+        return 2
     failures = check(args.markdown, strict=args.strict, only=args.only)
     return 1 if failures else 0
 

@@ -513,7 +513,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--extra-sft", type=Path, nargs="*", default=[], help="More `messages` jsonl to add to SFT."
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="Print the build commands instead of running them."
+        "--dry-run", action="store_true", help="With the build step: print its commands instead of running them."
     )
     defaults = Recipe(out=Path("."))
     for name in (
@@ -551,6 +551,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must not be negative")
     if args.min_score > args.max_score:
         parser.error(f"--min-score {args.min_score} is above --max-score {args.max_score}")
+    if args.dry_run and args.step != "build":  # the download step has no dry run: it would fetch tens of GB
+        parser.error(f"--dry-run prints the build step's commands: use `build --dry-run`, not `{args.step}`")
     return args
 
 
