@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,8 @@ def test_bench_train_both_dtypes_in_one_run(tmp_path, capsys, monkeypatch):
     precision's own peak memory (reset before each round; a fake meter here: 1, 2, 3, 4 kB in round order)."""
     bench = load_script("bench_train")
     readings = iter([1024.0, 2048.0, 3072.0, 4096.0])
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     monkeypatch.setattr(bench, "reset_peak_memory", lambda device: True)
     monkeypatch.setattr(bench, "peak_memory", lambda device: next(readings))
     res = bench.main(["--model", "mini_llama3", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "2",
@@ -179,6 +182,7 @@ def test_bench_train_both_dtypes_in_one_run(tmp_path, capsys, monkeypatch):
     assert ratios == [bf16 / fp32 for bf16, fp32 in rounds]
     assert json.loads((tmp_path / "r.json").read_text())["dtype_ratio"]["ratio"] == res["dtype_ratio"]["ratio"]
     assert "bf16 / fp32 tokens/s" in capsys.readouterr().out
+    assert list((tmp_path / "tmp").iterdir()) == []  # each round's run once stayed beside it (`.previous-<time>`)
     # rounds run fp32, bf16, fp32, bf16: each dtype's peak is the largest of its own rounds
     assert (res["fp32"]["peak_memory_bytes"], res["bf16"]["peak_memory_bytes"]) == (3072.0, 4096.0)
     assert res["fp32"]["peak_memory_scope"] == res["bf16"]["peak_memory_scope"] == "rounds"
@@ -310,6 +314,10 @@ USER_ERRORS = [
     ("bench_decode", ["--model", "{missing}"], None),
     ("bench_data", ["--input", "{missing}"], None),
     ("bench_expert_parallel", ["--json", "{file}/x.json"], "run_one"),
+    ("bench_expert_parallel", ["--ep", "1", "3"], "run_one"),  # 3 divides neither 8 experts nor 2 processes
+    ("bench_expert_parallel", ["--preset", "bogus"], "run_one"),
+    ("bench_train", ["--compile-mode", "max-autotune"], "measure"),  # without --compile: ignored, unsaid
+    ("bench_train", ["--profile", "{missing}.txt", "--steps", "1"], "measure"),  # no whole step to profile
 ]
 if not torch.cuda.is_available():
     USER_ERRORS += [("bench_models", ["--device", "cuda"], "bench_model"),
