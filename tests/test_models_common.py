@@ -431,3 +431,25 @@ def test_a_pretraining_step_reads_nothing_back_but_the_loss_rows(name, monkeypat
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     assert reads.calls == ["nonzero"] * heads
+
+
+@pytest.mark.parametrize("name", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_keeps_every_gradient(name, reentrant):
+    """Checkpointed layers give the gradients of plain ones, balance losses included. Under reentrant checkpointing
+    (which tracks a layer's top-level output tensors only) Qwen3-Next's router probabilities, returned inside a
+    nested tuple, came back without a gradient: its router aux loss added to the loss and trained nothing."""
+    overrides = {"router_aux_loss_coef": 0.1} if name == "mini_qwen3_next" else {}
+    ids = torch.randint(1, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = registry.build_model(name, "tiny", vocab_size=256, num_hidden_layers=2, **overrides).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys()
+    for n, g in plain.items():
+        assert torch.allclose(g, checkpointed[n], atol=1e-6), n

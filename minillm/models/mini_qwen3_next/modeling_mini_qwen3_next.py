@@ -148,7 +148,10 @@ class MiniQwen3NextDecoderLayer(GradientCheckpointingLayer):
         linear_mask: torch.Tensor | None = None,  # (B, L) padding mask for DeltaNet layers
         doc_starts: torch.Tensor | None = None,  # (B, L) bool document starts for DeltaNet layers
         cache: Cache | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(hidden states, router probabilities (T, E), chosen experts (T, k)); the routing is None in a dense
+        layer. Flat, not a nested tuple: reentrant activation checkpointing tracks top-level tensors only, and the
+        router probabilities lost their gradient (the balance loss trained nothing) inside a tuple."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == "linear_attention":
@@ -158,12 +161,12 @@ class MiniQwen3NextDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        routing = None
+        probs = topk_idx = None
         if self.is_moe:
-            hidden_states, routing = self.mlp(hidden_states)
+            hidden_states, (probs, topk_idx) = self.mlp(hidden_states)
         else:
             hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, routing
+        return residual + hidden_states, probs, topk_idx
 
 
 class MiniQwen3NextPreTrainedModel(MiniLLMPreTrainedModel):
@@ -296,7 +299,7 @@ class MiniQwen3NextModel(MiniQwen3NextPreTrainedModel):
         hidden_states = inputs_embeds
         routings = []
         for layer in self.layers:
-            hidden_states, routing = layer(
+            hidden_states, probs, topk_idx = layer(
                 hidden_states,
                 position_embeddings,
                 attention_mask=mask,
@@ -304,8 +307,8 @@ class MiniQwen3NextModel(MiniQwen3NextPreTrainedModel):
                 doc_starts=doc_starts,
                 cache=cache,
             )
-            if routing is not None:
-                routings.append(routing)
+            if probs is not None:
+                routings.append((probs, topk_idx))
         return self.norm(hidden_states), cache, routings
 
 
