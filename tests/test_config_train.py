@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from minillm.errors import UserError
 from minillm.training.config import TrainConfig, build_config, load_recipe, shipped_recipes
@@ -166,6 +167,30 @@ def test_warmup_longer_than_the_run_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and not run_dir.exists()
     assert err.strip().splitlines()[-1] == (
         "error: --warmup-steps 4 is more than the run's 3 optimizer steps: the learning rate would never reach --lr")
+
+
+def test_contradicting_schedule_and_run_options_are_refused(tmp_path, capsys):
+    """A warmup that reaches the decay's end skipped the cosine (lr dropped from --lr to --min-lr in one step);
+    --overwrite beside --resume was ignored and recorded. A run's config.yaml records neither launch action, so
+    `--config RUN/config.yaml` does what its command line says."""
+    from cli.main import main
+
+    with pytest.raises(UserError, match="--warmup-ratio 0.6 reaches --decay-ratio 0.5"):
+        TrainConfig(stage="pretrain", model="mini_llama3", warmup_ratio=0.6, decay_ratio=0.5).resolve()
+    with pytest.raises(UserError, match="--overwrite starts the run again and --resume continues it"):
+        TrainConfig(stage="pretrain", model="mini_llama3", overwrite=True, resume="latest").resolve()
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--model", "mini_llama3", "--max-steps", "20", "--warmup-steps", "15", "--decay-ratio",
+              "0.5", "--output-dir", str(run_dir)])
+    assert exit_info.value.code == 2 and not run_dir.exists()
+    assert "--warmup-steps 15 reaches the end of the decay (0.5 x 20 steps)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--model", "mini_llama3", "--model-arg", "num_hidden_layers=1", "--max-steps", "1",
+              "--output-dir", str(run_dir), "--overwrite"])
+    assert exit_info.value.code == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["overwrite"] is False and saved["resume"] is None and saved["output_dir"] == str(run_dir)
 
 
 def test_model_args_typo_fails_before_anything_is_written(tmp_path, capsys):

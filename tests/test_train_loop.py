@@ -405,6 +405,12 @@ def test_sft_rows_default_to_the_length_the_data_was_built_for(tmp_path, capsys)
                          "--micro-batch-size", "2", "--global-batch-size", "2", "--output-dir", str(run)], capsys)
     assert code == 0, err
     assert yaml.safe_load((run / "config.yaml").read_text())["seq_len"] == 48
+    # longer than the rows: they stay as built, and the tokens and MFU counted the longer length
+    code, err = run_cli(["sft", "--model-path", str(model_dir), "--data", str(tmp_path / "sft"), "--seq-len", "64",
+                         "--max-steps", "1", "--micro-batch-size", "2", "--global-batch-size", "2", "--output-dir",
+                         str(tmp_path / "longer")], capsys)  # fmt: skip
+    assert code == 2 and "--seq-len 64: the rows of --data" in err and "at most 48 tokens" in err, err
+    assert not (tmp_path / "longer").exists()
 
 
 def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path, shards, capsys):
@@ -420,6 +426,10 @@ def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path,
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "final")
     step_3 = resumed / "checkpoints" / "step_00000003"
+    # a resumed run stays in its directory: another --output-dir was ignored, recorded, and broke the next resume
+    code, err = run_cli(args + ["--output-dir", str(tmp_path / "elsewhere"), "--resume", str(step_3)], capsys)
+    assert code == 2 and f"continues the run in {resumed}" in err, err
+    assert not (tmp_path / "elsewhere").exists()
     code, err = run_cli(args + ["--output-dir", str(resumed), "--resume", str(step_3), "--micro-batch-size", "1"],
                         capsys)  # fmt: skip
     assert code == 0, err

@@ -110,7 +110,8 @@ class TrainConfig:
         "global batches per validation pass: N x global_batch_size rows spread evenly over the val split, whatever "
         "the processes and micro-batches", default=8)
     max_bad_steps: int = _opt("stop after this many non-finite losses in a row", default=5)
-    peak_tflops: float | None = _opt("peak TFLOP/s of one device for the MFU estimate (default: known GPUs)")
+    peak_tflops: float | None = _opt("peak TFLOP/s of one device for the MFU estimate (default: a table of known "
+                                     "GPUs; on a CPU, measured)")
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
@@ -137,8 +138,6 @@ class TrainConfig:
         filled = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
                   for k in self.field_names()}
         cfg = TrainConfig(**filled)
-        if cfg.global_batch_size is None:
-            cfg.global_batch_size = cfg.micro_batch_size
         cfg._check()
         return cfg
 
@@ -159,6 +158,11 @@ class TrainConfig:
             raise UserError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
         if not (0 <= self.warmup_ratio < 1 and 0 < self.decay_ratio <= 1):
             raise UserError("--warmup-ratio must be in [0, 1) and --decay-ratio in (0, 1]")
+        if self.warmup_steps is None and self.warmup_ratio >= self.decay_ratio:
+            raise UserError(f"--warmup-ratio {self.warmup_ratio:g} reaches --decay-ratio {self.decay_ratio:g}, where "
+                            "the cosine has already reached --min-lr: the warmup must end before it")
+        if self.overwrite and self.resume:
+            raise UserError("--overwrite starts the run again and --resume continues it: give one of them")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile_mode not in COMPILE_MODES:
@@ -358,9 +362,12 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    """Write the resolved config as YAML (temporary file + rename)."""
+    """Write the resolved config as YAML (temporary file + rename). `overwrite` and `resume` say what one launch
+    did, not how the run trains: they are recorded as their defaults, so `--config RUN/config.yaml` neither
+    resumes nor replaces anything unless asked (`--config RUN/config.yaml --resume RUN`)."""
+    record = {**config.to_dict(), "overwrite": False, "resume": None}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
 
 

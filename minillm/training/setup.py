@@ -150,6 +150,10 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
     if built_len and built_len > config.seq_len:  # the rows would be longer than the --seq-len asked for
         raise UserError(f"--data {data_dir}: rows of up to {built_len} tokens (built with --max-seq-len {built_len}), "
                         f"longer than --seq-len {config.seq_len}; pass --seq-len {built_len} or rebuild the data")
+    if built_len and built_len < config.seq_len:  # the rows stay as built: tokens and MFU would count the longer
+        raise UserError(f"--seq-len {config.seq_len}: the rows of --data {data_dir} are at most {built_len} tokens "
+                        f"(built with --max-seq-len {built_len}); drop --seq-len (it defaults to the data's) or "
+                        f"rebuild the data with --max-seq-len {config.seq_len}")
     collate = PackedCollator(tokenizer.pad_token_id) if config.packing else PaddedCollator(tokenizer.pad_token_id)
     val_data = sft.SFTDataset(data_dir, split="val") if "val" in train_data.manifest["splits"] else None
     return dict(model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,

@@ -537,6 +537,10 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
     if config.resume:
         checkpoint = find_resume_checkpoint(config)
         run_dir = checkpoint.parent.parent
+        if config.output_dir and Path(config.output_dir).resolve() != run_dir.resolve():
+            # the run goes on in its own directory; recorded in its config, another one broke the next resume
+            raise UserError(f"--output-dir {config.output_dir}: --resume {config.resume} continues the run in "
+                            f"{run_dir}, which stays where it is; drop --output-dir or give {run_dir}")
         saved_path = run_dir / "config.yaml"
         if saved_path.is_file():
             saved = read_saved_config(saved_path)
@@ -544,7 +548,7 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
                      if k in saved and saved.get(k) != getattr(config, k)]
             if diffs:
                 raise UserError(f"--resume {checkpoint}: the run was made with other options ({'; '.join(diffs)}); "
-                                f"resume it with its own: --config {saved_path} --resume {config.resume}")
+                                f"resume it with its own: --config {saved_path} --resume {run_dir}")
         _refuse_problem_judged_on_main(accelerator, lambda: runs.live_run_problem(run_dir))
         return run_dir, checkpoint
     if config.output_dir:
@@ -843,6 +847,10 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     if config.warmup_steps is not None and config.warmup_steps > total_steps:
         raise UserError(f"--warmup-steps {config.warmup_steps} is more than the run's {total_steps} optimizer steps: "
                         "the learning rate would never reach --lr")
+    if config.warmup_steps and config.warmup_steps >= total_steps * config.decay_ratio:
+        raise UserError(f"--warmup-steps {config.warmup_steps} reaches the end of the decay ({config.decay_ratio:g} x "
+                        f"{total_steps} steps), where the cosine has already reached --min-lr: the warmup must end "
+                        "before it (fewer warmup steps or a larger --decay-ratio)")
     if accelerator.is_main_process:
         if (lock := runs.lock_run_dir(run_dir)) is not None:
             held.append(lock)
