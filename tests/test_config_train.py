@@ -184,7 +184,7 @@ def test_contradicting_schedule_and_run_options_are_refused(tmp_path, capsys):
         main(["pretrain", "--model", "mini_llama3", "--max-steps", "20", "--warmup-steps", "15", "--decay-ratio",
               "0.5", "--output-dir", str(run_dir)])
     assert exit_info.value.code == 2 and not run_dir.exists()
-    assert "--warmup-steps 15 reaches the end of the decay (0.5 x 20 steps)" in capsys.readouterr().err
+    assert "--warmup-steps 15 goes past the end of the decay (0.5 x 20 steps)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--model", "mini_llama3", "--model-arg", "num_hidden_layers=1", "--max-steps", "1",
               "--output-dir", str(run_dir), "--overwrite"])

@@ -418,6 +418,8 @@ def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path,
     gives the losses of the run that went on without stopping (to rounding). Resumed at an odd step: Accelerate's
     restored micro-step count (3 steps x 2 micro-batches) is not a multiple of the new accumulation (4), which once
     left every later step without its optimizer step."""
+    import yaml
+
     args = ["pretrain", "--model", "mini_llama3", "--data", str(shards), *TINY, "--max-steps", "5", "--save-every",
             "3", "--model-arg", "num_hidden_layers=2"]  # fmt: skip
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
@@ -426,13 +428,13 @@ def test_resume_with_another_micro_batch_size_continues_the_same_steps(tmp_path,
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "final")
     step_3 = resumed / "checkpoints" / "step_00000003"
-    # a resumed run stays in its directory: another --output-dir was ignored, recorded, and broke the next resume
-    code, err = run_cli(args + ["--output-dir", str(tmp_path / "elsewhere"), "--resume", str(step_3)], capsys)
-    assert code == 2 and f"continues the run in {resumed}" in err, err
-    assert not (tmp_path / "elsewhere").exists()
-    code, err = run_cli(args + ["--output-dir", str(resumed), "--resume", str(step_3), "--micro-batch-size", "1"],
+    # a resumed run stays in its directory, and its config records that one (another --output-dir, as the config of
+    # a copied run gives here, was recorded: the next `--config RUN/config.yaml --resume RUN` then looked there)
+    code, err = run_cli(args + ["--output-dir", str(whole), "--resume", str(step_3), "--micro-batch-size", "1"],
                         capsys)  # fmt: skip
     assert code == 0, err
+    assert f"note: --output-dir {whole}: resuming continues the run where it is, in {resumed}" in err, err
+    assert yaml.safe_load((resumed / "config.yaml").read_text())["output_dir"] == str(resumed)
     ref, res = losses(whole), losses(resumed)
     assert sorted(res) == [1, 2, 3, 4, 5] and [res[s] for s in (1, 2, 3)] == [ref[s] for s in (1, 2, 3)]
     for s in (4, 5):

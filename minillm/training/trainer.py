@@ -537,10 +537,6 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
     if config.resume:
         checkpoint = find_resume_checkpoint(config)
         run_dir = checkpoint.parent.parent
-        if config.output_dir and Path(config.output_dir).resolve() != run_dir.resolve():
-            # the run goes on in its own directory; recorded in its config, another one broke the next resume
-            raise UserError(f"--output-dir {config.output_dir}: --resume {config.resume} continues the run in "
-                            f"{run_dir}, which stays where it is; drop --output-dir or give {run_dir}")
         saved_path = run_dir / "config.yaml"
         if saved_path.is_file():
             saved = read_saved_config(saved_path)
@@ -826,6 +822,11 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # no page faults for each step's activations (host_memory.py)
     run_dir, resume_from = resolve_run_dir(config, accelerator)  # checks only; nothing is written yet
+    other_dir = None  # an --output-dir a resumed run does not go to
+    if resume_from is not None and config.output_dir and Path(config.output_dir).resolve() != run_dir.resolve():
+        # a run goes on in its own directory (another --output-dir, or the one the config of a moved or copied run
+        # names); recorded as given, the next `--config RUN/config.yaml --resume RUN` looked for it there
+        other_dir, config = config.output_dir, config.replace(output_dir=str(run_dir))
     resume_state = None
     if resume_from is not None:  # a checkpoint this launch cannot load is refused before its config is rewritten
         with damaged_checkpoint_is_user_error(resume_from, run_dir):
@@ -847,8 +848,9 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
     if config.warmup_steps is not None and config.warmup_steps > total_steps:
         raise UserError(f"--warmup-steps {config.warmup_steps} is more than the run's {total_steps} optimizer steps: "
                         "the learning rate would never reach --lr")
-    if config.warmup_steps and config.warmup_steps >= total_steps * config.decay_ratio:
-        raise UserError(f"--warmup-steps {config.warmup_steps} reaches the end of the decay ({config.decay_ratio:g} x "
+    # (a warmup as long as the run has no decay to skip)
+    if config.warmup_steps and int(total_steps * config.decay_ratio) < config.warmup_steps < total_steps:
+        raise UserError(f"--warmup-steps {config.warmup_steps} goes past the end of the decay ({config.decay_ratio:g} x "
                         f"{total_steps} steps), where the cosine has already reached --min-lr: the warmup must end "
                         "before it (fewer warmup steps or a larger --decay-ratio)")
     if accelerator.is_main_process:
@@ -884,6 +886,9 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
         if accelerator.is_main_process:
             save_config(config, run_dir / "config.yaml")  # now that the checkpoint has loaded
             accelerator.print(f"resuming {run_dir} from {resume_from.name} (step {start_step})")
+            if other_dir is not None:
+                print(f"note: --output-dir {other_dir}: resuming continues the run where it is, in {run_dir}",
+                      file=sys.stderr)
             aside = ckpt.set_aside_later_checkpoints(run_dir, start_step)
             if aside is not None:
                 accelerator.print(f"the checkpoints after step {start_step} were moved to {aside}")
