@@ -142,6 +142,12 @@ def _print_progress(progress) -> None:
         state = "training now" + (f" (pid {progress.holder_pid})" if progress.holder_pid else "")
     elif progress.checkpoints:
         state = f"stopped; continue with: {resume}"
+        launch = progress.launch or {}
+        if launch.get("processes", 1) != 1 or launch.get("zero_stage") is not None:
+            from minillm.training.checkpoint import describe_launch
+
+            state += (f" --launcher ACCELERATE_CONFIG (the launch it was saved by: {describe_launch(launch)}; "
+                      "or under `accelerate launch`)")
     else:
         state = "stopped before its first checkpoint: nothing to resume (start it again)"
     steps = f"{progress.last_step:,}" + (f" of {progress.total_steps:,}" if progress.total_steps else "") + " logged"

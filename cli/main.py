@@ -116,7 +116,7 @@ def _command_path(err: Exception, argv: list[str] | None) -> str:
 def report_user_error(message: str) -> None:
     """Print `error: message` once. Under `accelerate launch` every rank raises the same error, so only rank 0
     prints it. Under `--launcher` no rank prints: each leaves its message in the file the parent process names
-    (rank 0 in that file, rank N in `<file>.rankN`), and the parent prints it, after the launcher's own failure
+    (rank 0 in that file, rank N in `<file>.rankN`), and the parent prints it instead of the launcher's own failure
     report, even when only another rank failed, and exits with 2 too (see `minillm.training.launch`). Rank 0 once
     printed it as well, so the same line appeared twice."""
     import os

@@ -13,6 +13,7 @@ where a run stands (finished, training now, or stopped and resumable) from those
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,12 +40,17 @@ def lock_run_dir(run_dir: Path) -> IO | None:
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")  # noqa: SIM115  (held for the whole run)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise UserError(live_run_problem(run_dir) or f"{run_dir}: another training process is writing this run") \
-            from None
+    for attempt in range(40):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if lock_holder(run_dir) is None and attempt < 39:  # only readers (`minillm info`), for a moment
+                time.sleep(0.05)
+                continue
+            handle.close()
+            raise UserError(live_run_problem(run_dir) or f"{run_dir}: another training process is writing this "
+                            "run") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -234,6 +240,7 @@ class RunProgress:
     checkpoint_steps: dict[Path, int] = field(default_factory=dict)  # of the checkpoints whose state is readable
     total_steps: int | None = None  # the run's planned steps, where its files record them
     holder_pid: str | None = None  # state "training": the pid of the training process ("" if not known)
+    launch: dict[str, Any] | None = None  # the newest checkpoint's launch layout (processes, ZeRO stage)
 
     @property
     def last_step(self) -> int:
@@ -270,7 +277,8 @@ class RunProgress:
 
     def best(self, key: str) -> tuple[int, float] | None:
         """(step, value) of the lowest value of `key` logged (the first such step), or None."""
-        found = [(r[key], r["step"]) for r in self.records if isinstance(r.get(key), (int, float))]
+        found = [(r[key], r["step"]) for r in self.records
+                 if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if not found:
             return None
         value, step = min(found)
@@ -304,6 +312,8 @@ def run_progress(run_dir: str | Path) -> RunProgress | None:
             progress.checkpoint_steps[checkpoint] = int(trainer_state["step"])
         except (OSError, ValueError, KeyError, TypeError):  # a damaged checkpoint: listed, without its step
             continue
+        if isinstance(trainer_state.get("launch"), dict):
+            progress.launch = trainer_state["launch"]
         total = trainer_state.get("total_steps")
         if isinstance(total, int) and not isinstance(total, bool) and total > 0:
             progress.total_steps = total  # runs from before it was recorded leave it unknown

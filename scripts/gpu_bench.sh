@@ -29,10 +29,10 @@ PER_RUN=${PER_RUN:-140}  # seconds allowed per model run
 BUDGET=${BUDGET:-470}    # seconds for the whole script
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # images with only `python3` too
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tests import minillm from this checkout
+if ! nvidia-smi >/dev/null 2>&1; then echo "no NVIDIA GPU here (nvidia-smi fails): this benchmark needs one" >&2; exit 2; fi
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json  # the summary reads every JSON here: none from an earlier invocation
 deadline=$((SECONDS + BUDGET))
-if ! nvidia-smi >/dev/null 2>&1; then echo "no NVIDIA GPU here (nvidia-smi fails): this benchmark needs one" >&2; exit 2; fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \

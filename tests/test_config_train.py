@@ -174,11 +174,20 @@ def test_contradicting_schedule_and_run_options_are_refused(tmp_path, capsys):
     --overwrite beside --resume was ignored and recorded. A run's config.yaml records neither launch action, so
     `--config RUN/config.yaml` does what its command line says."""
     from cli.main import main
+    from minillm.training.trainer import check_schedule
 
-    with pytest.raises(UserError, match="--warmup-ratio 0.6 reaches --decay-ratio 0.5"):
-        TrainConfig(stage="pretrain", model="mini_llama3", warmup_ratio=0.6, decay_ratio=0.5).resolve()
+    with pytest.raises(UserError, match="--warmup-ratio 0.6 goes past --decay-ratio 0.5"):
+        check_schedule(TrainConfig(stage="pretrain", model="mini_llama3", warmup_ratio=0.6, decay_ratio=0.5).resolve(),
+                       100)
+    check_schedule(TrainConfig(stage="pretrain", model="mini_llama3", warmup_steps=1).resolve(), 1)  # all warmup
     with pytest.raises(UserError, match="--overwrite starts the run again and --resume continues it"):
         TrainConfig(stage="pretrain", model="mini_llama3", overwrite=True, resume="latest").resolve()
+    # a run's config.yaml from before the launch actions were left out of it records `overwrite: true`: the
+    # command that resumes it (`--config RUN/config.yaml --resume RUN`) must not be refused for it
+    old_record = tmp_path / "old_config.yaml"
+    old_record.write_text("stage: pretrain\nmodel: mini_llama3\noverwrite: true\nresume: null\n")
+    resumed = build_config("pretrain", str(old_record), {"resume": "latest"}).resolve()
+    assert (resumed.overwrite, resumed.resume) == (False, "latest")
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--model", "mini_llama3", "--max-steps", "20", "--warmup-steps", "15", "--decay-ratio",

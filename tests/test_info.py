@@ -245,6 +245,15 @@ def test_info_of_a_run_says_where_it_stands(tmp_path, capsys, monkeypatch):
     assert rows == [["run", "finished", "4/4", f"{train_loss[4]:.4f}", f"{best:.4f} (step {best_step})"],
                     ["stopped", "stopped", "3/4", f"{train_loss[3]:.4f}", f"{val_at[2]:.4f} (step 2)"]]
 
+    # a run saved by several processes resumes under the same launch: the command says so
+    state_file = stopped / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "launch": {"processes": 2, "zero_stage": 2}}))
+    code, out = run_cli("info", str(stopped)), capsys.readouterr().out
+    assert code == 0 and ("--launcher ACCELERATE_CONFIG (the launch it was saved by: 2 processes, DeepSpeed ZeRO-2"
+                          in " ".join(out.split())), out
+    state_file.write_text(json.dumps(state))
+
     lock = lock_run_dir(stopped)  # a training process holds it: says so, and writes nothing into the lock
     before = (stopped / RUN_LOCK).read_bytes()
     code, out = run_cli("info", str(stopped)), capsys.readouterr().out
@@ -255,6 +264,23 @@ def test_info_of_a_run_says_where_it_stands(tmp_path, capsys, monkeypatch):
     shutil.rmtree(stopped / "checkpoints")
     code, out = run_cli("info", str(stopped)), capsys.readouterr().out
     assert code == 0 and "nothing to resume" in " ".join(out.split()) and "total parameters" not in out
+
+
+def test_a_trainer_waits_out_a_reader_of_the_run_lock(tmp_path):
+    """`minillm info` takes a shared lock on a run for a moment; a trainer starting then was refused as if another
+    trainer held the run."""
+    import fcntl
+    import threading
+
+    from minillm.runs import RUN_LOCK, lock_run_dir
+
+    (tmp_path / RUN_LOCK).write_text("")
+    reader = open(tmp_path / RUN_LOCK)  # noqa: SIM115
+    fcntl.flock(reader, fcntl.LOCK_SH)
+    threading.Timer(0.3, reader.close).start()
+    lock = lock_run_dir(tmp_path)
+    assert (tmp_path / RUN_LOCK).read_text() == f"{os.getpid()}\n"
+    lock.close()
 
 
 def test_training_time_adds_up_the_starts_of_a_resumed_run(tmp_path):

@@ -129,6 +129,13 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
 
 
+def describe_launch(layout: dict[str, Any]) -> str:
+    """'2 processes, DeepSpeed ZeRO-2' for the `launch` layout a checkpoint's trainer state records."""
+    zero = f"DeepSpeed ZeRO-{layout['zero_stage']}" if layout.get("zero_stage") is not None else "no DeepSpeed"
+    processes = layout.get("processes", 1)
+    return f"{processes} process{'es' if processes != 1 else ''}, {zero}"
+
+
 def find_resume_checkpoint(resume: str, run_dir: Path | None, candidates: list[Path]) -> Path:
     """The checkpoint directory for `--resume`.
 

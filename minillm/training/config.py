@@ -158,9 +158,6 @@ class TrainConfig:
             raise UserError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
         if not (0 <= self.warmup_ratio < 1 and 0 < self.decay_ratio <= 1):
             raise UserError("--warmup-ratio must be in [0, 1) and --decay-ratio in (0, 1]")
-        if self.warmup_steps is None and self.warmup_ratio >= self.decay_ratio:
-            raise UserError(f"--warmup-ratio {self.warmup_ratio:g} reaches --decay-ratio {self.decay_ratio:g}, where "
-                            "the cosine has already reached --min-lr: the warmup must end before it")
         if self.overwrite and self.resume:
             raise UserError("--overwrite starts the run again and --resume continues it: give one of them")
         if self.precision not in PRECISIONS:
@@ -334,6 +331,11 @@ def build_config(stage: str, recipe: str | None = None, overrides: dict[str, Any
     if values.get("stage", stage) != stage:
         raise UserError(f"recipe {recipe} is for stage {values['stage']!r}, not {stage!r}")
     _check_stage_keys(values, stage, recipe)
+    # --resume and --overwrite are the two launch actions: the one given on the command line replaces the other in
+    # the recipe (a run's config.yaml written before they were left out of it records `overwrite: true`)
+    for given, other in (("resume", "overwrite"), ("overwrite", "resume")):
+        if (overrides or {}).get(given):
+            values.pop(other, None)
     for key, value in (overrides or {}).items():
         if key not in TrainConfig.field_names():
             raise UserError(f"unknown option {key!r}{closest_field(key)}")

@@ -225,7 +225,7 @@ def relaunch(launcher: str, argv: list[str]) -> int:
 
 # A log line of torch's elastic agent ("W1129 23:11:43.992000 15278 .../torch/distributed/elastic/...] Sending
 # process 15283 closing signal SIGTERM"): it starts its report of a failed child, which a traceback follows.
-_ELASTIC_LOG = re.compile(rb"^[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")
+_ELASTIC_LOG = re.compile(rb"^[WE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")  # not INFO (LOGLEVEL)
 
 
 def _pass_stderr_until_failure_report(stream: IO[bytes]) -> bytes:

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +152,11 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
     if built_len and built_len > config.seq_len:  # the rows would be longer than the --seq-len asked for
         raise UserError(f"--data {data_dir}: rows of up to {built_len} tokens (built with --max-seq-len {built_len}), "
                         f"longer than --seq-len {config.seq_len}; pass --seq-len {built_len} or rebuild the data")
-    if built_len and built_len < config.seq_len:  # the rows stay as built: tokens and MFU would count the longer
-        raise UserError(f"--seq-len {config.seq_len}: the rows of --data {data_dir} are at most {built_len} tokens "
-                        f"(built with --max-seq-len {built_len}); drop --seq-len (it defaults to the data's) or "
-                        f"rebuild the data with --max-seq-len {config.seq_len}")
+    if built_len and built_len < config.seq_len and os.environ.get("RANK", "0") == "0":  # a warning (said once):
+        # runs made so before this was noticed must still resume
+        print(f"warning: seq_len {config.seq_len} is longer than the rows of --data {data_dir} (at most {built_len} "
+              f"tokens, built with --max-seq-len {built_len}): the rows stay as built, while the tokens counted and "
+              f"the attention FLOPs of the MFU assume {config.seq_len}; pass --seq-len {built_len}", file=sys.stderr)
     collate = PackedCollator(tokenizer.pad_token_id) if config.packing else PaddedCollator(tokenizer.pad_token_id)
     val_data = sft.SFTDataset(data_dir, split="val") if "val" in train_data.manifest["splits"] else None
     return dict(model=model, tokenizer=tokenizer, train_data=train_data, val_data=val_data,

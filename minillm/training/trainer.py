@@ -450,6 +450,22 @@ def build_run(config: TrainConfig) -> Run:
     return setup.build_run(config)
 
 
+def check_schedule(config: TrainConfig, total_steps: int) -> None:
+    """Refuse a learning-rate schedule that cannot run as asked (`optim.lr_at`): a warmup longer than the run, or
+    one that goes past the end of the decay, where the cosine would be skipped (lr from --lr to --min-lr in one
+    step). A warmup as long as the run has no decay to skip."""
+    if config.warmup_steps is not None and config.warmup_steps > total_steps:
+        raise UserError(f"--warmup-steps {config.warmup_steps} is more than the run's {total_steps} optimizer steps: "
+                        "the learning rate would never reach --lr")
+    if config.warmup_steps is None and config.warmup_ratio > config.decay_ratio:
+        raise UserError(f"--warmup-ratio {config.warmup_ratio:g} goes past --decay-ratio {config.decay_ratio:g}, where "
+                        "the cosine has already reached --min-lr: the warmup must end before it")
+    if config.warmup_steps and int(total_steps * config.decay_ratio) < config.warmup_steps < total_steps:
+        raise UserError(f"--warmup-steps {config.warmup_steps} goes past the end of the decay ({config.decay_ratio:g} x "
+                        f"{total_steps} steps), where the cosine has already reached --min-lr: the warmup must end "
+                        "before it (fewer warmup steps or a larger --decay-ratio)")
+
+
 def check_expert_parallel(config: TrainConfig, launch: tuple[int, bool, int | None] | None = None) -> None:
     """Refuse an impossible `expert_parallel_size` before anything starts (the model config is cheap to get; the
     launch is `launch` = (processes, DeepSpeed?, ZeRO stage) or read from the environment).
@@ -615,11 +631,7 @@ def check_same_launch(state: dict, accelerator, checkpoint: Path) -> None:
     saved, now = state.get("launch"), launch_layout(accelerator)
     if saved is None or saved == now:
         return
-
-    def describe(layout: dict) -> str:
-        zero = f"DeepSpeed ZeRO-{layout['zero_stage']}" if layout["zero_stage"] is not None else "no DeepSpeed"
-        return f"{layout['processes']} process{'es' if layout['processes'] != 1 else ''}, {zero}"
-
+    describe = ckpt.describe_launch
     raise UserError(f"--resume {checkpoint}: saved by {describe(saved)}, but this launch has {describe(now)}; "
                     "resume with the launch the run was started with (--launcher or accelerate config, process count)")
 
@@ -845,14 +857,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
         print(f"warning: eval_every {config.eval_every}, but this run has no validation data, so no validation runs "
               "(build the data with --val-fraction to get some: `minillm data pretrain|sft`)", file=sys.stderr)
     total_steps = budget.total_steps(config, len(run.train_data))  # the formula `minillm info --config` shows
-    if config.warmup_steps is not None and config.warmup_steps > total_steps:
-        raise UserError(f"--warmup-steps {config.warmup_steps} is more than the run's {total_steps} optimizer steps: "
-                        "the learning rate would never reach --lr")
-    # (a warmup as long as the run has no decay to skip)
-    if config.warmup_steps and int(total_steps * config.decay_ratio) < config.warmup_steps < total_steps:
-        raise UserError(f"--warmup-steps {config.warmup_steps} goes past the end of the decay ({config.decay_ratio:g} x "
-                        f"{total_steps} steps), where the cosine has already reached --min-lr: the warmup must end "
-                        "before it (fewer warmup steps or a larger --decay-ratio)")
+    if resume_from is None:  # a resumed run keeps the schedule it was started with (these checks came later)
+        check_schedule(config, total_steps)
     if accelerator.is_main_process:
         if (lock := runs.lock_run_dir(run_dir)) is not None:
             held.append(lock)
