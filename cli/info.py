@@ -86,7 +86,11 @@ def register(app: typer.Typer) -> None:
                 if progress.model_dir is None:
                     return
                 model = str(progress.model_dir)
-            elif seq_len is None and _print_runs_under(model):  # a directory of runs (runs/): one line each
+            elif found := _runs_under(model):  # a directory of runs (runs/): one line each
+                if seq_len is not None:
+                    raise UserError(f"--seq-len {seq_len}: {model} holds runs, listed without their sizes; give one "
+                                    "run directory for those")
+                _print_runs(model, found)
                 return
             model_config, title, trained_len = _trained_model_config(model)
             if seq_len is None:  # the length the MFU of its run was computed at
@@ -188,19 +192,21 @@ def _print_progress(progress) -> None:
     Console().print(table)
 
 
-def _print_runs_under(directory: str) -> bool:
-    """One row per run directory directly under `directory` (by name: stage, model, start time); False (nothing
-    printed) when there is none."""
+def _runs_under(directory: str) -> list:
+    """Where each run directly under `directory` stands (`minillm.runs.RunProgress`), by name: stage, model, start
+    time."""
     from pathlib import Path
-
-    from rich.console import Console
-    from rich.table import Table
 
     from minillm.runs import run_progress
 
-    found = [p for p in (run_progress(d) for d in sorted(Path(directory).glob("*")) if d.is_dir()) if p is not None]
-    if not found:
-        return False
+    return [p for p in (run_progress(d) for d in sorted(Path(directory).glob("*")) if d.is_dir()) if p is not None]
+
+
+def _print_runs(directory: str, found: list) -> None:
+    """One row per run of `found` (`_runs_under(directory)`)."""
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"runs in {directory}")
     for column in ("run", "state", "steps", "train loss", "best val loss"):
         table.add_column(column, justify="left" if column in ("run", "state") else "right", overflow="fold")
@@ -210,7 +216,6 @@ def _print_runs_under(directory: str) -> bool:
                       f"{progress.last_step:,}" + (f"/{progress.total_steps:,}" if progress.total_steps else ""),
                       f"{loss[1]:.4f}" if loss else "-", f"{best[1]:.4f} (step {best[0]:,})" if best else "-")
     Console().print(table)
-    return True
 
 
 def _trained_model_config(path: str):

@@ -244,6 +244,8 @@ def test_info_of_a_run_says_where_it_stands(tmp_path, capsys, monkeypatch):
     train_loss = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert rows == [["run", "finished", "4/4", f"{train_loss[4]:.4f}", f"{best:.4f} (step {best_step})"],
                     ["stopped", "stopped", "3/4", f"{train_loss[3]:.4f}", f"{val_at[2]:.4f} (step 2)"]]
+    assert run_cli("info", str(tmp_path), "--seq-len", "64") == 2  # sizes are per run: not silently a model error
+    assert "holds runs, listed without their sizes" in capsys.readouterr().err
 
     # a run saved by several processes resumes under the same launch: the command says so
     state_file = stopped / "checkpoints" / "step_00000002" / "trainer_state.json"
