@@ -132,6 +132,7 @@ def _print_progress(progress) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from minillm.runs import resume_command
     from minillm.training.budget import format_duration
 
     config, run_dir = progress.config, progress.run_dir
@@ -139,7 +140,7 @@ def _print_progress(progress) -> None:
         what = f"sft of {config.get('model') or '?'} from {config.get('model_path') or '?'}"
     else:
         what = f"pretrain of {config.get('model') or '?'} ({config.get('preset') or '?'} preset)"
-    resume = f"minillm {config['stage']} --config {run_dir / 'config.yaml'} --resume {run_dir}"
+    resume = resume_command(config["stage"], run_dir)
     if progress.state == "finished":
         state = f"finished: its model is {run_dir / 'final'}"
     elif progress.state == "training":
@@ -302,7 +303,7 @@ def _recipe_model_stats(cfg):
 
     import minillm  # noqa: F401  (registers our architectures)
     from minillm.errors import UserError
-    from minillm.models.registry import build_config as build_model_config
+    from minillm.models.registry import config_fields, model_package
     from minillm.models.stats import config_stats, model_stats, stats_of_config
 
     if cfg.stage == "pretrain":
@@ -317,7 +318,8 @@ def _recipe_model_stats(cfg):
         if not cfg.model:
             raise
         # SFT starts from a pretraining run's final/, saved without DeepSeek-V3's training-only MTP block
-        no_mtp = {"num_mtp_layers": 0} if hasattr(build_model_config(cfg.model, "base"), "num_mtp_layers") else {}
+        fields = config_fields(model_package(cfg.model).CONFIG_CLASS)
+        no_mtp = {"num_mtp_layers": 0} if "num_mtp_layers" in fields else {}
         return (config_stats(cfg.model, "base", seq_len=cfg.seq_len, **no_mtp),
                 f"{cfg.model} (base preset: not pretrained yet)")
     import torch

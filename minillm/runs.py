@@ -86,6 +86,12 @@ def live_run_problem(run_dir: Path) -> str | None:
             "to end or stop it")
 
 
+def resume_command(stage: str, run_dir: Path) -> str:
+    """The command that continues the run in `run_dir` with its own options (said when a run stops, and by
+    `minillm info`)."""
+    return f"minillm {stage} --config {run_dir / 'config.yaml'} --resume {run_dir}"
+
+
 def new_run_dir(stage: str, model: str, root: Path | None = None) -> Path:
     """Path for a new run (not created here)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -631,8 +631,8 @@ def check_same_launch(state: dict, accelerator, checkpoint: Path) -> None:
     saved, now = state.get("launch"), launch_layout(accelerator)
     if saved is None or saved == now:
         return
-    describe = ckpt.describe_launch
-    raise UserError(f"--resume {checkpoint}: saved by {describe(saved)}, but this launch has {describe(now)}; "
+    raise UserError(f"--resume {checkpoint}: saved by {ckpt.describe_launch(saved)}, but this launch has "
+                    f"{ckpt.describe_launch(now)}; "
                     "resume with the launch the run was started with (--launcher or accelerate config, process count)")
 
 
@@ -1018,7 +1018,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                     logger.close()
                     raise TrainingStopped(
                         f"stopped at step {step} of {total_steps} ({stop.requested}); saved {path}; continue with: "
-                        f"minillm {config.stage} --config {run_dir / 'config.yaml'} --resume {run_dir}",
+                        + runs.resume_command(config.stage, run_dir),
                         exit_code=128 + signal.Signals[stop.requested].value)
                 window_start += time.perf_counter() - pause_start
     finally:
