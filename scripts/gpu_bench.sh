@@ -7,9 +7,9 @@
 #   3. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
 #      flex_attention for packed documents, flash-linear-attention's Gated DeltaNet kernels when installed);
 #   4. in the time left: mini_llama3 with and without the trainer's per-step non-finite check (what its wait
-#      costs), with loss chunks of 4,096 tokens, the MoE models compiled, mini_deepseekv3 compiled with CUDA
-#      graphs (`--compile-mode reduce-overhead`), and the packed-attention kernels (scripts/bench_attention.py;
-#      ATTENTION=0 skips them).
+#      costs), with the loss's eager softmax in chunks of 1,024 tokens (the loss before its fused GPU kernel), the
+#      MoE models compiled, mini_deepseekv3 compiled with CUDA graphs (`--compile-mode reduce-overhead`), and the
+#      packed-attention kernels (scripts/bench_attention.py; ATTENTION=0 skips them).
 # Prints tokens/s, MFU (peak from the GPU table in minillm/training/perf.py), peak memory and the step-time shares,
 # then one summary table. Goals (issue 7): MFU >= 40% for mini_llama3, >= 25% for the MoE models on one H100.
 # Every stage is capped by `timeout`, the whole script by BUDGET seconds (default 470: under 8 minutes).
@@ -71,8 +71,8 @@ fi
 # here: stepping one alternately would add a wait at every step boundary.
 run mini_llama3_eager --model mini_llama3
 run mini_llama3_no_check --model mini_llama3 --no-nonfinite-check
-# The chunked loss in 4 chunks instead of 16 (the output head took 10 of the 21 ms of matmuls in the first profile)
-run mini_llama3_chunk4096 --model mini_llama3 --model-arg loss_chunk_size=4096
+# The loss's eager softmax and 1,024-token chunks (the loss before the fused GPU kernel): what the kernel gains
+MINILLM_LOSS_KERNEL=eager run mini_llama3_eager_loss --model mini_llama3 --model-arg loss_chunk_size=1024
 # torch.compile of the MoE models (bf16 grouped_mm stays in the graph)
 run mini_deepseekv3_compiled --model mini_deepseekv3 --compile
 run mini_qwen3_next_compiled --model mini_qwen3_next --compile

@@ -225,7 +225,7 @@ def test_cpu_fused_loss_kernel_matches_the_eager_path_and_falls_back(monkeypatch
     targets = torch.randint(0, 300, (45,))
 
     def run(kernel):
-        with loss_module.force_cpu_loss_kernel(kernel), torch.autocast("cpu", dtype=torch.bfloat16):
+        with loss_module.force_loss_kernel(kernel), torch.autocast("cpu", dtype=torch.bfloat16):
             loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=16)
         return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
@@ -237,7 +237,9 @@ def test_cpu_fused_loss_kernel_matches_the_eager_path_and_falls_back(monkeypatch
     assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
     torch.testing.assert_close(grad_h, want_h, rtol=1e-2, atol=1e-5)  # bf16 gradients: a rounding apart at most
     torch.testing.assert_close(grad_w, want_w, rtol=1e-2, atol=1e-5)
-    assert not loss_module._use_fused_loss(1024, 8000) and loss_module._use_fused_loss(1024, 32000)  # by size
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not loss_module._use_fused_loss(1024, 8000, cpu) and loss_module._use_fused_loss(1024, 32000, cpu)  # by size
+    assert loss_module._use_fused_loss(16, 8000, gpu)  # any size on a GPU
 
     def no_compiler(fn, **kwargs):
         def fails(*args):
@@ -249,8 +251,9 @@ def test_cpu_fused_loss_kernel_matches_the_eager_path_and_falls_back(monkeypatch
     (loss, grad_h, _), (again, *_) = run("compiled"), run("compiled")
     assert loss.item() == want.item() == again.item() and torch.equal(grad_h, want_h)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "could not be compiled (InductorError: no C++ compiler found)" in err
-    assert not loss_module._use_fused_loss(1024, 32000)
+    assert err.count("\n") == 1 and "could not be compiled for cpu (InductorError: no C++ compiler found)" in err
+    assert not loss_module._use_fused_loss(1024, 32000, cpu)
+    assert loss_module._use_fused_loss(1024, 32000, gpu)  # a CPU's failure leaves the GPU's kernel alone
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -277,6 +280,23 @@ def test_gpu_log_softmax_loss_path_matches_the_in_place_path(monkeypatch, dtype)
     assert abs(loss.item() - want.item()) <= 1e-5 * want.item() and loss_no_grad.item() == loss.item()
     torch.testing.assert_close(grad_h, want_h, rtol=0.02, atol=2e-3)
     torch.testing.assert_close(grad_w, want_w, rtol=0.02, atol=2e-3)
+
+
+def test_default_loss_chunk_size_by_device(monkeypatch):
+    """Unset `loss_chunk_size` (the configs' default): 1,024 tokens a chunk on a CPU; on a GPU multiples of 1,024
+    making about 256M logits, at least 1,024. A chunk size in the config is used as given."""
+    from minillm.models.layers import loss as loss_module
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loss_module.default_chunk_size(64000, cpu) == loss_module.default_chunk_size(8000, cpu) == 1024
+    sizes = [loss_module.default_chunk_size(vocab, gpu) for vocab in (64000, 32000, 151936, 400000)]
+    assert sizes == [4096, 8192, 1024, 1024]
+    seen = []
+    monkeypatch.setattr(loss_module._LinearCrossEntropySum, "apply", lambda *args: seen.append(args[3]) or args[0].sum())
+    for chunk, want in ((None, 1024), (77, 77)):
+        head = registry.build_model("mini_llama3", "tiny", vocab_size=300, loss_chunk_size=chunk).lm_head
+        head(torch.randn(2, 5, head.weight.shape[1]), torch.zeros(2, 5, dtype=torch.long))
+        assert seen.pop() == want
 
 
 def test_chunked_cross_entropy_keeps_no_full_logits():

@@ -10,7 +10,13 @@ Notable choices:
 - Only target tokens go through the head (rows whose target is -100 are dropped first): in SFT most are prompts.
 - The gradients are computed during forward only when autograd needs them (evaluation pays just the loss).
 - Logits are upcast to fp32 for the softmax, as transformers does; the matmuls run in the input dtype (bf16
-  under autocast), and in fp32 on a CPU through oneDNN (`layers/linear.py`: `mm`, `addmm_`).
+  under autocast), and in fp32 on a CPU through oneDNN (`layers/linear.py`: `mm`, `addmm_`). The head weight's
+  gradient is summed over the chunks in fp32.
+- In bf16/fp16 the softmax, the loss and `d_logits` of a chunk run as one `torch.compile`d kernel
+  (`_fused_softmax_loss`) on a GPU, and on a CPU for chunks larger than its caches; `MINILLM_LOSS_KERNEL=eager`
+  keeps the eager ops.
+- Chunk size: `loss_chunk_size` of the model config, by default (None) 1,024 tokens on a CPU and, on a GPU, as many
+  as make 256M logits (4,096 at a 64k vocabulary): a GPU's matmuls over 1,024 rows run at 60% of their rate at 4,096.
 - Reduction: `sum(CE) / num_items_in_batch` when the trainer gives the global normaliser (correct gradient
   accumulation), else the mean over this batch's targets.
 - Packed rows (design.md): a target whose position id is 0 starts a new document and is never predicted from the
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +40,21 @@ from minillm.models.layers.kernel_choice import KernelChoice
 from minillm.models.layers.linear import Linear, addmm_, mm, row_bucket
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 32k fp32 logits = 128 MiB
+DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk on a CPU: 1024 x 32k fp32 logits = 128 MiB
+GPU_CHUNK_LOGITS = 1 << 28  # logits per chunk on a GPU (512 MiB in bf16): 4,096 tokens at a 64k vocabulary
+# cuBLAS sums bf16/fp16 products straight into an fp32 tensor (`torch.addmm(..., out_dtype=torch.float32)`, CUDA only):
+# seen correct in place with torch 2.11 on an H200; older versions take a bf16 product and an fp32 add per chunk.
+_CUDA_FP32_ACCUMULATE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11)
+
+
+def default_chunk_size(vocab_size: int, device: torch.device) -> int:
+    """Tokens per chunk when the model config leaves `loss_chunk_size` unset: `DEFAULT_CHUNK_SIZE` on a CPU (the
+    chunk's logits should not crowd out its caches more than they must); on a GPU a multiple of 1,024 with about
+    `GPU_CHUNK_LOGITS` logits, at least 1,024. On an H200 (bf16, 16k tokens, 64k vocabulary) the loss's three
+    matmuls ran at 410 TFLOP/s in chunks of 1,024 tokens and 610 in chunks of 4,096."""
+    if device.type == "cpu":
+        return DEFAULT_CHUNK_SIZE
+    return max(1, GPU_CHUNK_LOGITS // vocab_size // 1024) * 1024
 
 
 def shift_targets(
@@ -126,17 +147,19 @@ def _pad_rows(h: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, h.new_zeros(pad, h.shape[1])]) if pad else h
 
 
-# CPU bf16/fp16 chunks with a large vocabulary: "compiled" runs the softmax, the loss and the gradient as one
-# torch.compile'd (inductor C++) kernel, "eager" the in-place torch ops (`MINILLM_CPU_LOSS_KERNEL=eager`).
-CPU_LOSS_KERNELS = ("compiled", "eager")
-_CPU_LOSS_KERNEL = KernelChoice("CPU loss kernel", "MINILLM_CPU_LOSS_KERNEL", CPU_LOSS_KERNELS)
-FUSED_MIN_LOGITS = 1 << 24  # logits per chunk (16M: 64 MiB in fp32, 512 rows x 32k) from which it is used
-_fused_kernel: dict[str, object] = {}  # "fn": the compiled function, or "failed": why it could not be built
+# bf16/fp16 chunks: "compiled" runs the softmax, the loss and the gradient as one torch.compile'd kernel (Triton on a
+# GPU, inductor C++ on a CPU), "eager" the torch ops (`MINILLM_LOSS_KERNEL=eager`). Unpinned: compiled on a GPU, and
+# on a CPU for chunks of at least FUSED_MIN_LOGITS.
+LOSS_KERNELS = ("compiled", "eager")
+_LOSS_KERNEL = KernelChoice("loss kernel", "MINILLM_LOSS_KERNEL", LOSS_KERNELS)
+FUSED_MIN_LOGITS = 1 << 24  # logits per CPU chunk (16M: 64 MiB in fp32, 512 rows x 32k) from which it is used
+# per device type ("cpu", "cuda"): "fn", the compiled function, or "failed", why it could not be built there
+_fused_kernel: dict[str, dict[str, object]] = {}
 
 
-def force_cpu_loss_kernel(name: str | None) -> contextlib.AbstractContextManager[None]:
-    """Pin the CPU low-precision loss kernel ("compiled" / "eager") inside a `with` block (tests, benchmarks)."""
-    return _CPU_LOSS_KERNEL.force(name)
+def force_loss_kernel(name: str | None) -> contextlib.AbstractContextManager[None]:
+    """Pin the low-precision loss kernel ("compiled" / "eager") inside a `with` block (tests, benchmarks)."""
+    return _LOSS_KERNEL.force(name)
 
 
 def _softmax_loss_rows(logits: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,35 +179,43 @@ def _softmax_loss_rows(logits: torch.Tensor, t: torch.Tensor) -> tuple[torch.Ten
 
 
 def _fused_softmax_loss(logits: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`_softmax_loss_rows` as one compiled kernel (built on the first call, about 3-6 s; shapes are dynamic), or
-    None where it cannot be built (no C++ compiler for inductor, ...): the caller then takes the eager path.
+    """`_softmax_loss_rows` as one compiled kernel (built on the first call on each device type, a few seconds;
+    shapes are dynamic), or None where it cannot be built (no C++ compiler for inductor on a CPU, no Triton on a
+    GPU, ...): the caller then takes the eager path, on that device type for the rest of the process.
 
-    Why: with a 32k vocabulary a chunk's logits (1,024 x 32k) are far larger than the CPU's caches, and the eager
-    path's seven passes over them (upcast, max, subtract, exp, sum, divide, downcast) cost about three times the
-    chunk's bf16 matmul. The fused kernel reads the bf16 logits and writes the bf16 gradient once per row block:
-    75 -> 45 ms per chunk with its matmul (Intel Xeon with AMX, 2 threads). With an 8k vocabulary the chunk stays in
-    cache and the two paths take the same time, so small chunks keep the eager path (`FUSED_MIN_LOGITS`).
+    Why: a chunk's logits (1,024 x 32k on a CPU) are far larger than a CPU's caches, and the eager path's seven
+    passes over them (upcast, max, subtract, exp, sum, divide, downcast) cost about three times the chunk's bf16
+    matmul. The fused kernel reads the bf16 logits and writes the bf16 gradient once per row block: 75 -> 45 ms per
+    chunk with its matmul (Intel Xeon with AMX, 2 threads). On a GPU the eager path's two passes (fp32 log-softmax,
+    exp back to bf16) move 12 bytes per logit against the kernel's 4 to 6: on an H200 the loss of 16k tokens at a 64k
+    vocabulary took 9.7 ms with it against 16.2 without (chunks of 4,096 tokens, fp32 accumulation of the weight's
+    gradient in both). With an 8k vocabulary a CPU chunk stays in cache and the two paths take the same time, so
+    small CPU chunks keep the eager path (`FUSED_MIN_LOGITS`).
     """
-    if "failed" in _fused_kernel:
+    kernel = _fused_kernel.setdefault(logits.device.type, {})
+    if "failed" in kernel:
         return None
-    if "fn" not in _fused_kernel:
-        _fused_kernel["fn"] = torch.compile(_softmax_loss_rows, dynamic=True)
+    if "fn" not in kernel:
+        kernel["fn"] = torch.compile(_softmax_loss_rows, dynamic=True)
     try:
-        return _fused_kernel["fn"](logits, t)
+        with warnings.catch_warnings():  # inductor's note that it split the row reduction (its choice, not a fault)
+            warnings.filterwarnings("ignore", message="Online softmax is disabled")
+            return kernel["fn"](logits, t)
     except Exception as err:  # noqa: BLE001 - any failure to build the kernel means: use the eager path
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _fused_kernel["failed"] = reason
-        print(f"note: the fused CPU loss kernel could not be compiled ({reason[:200]}); using the eager loss "
-              "(MINILLM_CPU_LOSS_KERNEL=eager skips the attempt)", file=sys.stderr)
+        kernel["failed"] = reason
+        print(f"note: the fused loss kernel could not be compiled for {logits.device.type} ({reason[:200]}); "
+              "using the eager loss (MINILLM_LOSS_KERNEL=eager skips the attempt)", file=sys.stderr)
         return None
 
 
-def _use_fused_loss(rows: int, vocab: int) -> bool:
-    """Whether a CPU bf16/fp16 chunk of `rows` x `vocab` logits takes `_fused_softmax_loss`."""
-    choice = _CPU_LOSS_KERNEL.pinned()
-    if choice == "eager" or "failed" in _fused_kernel or torch.compiler.is_compiling():
+def _use_fused_loss(rows: int, vocab: int, device: torch.device) -> bool:
+    """Whether a bf16/fp16 chunk of `rows` x `vocab` logits on `device` takes `_fused_softmax_loss`."""
+    choice = _LOSS_KERNEL.pinned()
+    failed = "failed" in _fused_kernel.get(device.type, {})
+    if choice == "eager" or failed or torch.compiler.is_compiling():
         return False
-    return choice == "compiled" or rows * vocab >= FUSED_MIN_LOGITS
+    return choice == "compiled" or device.type != "cpu" or rows * vocab >= FUSED_MIN_LOGITS
 
 
 def _log_softmax_loss(
@@ -203,6 +234,25 @@ def _log_softmax_loss(
     rows = torch.arange(logits.shape[0], device=t.device)
     d_logits[rows, t] = (target.exp() - 1.0).to(logits.dtype)  # p - 1 formed in fp32, as the in-place path does
     return loss, d_logits
+
+
+def _add_weight_grad(grad_w: torch.Tensor | None, d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """`grad_w + d_logits.T @ h` (V, D) in fp32, in place where it can be; `grad_w` None for the first chunk.
+
+    bf16/fp16 operands on CUDA: cuBLAS sums the product straight into the fp32 gradient (no (V, D) product in bf16,
+    its fp32 copy and the add: three passes over 49M values per chunk of mini_llama3 base). Elsewhere in low
+    precision the product is rounded to bf16/fp16 and added in fp32; in fp32 `addmm_` accumulates in place."""
+    low_precision = d_logits.dtype != torch.float32
+    if low_precision and d_logits.is_cuda and _CUDA_FP32_ACCUMULATE:
+        if grad_w is None:
+            return torch.mm(d_logits.t(), h, out_dtype=torch.float32)
+        return torch.addmm(grad_w, d_logits.t(), h, out_dtype=torch.float32, out=grad_w)
+    if grad_w is None:
+        return mm(d_logits.t(), h).float()
+    if low_precision:
+        return grad_w.add_(mm(d_logits.t(), h).float())
+    addmm_(grad_w, d_logits.t(), h)
+    return grad_w
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -236,13 +286,18 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             h = hidden_c[start : start + chunk_size]  # (n, D)
             t = targets[start : start + chunk_size]  # (n,)
             n = t.shape[0]
+            fused = None
             if two_pass:
-                chunk_loss, d_logits = _log_softmax_loss(torch.mm(h, weight_c.t()), t, need_h or need_w)
+                logits = torch.mm(h, weight_c.t())  # (n, V)
+                if (need_h or need_w) and _use_fused_loss(n, weight.shape[0], hidden.device):
+                    fused = _fused_softmax_loss(logits, t)
+                chunk_loss, d_logits = fused if fused is not None else _log_softmax_loss(logits, t, need_h or need_w)
             else:
                 if buffers is not None:
                     h = _pad_rows(h)  # (m, D), m = row_bucket(n)
-                fused = None
-                if buffers is not None and (need_h or need_w) and _use_fused_loss(h.shape[0], weight.shape[0]):
+                if buffers is not None and (need_h or need_w) and _use_fused_loss(
+                    h.shape[0], weight.shape[0], hidden.device
+                ):
                     m, vocab = h.shape[0], weight.shape[0]
                     logits_c = torch.mm(h, weight_c.t(), out=buffers[0][: m * vocab].view(m, vocab))  # (m, V)
                     fused = _fused_softmax_loss(logits_c, t)
@@ -254,12 +309,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if need_h:
                 grad_h[start : start + chunk_size] = mm(d_logits, weight_c)[:n]  # (n, D)
             if need_w:
-                if grad_w is None:
-                    grad_w = mm(d_logits.t(), h).float()  # (V, D)
-                elif low_precision:
-                    grad_w += mm(d_logits.t(), h).float()
-                else:
-                    addmm_(grad_w, d_logits.t(), h)  # accumulate in place
+                grad_w = _add_weight_grad(grad_w, d_logits, h)
         if need_w and grad_w is None:  # no target rows: a zero gradient, not None (DDP expects every gradient)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)
@@ -285,7 +335,7 @@ def chunked_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets`, never materialising all the logits.
 
@@ -295,9 +345,11 @@ def chunked_cross_entropy(
         targets: (...) token ids, -100 = ignored; already aligned with `hidden` (see `shift_targets`).
         num_items_in_batch: if given, return `sum(CE) / num_items_in_batch`; else the mean over valid targets
             (0 when there are none).
-        chunk_size: tokens per chunk.
+        chunk_size: tokens per chunk; None: `default_chunk_size` for the vocabulary and device.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0], hidden.device)
     targets = targets.reshape(-1)  # (N,)
     valid = targets != IGNORE_INDEX
     rows = valid.nonzero().squeeze(1)  # indices of real targets
@@ -318,7 +370,7 @@ class LMHead(Linear):
     unchanged. Running the loss in this module's forward lets ZeRO-3 / FSDP gather the sharded weight for it.
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(self, hidden_size: int, vocab_size: int, chunk_size: int | None = None) -> None:
         super().__init__(hidden_size, vocab_size, bias=False)
         self.chunk_size = chunk_size
 

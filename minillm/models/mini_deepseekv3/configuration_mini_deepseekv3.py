@@ -52,7 +52,8 @@ class MiniDeepSeekV3Config(PreTrainedConfig):
         attention_dropout: dropout on attention probabilities during training.
         initializer_range: std of the normal initialisation of linear, embedding and expert weights.
         tie_word_embeddings: share the input embedding with the output head.
-        loss_chunk_size: tokens per chunk of the chunked cross-entropy (see `layers/loss.py`).
+        loss_chunk_size: tokens per chunk of the chunked cross-entropy (see `layers/loss.py`); None:
+            1,024 on a CPU, on a GPU enough for 256M logits (4,096 at a 64k vocabulary).
     """
 
     model_type = "mini_deepseekv3"
@@ -99,7 +100,7 @@ class MiniDeepSeekV3Config(PreTrainedConfig):
     initializer_range: float = 0.02
     use_cache: bool = True
     tie_word_embeddings: bool = True
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = 0
     pad_token_id: int | None = 0
@@ -110,12 +111,15 @@ class MiniDeepSeekV3Config(PreTrainedConfig):
         positive = (
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
             "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-            "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings", "loss_chunk_size",
+            "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
         )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"mini_deepseekv3: {name} must be a positive integer, got {value!r}")
+        chunk = self.loss_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
+            raise ValueError(f"mini_deepseekv3: loss_chunk_size must be a positive integer or None, got {chunk!r}")
         for name in ("qk_nope_head_dim", "n_shared_experts", "num_dense_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -53,7 +53,8 @@ class MiniQwen3NextConfig(PreTrainedConfig):
         attention_dropout: dropout on attention probabilities during training.
         initializer_range: std of the normal initialisation of linear, embedding and expert weights.
         tie_word_embeddings: share the input embedding with the output head.
-        loss_chunk_size: tokens per chunk of the chunked cross-entropy (see `layers/loss.py`).
+        loss_chunk_size: tokens per chunk of the chunked cross-entropy (see `layers/loss.py`); None:
+            1,024 on a CPU, on a GPU enough for 256M logits (4,096 at a 64k vocabulary).
     """
 
     model_type = "mini_qwen3_next"
@@ -90,7 +91,7 @@ class MiniQwen3NextConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     use_cache: bool = True
     tie_word_embeddings: bool = False
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = 0
     pad_token_id: int | None = 0
@@ -104,12 +105,15 @@ class MiniQwen3NextConfig(PreTrainedConfig):
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "full_attention_interval",
             "num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads",
             "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "linear_chunk_size",
-            "moe_intermediate_size", "decoder_sparse_step", "max_position_embeddings", "loss_chunk_size",
+            "moe_intermediate_size", "decoder_sparse_step", "max_position_embeddings",
         )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"mini_qwen3_next: {name} must be a positive integer, got {value!r}")
+        chunk = self.loss_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
+            raise ValueError(f"mini_qwen3_next: loss_chunk_size must be a positive integer or None, got {chunk!r}")
         for name in ("num_experts", "num_experts_per_tok", "shared_expert_intermediate_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
