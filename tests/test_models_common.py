@@ -240,6 +240,7 @@ def test_cpu_fused_loss_kernel_matches_the_eager_path_and_falls_back(monkeypatch
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert not loss_module._use_fused_loss(1024, 8000, cpu) and loss_module._use_fused_loss(1024, 32000, cpu)  # by size
     assert loss_module._use_fused_loss(16, 8000, gpu)  # any size on a GPU
+    assert not loss_module._use_fused_loss(1024, 64000, torch.device("mps"))  # unless pinned
 
     def no_compiler(fn, **kwargs):
         def fails(*args):
@@ -283,14 +284,16 @@ def test_gpu_log_softmax_loss_path_matches_the_in_place_path(monkeypatch, dtype)
 
 
 def test_default_loss_chunk_size_by_device(monkeypatch):
-    """Unset `loss_chunk_size` (the configs' default): 1,024 tokens a chunk on a CPU; on a GPU multiples of 1,024
-    making about 256M logits, at least 1,024. A chunk size in the config is used as given."""
+    """Unset `loss_chunk_size` (the configs' default): 1,024 tokens a chunk on a CPU (and on devices not
+    measured); on a CUDA GPU multiples of 1,024 making about 256M logits, at least 1,024. A chunk size in the config
+    is used as given."""
     from minillm.models.layers import loss as loss_module
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert loss_module.default_chunk_size(64000, cpu) == loss_module.default_chunk_size(8000, cpu) == 1024
     sizes = [loss_module.default_chunk_size(vocab, gpu) for vocab in (64000, 32000, 151936, 400000)]
     assert sizes == [4096, 8192, 1024, 1024]
+    assert loss_module.default_chunk_size(64000, torch.device("mps")) == 1024  # measured on CUDA only
     seen = []
     monkeypatch.setattr(loss_module._LinearCrossEntropySum, "apply", lambda *args: seen.append(args[3]) or args[0].sum())
     for chunk, want in ((None, 1024), (77, 77)):

@@ -15,8 +15,8 @@ Notable choices:
 - In bf16/fp16 the softmax, the loss and `d_logits` of a chunk run as one `torch.compile`d kernel
   (`_fused_softmax_loss`) on a GPU, and on a CPU for chunks larger than its caches; `MINILLM_LOSS_KERNEL=eager`
   keeps the eager ops.
-- Chunk size: `loss_chunk_size` of the model config, by default (None) 1,024 tokens on a CPU and, on a GPU, as many
-  as make 256M logits (4,096 at a 64k vocabulary): a GPU's matmuls over 1,024 rows run at 60% of their rate at 4,096.
+- Chunk size: `loss_chunk_size` of the model config, by default (None) 1,024 tokens and, on a CUDA GPU, as many as
+  make 256M logits (4,096 at a 64k vocabulary): a GPU's matmuls over 1,024 rows run at 60% of their rate at 4,096.
 - Reduction: `sum(CE) / num_items_in_batch` when the trainer gives the global normaliser (correct gradient
   accumulation), else the mean over this batch's targets.
 - Packed rows (design.md): a target whose position id is 0 starts a new document and is never predicted from the
@@ -48,11 +48,12 @@ _CUDA_FP32_ACCUMULATE = tuple(int(part) for part in torch.__version__.split(".")
 
 
 def default_chunk_size(vocab_size: int, device: torch.device) -> int:
-    """Tokens per chunk when the model config leaves `loss_chunk_size` unset: `DEFAULT_CHUNK_SIZE` on a CPU (the
-    chunk's logits should not crowd out its caches more than they must); on a GPU a multiple of 1,024 with about
-    `GPU_CHUNK_LOGITS` logits, at least 1,024. On an H200 (bf16, 16k tokens, 64k vocabulary) the loss's three
-    matmuls ran at 410 TFLOP/s in chunks of 1,024 tokens and 610 in chunks of 4,096."""
-    if device.type == "cpu":
+    """Tokens per chunk when the model config leaves `loss_chunk_size` unset: on a CUDA GPU a multiple of 1,024
+    with about `GPU_CHUNK_LOGITS` logits, at least 1,024; elsewhere `DEFAULT_CHUNK_SIZE` (on a CPU the chunk's
+    logits should not crowd out its caches more than they must; other devices are not measured). On an H200 (bf16,
+    16k tokens, 64k vocabulary) the loss's three matmuls ran at 410 TFLOP/s in chunks of 1,024 tokens and 610 in
+    chunks of 4,096."""
+    if device.type != "cuda":
         return DEFAULT_CHUNK_SIZE
     return max(1, GPU_CHUNK_LOGITS // vocab_size // 1024) * 1024
 
@@ -148,7 +149,7 @@ def _pad_rows(h: torch.Tensor) -> torch.Tensor:
 
 
 # bf16/fp16 chunks: "compiled" runs the softmax, the loss and the gradient as one torch.compile'd kernel (Triton on a
-# GPU, inductor C++ on a CPU), "eager" the torch ops (`MINILLM_LOSS_KERNEL=eager`). Unpinned: compiled on a GPU, and
+# GPU, inductor C++ on a CPU), "eager" the torch ops (`MINILLM_LOSS_KERNEL=eager`). Unpinned: compiled on CUDA, and
 # on a CPU for chunks of at least FUSED_MIN_LOGITS.
 LOSS_KERNELS = ("compiled", "eager")
 _LOSS_KERNEL = KernelChoice("loss kernel", "MINILLM_LOSS_KERNEL", LOSS_KERNELS)
@@ -215,7 +216,9 @@ def _use_fused_loss(rows: int, vocab: int, device: torch.device) -> bool:
     failed = "failed" in _fused_kernel.get(device.type, {})
     if choice == "eager" or failed or torch.compiler.is_compiling():
         return False
-    return choice == "compiled" or device.type != "cpu" or rows * vocab >= FUSED_MIN_LOGITS
+    if choice == "compiled" or device.type == "cuda":
+        return True
+    return device.type == "cpu" and rows * vocab >= FUSED_MIN_LOGITS  # other devices: only when pinned
 
 
 def _log_softmax_loss(
