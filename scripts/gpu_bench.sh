@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One-GPU check and training benchmark, in one run that fits a short GPU lease:
-#   1. the `base` presets of the three models, bf16 autocast, sequence 512, through the real trainer
-#      (scripts/bench_train.py), each also against its transformers reference (interleaved, same process), with a
-#      profile of 5 steps (the kernels and operators that take the device's time);
-#   2. mini_llama3 compiled, at BATCH and at BIG_BATCH rows per step;
+#   1. mini_llama3 `base`, compiled, bf16 autocast, sequence 512, through the real trainer (scripts/bench_train.py),
+#      with a profile of 5 steps (the kernels and operators that take the device's time), then without the
+#      trainer's per-step non-finite check (what its wait costs);
+#   2. the `base` presets of the three models eager, each against its transformers reference (interleaved, same
+#      process), with profiles; mini_deepseekv3 compiled;
 #   3. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
-#      flex_attention for packed documents, flash-linear-attention's Gated DeltaNet kernels when installed);
-#   4. in the time left: mini_llama3 with and without the trainer's per-step non-finite check (what its wait
-#      costs), with the loss's eager softmax in chunks of 1,024 tokens (the loss before its fused GPU kernel), the
-#      MoE models compiled, mini_deepseekv3 compiled with CUDA graphs (`--compile-mode reduce-overhead`), and the
-#      packed-attention kernels (scripts/bench_attention.py; ATTENTION=0 skips them).
+#      flex_attention for packed documents, the bf16 loss, flash-linear-attention's Gated DeltaNet kernels when
+#      installed);
+#   4. in the time left: mini_llama3 compiled at BIG_BATCH rows per step, mini_llama3 and mini_deepseekv3 with CUDA
+#      graphs (`--compile-mode reduce-overhead`), mini_llama3 with the loss's eager softmax in chunks of 1,024
+#      tokens (the loss before its fused GPU kernel), and the packed-attention kernels (scripts/bench_attention.py;
+#      ATTENTION=0 skips them).
 # Prints tokens/s, MFU (peak from the GPU table in minillm/training/perf.py), peak memory and the step-time shares,
 # then one summary table. Goals (issue 7): MFU >= 40% for mini_llama3, >= 25% for the MoE models on one H100.
 # Every stage is capped by `timeout`, the whole script by BUDGET seconds (default 470: under 8 minutes).
@@ -52,14 +54,19 @@ run() {  # run NAME ARGS...: one bench_train run with its own time cap, skipped 
         || echo "$name: failed or timed out"
 }
 
+# torch.compile of the decoder layers (the loss stays chunked, outside the compiled region), with a profile of 5
+# steps: where the fastest configuration's step still goes
+run mini_llama3_compiled --model mini_llama3 --compile --profile "$OUT/mini_llama3_compiled.profile.txt"
+# What the trainer's one wait per step (its non-finite loss check) costs where the host has the least slack: the
+# same compiled run without it. No reference alongside: stepping one alternately would add a wait per step.
+run mini_llama3_compiled_no_check --model mini_llama3 --compile --no-nonfinite-check
+# Each model eager against its transformers reference, stepped alternately in the same process
 for model in mini_llama3 mini_deepseekv3 mini_qwen3_next; do
     run "$model" --model "$model" --against-reference --profile "$OUT/$model.profile.txt"
 done
-# torch.compile of the decoder layers (the loss stays chunked, outside the compiled region)
-run mini_llama3_compiled --model mini_llama3 --compile
-# The same with 4x the rows per step: the per-step costs that do not grow with the batch (optimizer, launches, the
-# host's wait) spread over more tokens. The goal fixes the sequence length, not the batch.
-run mini_llama3_compiled_b$BIG_BATCH --model mini_llama3 --compile --batch "$BIG_BATCH"
+# torch.compile of the MoE model whose recipe compiles (bf16 grouped_mm stays in the graph; mini_qwen3_next's
+# compiled step was slower than its eager one on an H200, and its recipe stays eager)
+run mini_deepseekv3_compiled --model mini_deepseekv3 --compile
 # The CUDA paths against their references (tests/test_gpu.py), each test capped at 60 s where pytest-timeout is
 # installed, the whole set by the budget left.
 per_test=$("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
@@ -67,17 +74,14 @@ if (( deadline - SECONDS > 20 )); then
     timeout $((deadline - SECONDS)) "$PYTHON" -m pytest -p no:cacheprovider tests/test_gpu.py -q -rs --tb=short \
         $per_test 2>&1 | tee "$OUT/tests.txt" || echo "tests/test_gpu.py: failures or timed out (see $OUT/tests.txt)"
 fi
-# What the trainer's one wait per step (its non-finite loss check) costs: the same eager run without it. No reference
-# here: stepping one alternately would add a wait at every step boundary.
-run mini_llama3_eager --model mini_llama3
-run mini_llama3_no_check --model mini_llama3 --no-nonfinite-check
-# The loss's eager softmax and 1,024-token chunks (the loss before the fused GPU kernel): what the kernel gains
-MINILLM_LOSS_KERNEL=eager run mini_llama3_eager_loss --model mini_llama3 --model-arg loss_chunk_size=1024
-# torch.compile of the MoE models (bf16 grouped_mm stays in the graph)
-run mini_deepseekv3_compiled --model mini_deepseekv3 --compile
-run mini_qwen3_next_compiled --model mini_qwen3_next --compile
-# CUDA graphs for the MoE model whose step is most host-bound (about 7k operators per step)
+# 4x the rows per step: the per-step costs that do not grow with the batch (optimizer, launches, the host's wait)
+# spread over more tokens. The goal fixes the sequence length, not the batch.
+run mini_llama3_compiled_b$BIG_BATCH --model mini_llama3 --compile --batch "$BIG_BATCH"
+# CUDA graphs: the host's launches replayed in one call (mini_deepseekv3's step has about 7k operators)
+run mini_llama3_cudagraphs --model mini_llama3 --compile --compile-mode reduce-overhead
 run deepseekv3_cudagraphs --model mini_deepseekv3 --compile --compile-mode reduce-overhead
+# The loss's eager softmax in 1,024-token chunks (the loss before the fused GPU kernel): what the kernel gains
+MINILLM_LOSS_KERNEL=eager run mini_llama3_eager_loss --model mini_llama3 --model-arg loss_chunk_size=1024
 # Packed-document attention paths (block-mask SDPA vs flex vs flash-attn varlen), in the time left; text, not JSON.
 if [[ ${ATTENTION:-1} == 1 ]] && (( deadline - SECONDS > 30 )); then
     timeout $((deadline - SECONDS)) "$PYTHON" scripts/bench_attention.py --device cuda --dtype bf16 \

@@ -299,7 +299,7 @@ class FiniteCheck:
     host memory without blocking, with an event behind it. `step_is_bad` reads it after the last backward has been
     queued, so the host waits only for the forward while the device already has the backward to run, instead of
     the device waiting for the host to queue the backward. (What the wait still costs on a GPU is not measured yet:
-    `scripts/gpu_bench.sh` runs mini_llama3 with and without the check.)
+    `scripts/gpu_bench.sh` runs mini_llama3 compiled with and without the check.)
     """
 
     def __init__(self, accelerator, all_finite: torch.Tensor) -> None:
