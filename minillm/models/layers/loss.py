@@ -16,7 +16,8 @@ Notable choices:
   (`_fused_softmax_loss`) on a GPU, and on a CPU for chunks larger than its caches; `MINILLM_LOSS_KERNEL=eager`
   keeps the eager ops.
 - Chunk size: `loss_chunk_size` of the model config, by default (None) 1,024 tokens and, on a CUDA GPU, as many as
-  make 256M logits (4,096 at a 64k vocabulary): a GPU's matmuls over 1,024 rows run at 60% of their rate at 4,096.
+  make 256M logits (8,192 at the presets' 32k vocabulary): a GPU's matmuls over 1,024 rows of a 64k vocabulary
+  ran at 60% of their rate over 4,096.
 - Reduction: `sum(CE) / num_items_in_batch` when the trainer gives the global normaliser (correct gradient
   accumulation), else the mean over this batch's targets.
 - Packed rows (design.md): a target whose position id is 0 starts a new document and is never predicted from the
@@ -41,7 +42,7 @@ from minillm.models.layers.linear import Linear, addmm_, mm, row_bucket
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk on a CPU: 1024 x 32k fp32 logits = 128 MiB
-GPU_CHUNK_LOGITS = 1 << 28  # logits per chunk on a GPU (512 MiB in bf16): 4,096 tokens at a 64k vocabulary
+GPU_CHUNK_LOGITS = 1 << 28  # logits per chunk on a GPU (512 MiB in bf16): 8,192 tokens at a 32k vocabulary
 # cuBLAS sums bf16/fp16 products straight into an fp32 tensor (`torch.addmm(..., out_dtype=torch.float32)`, CUDA only):
 # seen correct in place with torch 2.11 on an H200; older versions take a bf16 product and an fp32 add per chunk.
 _CUDA_FP32_ACCUMULATE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11)
@@ -243,7 +244,7 @@ def _add_weight_grad(grad_w: torch.Tensor | None, d_logits: torch.Tensor, h: tor
     """`grad_w + d_logits.T @ h` (V, D) in fp32, in place where it can be; `grad_w` None for the first chunk.
 
     bf16/fp16 operands on CUDA: cuBLAS sums the product straight into the fp32 gradient (no (V, D) product in bf16,
-    its fp32 copy and the add: three passes over 49M values per chunk of mini_llama3 base). Elsewhere in low
+    its fp32 copy and the add: three passes over 25M values per chunk of mini_llama3 base). Elsewhere in low
     precision the product is rounded to bf16/fp16 and added in fp32; in fp32 `addmm_` accumulates in place."""
     low_precision = d_logits.dtype != torch.float32
     if low_precision and d_logits.is_cuda and _CUDA_FP32_ACCUMULATE:
