@@ -261,9 +261,11 @@ def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str,
     peak = gpu_peak_flops(gpu, precision)
     if peak is None:
         raise UserError(f"--gpu {gpu!r}: no {precision} peak known (known: {', '.join(GPU_PEAK_TFLOPS)})")
-    stats, model_label = _recipe_model_stats(cfg)
-    moe = stats.activated < stats.total
-    mfu = mfu if mfu is not None else budget.DEFAULT_MFU["moe" if moe else "dense"]
+    stats, model_label, model_type = _recipe_model_stats(cfg)
+    if mfu is not None:
+        mfu_source = "given"
+    else:
+        mfu, mfu_source = budget.default_mfu(model_type, moe=stats.activated < stats.total)
     num_rows = None
     if not cfg.max_steps and tokens is None:
         if not cfg.data:
@@ -289,7 +291,7 @@ def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str,
         ("learning rate", f"{cfg.lr:g} -> {cfg.min_lr:g}"),
         ("training FLOPs", f"{run.flops:.3g} ({stats.flops_per_token / 1e6:,.0f}M / token)"),
         ("GPU", f"{gpus} x {gpu}, {peak / 1e12:,.0f} TFLOP/s {precision} dense peak"),
-        ("assumed MFU", f"{mfu:.0%}"),
+        ("assumed MFU", f"{mfu:.1%} ({mfu_source})"),
         ("expected wall time", budget.format_duration(run.seconds(peak, mfu, gpus))),
     ]:
         table.add_row(name, value)
@@ -297,8 +299,8 @@ def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str,
 
 
 def _recipe_model_stats(cfg):
-    """(stats, label) of the model a resolved config trains: its preset, or for SFT the model it starts from
-    (the base preset of its architecture when that run does not exist yet)."""
+    """(stats, label, model type) of the model a resolved config trains: its preset, or for SFT the model it starts
+    from (the base preset of its architecture when that run does not exist yet)."""
     from transformers import AutoConfig
 
     import minillm  # noqa: F401  (registers our architectures)
@@ -309,7 +311,7 @@ def _recipe_model_stats(cfg):
     if cfg.stage == "pretrain":
         from minillm.training.setup import pretrain_model_config
 
-        return stats_of_config(pretrain_model_config(cfg), cfg.seq_len), f"{cfg.model} ({cfg.preset})"
+        return stats_of_config(pretrain_model_config(cfg), cfg.seq_len), f"{cfg.model} ({cfg.preset})", cfg.model
     try:
         from minillm.training.setup import sft_model_dir
 
@@ -321,10 +323,10 @@ def _recipe_model_stats(cfg):
         fields = config_fields(model_package(cfg.model).CONFIG_CLASS)
         no_mtp = {"num_mtp_layers": 0} if "num_mtp_layers" in fields else {}
         return (config_stats(cfg.model, "base", seq_len=cfg.seq_len, **no_mtp),
-                f"{cfg.model} (base preset: not pretrained yet)")
+                f"{cfg.model} (base preset: not pretrained yet)", cfg.model)
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return model_stats(model, cfg.seq_len), f"{model.config.model_type} from {model_dir}"
+    return model_stats(model, cfg.seq_len), f"{model.config.model_type} from {model_dir}", model.config.model_type

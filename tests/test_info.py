@@ -128,7 +128,7 @@ def test_budget_counts_the_built_shards_like_the_trainer(tmp_path, capsys):
     assert steps == total_steps(build_config("pretrain", recipe).resolve(), rows) and steps > 10
     assert f"{rows:,} rows" in out and f"{steps:,} (2.5 epochs)" in out
     assert f"{steps * 8 * 32:,}" in out  # token budget = steps x global batch x seq_len
-    assert "312 TFLOP/s bf16" in out and "50%" in out
+    assert "312 TFLOP/s bf16" in out and "50.0% (given)" in out
 
 
 def test_budget_wall_time_is_flops_over_peak_times_mfu(tmp_path):
@@ -142,6 +142,34 @@ def test_budget_wall_time_is_flops_over_peak_times_mfu(tmp_path):
     run = plan(config, flops)  # max_steps: no data needed
     assert run.steps == 1000 and run.tokens == 1000 * 32 * 512
     assert run.seconds(989e12, 0.25, devices=2) == pytest.approx(1000 * 32 * 512 * flops / (989e12 * 0.25 * 2))
+
+
+def test_budget_assumes_the_measured_mfu_of_the_architecture(tmp_path, capsys, monkeypatch):
+    """Without --mfu the wall time uses what the trainer measured for the recipe's architecture (and says so); an
+    architecture not measured gets the benchmark's goal; --mfu wins."""
+    from minillm.training import budget
+
+    monkeypatch.setenv("COLUMNS", "400")
+    assert budget.default_mfu("mini_deepseekv3", moe=True) == (budget.MEASURED_MFU["mini_deepseekv3"],
+                                                                "measured on an H200")
+    assert budget.default_mfu("some_new_moe", moe=True) == (0.25, "the benchmark's goal, not measured")
+    assert budget.default_mfu(None, moe=False)[0] == 0.40
+    recipe = _recipe(tmp_path, model="mini_llama3", preset="base", seq_len=512, micro_batch_size=32,
+                     global_batch_size=32, max_steps=1000)
+    capsys.readouterr()
+    for extra, mfu, source in (([], budget.MEASURED_MFU["mini_llama3"], "measured on an H200"),
+                               (["--mfu", "0.5"], 0.5, "given")):
+        assert run_cli("info", "--config", recipe, "--gpu", "H100", *extra) == 0
+        out = capsys.readouterr().out
+        assert f"{mfu:.1%} ({source})" in out
+        seconds = 1000 * 32 * 512 * config_stats_flops("mini_llama3") / (989e12 * mfu)
+        assert budget.format_duration(seconds) in out
+
+
+def config_stats_flops(model: str) -> int:
+    from minillm.models.stats import config_stats
+
+    return config_stats(model, "base", seq_len=512).flops_per_token
 
 
 def test_budget_of_an_sft_recipe_before_pretraining_has_no_mtp(tmp_path, capsys, monkeypatch):
