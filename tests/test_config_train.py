@@ -334,3 +334,15 @@ def test_grad_norm_is_accurate_for_large_gradients():
     exact = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item()
     assert abs(grad_norm(params).item() - exact) <= 1e-6 * exact
     assert grad_norm([torch.nn.Parameter(torch.zeros(2))]).item() == 0.0  # no gradient at all
+
+
+def test_model_args_are_yaml_and_python_none_is_null():
+    """--model-arg values are YAML (numbers, booleans, null); `None`, as the config docstrings spell it, is null
+    too, and 1e4 a number (both were strings, refused by the config's type checks); other text stays text."""
+    from minillm.training.config import parse_model_args
+
+    got = parse_model_args(["num_hidden_layers=2", "rope_theta=1e4", "loss_chunk_size=None", "head_dim=null",
+                            "tie_word_embeddings=true", "initializer_range=5e-3", "hidden_act=silu"])
+    assert got == {"num_hidden_layers": 2, "rope_theta": 1e4, "loss_chunk_size": None, "head_dim": None,
+                   "tie_word_embeddings": True, "initializer_range": 0.005, "hidden_act": "silu"}
+

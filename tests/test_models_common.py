@@ -283,6 +283,23 @@ def test_gpu_log_softmax_loss_path_matches_the_in_place_path(monkeypatch, dtype)
     torch.testing.assert_close(grad_w, want_w, rtol=0.02, atol=2e-3)
 
 
+def test_fused_loss_kernel_out_of_memory_is_raised_not_taken_for_a_build_failure(monkeypatch):
+    """An out-of-memory error inside the fused kernel reaches the caller, and the kernel stays in use: it is the
+    device that is full, not the kernel that cannot be built (the eager fallback would need more memory)."""
+    from minillm.models.layers import loss as loss_module
+
+    def full(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+
+    monkeypatch.setattr(loss_module, "_fused_kernel", {"cpu": {"fn": full}})
+    hidden = torch.randn(45, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    with loss_module.force_loss_kernel("compiled"), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(torch.OutOfMemoryError):
+            chunked_cross_entropy(hidden, weight, torch.randint(0, 300, (45,)), chunk_size=16)
+    assert "failed" not in loss_module._fused_kernel["cpu"]
+
+
 def test_default_loss_chunk_size_by_device(monkeypatch):
     """Unset `loss_chunk_size` (the configs' default): 1,024 tokens a chunk on a CPU (and on devices not
     measured); on a CUDA GPU multiples of 1,024 making about 256M logits, at least 1,024. A chunk size in the config

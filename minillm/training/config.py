@@ -53,7 +53,8 @@ class TrainConfig:
         "tiny",
     )
     model_args: dict[str, Any] = _opt(
-        "model config overrides, e.g. num_hidden_layers=2 (repeatable)", ("pretrain",), default_factory=dict
+        "model config overrides, e.g. num_hidden_layers=2 (repeatable; YAML values, null or None for None)",
+        ("pretrain",), default_factory=dict
     )
     model_path: str | None = _opt(
         "pretrained run directory, checkpoint of a run or HF model directory to start from (default: the latest "
@@ -349,17 +350,28 @@ def build_config(stage: str, recipe: str | None = None, overrides: dict[str, Any
 
 
 def parse_model_args(items: list[str]) -> dict[str, Any]:
-    """`["num_hidden_layers=2", "rope_theta=1e4"]` -> {"num_hidden_layers": 2, "rope_theta": 10000.0}."""
+    """`["num_hidden_layers=2", "rope_theta=1e4"]` -> {"num_hidden_layers": 2, "rope_theta": 10000.0}. Values are
+    YAML, and numbers in exponent notation are numbers (YAML 1.1 reads `1e4` as a string); Python's `None`, as the
+    config docstrings spell it, is read as YAML's null."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        if raw.strip() == "None":
+            out[key.strip()] = None
+            continue
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or "not a YAML value"
             raise UserError(f"--model-arg {item}: the value is not valid YAML ({problem})") from None
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e4 and 5e-5 as strings
+            except ValueError:
+                pass
+        out[key.strip()] = value
     return out
 
 

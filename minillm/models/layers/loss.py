@@ -13,7 +13,7 @@ Notable choices:
   under autocast), and in fp32 on a CPU through oneDNN (`layers/linear.py`: `mm`, `addmm_`). The head weight's
   gradient is summed over the chunks in fp32.
 - In bf16/fp16 the softmax, the loss and `d_logits` of a chunk run as one `torch.compile`d kernel
-  (`_fused_softmax_loss`) on a GPU, and on a CPU for chunks larger than its caches; `MINILLM_LOSS_KERNEL=eager`
+  (`_fused_softmax_loss`) on a CUDA GPU, and on a CPU for chunks larger than its caches; `MINILLM_LOSS_KERNEL=eager`
   keeps the eager ops.
 - Chunk size: `loss_chunk_size` of the model config, by default (None) 1,024 tokens and, on a CUDA GPU, as many as
   make 256M logits (8,192 at the presets' 32k vocabulary): a GPU's matmuls over 1,024 rows of a 64k vocabulary
@@ -45,7 +45,8 @@ DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk on a CPU: 1024 x 32k fp32 logits =
 GPU_CHUNK_LOGITS = 1 << 28  # logits per chunk on a GPU (512 MiB in bf16): 8,192 tokens at a 32k vocabulary
 # cuBLAS sums bf16/fp16 products straight into an fp32 tensor (`torch.addmm(..., out_dtype=torch.float32)`, CUDA only):
 # seen correct in place with torch 2.11 on an H200; older versions take a bf16 product and an fp32 add per chunk.
-_CUDA_FP32_ACCUMULATE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11)
+_CUDA_FP32_ACCUMULATE = (torch.version.cuda is not None  # not ROCm, whose tensors also say `is_cuda`
+                         and tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11))
 
 
 def default_chunk_size(vocab_size: int, device: torch.device) -> int:
@@ -84,7 +85,7 @@ _reused = threading.local()  # per thread: the CPU buffers of `_logit_buffers`
 def _logit_buffers(numel: int, compute: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat buffers for one chunk's logits when the matmuls run in bf16/fp16 (`compute`) on a CPU: `(low, high)`,
     `low` in `compute` for the matmul and `high` the fp32 copy the softmax runs in. (In fp32 the matmul's own output
-    is the softmax buffer; a GPU takes `_log_softmax_loss`, which needs no buffers.)
+    is the softmax buffer; a GPU takes the fused kernel or `_log_softmax_loss`, which need no buffers.)
 
     They are kept between calls (per thread, grown when needed), since on a CPU a step that allocates them afresh
     pays page faults for tens of MiB every time (glibc returns such blocks to the system): mini_deepseekv3's bf16
@@ -102,7 +103,8 @@ def _logit_buffers(numel: int, compute: torch.dtype, device: torch.device) -> tu
 
 
 def log_softmax_path(device: torch.device) -> bool:
-    """Whether bf16/fp16 chunks take `_log_softmax_loss` (GPUs) rather than `_in_place_softmax_loss` (CPUs)."""
+    """Whether bf16/fp16 chunks take a GPU's paths (the fused kernel, else `_log_softmax_loss`) rather than a
+    CPU's (`_in_place_softmax_loss` on reused buffers, the fused kernel for large chunks)."""
     return device.type != "cpu"
 
 
@@ -203,6 +205,8 @@ def _fused_softmax_loss(logits: torch.Tensor, t: torch.Tensor) -> tuple[torch.Te
         with warnings.catch_warnings():  # inductor's note that it split the row reduction (its choice, not a fault)
             warnings.filterwarnings("ignore", message="Online softmax is disabled")
             return kernel["fn"](logits, t)
+    except torch.OutOfMemoryError:
+        raise  # the device is full, not the kernel unbuildable (and the eager path needs more memory)
     except Exception as err:  # noqa: BLE001 - any failure to build the kernel means: use the eager path
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kernel["failed"] = reason
@@ -314,6 +318,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 grad_h[start : start + chunk_size] = mm(d_logits, weight_c)[:n]  # (n, D)
             if need_w:
                 grad_w = _add_weight_grad(grad_w, d_logits, h)
+            # released before the next chunk's are allocated: two chunk-sized tensors alive at a time, not three
+            logits = d_logits = fused = None
         if need_w and grad_w is None:  # no target rows: a zero gradient, not None (DDP expects every gradient)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)
