@@ -49,8 +49,8 @@ def lock_run_dir(run_dir: Path) -> IO | None:
                 time.sleep(0.05)
                 continue
             handle.close()
-            raise UserError(live_run_problem(run_dir) or f"{run_dir}: another training process is writing this "
-                            "run") from None
+            raise UserError(live_run_problem(run_dir) or f"{run_dir}: another process has held this run's lock for "
+                            "reading for over 2 s (minillm info?); try again once it has ended") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

@@ -313,6 +313,23 @@ def test_a_trainer_waits_out_a_reader_of_the_run_lock(tmp_path):
     lock.close()
 
 
+def test_a_reader_holding_the_lock_too_long_is_named_as_a_reader(tmp_path):
+    """A shared lock held past the trainer's 2 s of waiting is a reader (`minillm info`), not a trainer: the one-line
+    refusal says so (it said another training process was writing the run)."""
+    import fcntl
+
+    from minillm.errors import UserError
+    from minillm.runs import RUN_LOCK, lock_run_dir
+
+    (tmp_path / RUN_LOCK).write_text("")
+    with open(tmp_path / RUN_LOCK) as reader:
+        fcntl.flock(reader, fcntl.LOCK_SH)
+        with pytest.raises(UserError, match="held this run's lock for reading") as err:
+            lock_run_dir(tmp_path)
+    assert "training process" not in str(err.value)
+    assert (tmp_path / RUN_LOCK).read_text() == ""  # nothing written
+
+
 def test_training_time_adds_up_the_starts_of_a_resumed_run(tmp_path):
     from minillm.runs import RunProgress
 
