@@ -243,3 +243,27 @@ def test_bench_script_reports_both_engines(tokenizer):
     )
     assert [r["engine"] for r in rows] == ["generate()", "minillm forward()", "minillm"]
     assert all(r["decode_tok_s"] > 0 for r in rows) and rows[0]["speedup_vs_generate"] == 1.0
+
+
+def test_ids_past_the_tokenizer_are_never_generated(tokenizer, monkeypatch):
+    """A head padded past the tokenizer's vocabulary (imported models round it up): its extra ids decode to nothing,
+    so neither engine nor `eval chat`'s greedy answers may produce them. Here every real id's logit is 0 and the 16
+    padded rows are random, so without the suppression greedy decoding picks a padded id at every step."""
+    from minillm.evaluation import chat as eval_chat
+
+    n = len(tokenizer)
+    model = build_model("mini_llama3", n + 16)
+    head = torch.zeros_like(model.lm_head.weight)  # its own weight: the tiny models tie it to the embedding
+    head[n:] = torch.randn(16, head.shape[1]) * 10
+    model.lm_head.weight = torch.nn.Parameter(head)
+    prompts = encode(tokenizer, PROMPTS[:2])
+    assert model(input_ids=torch.tensor(prompts[:1])).logits[0, -1].argmax() >= n  # the trap is set
+    for engine in (Engine(model, tokenizer), HFEngine(model, tokenizer)):
+        for params in (SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=1.0, seed=0)):
+            for completion in no_stop(engine).generate(prompts, params):
+                assert len(completion.token_ids) == 6 and max(completion.token_ids) < n, engine.name
+    produced = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: produced.append(out := real_generate(**kw)) or out)
+    eval_chat.greedy_answers(model, tokenizer, prompts, 6, 2, torch.device("cpu"), progress=False)
+    assert produced and int(produced[0][:, -6:].max()) < n

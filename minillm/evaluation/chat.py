@@ -131,8 +131,11 @@ def greedy_answers(
     answers never matched."""
     import torch
 
+    from minillm.inference.sampling import ids_past_tokenizer
+
     stops = stop_token_ids(tokenizer)
     specials = control_tokens(tokenizer)
+    suppressed = ids_past_tokenizer(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     answers: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -155,6 +158,7 @@ def greedy_answers(
                     num_beams=1,
                     eos_token_id=stops,
                     pad_token_id=pad_id,
+                    suppress_tokens=suppressed or None,  # ids decoding would drop (a head padded past the vocabulary)
                 )  # (B, P + new)
             for row, i in enumerate(chunk):
                 new = output[row, width:].tolist()

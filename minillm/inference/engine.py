@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minillm.inference.sampling import SamplingParams, make_generators, sample_next
+from minillm.inference.sampling import SamplingParams, ids_past_tokenizer, make_generators, sample_next
 from minillm.inference.textstream import IncrementalText
 from minillm.tokenizer import stop_token_ids
 
@@ -98,6 +98,7 @@ class BaseEngine:
         stop |= set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
         self.stop_token_ids = stop
         self.context_length = context_length(model)
+        self.suppressed = ids_past_tokenizer(model, tokenizer)  # ids decoding would drop: never sampled
 
     # -- token producers -------------------------------------------------------------------------------------
     def _steps(self, prompts: list[list[int]], params: SamplingParams, max_new: int, done: list[bool]):
@@ -255,6 +256,8 @@ class Engine(BaseEngine):
             return self.model.decode_step(tok.unsqueeze(1), next_pos, state)
 
         for step in range(max_new):
+            if self.suppressed:
+                logits[:, self.suppressed[0] :] = float("-inf")  # the ids past the tokenizer (a contiguous tail)
             tok = sample_next(logits, params, seen, generators)  # (B,)
             if any(done):
                 tok = torch.where(torch.tensor(done, device=self.device), pad, tok)
@@ -334,6 +337,7 @@ class HFEngine(BaseEngine):
             repetition_penalty=params.repetition_penalty,
             eos_token_id=sorted(self.stop_token_ids | set(params.stop_token_ids)),
             pad_token_id=self.pad_id,
+            suppress_tokens=self.suppressed or None,
             **sampling,
         )
         q: queue.Queue = queue.Queue()

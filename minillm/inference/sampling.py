@@ -64,6 +64,14 @@ class SamplingParams:
         return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
+def ids_past_tokenizer(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Token ids the model can produce but the tokenizer does not know: the rows of an output head padded past the
+    vocabulary (an imported model's embedding rounded up to a multiple of 64, say). Decoding drops them silently,
+    so a reply could spend tokens on nothing; generation suppresses them. Empty for models trained with minillm."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return list(range(len(tokenizer), vocab)) if vocab else []
+
+
 def make_generators(
     params: SamplingParams, batch_size: int, device: torch.device
 ) -> list[torch.Generator] | None:
