@@ -48,7 +48,8 @@ def register(app: typer.Typer) -> None:
         ),
         gpus: int = typer.Option(None, "--gpus", help="With --config: number of GPUs (default 1)."),
         mfu: float = typer.Option(
-            None, "--mfu", help="With --config: assumed MFU (default: 0.40 dense, 0.25 MoE, our GPU goals)."
+            None, "--mfu", help="With --config: assumed MFU (default: the trainer's measured MFU for a base-preset "
+            "model, else 0.40 dense, 0.25 MoE, our GPU goals)."
         ),
     ) -> None:
         """Parameters and FLOPs per token of a model; where a run stands (info runs/RUN); a recipe's budget."""
@@ -265,7 +266,9 @@ def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str,
     if mfu is not None:
         mfu_source = "given"
     else:
-        mfu, mfu_source = budget.default_mfu(model_type, moe=stats.activated < stats.total)
+        mfu, mfu_source = budget.default_mfu(model_type, moe=stats.activated < stats.total,
+                                             base_preset=_is_base_preset(model_type, stats, cfg.seq_len),
+                                             compiled=cfg.compile)
     num_rows = None
     if not cfg.max_steps and tokens is None:
         if not cfg.data:
@@ -296,6 +299,20 @@ def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str,
     ]:
         table.add_row(name, value)
     Console().print(table)
+
+
+def _is_base_preset(model_type: str | None, stats, seq_len: int) -> bool:
+    """Whether a model of `model_type` with these `stats` is our `base` preset (with or without DeepSeek-V3's MTP
+    block, which SFT drops): the size the measured MFU belongs to."""
+    from minillm.models.registry import MODEL_NAMES, config_fields, model_package
+    from minillm.models.stats import config_stats
+
+    if model_type not in MODEL_NAMES:
+        return False
+    sizes = {config_stats(model_type, "base", seq_len=seq_len).total}
+    if "num_mtp_layers" in config_fields(model_package(model_type).CONFIG_CLASS):
+        sizes.add(config_stats(model_type, "base", seq_len=seq_len, num_mtp_layers=0).total)
+    return stats.total in sizes
 
 
 def _recipe_model_stats(cfg):

@@ -338,11 +338,16 @@ def test_grad_norm_is_accurate_for_large_gradients():
 
 def test_model_args_are_yaml_and_python_none_is_null():
     """--model-arg values are YAML (numbers, booleans, null); `None`, as the config docstrings spell it, is null
-    too, and 1e4 a number (both were strings, refused by the config's type checks); other text stays text."""
+    too, and 1e4 a number (both were strings, refused by the config's type checks); other text stays text, and
+    nan or infinities are refused."""
     from minillm.training.config import parse_model_args
 
     got = parse_model_args(["num_hidden_layers=2", "rope_theta=1e4", "loss_chunk_size=None", "head_dim=null",
                             "tie_word_embeddings=true", "initializer_range=5e-3", "hidden_act=silu"])
     assert got == {"num_hidden_layers": 2, "rope_theta": 1e4, "loss_chunk_size": None, "head_dim": None,
                    "tie_word_embeddings": True, "initializer_range": 0.005, "hidden_act": "silu"}
+    assert parse_model_args(["a=nan", "b='1e4'", "c=inf"]) == {"a": "nan", "b": "1e4", "c": "inf"}  # text stays text
+    for value in (".nan", ".inf", "-.inf"):
+        with pytest.raises(UserError, match="must be a finite number"):
+            parse_model_args([f"rope_theta={value}"])
 

@@ -145,31 +145,39 @@ def test_budget_wall_time_is_flops_over_peak_times_mfu(tmp_path):
 
 
 def test_budget_assumes_the_measured_mfu_of_the_architecture(tmp_path, capsys, monkeypatch):
-    """Without --mfu the wall time uses what the trainer measured for the recipe's architecture (and says so); an
-    architecture not measured gets the benchmark's goal; --mfu wins."""
+    """Without --mfu the wall time uses what the trainer measured for a base-preset model of the recipe's
+    architecture, compiled or eager as the recipe trains (and says so); other sizes and architectures get the
+    benchmark's goal, said to be unmeasured; --mfu wins."""
     from minillm.training import budget
 
     monkeypatch.setenv("COLUMNS", "400")
-    assert budget.default_mfu("mini_deepseekv3", moe=True) == (budget.MEASURED_MFU["mini_deepseekv3"],
-                                                                "measured on an H200")
-    assert budget.default_mfu("some_new_moe", moe=True) == (0.25, "the benchmark's goal, not measured")
-    assert budget.default_mfu(None, moe=False)[0] == 0.40
-    recipe = _recipe(tmp_path, model="mini_llama3", preset="base", seq_len=512, micro_batch_size=32,
-                     global_batch_size=32, max_steps=1000)
-    capsys.readouterr()
-    for extra, mfu, source in (([], budget.MEASURED_MFU["mini_llama3"], "measured on an H200"),
-                               (["--mfu", "0.5"], 0.5, "given")):
+    measured = budget.MEASURED_MFU
+    unmeasured = "the benchmark's goal; not measured for this model"
+    assert budget.default_mfu("mini_deepseekv3", True, base_preset=True, compiled=True) == (
+        measured["mini_deepseekv3"]["eager"], "measured on an H200, base preset, eager")  # compiled: not measured
+    assert budget.default_mfu("mini_deepseekv3", True, base_preset=False, compiled=False) == (0.25, unmeasured)
+    assert budget.default_mfu("some_new_moe", True, base_preset=True, compiled=False) == (0.25, unmeasured)
+    assert budget.default_mfu(None, False, base_preset=False, compiled=False)[0] == 0.40
+    for preset, compiled, extra, mfu, source in (
+        ("base", True, [], measured["mini_llama3"]["compiled"], "measured on an H200, base preset, compiled"),
+        ("base", False, [], measured["mini_llama3"]["eager"], "measured on an H200, base preset, eager"),
+        ("tiny", True, [], 0.40, unmeasured),
+        ("base", True, ["--mfu", "0.5"], 0.5, "given"),
+    ):
+        recipe = _recipe(tmp_path, model="mini_llama3", preset=preset, seq_len=512, micro_batch_size=32,
+                         global_batch_size=32, max_steps=1000, compile=compiled)
+        capsys.readouterr()
         assert run_cli("info", "--config", recipe, "--gpu", "H100", *extra) == 0
-        out = capsys.readouterr().out
+        out = " ".join(capsys.readouterr().out.split())
         assert f"{mfu:.1%} ({source})" in out
-        seconds = 1000 * 32 * 512 * config_stats_flops("mini_llama3") / (989e12 * mfu)
+        seconds = 1000 * 32 * 512 * config_stats_flops("mini_llama3", preset) / (989e12 * mfu)
         assert budget.format_duration(seconds) in out
 
 
-def config_stats_flops(model: str) -> int:
+def config_stats_flops(model: str, preset: str) -> int:
     from minillm.models.stats import config_stats
 
-    return config_stats(model, "base", seq_len=512).flops_per_token
+    return config_stats(model, preset, seq_len=512).flops_per_token
 
 
 def test_budget_of_an_sft_recipe_before_pretraining_has_no_mtp(tmp_path, capsys, monkeypatch):

@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ class TrainConfig:
         "tiny",
     )
     model_args: dict[str, Any] = _opt(
-        "model config overrides, e.g. num_hidden_layers=2 (repeatable; YAML values, null or None for None)",
+        "model config overrides, e.g. num_hidden_layers=2 (repeatable; YAML values, null for None)",
         ("pretrain",), default_factory=dict
     )
     model_path: str | None = _opt(
@@ -349,10 +350,13 @@ def build_config(stage: str, recipe: str | None = None, overrides: dict[str, Any
     return TrainConfig(**values)
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")  # 1e4, 5e-5, 2.5E+3 (not nan, inf)
+
+
 def parse_model_args(items: list[str]) -> dict[str, Any]:
     """`["num_hidden_layers=2", "rope_theta=1e4"]` -> {"num_hidden_layers": 2, "rope_theta": 10000.0}. Values are
-    YAML, and numbers in exponent notation are numbers (YAML 1.1 reads `1e4` as a string); Python's `None`, as the
-    config docstrings spell it, is read as YAML's null."""
+    YAML, and unquoted numbers in exponent notation are numbers (YAML 1.1 reads `1e4` as a string); Python's
+    `None`, as the config docstrings spell it, is read as YAML's null; nan and infinities are refused."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -366,11 +370,10 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or "not a YAML value"
             raise UserError(f"--model-arg {item}: the value is not valid YAML ({problem})") from None
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML 1.1 reads 1e4 and 5e-5 as strings
-            except ValueError:
-                pass
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(raw.strip()):
+            value = float(raw)  # YAML 1.1 reads 1e4 and 5e-5 as strings
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--model-arg {item}: must be a finite number")
         out[key.strip()] = value
     return out
 
