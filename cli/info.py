@@ -304,15 +304,22 @@ def _print_budget(recipe: str, data: str | None, tokens: float | None, gpu: str,
 def _is_base_preset(model_type: str | None, stats, seq_len: int) -> bool:
     """Whether a model of `model_type` with these `stats` is our `base` preset (with or without DeepSeek-V3's MTP
     block, which SFT drops): the size the measured MFU belongs to."""
-    from minillm.models.registry import MODEL_NAMES, config_fields, model_package
+    from minillm.models.registry import MODEL_NAMES
     from minillm.models.stats import config_stats
 
     if model_type not in MODEL_NAMES:
         return False
-    sizes = {config_stats(model_type, "base", seq_len=seq_len).total}
-    if "num_mtp_layers" in config_fields(model_package(model_type).CONFIG_CLASS):
-        sizes.add(config_stats(model_type, "base", seq_len=seq_len, num_mtp_layers=0).total)
+    sizes = {config_stats(model_type, "base", seq_len=seq_len, **overrides).total
+             for overrides in ({}, _without_mtp(model_type))}
     return stats.total in sizes
+
+
+def _without_mtp(model_type: str) -> dict:
+    """The config override that drops DeepSeek-V3's training-only MTP block ({} for architectures without one), as
+    a pretraining run's final/ is saved and SFT starts from it."""
+    from minillm.models.registry import config_fields, model_package
+
+    return {"num_mtp_layers": 0} if "num_mtp_layers" in config_fields(model_package(model_type).CONFIG_CLASS) else {}
 
 
 def _recipe_model_stats(cfg):
@@ -322,7 +329,6 @@ def _recipe_model_stats(cfg):
 
     import minillm  # noqa: F401  (registers our architectures)
     from minillm.errors import UserError
-    from minillm.models.registry import config_fields, model_package
     from minillm.models.stats import config_stats, model_stats, stats_of_config
 
     if cfg.stage == "pretrain":
@@ -337,9 +343,7 @@ def _recipe_model_stats(cfg):
         if not cfg.model:
             raise
         # SFT starts from a pretraining run's final/, saved without DeepSeek-V3's training-only MTP block
-        fields = config_fields(model_package(cfg.model).CONFIG_CLASS)
-        no_mtp = {"num_mtp_layers": 0} if "num_mtp_layers" in fields else {}
-        return (config_stats(cfg.model, "base", seq_len=cfg.seq_len, **no_mtp),
+        return (config_stats(cfg.model, "base", seq_len=cfg.seq_len, **_without_mtp(cfg.model)),
                 f"{cfg.model} (base preset: not pretrained yet)", cfg.model)
     import torch
     from transformers import AutoModelForCausalLM

@@ -560,7 +560,7 @@ def resolve_run_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None
                      if k in saved and saved.get(k) != getattr(config, k)]
             if diffs:
                 raise UserError(f"--resume {checkpoint}: the run was made with other options ({'; '.join(diffs)}); "
-                                f"resume it with its own: --config {saved_path} --resume {run_dir}")
+                                f"resume it with its own: {runs.resume_command(config.stage, run_dir)}")
         _refuse_problem_judged_on_main(accelerator, lambda: runs.live_run_problem(run_dir))
         return run_dir, checkpoint
     if config.output_dir:
