@@ -104,6 +104,42 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch():
     assert max(g.abs().max().item() for g in big.values()) > 0
 
 
+
+def test_mixed_precision_backward_keeps_the_models_fp32_regions_in_fp32():
+    """bf16 autocast covers the forward only. The backward of what a model computes in fp32 on purpose (Gated
+    DeltaNet's recurrence runs with autocast off) must stay fp32: the trainer's gradients are those of a backward
+    outside autocast, not of one inside it, which runs that region's batched matmuls in bf16."""
+    from minillm.models.registry import build_model
+    from minillm.training.config import TrainConfig
+    from minillm.training.trainer import forward_backward, make_accelerator
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return build_model("mini_qwen3_next", "tiny", vocab_size=256, num_hidden_layers=1)
+
+    ids = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(1))
+
+    def manual_gradients(backward_under_autocast: bool) -> dict[str, torch.Tensor]:
+        model = fresh_model()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if backward_under_autocast:
+                loss.backward()
+        if not backward_under_autocast:
+            loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    config = TrainConfig(stage="pretrain", model="mini_qwen3_next", seq_len=128, micro_batch_size=2,
+                         global_batch_size=2, precision="bf16", max_grad_norm=0.0).resolve()
+    accelerator = make_accelerator(config)
+    model = fresh_model()
+    result = forward_backward(accelerator, model, [{"input_ids": ids, "labels": ids}])
+    assert not result.skipped
+    trained = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    outside, inside = manual_gradients(False), manual_gradients(True)
+    assert relative_error(inside, outside) > 1e-3  # the test can tell the two apart
+    assert relative_error(trained, outside) <= 1e-5
+
 TINY = ["--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--precision", "fp32",
         "--log-every", "1"]
 

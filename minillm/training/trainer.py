@@ -351,8 +351,9 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # async from pinned memory
-        with accelerator.accumulate(model), accelerator.autocast():
-            outputs = model(**batch, num_items_in_batch=num_items, use_cache=False)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():  # the forward only: see below
+                outputs = model(**batch, num_items_in_batch=num_items, use_cache=False)
             loss = outputs.loss
             if poison_last and i == accumulation - 1:
                 loss = loss + float("inf")  # its gradient stays finite: skipping must not rely on NaN gradients
@@ -364,6 +365,10 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
                     # make its overflow check discard the whole step (and count it in its skipped_steps).
                     accelerator.backward(loss * float("nan"))
                     return StepResult(targets=targets, tokens=tokens, skipped=True)
+            # Backward runs outside autocast. Inside it, autocast would also apply to the backward's own ops (the
+            # autograd engine inherits the forward thread's autocast state), so the backward of regions a model
+            # runs in fp32 on purpose (Gated DeltaNet's recurrence, routers) would run in bf16, at the cost of a
+            # cast per operand: 1,100 extra copies and 378 bf16 batched matmuls per mini_qwen3_next base step.
             # Accelerate / DeepSpeed divide by the accumulation steps; the loss is already globally normalised.
             # A non-finite step's gradients are computed too, then dropped by `optimizer_step`.
             accelerator.backward(loss * accumulation)
