@@ -79,16 +79,20 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split()).casefold().rstrip(TRAILING_PUNCTUATION)
 
 
+def render(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> dict[str, list[int]]:
+    """One conversation through the chat template: `input_ids` and `assistant_masks` (what the model is scored on
+    and, for the last turn, how long the reference answer is)."""
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+
+
 def assistant_sequence(
-    tokenizer: PreTrainedTokenizerBase, messages: Conversation, max_seq_len: int
+    messages: Conversation, encoded: dict[str, list[int]], max_seq_len: int
 ) -> tuple[tuple[list[int], list[int]] | None, bool]:
-    """(inputs, shifted targets on assistant tokens) of one conversation, and whether it was truncated.
+    """(inputs, shifted targets on assistant tokens) of one conversation rendered by `render`, and whether it was
+    truncated.
 
     None when the conversation has no assistant token left after truncation.
     """
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
     from minillm.data.sft import unlabel_answers_shown_without_reasoning
 
     ids = list(encoded["input_ids"])  # the turns training labels, no more (earlier answers shown without reasoning)
@@ -107,12 +111,11 @@ def assistant_sequence(
     return (ids[:-1], targets), truncated
 
 
-def answer_tokens(tokenizer: PreTrainedTokenizerBase, messages: Conversation, prompt_len: int,
-                  stops: list[int]) -> int:
+def answer_tokens(full_ids: list[int], prompt_len: int, stops: list[int]) -> int:
     """How many tokens the model writes for the last assistant turn before its stop token: the turn as the chat
-    template renders it after the prompt (`prompt_len` tokens), so a reasoning block counts as well as the answer."""
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    turn = full[prompt_len:]
+    template renders it (`full_ids`, the whole conversation) after the prompt (`prompt_len` tokens), so a reasoning
+    block counts as well as the answer."""
+    turn = list(full_ids)[prompt_len:]
     return next((k for k, token in enumerate(turn) if token in stops), len(turn))
 
 
@@ -193,8 +196,9 @@ def evaluate_chat(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     sequences, truncated = [], 0
-    for messages in conversations:
-        sequence, was_truncated = assistant_sequence(tokenizer, messages, max_seq_len)
+    rendered = [render(tokenizer, messages) for messages in conversations]  # once: the loss and the answers' length
+    for messages, encoded in zip(conversations, rendered, strict=True):
+        sequence, was_truncated = assistant_sequence(messages, encoded, max_seq_len)
         truncated += was_truncated
         if sequence is not None:
             sequences.append(sequence)
@@ -212,14 +216,14 @@ def evaluate_chat(
         )
 
         items = []
-        for messages in conversations:
+        for messages, encoded in zip(conversations, rendered, strict=True):
             if len(messages) < 2 or messages[-1]["role"] != "assistant":
                 continue
             reference = messages[-1]["content"]
             prompt = tokenizer.apply_chat_template(
                 messages[:-1], tokenize=True, return_dict=True, add_generation_prompt=True
             )["input_ids"]
-            if answer_tokens(tokenizer, messages, len(prompt), stops) > max_new_tokens:
+            if answer_tokens(encoded["input_ids"], len(prompt), stops) > max_new_tokens:
                 continue
             if len(prompt) + max_new_tokens > max_seq_len:
                 continue  # the answer would not fit in the window the model is evaluated at
