@@ -473,6 +473,54 @@ def test_a_pretraining_step_reads_nothing_back_but_the_loss_rows(name, monkeypat
     assert reads.calls == ["nonzero"] * heads
 
 
+@pytest.mark.parametrize("name", ["mini_deepseekv3", "mini_qwen3_next"])
+def test_compiled_layers_keep_one_graph_on_the_gpu_code_paths(name, monkeypatch):
+    """`--compile` compiles each decoder layer into one graph per layer kind, also where the dispatch asks what only
+    a GPU asks: whether grouped_mm's operands are aligned (`data_ptr()` broke the graph at every expert product),
+    whether fla and causal-conv1d are installed (an import broke it around every short conv and delta rule).
+    Emulated on the CPU: alignment checked (as on CUDA), the kernels' device types widened to the CPU with neither
+    package installed, expert groups unpadded (the CPU's bf16 padding runs eagerly by design)."""
+    from torch._dynamo.utils import counters
+
+    from minillm.models.layers import moe
+    from minillm.models.mini_qwen3_next import fla_kernels
+
+    monkeypatch.setattr(moe, "_CPU_NEEDS_ALIGNMENT", True)
+    monkeypatch.setattr(fla_kernels, "KERNEL_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(fla_kernels, "_import", lambda module: None)
+    torch.manual_seed(0)
+    model = registry.build_model(name, "tiny", vocab_size=256, num_hidden_layers=2,
+                                 **({"num_mtp_layers": 0} if name == "mini_deepseekv3" else
+                                    {"layer_types": ["linear_attention", "full_attention"]}))
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in model.model.layers:  # as `compile_layers` does; graph breaks are the tracer's, any backend shows them
+        layer.compile(backend="eager")
+    ids = torch.randint(1, 256, (2, 64))
+    with moe.force_moe_group_sizes("exact"), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 2  # a dense/attention layer and a MoE/linear-attention layer
+    torch._dynamo.reset()
+
+
+def test_the_gpu_capability_question_is_a_constant_under_compile(monkeypatch):
+    """grouped_mm's CUDA check asks for the device's compute capability; a compiled layer takes the answer as a
+    constant instead of breaking its graph there."""
+    from torch._dynamo.utils import counters
+
+    from minillm.models.layers import moe
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda t: t * 2 if moe._sm80_or_newer(torch.device("cuda", 0)) else t, fullgraph=True,
+                             backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_keeps_every_gradient(name, reentrant):

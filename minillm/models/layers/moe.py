@@ -118,7 +118,22 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, topk_weight: torch.Tens
 
 
 def _aligned(t: torch.Tensor) -> bool:
+    """Whether `t` starts on a 16-byte boundary.
+
+    Under torch.compile it is taken as aligned: `data_ptr()` (and `storage_offset()`) would break the compiled
+    layer's graph at every expert product, and there the operands are buffers the graph allocates itself or the
+    expert weights (transposed views of parameters at offset 0), whose storages PyTorch's allocators align (CUDA's
+    caching allocator to 512 bytes, the CPU's to 64). A misaligned operand would make the kernel raise, not
+    compute wrong numbers."""
+    if torch.compiler.is_compiling():
+        return True
     return t.data_ptr() % 16 == 0
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the answer as a constant (no graph break)
+def _sm80_or_newer(device: torch.device) -> bool:
+    """Whether this CUDA device is Ampere (compute capability 8.0) or newer, where grouped_mm has bf16 kernels."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _strides_aligned(t: torch.Tensor) -> bool:
@@ -138,7 +153,7 @@ def grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return not _CPU_NEEDS_ALIGNMENT or (_aligned(x) and _aligned(weight))
     if x.device.type == "cuda":
         # The CUDA kernels take bf16 on SM80+ and need 16-byte aligned base pointers.
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+        if x.dtype != torch.bfloat16 or not _sm80_or_newer(x.device):
             return False
         return _aligned(x) and _aligned(weight)
     return False

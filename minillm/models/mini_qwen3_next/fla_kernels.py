@@ -59,6 +59,12 @@ def conv_ops():
     return _import("causal_conv1d")
 
 
+@torch.compiler.assume_constant_result  # compiled layers take the answer as a constant: an import breaks the graph
+def _installed(name: str) -> bool:
+    """Whether `fla_ops` ("fla") or `conv_ops` ("conv") finds its module; the dispatch's question inside layers."""
+    return (fla_ops() if name == "fla" else conv_ops()) is not None
+
+
 _FLA_PROBES: dict[tuple[str, torch.dtype, int, int], bool] = {}  # fla_works' answers
 
 
@@ -75,7 +81,7 @@ def _kernels_apply(t: torch.Tensor) -> bool:
 def fla_applies(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
     """Whether `gated_delta_rule` will run fla's kernels for activations like `q` (and `v`): the package imports
     and its kernels passed `fla_works`' test call on this device, dtype and head sizes."""
-    if not _kernels_apply(q) or fla_ops() is None:
+    if not _kernels_apply(q) or not _installed("fla"):
         return False
     value_dim = q.shape[-1] if v is None else v.shape[-1]
     return fla_works(str(q.device), q.dtype, q.shape[-1], value_dim)
@@ -129,7 +135,7 @@ def _probe_fla(device: str, dtype: torch.dtype, key_dim: int, value_dim: int) ->
 
 def conv_applies(x: torch.Tensor, prev: torch.Tensor | None) -> bool:
     """Whether `causal_conv1d_kernel` applies: kernel present, right device/dtype, no carried-in window."""
-    return prev is None and _kernels_apply(x) and conv_ops() is not None
+    return prev is None and _kernels_apply(x) and _installed("conv")
 
 
 # ----------------------------------------------------------------------------------------------------------------
