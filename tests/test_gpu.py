@@ -209,6 +209,33 @@ def test_a_training_step_waits_for_the_gpu_only_for_the_loss_rows(name):
     assert len(waits) <= heads, waits
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_compiled_layers_keep_one_graph_per_layer_kind_on_cuda(name, monkeypatch):
+    """Each decoder layer compiled (as `--compile` does; the tracer decides the graphs, so the quick "eager" backend
+    shows them), bf16 forward + backward: one graph per layer kind, no breaks at grouped_mm's alignment check or the
+    fla / causal-conv1d dispatch (asked with neither installed: fla's own kernels are not traced).
+    tests/test_models_common.py emulates these paths on the CPU."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fla_kernels, "_import", lambda module: None)
+    torch.manual_seed(0)
+    overrides = {"num_mtp_layers": 0} if name == "mini_deepseekv3" else {}
+    if name == "mini_qwen3_next":
+        overrides["layer_types"] = ["linear_attention", "full_attention"]
+    model = build_model(name, "tiny", vocab_size=VOCAB, num_hidden_layers=2, **overrides).to(CUDA)
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in model.model.layers:
+        layer.compile(backend="eager")
+    ids = _ids(2, 128)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs <= 2, f"{graphs} graphs for 2 layers: the compiled layers break"
+
+
 @pytest.mark.parametrize("kernel", ["compiled", "eager"])
 def test_bf16_chunked_loss_matches_the_fp32_loss_on_cuda(kernel):
     """The GPU's bf16 loss, with the fused softmax kernel and without, in chunks of the default size and of 300 rows
