@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One-GPU check and training benchmark, in one run that fits a short GPU lease:
-#   1. mini_llama3 `base`, compiled, bf16 autocast, sequence 512, through the real trainer (scripts/bench_train.py),
-#      with a profile of 5 steps (the kernels and operators that take the device's time), then without the
-#      trainer's per-step non-finite check (what its wait costs);
-#   2. the `base` presets of the three models eager, each against its transformers reference (interleaved, same
-#      process), with profiles; mini_deepseekv3 compiled;
-#   3. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
-#      flex_attention for packed documents, the bf16 loss, flash-linear-attention's Gated DeltaNet kernels when
-#      installed);
-#   4. in the time left: mini_llama3 compiled at BIG_BATCH rows per step, mini_llama3 and mini_deepseekv3 with CUDA
+#   1. the MoE models' `base` presets compiled (mini_deepseekv3 with a profile), bf16 autocast, sequence 512,
+#      through the real trainer (scripts/bench_train.py): their compiled layers used to break into several graphs
+#      on CUDA (grouped_mm's alignment check, the fla / causal-conv1d dispatch), no longer;
+#   2. mini_llama3 compiled, with a profile, then without the trainer's per-step non-finite check (what its wait
+#      costs);
+#   3. the `base` presets of the three models eager, each against its transformers reference (interleaved, same
+#      process), with profiles;
+#   4. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
+#      flex_attention for packed documents, the bf16 loss, one graph per compiled layer kind,
+#      flash-linear-attention's Gated DeltaNet kernels when installed);
+#   5. in the time left: mini_llama3 compiled at BIG_BATCH rows per step, mini_llama3 and mini_deepseekv3 with CUDA
 #      graphs (`--compile-mode reduce-overhead`), mini_llama3 with the loss's eager softmax in chunks of 1,024
 #      tokens (what the fused kernel and larger chunks gain), and the packed-attention kernels (bench_attention.py;
 #      ATTENTION=0 skips them).
@@ -54,6 +56,11 @@ run() {  # run NAME ARGS...: one bench_train run with its own time cap, skipped 
         || echo "$name: failed or timed out"
 }
 
+# torch.compile of the MoE models' decoder layers, now one graph per layer kind on CUDA (before: a break at every
+# expert product, and around Gated DeltaNet's short conv and delta rule; mini_deepseekv3 compiled ran about as fast
+# as eager, mini_qwen3_next slower)
+run mini_deepseekv3_compiled --model mini_deepseekv3 --compile --profile "$OUT/mini_deepseekv3_compiled.profile.txt"
+run mini_qwen3_next_compiled --model mini_qwen3_next --compile
 # torch.compile of the decoder layers (the loss stays chunked, outside the compiled region), with a profile of 5
 # steps: where the fastest configuration's step still goes
 run mini_llama3_compiled --model mini_llama3 --compile --profile "$OUT/mini_llama3_compiled.profile.txt"
@@ -64,9 +71,6 @@ run mini_llama3_compiled_no_check --model mini_llama3 --compile --no-nonfinite-c
 for model in mini_llama3 mini_deepseekv3 mini_qwen3_next; do
     run "$model" --model "$model" --against-reference --profile "$OUT/$model.profile.txt"
 done
-# torch.compile of the MoE model whose recipe compiles (bf16 grouped_mm stays in the graph; mini_qwen3_next's
-# compiled step was slower than its eager one on an H200, and its recipe stays eager)
-run mini_deepseekv3_compiled --model mini_deepseekv3 --compile
 # The CUDA paths against their references (tests/test_gpu.py), each test capped at 60 s where pytest-timeout is
 # installed, the whole set by the budget left.
 per_test=$("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
