@@ -69,7 +69,10 @@ class _MathAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, scale):
         bsz, heads, seq_len, qk_dim = q.shape
         kv_heads, groups = k.shape[1], heads // k.shape[1]
-        q_scaled = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))  # contiguous, one pass
+        if torch.compiler.is_compiling():  # the compiler drops `out=` and keeps q's layout, which `view` needs
+            q_scaled = (q * scale).contiguous()
+        else:
+            q_scaled = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))  # contiguous
         q_groups = q_scaled.view(bsz, kv_heads, groups * seq_len, qk_dim)  # a group's heads stacked
         scores = torch.matmul(q_groups, k.transpose(-1, -2))  # (B, Hk, G * L, L)
         if mask is None:
