@@ -210,6 +210,47 @@ def test_a_training_step_waits_for_the_gpu_only_for_the_loss_rows(name):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_trainer_step_waits_for_the_gpu_once_per_head_and_for_the_finite_check(name):
+    """The trainer's own step (`forward_backward` from host batches, then `optimizer_step`: clipping, fused AdamW,
+    scheduler, MoE bias update) under `torch.cuda.set_sync_debug_mode("warn")`: the model's waits (one per output
+    head) and the non-finite check's, no more. (`torch.tensor(value, device="cuda")` for the loss normaliser was
+    one more: a copy from pageable memory waits for all queued work.)"""
+    from minillm.training.config import TrainConfig
+    from minillm.training.trainer import (
+        forward_backward,
+        make_accelerator,
+        optimizer_step,
+        prepare_model_and_optimizer,
+    )
+
+    config = TrainConfig(stage="pretrain", model=name, seq_len=64, micro_batch_size=2, global_batch_size=2,
+                         precision="bf16").resolve()
+    accelerator = make_accelerator(config)
+    torch.manual_seed(0)
+    model, optimizer, scheduler = prepare_model_and_optimizer(
+        accelerator, build_model(name, "tiny", vocab_size=VOCAB), config, total_steps=10)
+    heads = 1 + getattr(accelerator.unwrap_model(model).config, "num_mtp_layers", 0)
+    ids = torch.randint(1, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).pin_memory()
+
+    def step():
+        result = forward_backward(accelerator, model, [{"input_ids": ids, "labels": ids}])
+        optimizer_step(accelerator, model, optimizer, scheduler, config, result)
+        assert not result.skipped
+
+    step()  # warm-up: one-off kernel probes and compilations
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    assert len(waits) <= heads + 1, waits
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_compiled_layers_keep_one_graph_per_layer_kind_on_cuda(name, monkeypatch):
     """Each decoder layer compiled (as `--compile` does; the tracer decides the graphs, so the quick "eager" backend
     shows them), bf16 forward + backward: one graph per layer kind, no breaks at grouped_mm's alignment check or the

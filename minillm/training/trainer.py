@@ -342,7 +342,8 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     targets, tokens = (int(v) for v in _reduce_sum(accelerator, local).tolist())
     if targets == 0:
         return StepResult(targets=0, tokens=tokens, skipped=True)
-    num_items = torch.tensor(targets / accelerator.num_processes, dtype=torch.float32, device=device)
+    # A fill on the device: `torch.tensor(value, device=cuda)` copies from pageable memory and waits for the GPU.
+    num_items = torch.full((), targets / accelerator.num_processes, dtype=torch.float32, device=device)
     accumulation = len(micro_batches)
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)
     aux_sums: dict[str, torch.Tensor] = {}
@@ -671,15 +672,16 @@ def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int,
     largest_share = -(-num_rows // world)  # rank 0's
     for b in range(-(-largest_share // micro_batch_size)):
         chunk = indices[b * micro_batch_size:(b + 1) * micro_batch_size]
-        batch = {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in chunk or [0]]).items()}
-        n = count_targets(batch) if chunk else 0
+        host_batch = collate([dataset[i] for i in chunk or [0]])
+        n = count_targets(host_batch) if chunk else 0  # counted on the host: no wait for the device
+        batch = {k: v.to(accelerator.device) for k, v in host_batch.items()}
         with accelerator.autocast():
-            out = model(**batch, num_items_in_batch=torch.tensor(1.0, device=accelerator.device), use_cache=False)
+            out = model(**batch, num_items_in_batch=torch.ones((), device=accelerator.device), use_cache=False)
         if n == 0:
             continue
         lm = (getattr(out, "aux_losses", None) or {}).get("lm", out.loss)  # sum of CE (num_items_in_batch=1)
-        total += torch.stack([lm.detach().double(), torch.tensor(float(n), dtype=torch.float64,
-                                                                  device=accelerator.device)])
+        total[0] += lm.detach().double()
+        total[1] += n
     total = _reduce_sum(accelerator, total)
     if was_training:
         model.train()
