@@ -211,6 +211,11 @@ def test_incremental_text_streams_exactly_the_decoded_text(tokenizer):
     inc = IncrementalText(tokenizer, stop=["café"])
     streamed = "".join(inc.feed(i) for i in ids if not inc.stopped) + inc.flush()
     assert streamed == "Hello wörld — naïve " and inc.stopped
+    # a reply cut by its token limit inside a multi-byte character ends at the last whole character
+    cut = tokenizer("naïve 🙂", add_special_tokens=False)["input_ids"][:-1]
+    assert tokenizer.decode(cut).endswith("\ufffd")  # the emoji's bytes span several tokens
+    inc = IncrementalText(tokenizer)
+    assert "".join(inc.feed(i) for i in cut) + inc.flush() == "naïve "
 
 
 def test_bench_script_reports_both_engines(tokenizer):

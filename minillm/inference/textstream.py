@@ -51,12 +51,13 @@ class IncrementalText:
         return self._release(final=False)
 
     def flush(self) -> str:
-        """The end of the sequence: return whatever was held back."""
+        """The end of the sequence: return whatever was held back, less a character the end cut in the middle (a
+        reply stopped by its token limit inside a multi-byte character ends at the last whole one, not in U+FFFD)."""
         if not self.stopped and self._read < len(self.ids):  # an incomplete character at the very end
             tail = self._decode(self.ids[self._prefix :])[
                 len(self._decode(self.ids[self._prefix : self._read])) :
             ]
-            self.text += tail
+            self.text += tail.rstrip(_REPLACEMENT)
             self._read = len(self.ids)
         return self._release(final=True)
 
