@@ -604,3 +604,26 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, case):
         case
     ] in err
     assert not out.exists()
+
+
+def test_a_model_directory_without_its_tokenizer_is_named_as_such(tiny, tmp_path, capsys):
+    """A model saved without tokenizer files gets an empty tokenizer from AutoTokenizer, which scored every text as
+    empty ("no text to score"); and a tokenizer larger than the model's vocabulary is not the model's. (A Llama
+    directory without them fails to load a tokenizer at all, said as such.)"""
+    _, model, tokenizer = tiny
+    data = tmp_path / "heldout.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n", encoding="utf-8")
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    bare = tmp_path / "bare"  # weights and config, no tokenizer files: a GPT-2 gets an empty GPT2Tokenizer
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(bare)
+    assert run_cli("eval", "ppl", "--model", str(bare), "--data", str(data), "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "its tokenizer turns text into no tokens" in err, err
+    small = tmp_path / "small"
+    config = model.config.__class__(**{**model.config.to_dict(), "vocab_size": len(tokenizer) - 8})
+    LlamaForCausalLM(config).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    assert run_cli("eval", "ppl", "--model", str(small), "--data", str(data), "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"the tokenizer has {len(tokenizer)} tokens but the model only {len(tokenizer) - 8}" in err, err

@@ -53,6 +53,14 @@ def load_model_and_tokenizer(
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        # AutoTokenizer builds an empty tokenizer for a directory without tokenizer files: every text would then
+        # score as empty
+        raise UserError(f"--model {model_dir}: its tokenizer turns text into no tokens (no tokenizer files there: "
+                        "tokenizer.json, or vocab.json and merges.txt)")
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"--model {model_dir}: the tokenizer has {len(tokenizer)} tokens but the model only "
+                        f"{model.config.vocab_size}: not the tokenizer the model was trained with")
     model.to(device).eval()
     return model, tokenizer
 
