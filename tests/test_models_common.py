@@ -473,6 +473,31 @@ def test_a_pretraining_step_reads_nothing_back_but_the_loss_rows(name, monkeypat
     assert reads.calls == ["nonzero"] * heads
 
 
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_an_sft_step_asks_the_device_each_question_about_its_batch_once(name, monkeypatch):
+    """A padded batch of packed documents (SFT), forward and backward: whether the mask holds padding and whether
+    the positions restart are each read back once per forward, whatever the number of places that need the answer
+    (the attention mask's builders, the MoE routing, Gated DeltaNet asked again: up to six reads), plus the loss's
+    target rows."""
+    from collections import Counter
+
+    from minillm.models.layers.linear import onednn_available
+
+    onednn_available()
+    model = registry.build_model(name, "tiny", vocab_size=256).train()
+    heads = 1 + getattr(model.config, "num_mtp_layers", 0)
+    ids = torch.randint(1, 256, (2, 24))
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    positions = torch.tensor([list(range(10)) + list(range(14)), list(range(24))])  # row 0 packs two documents
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 20:] = 0  # row 1 ends in padding
+    reads = DeviceReads(monkeypatch)
+    out = model(input_ids=ids, labels=labels, position_ids=positions, attention_mask=mask)
+    out.loss.backward()
+    assert Counter(reads.calls) == {"__bool__": 2, "nonzero": heads}, reads.calls
+
+
 @pytest.mark.parametrize("name", ["mini_deepseekv3", "mini_qwen3_next"])
 def test_compiled_layers_keep_one_graph_on_the_gpu_code_paths(name, monkeypatch):
     """`--compile` compiles each decoder layer into one graph per layer kind, also where the dispatch asks what only

@@ -79,9 +79,29 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return (torch.arange(total, device=cu_seqlens.device) - starts)[None]
 
 
+def _read_once(t: torch.Tensor, question: str, answer: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """`bool(answer(t))`, read from the device once per tensor (and in-place version of it): the places of one
+    forward that ask the same question of the batch's mask or positions (the attention mask's builders, the MoE
+    routing, Gated DeltaNet) then wait for the device once, not once each. On a GPU each read waits for all queued
+    work. The answer is kept on the tensor object, which a new batch replaces. (Inference-mode tensors keep no
+    version to tell an in-place change by: asked each time, as under the compiler.)"""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return bool(answer(t))
+    answers = t.__dict__.setdefault("_minillm_answers", {})
+    key = (question, t._version)
+    if key not in answers:
+        answers[key] = bool(answer(t))
+    return answers[key]
+
+
 def has_document_restarts(position_ids: torch.Tensor) -> bool:
     """True when some row has a position 0 after its first token, i.e. holds more than one document."""
-    return bool((position_ids[:, 1:] == 0).any())
+    return _read_once(position_ids, "restarts", lambda t: (t[:, 1:] == 0).any())
+
+
+def has_padding(attention_mask: torch.Tensor | None) -> bool:
+    """True when a (B, L) attention mask marks some token as padding (0); None marks none."""
+    return attention_mask is not None and _read_once(attention_mask, "padding", lambda t: ~t.bool().all())
 
 
 def build_attention_mask(
@@ -90,6 +110,8 @@ def build_attention_mask(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     device: torch.device | None = None,
+    padded: bool | None = None,
+    packed: bool | None = None,
 ) -> torch.Tensor | None:
     """The boolean mask (B or 1, 1, Lq, Lk) for `sdpa_attention`, or None when plain causal attention is exact.
 
@@ -100,20 +122,23 @@ def build_attention_mask(
             as is). All-ones masks are treated as absent.
         position_ids: (B, Lq) positions; restarts at 0 mark packed documents. Only used without a cache
             (Lq == Lk): a cache holds one document per row.
+        padded, packed: whether the mask holds padding and the positions restart, when the caller knows (None: read
+            from the tensors).
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.bool()
     past_len = key_len - query_len
     if past_len < 0:
         raise ValueError(f"more queries ({query_len}) than keys ({key_len})")
-    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    if padded is None:
+        padded = has_padding(attention_mask)
     if padded and attention_mask.shape[-1] != key_len:
         raise ValueError(
             f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {key_len} (past + new)"
         )
-    packed = (
-        position_ids is not None and past_len == 0 and query_len > 1 and has_document_restarts(position_ids)
-    )
+    if packed is None:
+        packed = position_ids is not None and has_document_restarts(position_ids)
+    packed = packed and position_ids is not None and past_len == 0 and query_len > 1
     if not padded and not packed and (query_len == key_len or query_len == 1):
         return None
 
@@ -178,11 +203,13 @@ class PackedDocs:
         attention_mask: torch.Tensor | None,  # (B, L) 1 = real token, or None (no padding)
         batch_size: int,
         device: torch.device | None = None,
+        packed: bool | None = None,  # whether the positions restart (None: read them)
     ) -> None:
         self.position_ids = position_ids.to(device).expand(batch_size, -1)  # (B, L)
         self.attention_mask = None if attention_mask is None else attention_mask.to(device).expand(batch_size, -1)
         self.doc_ids = document_ids_from_position_ids(self.position_ids)  # (B, L)
         self.token_mask = None if self.attention_mask is None else self.attention_mask.bool()  # (B, L)
+        self.packed = has_document_restarts(position_ids) if packed is None else packed
         self._cache: dict[str, object] = {}
 
     @property
@@ -195,7 +222,8 @@ class PackedDocs:
         if "dense" not in self._cache:
             length = self.seq_len
             self._cache["dense"] = build_attention_mask(
-                length, length, self.attention_mask, self.position_ids, self.doc_ids.device
+                length, length, self.attention_mask, self.position_ids, self.doc_ids.device,
+                padded=self.attention_mask is not None, packed=self.packed,
             )
         return self._cache["dense"]
 
@@ -246,13 +274,14 @@ def prepare_attention(
     pretraining, which passes neither positions nor a mask, would wait once per forward).
     """
     if attention_mask is None or attention_mask.dim() == 2:
-        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        padded = has_padding(attention_mask)
         no_past = query_len == key_len and query_len > 1
         if no_past and (not padded or attention_mask.shape[-1] == key_len):
-            if padded or (position_ids is not None and has_document_restarts(position_ids)):
+            packed = position_ids is not None and has_document_restarts(position_ids)
+            if padded or packed:
                 if position_ids is None:
                     position_ids = torch.arange(query_len, device=device)[None]  # (1, L): one document per row
-                return PackedDocs(position_ids, attention_mask if padded else None, batch_size, device)
+                return PackedDocs(position_ids, attention_mask if padded else None, batch_size, device, packed)
             position_ids = None  # checked above: no restarts, nothing for build_attention_mask to read back again
     return build_attention_mask(query_len, key_len, attention_mask, position_ids, device)
 

@@ -54,6 +54,7 @@ from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import (
     AttentionMask,
     document_ids_from_position_ids,
+    has_padding,
     prepare_attention,
     sdpa_attention,
 )
@@ -483,7 +484,7 @@ class MiniDeepSeekV3ForCausalLM(MiniDeepSeekV3PreTrainedModel, GenerationMixin):
         bsz, seq_len = input_ids_or_embeds.shape[:2]
         device = input_ids_or_embeds.device
         token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
+        if attention_mask is not None and attention_mask.dim() == 2 and has_padding(attention_mask):
             token_mask = attention_mask[:, -seq_len:].bool().reshape(-1)  # (T,)
         if not with_balance:
             return RoutingContext(token_mask)

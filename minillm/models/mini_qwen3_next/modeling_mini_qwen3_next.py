@@ -36,7 +36,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from minillm.models import decode as fast
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
-from minillm.models.layers.attention import AttentionMask, prepare_attention, sdpa_attention
+from minillm.models.layers.attention import (
+    AttentionMask,
+    has_document_restarts,
+    has_padding,
+    prepare_attention,
+    sdpa_attention,
+)
 from minillm.models.layers.linear import Linear
 from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
@@ -219,8 +225,7 @@ def document_starts(position_ids: torch.Tensor, batch_size: int, has_past: bool)
     A start on a row's first token only matters when a previous state exists (it then resets it).
     """
     starts = (position_ids == 0).expand(batch_size, -1)  # (B, L)
-    later = starts[:, 1:].any()
-    if not bool(later) and not (has_past and bool(starts[:, 0].any())):
+    if not has_document_restarts(position_ids) and not (has_past and bool(starts[:, 0].any())):
         return None
     return starts
 
@@ -292,7 +297,7 @@ class MiniQwen3NextModel(MiniQwen3NextPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + L, device=device)[None]  # (1, L)
         linear_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
+        if attention_mask is not None and attention_mask.dim() == 2 and has_padding(attention_mask):
             linear_mask = attention_mask[:, -L:]  # (B, L)
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, L, rotary_dim)
