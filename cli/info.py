@@ -98,6 +98,8 @@ def register(app: typer.Typer) -> None:
                 seq_len = trained_len
         else:
             model, preset = model or "mini_llama3", preset or "tiny"
+            if model not in MODEL_NAMES:  # neither an architecture nor a path that exists
+                raise UserError(f"{model}: no such architecture ({', '.join(MODEL_NAMES)}) and no such directory")
             model_config, title = build_config(model, preset), f"{model} ({preset})"
         limit = model_config.max_position_embeddings
         if seq_len is not None and not 0 < seq_len <= limit:

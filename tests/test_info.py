@@ -59,6 +59,10 @@ def test_info_unknown_names(capsys):
     assert run_cli("info", "--model", "gpt5") == 2
     err = capsys.readouterr().err
     assert "mini_llama3, mini_deepseekv3, mini_qwen3_next" in err
+    assert run_cli("info", "runs_typo") == 2  # a mistyped run directory: not only "unknown model"
+    err = capsys.readouterr().err.strip()
+    assert err == "error: runs_typo: no such architecture (mini_llama3, mini_deepseekv3, mini_qwen3_next) and no such " \
+        "directory", err
     assert run_cli("info", "--model", "mini_llama3", "--preset", "huge") == 2
     assert "known presets: tiny, small, base" in capsys.readouterr().err
     assert run_cli("info", "--model", "mini_llama3", "--seq-len", "100000") == 2  # beyond the 1,024 positions
