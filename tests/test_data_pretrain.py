@@ -80,6 +80,8 @@ def test_shards_hold_every_document_followed_by_eos(corpus, tok, tmp_path, capsy
         assert stream.tolist() == expected[split]
         assert m["splits"][split]["tokens"] == len(expected[split])
     assert m["tokens"] == len(expected["train"]) + len(expected["val"])
+    with pytest.raises(UserError, match="rebuild it with a larger --val-fraction"):  # says how to get a usable one
+        PretrainDataset(tmp_path / "shards", seq_len=len(expected["val"]) + 1, split="val")
 
 
 def test_dataset_windows_span_shards_and_stride(corpus, tok, tmp_path):

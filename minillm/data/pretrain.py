@@ -299,8 +299,11 @@ class PretrainDataset:
         self._shards: list[np.memmap] | None = None
         self.total_tokens = int(self.starts[-1])
         if self.total_tokens < seq_len:
+            hint = "; rebuild it with a larger --val-fraction (minillm data pretrain), or 0 for none" if split == "val" \
+                else ""
             raise UserError(
                 f"{self.directory}: the '{split}' split has {self.total_tokens} tokens, fewer than seq_len {seq_len}"
+                + hint
             )
         self.num_windows = (self.total_tokens - seq_len) // self.stride + 1
 
