@@ -515,6 +515,10 @@ BAD_INPUTS = {
     "recipe unknown key": (["pretrain", "--config", "{tmp}/r.yaml"], "unknown key 'sequence_len'"),
     "other tokenizer": (["pretrain", "--model", "mini_llama3", "--data", "{other_shards}"], "fingerprint"),
     "sft from a non-model": (["sft", "--model-path", "{tmp}/not_a_model"], "not a model directory"),
+    # a model saved without its tokenizer: the default one is larger than its vocabulary (said to be --tokenizer's)
+    "sft from a model without its tokenizer": (["sft", "--model-path", "{small_model}"],
+                                                "has no tokenizer, and minillm's default has 32004 tokens, more than "
+                                                "the model's 256"),
     "batch not divisible": (["pretrain", "--model", "mini_llama3", "--micro-batch-size", "4", "--global-batch-size",
                              "6"], "not divisible"),
     "batch not divisible by processes": (["pretrain", "--model", "mini_llama3", "--launcher",
@@ -567,6 +571,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys,
         values["other_shards"] = str(_other_tokenizer_shards(tmp_path))
     if case == "deepspeed contradicts recipe":
         values["launcher"] = str(_contradicting_launcher(tmp_path))
+    if case == "sft from a model without its tokenizer":
+        from minillm.models.registry import build_model
+
+        build_model("mini_llama3", "tiny", vocab_size=256, num_hidden_layers=1).save_pretrained(tmp_path / "small")
+        values["small_model"] = str(tmp_path / "small")
     monkeypatch.chdir(ROOT) if "--launcher" in BAD_INPUTS[case][0] else None
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     argv, expected = BAD_INPUTS[case]

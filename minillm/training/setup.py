@@ -127,8 +127,14 @@ def _sft_parts(config: TrainConfig) -> dict[str, Any]:
                             f"({len(tokenizer)} tokens, the model's has {len(own)}); drop --tokenizer")
     model = load_causal_lm(model_dir, torch.float32, "--model-path")
     if len(tokenizer) > model.config.vocab_size:
-        raise UserError(f"--tokenizer {config.tokenizer or model_dir}: {len(tokenizer)} tokens, more than the "
-                        f"model's {model.config.vocab_size}; use the tokenizer the model was trained with")
+        if config.tokenizer:
+            source = f"--tokenizer {config.tokenizer}"
+        elif has_tokenizer:
+            source = f"--model-path {model_dir}: its tokenizer"
+        else:
+            source = f"--model-path {model_dir} has no tokenizer, and minillm's default"
+        raise UserError(f"{source} has {len(tokenizer)} tokens, more than the model's {model.config.vocab_size}; use "
+                        "the tokenizer the model was trained with (--tokenizer)")
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
         raise UserError(f"--seq-len {config.seq_len}: longer than the model's {max_len} positions ({model_dir})")
