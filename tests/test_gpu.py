@@ -54,6 +54,21 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
 
 
+def host_waits(step) -> list[str]:
+    """The waits for the GPU that one call of `step` makes (CUDA's sync debug mode), after a warm-up call (one-off
+    kernel probes and compilations)."""
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_models_match_their_reference_on_cuda(name):
     """fp32 logits within 1e-3 of the reference (TF32 in Triton kernels when flash-linear-attention is installed
@@ -196,16 +211,7 @@ def test_a_training_step_waits_for_the_gpu_only_for_the_loss_rows(name):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
 
-    step()  # warm-up: one-off kernel probes and compilations
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    waits = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    waits = host_waits(step)
     assert len(waits) <= heads, waits
 
 
@@ -237,16 +243,7 @@ def test_a_trainer_step_waits_for_the_gpu_once_per_head_and_for_the_finite_check
         optimizer_step(accelerator, model, optimizer, scheduler, config, result)
         assert not result.skipped
 
-    step()  # warm-up: one-off kernel probes and compilations
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    waits = [str(w.message) for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    waits = host_waits(step)
     assert len(waits) <= heads + 1, waits
 
 
