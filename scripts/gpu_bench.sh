@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One-GPU check and training benchmark, in one run that fits a short GPU lease:
+#   0. the GPU tests of the newest changes (graphs per compiled layer, a trainer step's waits), under a minute;
 #   1. the MoE models' `base` presets compiled (mini_deepseekv3 with a profile), bf16 autocast, sequence 512,
 #      through the real trainer (scripts/bench_train.py): their compiled layers used to break into several graphs
 #      on CUDA (grouped_mm's alignment check, the fla / causal-conv1d dispatch), no longer;
@@ -56,6 +57,12 @@ run() {  # run NAME ARGS...: one bench_train run with its own time cap, skipped 
         || echo "$name: failed or timed out"
 }
 
+# First, in under a minute, the GPU checks of the newest changes: one graph per compiled layer kind, and a trainer
+# step's waits for the GPU (the whole tests/test_gpu.py runs later, in the time left)
+if (( deadline - SECONDS > 60 )); then
+    timeout 90 "$PYTHON" -m pytest -p no:cacheprovider tests/test_gpu.py -q -rs --tb=short -k "graph or waits" 2>&1 \
+        | tee "$OUT/tests_first.txt" || echo "tests/test_gpu.py -k 'graph or waits': failures or timed out"
+fi
 # torch.compile of the MoE models' decoder layers, now one graph per layer kind on CUDA (before: a break at every
 # expert product, and around Gated DeltaNet's short conv and delta rule; mini_deepseekv3 compiled ran about as fast
 # as eager, mini_qwen3_next slower)

@@ -177,7 +177,7 @@ def test_compiled_layers_train_in_bf16_on_a_cpu(name, monkeypatch):
     torch.manual_seed(0)
     layers = {"layer_types": ["linear_attention", "full_attention"]} if name == "mini_qwen3_next" else {}
     model = build_model(name, "tiny", vocab_size=256, num_hidden_layers=2, **layers)
-    ids = random_ids(256, 2, 64)
+    ids = random_ids(256, 2, 32)
 
     def step():
         model.zero_grad()

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from minillm.errors import UserError
 from minillm.models.layers.kernel_choice import KernelChoice
@@ -79,15 +80,19 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return (torch.arange(total, device=cu_seqlens.device) - starts)[None]
 
 
+_ANSWERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> {(question, version): answer}; see `_read_once`
+
+
 def _read_once(t: torch.Tensor, question: str, answer: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """`bool(answer(t))`, read from the device once per tensor (and in-place version of it): the places of one
     forward that ask the same question of the batch's mask or positions (the attention mask's builders, the MoE
     routing, Gated DeltaNet) then wait for the device once, not once each. On a GPU each read waits for all queued
-    work. The answer is kept on the tensor object, which a new batch replaces. (Inference-mode tensors keep no
-    version to tell an in-place change by: asked each time, as under the compiler.)"""
+    work. The answers are kept beside the tensor object (weakly: a new batch replaces them; a copy of the tensor
+    asks again). Inference-mode tensors keep no version to tell an in-place change by, so they are asked each time,
+    as under the compiler."""
     if torch.compiler.is_compiling() or t.is_inference():
         return bool(answer(t))
-    answers = t.__dict__.setdefault("_minillm_answers", {})
+    answers = _ANSWERS.setdefault(t, {})
     key = (question, t._version)
     if key not in answers:
         answers[key] = bool(answer(t))
@@ -136,9 +141,9 @@ def build_attention_mask(
         raise ValueError(
             f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {key_len} (past + new)"
         )
-    if packed is None:
-        packed = position_ids is not None and has_document_restarts(position_ids)
-    packed = packed and position_ids is not None and past_len == 0 and query_len > 1
+    packed = position_ids is not None and past_len == 0 and query_len > 1 and (
+        has_document_restarts(position_ids) if packed is None else packed
+    )
     if not padded and not packed and (query_len == key_len or query_len == 1):
         return None
 

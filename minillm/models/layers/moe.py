@@ -123,8 +123,8 @@ def _aligned(t: torch.Tensor) -> bool:
     Under torch.compile it is taken as aligned: `data_ptr()` (and `storage_offset()`) would break the compiled
     layer's graph at every expert product, and there the operands are buffers the graph allocates itself or the
     expert weights (transposed views of parameters at offset 0), whose storages PyTorch's allocators align (CUDA's
-    caching allocator to 512 bytes, the CPU's to 64). A misaligned operand would make the kernel raise, not
-    compute wrong numbers."""
+    caching allocator to 512 bytes, the CPU's to 64; the CPU kernel asks only with torch < 2.11). A misaligned
+    operand would make the kernel raise, not compute wrong numbers."""
     if torch.compiler.is_compiling():
         return True
     return t.data_ptr() % 16 == 0
