@@ -282,6 +282,31 @@ def test_model_with_packed_documents_matches_torch(kernels):
     assert fla.calls[0]["cu_seqlens"] == [0, 6, 15, 21, 30] and conv.calls[0]["seq_idx"] is not None
 
 
+def test_packed_documents_are_flattened_once_per_forward(kernels, monkeypatch):
+    """Every Gated DeltaNet layer of a forward gets the same document starts: their flattened sequences (a
+    `nonzero`, a wait for the device on a GPU) are found once, not once per layer; new starts are found again."""
+    fla, _ = kernels
+    config = MiniQwen3NextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        layer_types=["linear_attention"] * 3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_chunk_size=4, num_experts=0,
+    )
+    torch.manual_seed(0)
+    model = MiniQwen3NextForCausalLM(config)
+    found = []
+    real = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **kw: found.append(1) or real(t, *a, **kw))
+    ids = torch.randint(0, 128, (2, 15))
+    for split in (6, 9):
+        position_ids = torch.cat([torch.arange(split), torch.arange(15 - split)])[None].expand(2, -1)
+        found.clear()
+        fla.calls.clear()
+        model(input_ids=ids, position_ids=position_ids)
+        assert len(fla.calls) == 3 and len(found) == 1, (len(fla.calls), len(found))
+        assert fla.calls[-1]["cu_seqlens"] == [0, split, 15, 15 + split, 30]
+
+
 def test_a_kernel_that_fails_or_computes_wrong_is_probed_once_and_left_for_the_torch_path(monkeypatch):
     """`fla_works` runs fla once per configuration against the torch rule: a stand-in that raises in its backward
     (as fla 0.6 does on Hopper with Triton < 3.7.1) or returns wrong values is refused with a warning, and the layer
