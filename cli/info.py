@@ -94,6 +94,9 @@ def register(app: typer.Typer) -> None:
                 _print_runs(model, found)
                 return
             model_config, title, trained_len = _trained_model_config(model)
+            # runs save their models without the MTP module: "0" would read as "trained without one"
+            saved_without_mtp = getattr(model_config, "num_mtp_layers", None) == 0
+            mtp_row = "MTP parameters (not in saved models)" if saved_without_mtp else "MTP parameters (training only)"
             if seq_len is None:  # the length the MFU of its run was computed at
                 seq_len = trained_len
         else:
@@ -101,6 +104,7 @@ def register(app: typer.Typer) -> None:
             if model not in MODEL_NAMES:  # neither an architecture nor a path that exists
                 raise UserError(f"{model}: no such architecture ({', '.join(MODEL_NAMES)}) and no such directory")
             model_config, title = build_config(model, preset), f"{model} ({preset})"
+            mtp_row = "MTP parameters (training only)"
         limit = model_config.max_position_embeddings
         if seq_len is not None and not 0 < seq_len <= limit:
             raise UserError(f"--seq-len {seq_len}: must be in [1, {limit}] ({title}'s positions)")
@@ -115,7 +119,7 @@ def register(app: typer.Typer) -> None:
             ("non-embedding parameters", stats.non_embedding),
             ("activated parameters / token", stats.activated),
             ("activated non-embedding", stats.activated_non_embedding),
-            ("MTP parameters (training only)", stats.mtp),
+            (mtp_row, stats.mtp),
             (f"training FLOPs / token (seq {stats.seq_len})", stats.flops_per_token),
         ]
         for name, value in rows:

@@ -51,7 +51,15 @@ def test_info_counts_a_trained_model_directory(tmp_path, capsys):
     model.save_pretrained(tmp_path / "run" / "final")
     (tmp_path / "run" / "config.yaml").write_text("stage: pretrain\nseq_len: 64\n")
     assert run_cli("info", str(tmp_path / "run")) == 0
-    assert f"{model_stats(model, seq_len=64).flops_per_token:,}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{model_stats(model, seq_len=64).flops_per_token:,}" in out
+    assert "MTP parameters (training only)" in out  # this directory holds the MTP module's weights
+    # as a run saves it, without the module: the row says so rather than a bare 0 that reads "trained without MTP"
+    from minillm.training.trainer import export_config
+
+    export_config(model).save_pretrained(tmp_path / "saved")
+    assert run_cli("info", "--model", str(tmp_path / "saved")) == 0
+    assert "MTP parameters (not in saved models)" in capsys.readouterr().out
     assert run_cli("info", str(tmp_path / "run"), "--model", "mini_llama3") == 2
 
 
