@@ -309,3 +309,27 @@ def check_hf_export(
     ignored = {"_name_or_path"} | ({"num_mtp_layers"} if "mtp." in skip else set())
     assert {k: (v, theirs.get(k)) for k, v in ours.items() if k not in ignored and v != theirs.get(k)} == {}
     return dst
+
+
+def compiled_layer_graphs(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """How many graphs the model's decoder layers trace into, each compiled as `--compile` does, over one bf16
+    forward + backward on `ids`' device (expert groups unpadded, as on a GPU). The tracer decides the graphs, so the
+    quick "eager" backend shows them. fla and causal-conv1d are asked for again afterwards."""
+    from torch._dynamo.utils import counters
+
+    from minillm.models.layers import moe
+    from minillm.models.mini_qwen3_next import fla_kernels
+
+    fla_kernels.clear_cache()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for layer in model.model.layers:
+            layer.compile(backend="eager")
+        with moe.force_moe_group_sizes("exact"), torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+        fla_kernels.clear_cache()

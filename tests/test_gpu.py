@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from model_checks import compiled_layer_graphs
 
 import minillm  # noqa: F401  (registers the Auto classes)
 from minillm.models.layers import attention
@@ -254,29 +255,14 @@ def test_compiled_layers_keep_one_graph_per_layer_kind_on_cuda(name, monkeypatch
     shows them), bf16 forward + backward: one graph per layer kind, no breaks at grouped_mm's alignment check or the
     fla / causal-conv1d dispatch (asked with neither installed: fla's own kernels are not traced).
     tests/test_models_common.py emulates these paths on the CPU."""
-    from torch._dynamo.utils import counters
-
     for module in ("fla", "causal_conv1d"):  # not installed, whatever the machine has: the import runs and fails
         monkeypatch.setitem(sys.modules, module, None)
-    fla_kernels.clear_cache()
     torch.manual_seed(0)
     overrides = {"num_mtp_layers": 0} if name == "mini_deepseekv3" else {}
     if name == "mini_qwen3_next":
         overrides["layer_types"] = ["linear_attention", "full_attention"]
     model = build_model(name, "tiny", vocab_size=VOCAB, num_hidden_layers=2, **overrides).to(CUDA)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        for layer in model.model.layers:
-            layer.compile(backend="eager")
-        ids = _ids(2, 128)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        graphs = counters["stats"]["unique_graphs"]
-    finally:
-        torch._dynamo.reset()
-        fla_kernels.clear_cache()
+    graphs = compiled_layer_graphs(model, _ids(2, 128))
     assert graphs <= 2, f"{graphs} graphs for 2 layers: the compiled layers break"
 
 

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from model_checks import compiled_layer_graphs
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek
 from transformers.models.llama import modeling_llama as hf_llama
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_qwen3_next
@@ -536,8 +537,6 @@ def test_compiled_layers_keep_one_graph_on_the_gpu_code_paths(name, monkeypatch)
     whether fla and causal-conv1d are installed (an import broke it around every short conv and delta rule).
     Emulated on the CPU: alignment checked (as on CUDA), the kernels' device types widened to the CPU with neither
     package installed, expert groups unpadded (the CPU's bf16 padding runs eagerly by design)."""
-    from torch._dynamo.utils import counters
-
     from minillm.models.layers import moe
     from minillm.models.mini_qwen3_next import fla_kernels
 
@@ -545,24 +544,11 @@ def test_compiled_layers_keep_one_graph_on_the_gpu_code_paths(name, monkeypatch)
     monkeypatch.setattr(fla_kernels, "KERNEL_DEVICE_TYPES", ("cpu",))
     for module in ("fla", "causal_conv1d"):  # not installed, whatever this machine has: the import runs and fails
         monkeypatch.setitem(sys.modules, module, None)
-    fla_kernels.clear_cache()
     torch.manual_seed(0)
     model = registry.build_model(name, "tiny", vocab_size=256, num_hidden_layers=2,
                                  **({"num_mtp_layers": 0} if name == "mini_deepseekv3" else
                                     {"layer_types": ["linear_attention", "full_attention"]}))
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        for layer in model.model.layers:  # as `compile_layers` does; the tracer decides the graphs, any backend does
-            layer.compile(backend="eager")
-        ids = torch.randint(1, 256, (2, 64))
-        with moe.force_moe_group_sizes("exact"), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        graphs = counters["stats"]["unique_graphs"]
-    finally:
-        torch._dynamo.reset()
-        fla_kernels.clear_cache()
+    graphs = compiled_layer_graphs(model, torch.randint(1, 256, (2, 64)))
     assert graphs == 2  # a dense/attention layer and a MoE/linear-attention layer
 
 
