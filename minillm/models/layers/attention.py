@@ -49,11 +49,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from minillm.errors import UserError
 from minillm.models.layers.kernel_choice import KernelChoice
 from minillm.models.layers.math_attention import math_attention, math_attention_applies
+from minillm.models.layers.tensor_memo import per_tensor
 
 BACKENDS = ("sdpa", "flex", "flash", "math")
 
@@ -80,33 +80,14 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return (torch.arange(total, device=cu_seqlens.device) - starts)[None]
 
 
-_ANSWERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> {(question, version): answer}; see `_read_once`
-
-
-def _read_once(t: torch.Tensor, question: str, answer: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """`bool(answer(t))`, read from the device once per tensor (and in-place version of it): the places of one
-    forward that ask the same question of the batch's mask or positions (the attention mask's builders, the MoE
-    routing, Gated DeltaNet) then wait for the device once, not once each. On a GPU each read waits for all queued
-    work. The answers are kept beside the tensor object (weakly: a new batch replaces them; a copy of the tensor
-    asks again). Inference-mode tensors keep no version to tell an in-place change by, so they are asked each time,
-    as under the compiler."""
-    if torch.compiler.is_compiling() or t.is_inference():
-        return bool(answer(t))
-    answers = _ANSWERS.setdefault(t, {})
-    key = (question, t._version)
-    if key not in answers:
-        answers[key] = bool(answer(t))
-    return answers[key]
-
-
 def has_document_restarts(position_ids: torch.Tensor) -> bool:
     """True when some row has a position 0 after its first token, i.e. holds more than one document."""
-    return _read_once(position_ids, "restarts", lambda t: (t[:, 1:] == 0).any())
+    return per_tensor(position_ids, "restarts", lambda t: bool((t[:, 1:] == 0).any()))
 
 
 def has_padding(attention_mask: torch.Tensor | None) -> bool:
     """True when a (B, L) attention mask marks some token as padding (0); None marks none."""
-    return attention_mask is not None and _read_once(attention_mask, "padding", lambda t: ~t.bool().all())
+    return attention_mask is not None and per_tensor(attention_mask, "padding", lambda t: not bool(t.bool().all()))
 
 
 def build_attention_mask(

@@ -34,7 +34,8 @@ import importlib
 import warnings
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from minillm.models.layers.tensor_memo import per_tensor
 
 # Where the kernels apply. Module-level so tests can widen them to CPU / fp32 with stand-in modules.
 KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
@@ -144,19 +145,17 @@ def conv_applies(x: torch.Tensor, prev: torch.Tensor | None) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-_SEQUENCES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # doc_starts -> (its version, `_sequences` of it)
-
-
 def _sequences(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Boundaries of every sequence when the (B, L) rows are flattened to one row of B*L tokens.
 
     A sequence starts at each document start and at each row start. Returns `cu_seqlens` (N + 1,) int64, and for
-    each row the index of its first and of its last sequence, (B,) each. Computed once per `doc_starts` tensor:
-    every Gated DeltaNet layer of a forward gets the same one, and the `nonzero` waits for the device.
+    each row the index of its first and of its last sequence, (B,) each. Found once per `doc_starts` tensor
+    (`per_tensor`): every Gated DeltaNet layer of a forward gets the same one, and the `nonzero` waits for the device.
     """
-    cached = _SEQUENCES.get(doc_starts)
-    if cached is not None and cached[0] == doc_starts._version:
-        return cached[1]
+    return per_tensor(doc_starts, "sequences", _find_sequences)
+
+
+def _find_sequences(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L = doc_starts.shape
     starts = doc_starts.clone()
     starts[:, 0] = True  # rows never continue into each other
@@ -165,8 +164,6 @@ def _sequences(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     seqs_per_row = starts.sum(dim=1)  # (B,)
     first = seqs_per_row.cumsum(0) - seqs_per_row  # (B,)
     last = first + seqs_per_row - 1  # (B,)
-    if not doc_starts.is_inference():  # inference tensors keep no version to tell an in-place change by
-        _SEQUENCES[doc_starts] = (doc_starts._version, (cu_seqlens, first, last))
     return cu_seqlens, first, last
 
 
