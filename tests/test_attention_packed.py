@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from device_reads import EmulatedDevice
 from model_checks import random_ids
 
 import minillm  # noqa: F401  (registers the Auto classes)
@@ -335,6 +336,24 @@ def test_models_on_the_flash_path(monkeypatch, name):
     attention_layers = sum(1 for m in model.model.modules() if type(m).__name__.endswith("Attention"))
     assert len(flash.calls) == attention_layers > 0
     assert len(derivations) == 1
+
+
+@pytest.mark.parametrize("name", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
+def test_a_trainer_batch_reaches_flash_without_a_read_back(monkeypatch, name):
+    """A packed and padded training batch that the trainer moved to the device (its host tensors kept as host
+    copies), forward and backward on the flash path, with the device emulated on the CPU: the unpadding indices,
+    `cu_seqlens` and `max_seqlen` are found on the host, and nothing is read back (on a GPU, `varlen_index` on
+    device tensors waited for it four times per forward)."""
+    flash = FlashStandIn()
+    model = tiny(name).train()
+    ids, pos, mask = packed_batch()
+    with EmulatedDevice(monkeypatch, model) as device:
+        install_flash(monkeypatch, device.as_kernel(flash))
+        batch = {"input_ids": ids, "labels": ids, "position_ids": pos, "attention_mask": mask}
+        with force_attention_backend("flash"):
+            model(**{k: device.move(v) for k, v in batch.items()}).loss.backward()
+    assert flash.calls and flash.calls[0]["lengths"] == [7, 12, 9, 10, 14]
+    assert device.reads == []
 
 
 def test_deepseek_mtp_training_loss_on_the_flash_path(monkeypatch):

@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from device_reads import EmulatedDevice
 from transformers import DynamicCache
 
 from minillm.models.mini_qwen3_next import MiniQwen3NextConfig, MiniQwen3NextForCausalLM, fla_kernels
@@ -305,6 +306,30 @@ def test_packed_documents_are_flattened_once_per_forward(kernels, monkeypatch):
         model(input_ids=ids, position_ids=position_ids)
         assert len(fla.calls) == 3 and len(found) == 1, (len(fla.calls), len(found))
         assert fla.calls[-1]["cu_seqlens"] == [0, split, 15, 15 + split, 30]
+
+
+def test_a_trainer_batch_reaches_the_kernels_without_a_read_back(kernels, monkeypatch):
+    """A packed batch that the trainer moved to the device (its host tensors kept as host copies), forward and
+    backward through fla and causal-conv1d, with the device emulated on the CPU: the flattened sequences are found
+    on the host, nothing is read back. (A batch made on the device is read once per forward, test above.)"""
+    fla, conv = kernels
+    config = MiniQwen3NextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        layer_types=["linear_attention"] * 2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_chunk_size=4, num_experts=0,
+    )
+    torch.manual_seed(0)
+    model = MiniQwen3NextForCausalLM(config)
+    ids = torch.randint(0, 128, (2, 15))
+    position_ids = torch.cat([torch.arange(6), torch.arange(9)])[None].expand(2, -1).contiguous()
+    with EmulatedDevice(monkeypatch, model) as device:
+        monkeypatch.setattr(fla, "chunk_gated_delta_rule", device.as_kernel(fla.chunk_gated_delta_rule))
+        monkeypatch.setattr(conv, "causal_conv1d_fn", device.as_kernel(conv.causal_conv1d_fn))
+        batch = {"input_ids": device.move(ids), "labels": device.move(ids), "position_ids": device.move(position_ids)}
+        model(**batch).loss.backward()
+    assert len(fla.calls) == 2 and fla.calls[-1]["cu_seqlens"] == [0, 6, 15, 21, 30]
+    assert device.reads == []
 
 
 def test_a_kernel_that_fails_or_computes_wrong_is_probed_once_and_left_for_the_torch_path(monkeypatch):

@@ -200,29 +200,42 @@ def test_flash_linear_attention_kernels_match_the_torch_path(packed):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_a_training_step_waits_for_the_gpu_only_for_the_loss_rows(name):
-    """bf16 forward + backward of a pretraining batch under `torch.cuda.set_sync_debug_mode("warn")`: at most one
-    wait per output head (the chunked loss's `nonzero` over its target rows). tests/test_models_common.py counts the
-    same on the CPU by the calls that would wait."""
+def test_a_training_step_waits_for_the_gpu_only_without_host_copies(name):
+    """bf16 forward + backward under `torch.cuda.set_sync_debug_mode("warn")`: a pretraining batch moved from the
+    host as the trainer moves it (`tensor_memo.to_device`, host copies kept) and a packed SFT batch the same way,
+    no wait; the pretraining batch made on the GPU, one wait per output head (the chunked loss's `nonzero` over its
+    target rows). tests/test_models_common.py counts the same on the CPU, with the device emulated."""
+    from minillm.models.layers.tensor_memo import to_device
+
     model = _tiny(name).train()
     heads = 1 + getattr(model.config, "num_mtp_layers", 0)
-    ids = _ids(2, 64)
+    host_ids = torch.randint(1, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(40), torch.arange(24)])[None].repeat(2, 1)
+    mask = torch.ones(2, 64, dtype=torch.long)
+    mask[1, 56:] = 0
 
-    def step():
+    def step(**batch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(**batch).loss
         loss.backward()
 
-    waits = host_waits(step)
-    assert len(waits) <= heads, waits
+    def moved(**host):
+        return lambda: step(**{k: to_device(v, CUDA) for k, v in host.items()})
+
+    assert host_waits(moved(input_ids=host_ids, labels=host_ids)) == []
+    labels = host_ids.masked_fill(mask == 0, -100)
+    assert host_waits(moved(input_ids=host_ids, labels=labels, position_ids=positions, attention_mask=mask)) == []
+    ids = host_ids.to(CUDA)
+    assert len(host_waits(lambda: step(input_ids=ids, labels=ids))) <= heads
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_a_trainer_step_waits_for_the_gpu_once_per_head_and_for_the_finite_check(name):
+def test_a_trainer_step_waits_for_the_gpu_only_for_the_finite_check(name):
     """The trainer's own step (`forward_backward` from host batches, then `optimizer_step`: clipping, fused AdamW,
-    scheduler, MoE bias update) under `torch.cuda.set_sync_debug_mode("warn")`: the model's waits (one per output
-    head) and the non-finite check's, no more. (`torch.tensor(value, device="cuda")` for the loss normaliser was
-    one more: a copy from pageable memory waits for all queued work.)"""
+    scheduler, MoE bias update) under `torch.cuda.set_sync_debug_mode("warn")`: the non-finite check's wait, no
+    more. (The loss's target rows were one more per output head until they were found on the batch's host copy;
+    `torch.tensor(value, device="cuda")` for the loss normaliser one more: a copy from pageable memory waits for
+    all queued work.)"""
     from minillm.training.config import TrainConfig
     from minillm.training.trainer import (
         forward_backward,
@@ -237,7 +250,6 @@ def test_a_trainer_step_waits_for_the_gpu_once_per_head_and_for_the_finite_check
     torch.manual_seed(0)
     model, optimizer, scheduler = prepare_model_and_optimizer(
         accelerator, build_model(name, "tiny", vocab_size=VOCAB), config, total_steps=10)
-    heads = 1 + getattr(accelerator.unwrap_model(model).config, "num_mtp_layers", 0)
     ids = torch.randint(1, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).pin_memory()
 
     def step():
@@ -246,7 +258,7 @@ def test_a_trainer_step_waits_for_the_gpu_once_per_head_and_for_the_finite_check
         assert not result.skipped
 
     waits = host_waits(step)
-    assert len(waits) <= heads + 1, waits
+    assert len(waits) <= 1, waits
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from device_reads import EmulatedDevice
 from model_checks import compiled_layer_graphs
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_deepseek
 from transformers.models.llama import modeling_llama as hf_llama
@@ -432,56 +433,48 @@ def test_padding_is_never_a_target(name):
     assert torch.allclose(alone, with_pad, atol=1e-5), (alone.item(), with_pad.item())
 
 
-class DeviceReads:
-    """Counts calls that, on a GPU, make the host wait for the device: a tensor read into Python (`bool`, `item`,
-    `tolist`, `int`, `float`, `__index__`) and the ops whose output size depends on the data (`nonzero`, `unique`,
-    `bincount`). On the CPU nothing waits, so this counts the calls instead. Waits inside other torch ops (boolean
-    indexing, `repeat_interleave` without `output_size`, copies to the host) are not seen here; tests/test_gpu.py
-    counts every wait with CUDA's sync debug mode."""
-
-    READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
-    SIZED = ("nonzero", "unique", "bincount")
-
-    def __init__(self, monkeypatch):
-        self.calls: list[str] = []
-        for name in self.READS:
-            monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
-        for name in self.SIZED:
-            monkeypatch.setattr(torch, name, self._counted(name, getattr(torch, name)))
-            if hasattr(torch.Tensor, name):
-                monkeypatch.setattr(torch.Tensor, name, self._counted(name, getattr(torch.Tensor, name)))
-
-    def _counted(self, name, fn):
-        def counted(*args, **kwargs):
-            self.calls.append(name)
-            return fn(*args, **kwargs)
-        return counted
+def _sft_batch() -> dict[str, torch.Tensor]:
+    """A padded batch of packed documents with prompt tokens, as the SFT collator makes them."""
+    ids = torch.randint(1, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    positions = torch.tensor([list(range(10)) + list(range(14)), list(range(24))])  # row 0 packs two documents
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 20:] = 0  # row 1 ends in padding
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
 
 
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
-def test_a_pretraining_step_reads_nothing_back_but_the_loss_rows(name, monkeypatch):
-    """A pretraining batch (input_ids and labels, no positions, no mask) through forward and backward: the only
-    data-dependent op is the chunked loss's selection of its target rows, one per output head. (The models used to
-    check their own fresh `arange` positions for document restarts, and mini_deepseekv3 numbered its sequences with
-    `torch.unique` and `bincount`: on a GPU each was a wait for all queued work, several per forward.)"""
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_a_training_step_on_a_device_reads_nothing_back(name, stage, monkeypatch):
+    """Forward and backward of a batch that the trainer moved to the device (its host tensors kept as host copies),
+    with the device emulated on the CPU: nothing is read back from the device. Which rows of the loss have targets,
+    whether the mask holds padding and whether the positions restart are answered on the host copies. (Before, one
+    `nonzero` per output head waited for the device in every step, and an SFT batch's padding and restart
+    questions two reads more.)"""
     from minillm.models.layers.linear import onednn_available
 
     onednn_available()  # the one-off kernel probe reads a result back; not part of a step
     model = registry.build_model(name, "tiny", vocab_size=256, num_hidden_layers=2).train()
-    heads = 1 + getattr(model.config, "num_mtp_layers", 0)
-    ids = torch.randint(1, 256, (2, 24))
-    reads = DeviceReads(monkeypatch)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    assert reads.calls == ["nonzero"] * heads
+    if stage == "pretrain":
+        ids = torch.randint(1, 256, (2, 24))
+        host_batch = {"input_ids": ids, "labels": ids}
+    else:
+        host_batch = _sft_batch()
+    with EmulatedDevice(monkeypatch, model) as device:
+        batch = {k: device.move(v) for k, v in host_batch.items()}
+        out = model(**batch)
+        out.loss.backward()
+    assert device.reads == []
+    torch.testing.assert_close(out.loss, model(**host_batch).loss)  # the same loss as from host tensors
 
 
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
-def test_an_sft_step_asks_the_device_each_question_about_its_batch_once(name, monkeypatch):
-    """A padded batch of packed documents (SFT), forward and backward: whether the mask holds padding and whether
-    the positions restart are each read back once per forward, whatever the number of places that need the answer
+def test_without_host_copies_each_question_is_read_once_per_forward(name, monkeypatch):
+    """The same SFT batch created on the device (no host copies): whether the mask holds padding and whether the
+    positions restart are each read back once per forward, whatever the number of places that need the answer
     (the attention mask's builders, the MoE routing, Gated DeltaNet asked again: up to six reads), plus the loss's
-    target rows."""
+    target rows, one `nonzero` per output head."""
     from collections import Counter
 
     from minillm.models.layers.linear import onednn_available
@@ -489,16 +482,11 @@ def test_an_sft_step_asks_the_device_each_question_about_its_batch_once(name, mo
     onednn_available()
     model = registry.build_model(name, "tiny", vocab_size=256).train()
     heads = 1 + getattr(model.config, "num_mtp_layers", 0)
-    ids = torch.randint(1, 256, (2, 24))
-    labels = ids.clone()
-    labels[:, :5] = -100  # the prompt
-    positions = torch.tensor([list(range(10)) + list(range(14)), list(range(24))])  # row 0 packs two documents
-    mask = torch.ones(2, 24, dtype=torch.long)
-    mask[1, 20:] = 0  # row 1 ends in padding
-    reads = DeviceReads(monkeypatch)
-    out = model(input_ids=ids, labels=labels, position_ids=positions, attention_mask=mask)
-    out.loss.backward()
-    assert Counter(reads.calls) == {"__bool__": 2, "nonzero": heads}, reads.calls
+    with EmulatedDevice(monkeypatch, model) as device:
+        batch = {k: v + 0 * torch.zeros((), dtype=v.dtype) for k, v in _sft_batch().items()}  # made on the device
+        out = model(**batch)
+        out.loss.backward()
+    assert Counter(device.reads) == {"read": 2, "nonzero": heads}, device.reads
 
 
 def test_a_batch_question_is_asked_again_after_its_tensor_changes(monkeypatch):
@@ -509,25 +497,48 @@ def test_a_batch_question_is_asked_again_after_its_tensor_changes(monkeypatch):
 
     from minillm.models.layers.attention import build_attention_mask, has_document_restarts, has_padding
 
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, 5] = 0
-    reads = DeviceReads(monkeypatch)
-    assert has_padding(mask) and has_padding(mask) and len(reads.calls) == 1  # asked twice, read once
-    mask.fill_(1)
-    assert not has_padding(mask) and len(reads.calls) == 2
-    duplicate = copy.deepcopy(mask)
-    duplicate[0, 0] = 0
-    assert has_padding(duplicate) and not has_padding(mask)
-    with torch.inference_mode():
-        frozen = torch.ones(1, 4, dtype=torch.long)
-        assert not has_padding(frozen)
-        frozen[0, 0] = 0
-        assert has_padding(frozen)
-    positions = torch.tensor([[7]])  # one new token after a past of 7
-    reads.calls.clear()
-    build_attention_mask(1, 8, torch.ones(1, 8, dtype=torch.long), positions)
-    assert reads.calls == ["__bool__"]  # the padding question only
-    assert not has_document_restarts(torch.arange(5)[None])
+    with EmulatedDevice(monkeypatch) as device:
+        mask = torch.ones(2, 6, dtype=torch.long)  # made on the device
+        mask[1, 5] = 0
+        assert has_padding(mask) and has_padding(mask) and device.reads == ["read"]  # asked twice, read once
+        mask.fill_(1)
+        assert not has_padding(mask) and device.reads == ["read"] * 2
+        duplicate = copy.deepcopy(mask)
+        duplicate[0, 0] = 0
+        assert has_padding(duplicate) and not has_padding(mask)
+        with torch.inference_mode():
+            frozen = torch.ones(1, 4, dtype=torch.long)
+            assert not has_padding(frozen)
+            frozen[0, 0] = 0
+            assert has_padding(frozen)
+        positions = torch.full((1, 1), 7)  # one new token after a past of 7
+        device.reads.clear()
+        build_attention_mask(1, 8, torch.ones(1, 8, dtype=torch.long), positions)
+        assert device.reads == ["read"]  # the padding question only
+        assert not has_document_restarts(torch.arange(5)[None])
+
+
+def test_host_copies_answer_until_either_side_changes(monkeypatch):
+    """A device tensor moved from the host is asked on its host copy (no read), as are tensors derived from it with
+    `with_host_copy`; once the device tensor or the host tensor changes in place, the device is read again."""
+    from minillm.models.layers.attention import has_padding
+    from minillm.models.layers.loss import shift_targets, target_rows
+
+    with EmulatedDevice(monkeypatch) as device:
+        host = torch.tensor([[1, 1, 1, 0]])
+        mask = device.move(host)
+        assert has_padding(mask) and device.reads == []
+        mask[0, 3] = 1  # changed on the device: the host copy no longer holds its values
+        assert not has_padding(mask) and device.reads == ["read"]
+        labels = device.move(torch.tensor([[5, -100, 7, 8]]))
+        positions = device.move(torch.tensor([[0, 1, 0, 1]]))
+        rows = target_rows(shift_targets(labels, positions))  # [-100 (prompt), -100 (a new document), 8, -100]
+        assert rows.tolist() == [2] and device.reads == ["read", "tolist"]  # the test's own read of the answer
+        device.reads.clear()
+        host_labels = torch.tensor([[5, 6, 7, 8]])
+        labels = device.move(host_labels)
+        host_labels[0, 2] = -100  # the host tensor changed after the copy
+        assert target_rows(shift_targets(labels)).numel() == 3 and device.reads == ["nonzero"]
 
 
 @pytest.mark.parametrize("name", ["mini_deepseekv3", "mini_qwen3_next"])

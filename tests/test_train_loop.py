@@ -667,6 +667,44 @@ def test_step_results_are_read_from_the_device_at_log_intervals_only(tmp_path, s
     assert [r["loss"] for r in logged if "loss" in r] == pytest.approx(means, rel=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
+def test_a_trainer_step_waits_for_the_device_only_for_the_finite_check(name, monkeypatch):
+    """A whole trainer step from host batches (`forward_backward`: the batch moved to the device, forward, backward;
+    `optimizer_step`: clipping, AdamW, scheduler, the MoE bias update), one pretraining and one packed, padded SFT
+    micro-batch, with the device emulated on the CPU: one read back, the non-finite check's. The loss's target rows,
+    the mask's padding and the positions' restarts are found on the host copies of the batch. tests/test_gpu.py
+    counts the same on a GPU."""
+    from device_reads import EmulatedDevice
+
+    from minillm.models.registry import build_model
+    from minillm.training.config import TrainConfig
+    from minillm.training.trainer import (
+        forward_backward,
+        make_accelerator,
+        optimizer_step,
+        prepare_model_and_optimizer,
+    )
+
+    config = TrainConfig(stage="pretrain", model=name, seq_len=24, micro_batch_size=2, global_batch_size=4,
+                         precision="fp32").resolve()
+    accelerator = make_accelerator(config)
+    torch.manual_seed(0)
+    model, optimizer, scheduler = prepare_model_and_optimizer(
+        accelerator, build_model(name, "tiny", vocab_size=256, num_hidden_layers=2), config, total_steps=10)
+    ids = torch.randint(1, 256, (2, 24))
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt
+    sft = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones(2, 24, dtype=torch.long),
+           "position_ids": torch.cat([torch.arange(10), torch.arange(14)])[None].repeat(2, 1)}
+    sft["attention_mask"][1, 20:] = 0  # padding, no target (as the collators make it)
+    labels[1, 20:] = -100
+    with EmulatedDevice(monkeypatch, model) as device:
+        result = forward_backward(accelerator, model, [{"input_ids": ids, "labels": ids}, sft])
+        optimizer_step(accelerator, model, optimizer, scheduler, config, result)
+    assert not result.skipped and result.targets == 2 * 23 + 2 * (23 - 4 - 1) - 4  # prompts, document starts, padding
+    assert device.reads == ["read"], device.reads
+
+
 def _log_every_step(tmp_path, config):
     from minillm.training import trainer
 

@@ -22,6 +22,7 @@ from minillm.models.layers.loss import IGNORE_INDEX
 from minillm.models.layers.moe import RoutedExperts
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding
+from minillm.models.layers.tensor_memo import with_host_copy
 
 
 class MiniLLMPreTrainedModel(PreTrainedModel):
@@ -71,4 +72,5 @@ def mask_padding_labels(labels: torch.Tensor, attention_mask: torch.Tensor | Non
     """
     if attention_mask is None or attention_mask.dim() != 2:
         return labels
-    return labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE_INDEX)
+    return with_host_copy(lambda lab, mask: lab.masked_fill(mask[:, -lab.shape[1] :] == 0, IGNORE_INDEX),
+                          labels, attention_mask)

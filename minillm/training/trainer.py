@@ -59,6 +59,7 @@ import torch
 from minillm import runs
 from minillm.devices import cpu_multiplies_bf16, flush_denormals, mps_available, peak_memory_gib
 from minillm.errors import TrainingStopped, UserError
+from minillm.models.layers.tensor_memo import to_device
 from minillm.parallel import expert_parallel
 from minillm.paths import apply_umask, check_creatable
 from minillm.tokenizer import stop_token_ids
@@ -351,7 +352,9 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     check = None
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # async from pinned memory
+        # Async from pinned memory; the host tensors stay the device tensors' host copies, so what the forward asks
+        # of its batch (target rows, padding, document starts) is answered on the host, without waiting.
+        batch = {k: to_device(v, device) for k, v in batch.items()}
         with accelerator.accumulate(model):
             with accelerator.autocast():  # the forward only: see below
                 outputs = model(**batch, num_items_in_batch=num_items, use_cache=False)
@@ -674,7 +677,7 @@ def validation_loss(accelerator, model, dataset, collate, micro_batch_size: int,
         chunk = indices[b * micro_batch_size:(b + 1) * micro_batch_size]
         host_batch = collate([dataset[i] for i in chunk or [0]])
         n = count_targets(host_batch) if chunk else 0  # counted on the host: no wait for the device
-        batch = {k: v.to(accelerator.device) for k, v in host_batch.items()}
+        batch = {k: to_device(v, accelerator.device) for k, v in host_batch.items()}
         with accelerator.autocast():
             out = model(**batch, num_items_in_batch=torch.ones((), device=accelerator.device), use_cache=False)
         if n == 0:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from minillm.errors import UserError
 from minillm.models.layers.kernel_choice import KernelChoice
 from minillm.models.layers.math_attention import math_attention, math_attention_applies
-from minillm.models.layers.tensor_memo import per_tensor
+from minillm.models.layers.tensor_memo import per_tensor, to_device, with_host_copy
 
 BACKENDS = ("sdpa", "flex", "flash", "math")
 
@@ -191,10 +191,16 @@ class PackedDocs:
         device: torch.device | None = None,
         packed: bool | None = None,  # whether the positions restart (None: read them)
     ) -> None:
-        self.position_ids = position_ids.to(device).expand(batch_size, -1)  # (B, L)
-        self.attention_mask = None if attention_mask is None else attention_mask.to(device).expand(batch_size, -1)
-        self.doc_ids = document_ids_from_position_ids(self.position_ids)  # (B, L)
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (B or 1, L) -> (B, L), a host copy kept alongside (tensor_memo)
+            return with_host_copy(lambda x: x.expand(batch_size, -1), t if device is None else to_device(t, device))
+
+        self.position_ids = rows(position_ids)  # (B, L)
+        self.attention_mask = None if attention_mask is None else rows(attention_mask)
+        self.doc_ids = with_host_copy(document_ids_from_position_ids, self.position_ids)  # (B, L)
         self.token_mask = None if self.attention_mask is None else self.attention_mask.bool()  # (B, L)
+        # (B, L) the document ids with padding as -1: what the varlen and flex forms are built from
+        self.documents = self.doc_ids if self.attention_mask is None else with_host_copy(
+            lambda ids, mask: ids.masked_fill(mask == 0, -1), self.doc_ids, self.attention_mask)
         self.packed = has_document_restarts(position_ids) if packed is None else packed
         self._cache: dict[str, object] = {}
 
@@ -215,9 +221,12 @@ class PackedDocs:
 
     @torch.compiler.disable
     def varlen(self) -> VarlenIndex:
-        """Unpadding indices, `cu_seqlens` and `max_seqlen` for `flash_attn_varlen_func` (one host sync)."""
+        """Unpadding indices, `cu_seqlens` and `max_seqlen` for `flash_attn_varlen_func`: found on the host when
+        the batch has a host copy (the trainer's), else read from the device (a `nonzero` and a host int, waits)."""
         if "varlen" not in self._cache:
-            self._cache["varlen"] = varlen_index(self.doc_ids, self.token_mask)
+            padded = self.token_mask is not None
+            self._cache["varlen"] = per_tensor(
+                self.documents, "varlen", lambda docs: varlen_index(docs, docs >= 0 if padded else None))
         return self._cache["varlen"]
 
     @torch.compiler.disable
@@ -227,7 +236,7 @@ class PackedDocs:
         if "block" not in self._cache:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            doc = self.doc_ids if self.token_mask is None else self.doc_ids.masked_fill(~self.token_mask, -1)  # (B, L)
+            doc = self.documents  # (B, L)
 
             def document_causal(b, h, q_idx, kv_idx):
                 return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
@@ -265,8 +274,9 @@ def prepare_attention(
         if no_past and (not padded or attention_mask.shape[-1] == key_len):
             packed = position_ids is not None and has_document_restarts(position_ids)
             if padded or packed:
-                if position_ids is None:
-                    position_ids = torch.arange(query_len, device=device)[None]  # (1, L): one document per row
+                if position_ids is None:  # (1, L): one document per row; made on the host, where it is known
+                    position_ids = torch.arange(query_len)[None]
+                    position_ids = position_ids if device is None else to_device(position_ids, device)
                 return PackedDocs(position_ids, attention_mask if padded else None, batch_size, device, packed)
             position_ids = None  # checked above: no restarts, nothing for build_attention_mask to read back again
     return build_attention_mask(query_len, key_len, attention_mask, position_ids, device)

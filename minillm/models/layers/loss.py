@@ -8,6 +8,7 @@ same three matmuls as the plain version, and peak memory holds one chunk of logi
 
 Notable choices:
 - Only target tokens go through the head (rows whose target is -100 are dropped first): in SFT most are prompts.
+  Which rows those are is found on the host for the trainer's batches (`target_rows`), not read from the device.
 - The gradients are computed during forward only when autograd needs them (evaluation pays just the loss).
 - Logits are upcast to fp32 for the softmax, as transformers does; the matmuls run in the input dtype (bf16
   under autocast), and in fp32 on a CPU through oneDNN (`layers/linear.py`: `mm`, `addmm_`). The head weight's
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from minillm.models.layers.kernel_choice import KernelChoice
 from minillm.models.layers.linear import Linear, addmm_, mm, row_bucket
+from minillm.models.layers.tensor_memo import per_tensor, with_host_copy
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk on a CPU: 1024 x 32k fp32 logits = 128 MiB
@@ -67,8 +69,13 @@ def shift_targets(
 
     The last `shift` positions get -100. With `position_ids`, a target is also ignored when a document starts
     (position 0) anywhere in `t+1 .. t+shift`: the prediction would cross a packed-document boundary. `shift=2` is
-    what a depth-1 multi-token-prediction head needs.
+    what a depth-1 multi-token-prediction head needs. When the inputs have host copies (the trainer's batches), so
+    do the targets: the loss then finds its target rows without waiting for the device (`target_rows`).
     """
+    return with_host_copy(lambda lab, pos: _shifted(lab, pos, shift), labels, position_ids)
+
+
+def _shifted(labels: torch.Tensor, position_ids: torch.Tensor | None, shift: int) -> torch.Tensor:
     targets = labels.new_full(labels.shape, IGNORE_INDEX)
     targets[:, :-shift] = labels[:, shift:]
     if position_ids is not None:
@@ -340,6 +347,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
+def target_rows(targets: torch.Tensor) -> torch.Tensor:
+    """The flat indices of the targets that are not ignored, (T,) int64. A `nonzero`, which on a GPU waits for all
+    queued work; found on the host instead when `targets` has a host copy (`shift_targets` of a trainer batch)."""
+    return per_tensor(targets, "target rows", lambda t: (t.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1))
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -360,9 +373,8 @@ def chunked_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0], hidden.device)
+    rows = target_rows(targets)  # (T,)
     targets = targets.reshape(-1)  # (N,)
-    valid = targets != IGNORE_INDEX
-    rows = valid.nonzero().squeeze(1)  # indices of real targets
     total = _LinearCrossEntropySum.apply(
         hidden.index_select(0, rows), weight, targets[rows], chunk_size, torch.is_grad_enabled()
     )

@@ -150,7 +150,8 @@ def _sequences(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
     A sequence starts at each document start and at each row start. Returns `cu_seqlens` (N + 1,) int64, and for
     each row the index of its first and of its last sequence, (B,) each. Found once per `doc_starts` tensor
-    (`per_tensor`): every Gated DeltaNet layer of a forward gets the same one, and the `nonzero` waits for the device.
+    (`per_tensor`): every Gated DeltaNet layer of a forward gets the same one. Found on the host when `doc_starts`
+    has a host copy (a trainer batch's); read from the device otherwise (the `nonzero` waits for it).
     """
     return per_tensor(doc_starts, "sequences", _find_sequences)
 

@@ -50,6 +50,7 @@ from minillm.models.layers.moe import RoutedExperts, micro_batch_share
 from minillm.models.layers.moe import expert_counts as count_experts
 from minillm.models.layers.norm import RMSNorm
 from minillm.models.layers.rope import RotaryEmbedding, apply_rotary
+from minillm.models.layers.tensor_memo import with_host_copy
 from minillm.models.mini_qwen3_next.configuration_mini_qwen3_next import MiniQwen3NextConfig
 from minillm.models.mini_qwen3_next.gated_deltanet import GatedDeltaNet
 from minillm.models.outputs import MiniLLMOutput
@@ -224,7 +225,7 @@ def document_starts(position_ids: torch.Tensor, batch_size: int, has_past: bool)
 
     A start on a row's first token only matters when a previous state exists (it then resets it).
     """
-    starts = (position_ids == 0).expand(batch_size, -1)  # (B, L)
+    starts = with_host_copy(lambda p: (p == 0).expand(batch_size, -1), position_ids)  # (B, L)
     if not has_document_restarts(position_ids) and not (has_past and bool(starts[:, 0].any())):
         return None
     return starts
