@@ -71,8 +71,9 @@ run mini_qwen3_next_compiled --model mini_qwen3_next --compile
 # torch.compile of the decoder layers (the loss stays chunked, outside the compiled region), with a profile of 5
 # steps: where the fastest configuration's step still goes
 run mini_llama3_compiled --model mini_llama3 --compile --profile "$OUT/mini_llama3_compiled.profile.txt"
-# What the trainer's one wait per step (its non-finite loss check) costs where the host has the least slack: the
-# same compiled run without it. No reference alongside: stepping one alternately would add a wait per step.
+# What the trainer's one wait per step (its non-finite loss check; the loss's wait per output head is gone since the
+# last lease) costs where the host has the least slack: the same compiled run without it, i.e. with no wait at all.
+# No reference alongside: stepping one alternately would add a wait per step.
 run mini_llama3_compiled_no_check --model mini_llama3 --compile --no-nonfinite-check
 # Each model eager against its transformers reference, stepped alternately in the same process
 for model in mini_llama3 mini_deepseekv3 mini_qwen3_next; do

@@ -283,18 +283,23 @@ def test_model_with_packed_documents_matches_torch(kernels):
     assert fla.calls[0]["cu_seqlens"] == [0, 6, 15, 21, 30] and conv.calls[0]["seq_idx"] is not None
 
 
-def test_packed_documents_are_flattened_once_per_forward(kernels, monkeypatch):
-    """Every Gated DeltaNet layer of a forward gets the same document starts: their flattened sequences (a
-    `nonzero`, a wait for the device on a GPU) are found once, not once per layer; new starts are found again."""
-    fla, _ = kernels
+def _deltanet_model(layers: int) -> MiniQwen3NextForCausalLM:
+    """A tiny mini_qwen3_next of Gated DeltaNet layers only, no experts, vocabulary 128."""
     config = MiniQwen3NextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        layer_types=["linear_attention"] * 3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        layer_types=["linear_attention"] * layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
         linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
         linear_chunk_size=4, num_experts=0,
     )
     torch.manual_seed(0)
-    model = MiniQwen3NextForCausalLM(config)
+    return MiniQwen3NextForCausalLM(config)
+
+
+def test_packed_documents_are_flattened_once_per_forward(kernels, monkeypatch):
+    """Every Gated DeltaNet layer of a forward gets the same document starts: their flattened sequences (a
+    `nonzero`, a wait for the device on a GPU) are found once, not once per layer; new starts are found again."""
+    fla, _ = kernels
+    model = _deltanet_model(layers=3)
     found = []
     real = torch.Tensor.nonzero
     monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **kw: found.append(1) or real(t, *a, **kw))
@@ -313,14 +318,7 @@ def test_a_trainer_batch_reaches_the_kernels_without_a_read_back(kernels, monkey
     backward through fla and causal-conv1d, with the device emulated on the CPU: the flattened sequences are found
     on the host, nothing is read back. (A batch made on the device is read once per forward, test above.)"""
     fla, conv = kernels
-    config = MiniQwen3NextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        layer_types=["linear_attention"] * 2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
-        linear_chunk_size=4, num_experts=0,
-    )
-    torch.manual_seed(0)
-    model = MiniQwen3NextForCausalLM(config)
+    model = _deltanet_model(layers=2)
     ids = torch.randint(0, 128, (2, 15))
     position_ids = torch.cat([torch.arange(6), torch.arange(9)])[None].expand(2, -1).contiguous()
     with EmulatedDevice(monkeypatch, model) as device:

@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 from model_checks import compiled_layer_graphs
+from train_helpers import trainer_step
 
 import minillm  # noqa: F401  (registers the Auto classes)
 from minillm.models.layers import attention
@@ -236,26 +237,11 @@ def test_a_trainer_step_waits_for_the_gpu_only_for_the_finite_check(name):
     more. (The loss's target rows were one more per output head until they were found on the batch's host copy;
     `torch.tensor(value, device="cuda")` for the loss normaliser one more: a copy from pageable memory waits for
     all queued work.)"""
-    from minillm.training.config import TrainConfig
-    from minillm.training.trainer import (
-        forward_backward,
-        make_accelerator,
-        optimizer_step,
-        prepare_model_and_optimizer,
-    )
-
-    config = TrainConfig(stage="pretrain", model=name, seq_len=64, micro_batch_size=2, global_batch_size=2,
-                         precision="bf16").resolve()
-    accelerator = make_accelerator(config)
-    torch.manual_seed(0)
-    model, optimizer, scheduler = prepare_model_and_optimizer(
-        accelerator, build_model(name, "tiny", vocab_size=VOCAB), config, total_steps=10)
+    _, trainer_step_on = trainer_step(name, "bf16", seq_len=64, vocab_size=VOCAB)
     ids = torch.randint(1, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).pin_memory()
 
     def step():
-        result = forward_backward(accelerator, model, [{"input_ids": ids, "labels": ids}])
-        optimizer_step(accelerator, model, optimizer, scheduler, config, result)
-        assert not result.skipped
+        assert not trainer_step_on([{"input_ids": ids, "labels": ids}]).skipped
 
     waits = host_waits(step)
     assert len(waits) <= 1, waits

@@ -21,6 +21,7 @@ from train_helpers import (
     relative_error,
     start,
     step_gradients,
+    trainer_step,
     write_text_corpus,
 )
 from train_helpers import (
@@ -676,21 +677,7 @@ def test_a_trainer_step_waits_for_the_device_only_for_the_finite_check(name, mon
     counts the same on a GPU."""
     from device_reads import EmulatedDevice
 
-    from minillm.models.registry import build_model
-    from minillm.training.config import TrainConfig
-    from minillm.training.trainer import (
-        forward_backward,
-        make_accelerator,
-        optimizer_step,
-        prepare_model_and_optimizer,
-    )
-
-    config = TrainConfig(stage="pretrain", model=name, seq_len=24, micro_batch_size=2, global_batch_size=4,
-                         precision="fp32").resolve()
-    accelerator = make_accelerator(config)
-    torch.manual_seed(0)
-    model, optimizer, scheduler = prepare_model_and_optimizer(
-        accelerator, build_model(name, "tiny", vocab_size=256, num_hidden_layers=2), config, total_steps=10)
+    model, step = trainer_step(name, "fp32", seq_len=24, accumulation=2, num_hidden_layers=2)
     ids = torch.randint(1, 256, (2, 24))
     labels = ids.clone()
     labels[:, :5] = -100  # a prompt
@@ -699,8 +686,7 @@ def test_a_trainer_step_waits_for_the_device_only_for_the_finite_check(name, mon
     sft["attention_mask"][1, 20:] = 0  # padding, no target (as the collators make it)
     labels[1, 20:] = -100
     with EmulatedDevice(monkeypatch, model) as device:
-        result = forward_backward(accelerator, model, [{"input_ids": ids, "labels": ids}, sft])
-        optimizer_step(accelerator, model, optimizer, scheduler, config, result)
+        result = step([{"input_ids": ids, "labels": ids}, sft])
     assert not result.skipped and result.targets == 2 * 23 + 2 * (23 - 4 - 1) - 4  # prompts, document starts, padding
     assert device.reads == ["read"], device.reads
 

@@ -3,6 +3,7 @@
 - `UnevenRows`: a synthetic SFT-like dataset whose rows have different numbers of target tokens (labels -100 on a
   random prefix), so normalising the loss per micro-batch instead of per global batch gives different gradients.
 - `tiny_llama`: a small mini_llama3 (2 layers, small vocab) built from a fixed seed.
+- `trainer_step`: a tiny model prepared as the trainer prepares it, and one step of the real loop on given batches.
 - `step_gradients`: one step of the real trainer code (make_accelerator -> prepare_model_and_optimizer ->
   GlobalBatches -> forward_backward), returning the synchronised gradients; run in-process or, through
   `grad_probe.py`, under `accelerate launch`.
@@ -53,6 +54,34 @@ def tiny_llama(seed: int = 0):
 
     torch.manual_seed(seed)
     return build_model("mini_llama3", "tiny", vocab_size=VOCAB, num_hidden_layers=2)
+
+
+def trainer_step(name: str, precision: str, seq_len: int, accumulation: int = 1, vocab_size: int = VOCAB,
+                 **model_args):
+    """A fresh tiny `name` prepared as the trainer prepares it (micro-batches of 2 rows), and `step(micro_batches)`:
+    one step of the real loop (`forward_backward`, then `optimizer_step`), returning its `StepResult`."""
+    from minillm.models.registry import build_model
+    from minillm.training.config import TrainConfig
+    from minillm.training.trainer import (
+        forward_backward,
+        make_accelerator,
+        optimizer_step,
+        prepare_model_and_optimizer,
+    )
+
+    config = TrainConfig(stage="pretrain", model=name, seq_len=seq_len, micro_batch_size=2,
+                         global_batch_size=2 * accumulation, precision=precision).resolve()
+    accelerator = make_accelerator(config)
+    torch.manual_seed(0)
+    model, optimizer, scheduler = prepare_model_and_optimizer(
+        accelerator, build_model(name, "tiny", vocab_size=vocab_size, **model_args), config, total_steps=10)
+
+    def step(micro_batches: list[dict[str, torch.Tensor]]):
+        result = forward_backward(accelerator, model, micro_batches)
+        optimizer_step(accelerator, model, optimizer, scheduler, config, result)
+        return result
+
+    return model, step
 
 
 def step_gradients(global_batch: int, micro_batch: int) -> dict[str, torch.Tensor] | None:

@@ -16,7 +16,10 @@ Notable choices:
   each micro-batch's is weighted by its share of the global targets (`layers.moe.micro_batch_share`). So they too
   are independent of the split when rows hold equally many targets (pretraining), and move slightly with it when
   they do not (SFT: about 6e-5 of the gradient at the default weight 1e-4, measured for mini_deepseekv3).
-- Data: `batches.GlobalBatches` makes the data of a step independent of world size and accumulation.
+- Data: `batches.GlobalBatches` makes the data of a step independent of world size and accumulation. Each batch
+  goes to the device with `tensor_memo.to_device`, which keeps the host tensors as the device tensors' host copies:
+  what the forward asks of its batch (the loss's target rows, padding, document starts, flash-attn's and fla's
+  varlen indices) is answered on the host, and the host's only wait per step is the non-finite check below.
 - A non-finite loss on any rank skips the step on all ranks, the same way on every backend: no weight, optimizer
   state, scheduler or MoE-bias change; the step is counted (`skipped_steps`) and logged, and `max_bad_steps` in a
   row stop the run with a clear message. Plain / DDP: the step's backward still runs (the flag is read once the last
