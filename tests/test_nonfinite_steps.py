@@ -187,3 +187,43 @@ def test_the_finite_check_is_read_after_the_last_backward_is_queued(monkeypatch)
         result = trainer.forward_backward(accelerator, model, [{"input_ids": ids, "labels": ids}] * 2,
                                           poison_last=poison)
         assert events == ["backward", "backward", "check"] and result.skipped is poison
+
+
+def test_a_step_dropped_on_the_device_is_settled_a_step_later_with_the_same_run(shards, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """With fused AdamW (the default) a non-finite step is dropped on the device (`found_inf`) and the host reads the
+    step's finite flag one step later, once the next step's forward and backward are queued; at log, checkpoint and
+    evaluation steps at once. The run is the same as one that waits for the flag in every step: bit-identical final
+    weights, the same logged losses, learning rates and skip counts, the same messages."""
+    from safetensors.torch import load_file
+
+    from minillm.training import trainer
+
+    args = [*ARGS, "--data", str(shards), "--log-every", "4", "--save-every", "0", "--eval-every", "0"]
+    monkeypatch.setenv(NONFINITE_ENV, "3,6")
+    events: list[str] = []
+    forward_backward, is_bad = trainer.forward_backward, trainer.step_is_bad
+    monkeypatch.setattr(trainer, "forward_backward", lambda *a, **kw: events.append("step") or forward_backward(*a, **kw))
+    monkeypatch.setattr(trainer, "step_is_bad", lambda check: events.append("check") or is_bad(check))
+    runs = {}
+    for mode in ("device", "host"):
+        if mode == "host":
+            monkeypatch.setattr(trainer, "skips_on_device", lambda accelerator, optimizer: False)
+        events.clear()
+        capsys.readouterr()
+        assert run_cli(*args, "--output-dir", str(tmp_path / mode)) == 0
+        said = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+        rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        timing = {"tokens_per_s", "elapsed_s", "mfu", "mem_gib"}
+        runs[mode] = (load_file(tmp_path / mode / "final" / "model.safetensors"), said,
+                      [{k: v for k, v in r.items() if k not in timing} for r in rows], list(events))
+    (weights, said, rows, events), (host_weights, host_said, host_rows, host_events) = runs["device"], runs["host"]
+    assert events[:5] == ["step", "step", "check", "step", "check"]  # step 1's flag read after step 2 was queued
+    assert host_events[:4] == ["step", "check", "step", "check"]  # each step's flag inside the step
+    assert said == host_said == ["step 3: non-finite loss, step skipped (1 in a row, 1 in all)",
+                                 "step 6: non-finite loss, step skipped (1 in a row, 2 in all)"]
+    assert rows == host_rows and [r["step"] for r in rows if "loss" in r] == [4, 8]
+    assert [r["skipped_steps"] for r in rows] == [1, 1, 2, 2]  # steps 3, 4, 6, 8
+    assert weights.keys() == host_weights.keys()
+    assert all(torch.equal(weights[k], host_weights[k]) for k in weights)
+

@@ -669,12 +669,14 @@ def test_step_results_are_read_from_the_device_at_log_intervals_only(tmp_path, s
 
 
 @pytest.mark.parametrize("name", ["mini_llama3", "mini_deepseekv3", "mini_qwen3_next"])
-def test_a_trainer_step_waits_for_the_device_only_for_the_finite_check(name, monkeypatch):
+@pytest.mark.parametrize("skip_on_device", [False, True])
+def test_a_trainer_step_reads_nothing_back_but_the_finite_check(name, skip_on_device, monkeypatch):
     """A whole trainer step from host batches (`forward_backward`: the batch moved to the device, forward, backward;
     `optimizer_step`: clipping, AdamW, scheduler, the MoE bias update), one pretraining and one packed, padded SFT
-    micro-batch, with the device emulated on the CPU: one read back, the non-finite check's. The loss's target rows,
-    the mask's padding and the positions' restarts are found on the host copies of the batch. tests/test_gpu.py
-    counts the same on a GPU."""
+    micro-batch, with the device emulated on the CPU: one read back, the non-finite check's, and none when the step
+    is dropped on the device if need be (fused AdamW's `found_inf`), where the loop reads the flag a step later. The
+    loss's target rows, the mask's padding and the positions' restarts are found on the host copies of the batch.
+    tests/test_gpu.py counts the same on a GPU."""
     from device_reads import EmulatedDevice
 
     model, step = trainer_step(name, "fp32", seq_len=24, accumulation=2, num_hidden_layers=2)
@@ -686,9 +688,10 @@ def test_a_trainer_step_waits_for_the_device_only_for_the_finite_check(name, mon
     sft["attention_mask"][1, 20:] = 0  # padding, no target (as the collators make it)
     labels[1, 20:] = -100
     with EmulatedDevice(monkeypatch, model) as device:
-        result = step([{"input_ids": ids, "labels": ids}, sft])
+        result = step([{"input_ids": ids, "labels": ids}, sft], skip_on_device=skip_on_device)
     assert not result.skipped and result.targets == 2 * 23 + 2 * (23 - 4 - 1) - 4  # prompts, document starts, padding
-    assert device.reads == ["read"], device.reads
+    assert device.reads == ([] if skip_on_device else ["read"]), device.reads
+    assert (result.check is not None) is skip_on_device
 
 
 def _log_every_step(tmp_path, config):

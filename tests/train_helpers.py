@@ -58,8 +58,9 @@ def tiny_llama(seed: int = 0):
 
 def trainer_step(name: str, precision: str, seq_len: int, accumulation: int = 1, vocab_size: int = VOCAB,
                  **model_args):
-    """A fresh tiny `name` prepared as the trainer prepares it (micro-batches of 2 rows), and `step(micro_batches)`:
-    one step of the real loop (`forward_backward`, then `optimizer_step`), returning its `StepResult`."""
+    """A fresh tiny `name` prepared as the trainer prepares it (micro-batches of 2 rows), and `step(micro_batches,
+    skip_on_device=False)`: one step of the real loop (`forward_backward`, then `optimizer_step`), returning its
+    `StepResult` (with `skip_on_device`, unsettled: `result.check` holds the finite flag, see `trainer.settle`)."""
     from minillm.models.registry import build_model
     from minillm.training.config import TrainConfig
     from minillm.training.trainer import (
@@ -76,8 +77,8 @@ def trainer_step(name: str, precision: str, seq_len: int, accumulation: int = 1,
     model, optimizer, scheduler = prepare_model_and_optimizer(
         accelerator, build_model(name, "tiny", vocab_size=vocab_size, **model_args), config, total_steps=10)
 
-    def step(micro_batches: list[dict[str, torch.Tensor]]):
-        result = forward_backward(accelerator, model, micro_batches)
+    def step(micro_batches: list[dict[str, torch.Tensor]], skip_on_device: bool = False):
+        result = forward_backward(accelerator, model, micro_batches, skip_on_device=skip_on_device)
         optimizer_step(accelerator, model, optimizer, scheduler, config, result)
         return result
 

@@ -236,6 +236,9 @@ class StepResult:
     skipped: bool = False
     grad_norm: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None  # (n_moe_layers, E) summed over the global batch
+    # Set while the step's skip is decided on the device (`skips_on_device`) and not yet known to the host: its
+    # finite flag, which `settle` reads (then `skipped` holds the answer and this is None).
+    check: FiniteCheck | None = None
 
     def read(self) -> dict[str, float]:
         """{"loss", "loss/<term>"..., "grad_norm"} as Python floats (one device-to-host copy); loss nan when
@@ -303,13 +306,15 @@ class FiniteCheck:
     host memory without blocking, with an event behind it. `step_is_bad` reads it after the last backward has been
     queued, so the host waits only for the forward while the device already has the backward to run, instead of
     the device waiting for the host to queue the backward. (What the wait still costs on a GPU is not measured yet:
-    `scripts/gpu_bench.sh` runs mini_llama3 compiled with and without the check.)
+    `scripts/gpu_bench.sh` runs mini_llama3 compiled with and without the check.) Where the optimizer can drop the
+    step on the device (`skips_on_device`), the host reads the flag only one step later (`settle`).
     """
 
     def __init__(self, accelerator, all_finite: torch.Tensor) -> None:
         finite = all_finite.to(torch.float32).reshape(1)
         if accelerator.num_processes > 1:
             finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+        self.on_device = finite  # (1,) the share of ranks whose losses were finite: 1.0 when the step is good
         self.event = None
         if finite.is_cuda:
             self.host = torch.empty(1, dtype=torch.float32, pin_memory=True)
@@ -329,17 +334,45 @@ def step_is_bad(check: FiniteCheck) -> bool:
     return check.host.item() < 1.0
 
 
+def skips_on_device(accelerator, optimizer) -> bool:
+    """Whether a non-finite step can be dropped on the device, so the host need not wait for the finite flag
+    before the optimizer step: fused AdamW takes it as `found_inf` and then changes no weight and no state (the
+    step counts included). Not under DeepSpeed (its engine steps inside the last backward) nor fp16 (the gradient
+    scaler sets `found_inf` itself); other optimizers wait for the flag (`step_is_bad`)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+    return (not uses_deepspeed() and str(accelerator.mixed_precision) != "fp16"
+            and bool(inner.defaults.get("fused")))
+
+
+def settle(result: StepResult, scheduler) -> None:
+    """What the host learns of a step decided on the device, one step later: whether the optimizer applied it
+    (`result.skipped`), and then the scheduler's step, which `optimizer_step` leaves for this. By then the device
+    has the next step's forward and backward queued, so reading the flag (long computed) empties no queue: this
+    is the wait `step_is_bad` makes inside every step, moved out of the device's way. Nothing for other steps."""
+    if result.check is None:
+        return
+    result.skipped = step_is_bad(result.check)
+    result.check = None
+    if result.skipped:  # as a step skipped at once reports it: no loss, no gradient norm, no expert load
+        result.terms = result.grad_norm = result.expert_counts = None
+        result.aux_names = ()
+    else:
+        scheduler.step()
+
+
 def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Tensor]],
-                     poison_last: bool = False) -> StepResult:
+                     poison_last: bool = False, skip_on_device: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches of one step; gradients end up accumulated (and, on the
     last micro-batch, synchronised across ranks). Does not step the optimizer (DeepSpeed's engine does, inside the
     last backward). `poison_last` (test-only fault injection) makes the last micro-batch's loss +inf.
 
     The host waits for the device once per step here, in one process: for the non-finite check, which a skipped step
     needs decided before anything is applied. It reads the flag of the last forward after the last backward has been
-    queued (`FiniteCheck`); under DeepSpeed, whose engine steps inside the last backward, before it. With several
-    processes the target count of the step's batch is summed across ranks first (a second wait). The results stay
-    on the device (`StepResult`)."""
+    queued (`FiniteCheck`); under DeepSpeed, whose engine steps inside the last backward, before it. With
+    `skip_on_device` (see `skips_on_device`) it does not wait: the result carries the flag (`check`), the optimizer
+    step drops the step on the device if need be, and the loop reads the flag a step later (`settle`). With several
+    processes the target count of the step's batch is summed across ranks first (a wait). The results stay on the
+    device (`StepResult`)."""
     device = accelerator.device
     local = torch.tensor([sum(count_targets(b) for b in micro_batches),
                           sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64)
@@ -387,15 +420,16 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
         step_counts = getattr(outputs, "expert_counts", None)
         if step_counts is not None:
             counts = step_counts.detach().float() if counts is None else counts + step_counts.detach().float()
-    if not uses_deepspeed() and step_is_bad(check):  # the last backward is queued: the device keeps busy
-        return StepResult(targets=targets, tokens=tokens, skipped=True)
+    deferred = skip_on_device and not uses_deepspeed()
+    if not deferred and not uses_deepspeed() and step_is_bad(check):  # the last backward is queued: the device
+        return StepResult(targets=targets, tokens=tokens, skipped=True)  # keeps busy while the host waits
     names = sorted(aux_sums)
     # terms normalised by num_items_in_batch (LM, MTP) add up over micro-batches; the others are per-micro-batch means
     packed = torch.stack([lm_sum] + [aux_sums[n] / (1 if n in SUMMED_TERMS else accumulation) for n in names])
     packed = _reduce_sum(accelerator, packed.to(device))
     # each rank's micro-batch LM terms sum to its share of the global mean
     result = StepResult(terms=packed / accelerator.num_processes, aux_names=tuple(names), targets=targets,
-                        tokens=tokens)
+                        tokens=tokens, check=check if deferred else None)
     if counts is not None:
         result.expert_counts = _reduce_sum(accelerator, counts.to(device))
     return result
@@ -405,6 +439,10 @@ def optimizer_step(accelerator, model, optimizer, scheduler, config: TrainConfig
                    engine_skips_before: int = 0) -> None:
     """Clip, step, schedule, zero; then the MoE bias update. A skipped step only drops the gradients: weights,
     optimizer, scheduler and MoE biases stay as they were.
+
+    A step still undecided on the host (`result.check`, see `skips_on_device`) is dropped on the device instead:
+    fused AdamW gets `found_inf`, the MoE bias update zero counts (no change), and the scheduler's step is left to
+    `settle`, which knows whether the step counted.
 
     Under DeepSpeed the engine already stepped (or skipped) inside the last backward; `engine_skips_before` is its
     `skipped_steps` before this step, to check that it really skipped a step the loop skips."""
@@ -426,15 +464,27 @@ def optimizer_step(accelerator, model, optimizer, scheduler, config: TrainConfig
     else:
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
-    scheduler.step()
+    applied = None  # whether the step is applied, 0-dim 1.0 or 0.0 on the device, when only the device knows
+    if result.check is None:
+        optimizer.step()
+        scheduler.step()
+    else:
+        applied = (result.check.on_device >= 1.0).to(torch.float32).reshape(())
+        inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+        inner.found_inf = 1.0 - applied  # fused AdamW drops the whole step when it is 1
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
     optimizer.zero_grad(set_to_none=True)
     if norm is not None:
         result.grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
     if result.expert_counts is not None:
         unwrapped = accelerator.unwrap_model(model)
         if hasattr(unwrapped, "update_expert_bias"):
-            unwrapped.update_expert_bias(result.expert_counts)
+            # zero counts move no bias (their error from the mean is zero)
+            counts = result.expert_counts if applied is None else result.expert_counts * applied
+            unwrapped.update_expert_bias(counts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -959,11 +1009,11 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                 f"{name}: finishing this step and saving a checkpoint (press Ctrl-C again to stop at once)")
         ) as stop:
             task = progress.add_task(config.stage, total=total_steps, completed=start_step, loss="-", lr="-", tps="-", mfu="-")
-            for step in range(start_step + 1, total_steps + 1):
-                lr = scheduler.get_last_lr()[0]
-                engine_skips = getattr(model, "skipped_steps", 0)  # DeepSpeed's count of the steps it discarded
-                result = forward_backward(accelerator, model, source.next_step(), poison_last=step in poisoned)
-                optimizer_step(accelerator, model, optimizer, scheduler, config, result, engine_skips)
+
+            def record(step: int, result: StepResult, lr: float) -> None:
+                """What the host does with a step once it knows whether the step counted: counts a skip (and
+                stops after `max_bad_steps` in a row), updates the progress bar, logs at log intervals."""
+                nonlocal skipped_total, bad_in_row, window_tokens, window_start, peak, final_loss
                 window_tokens += result.tokens
                 if result.skipped:
                     skipped_total += 1
@@ -984,7 +1034,7 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
 
                 if step % config.log_every == 0 or step == total_steps or result.skipped:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    # waits for the device: at log intervals only; a skipped step is logged alone, at once
+                    # waits for the device: at log intervals only; a skipped step is logged alone, once known
                     values: dict[str, float] = (result if result.skipped else window.mean_of(result)).read()
                     values.update({"lr": lr, "tokens_per_s": window_tokens / elapsed, "skipped_steps": skipped_total,
                                    "targets": result.targets, "elapsed_s": time.perf_counter() - train_start,
@@ -1009,6 +1059,27 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                         f"stopping at step {step}: {bad_in_row} steps in a row had a non-finite loss (diverged); "
                         f"lower --lr, check the data, or resume from an earlier checkpoint"
                     )
+
+            device_skips = skips_on_device(accelerator, optimizer)
+            pending: tuple[int, StepResult, float] | None = None  # a step the device decided, not yet settled
+            for step in range(start_step + 1, total_steps + 1):
+                engine_skips = getattr(model, "skipped_steps", 0)  # DeepSpeed's count of the steps it discarded
+                result = forward_backward(accelerator, model, source.next_step(), poison_last=step in poisoned,
+                                          skip_on_device=device_skips)
+                if pending is not None:  # the previous step, now that the device has this one's work queued
+                    settle(pending[1], scheduler)
+                    record(*pending)
+                    pending = None
+                lr = scheduler.get_last_lr()[0]
+                optimizer_step(accelerator, model, optimizer, scheduler, config, result, engine_skips)
+                host_needs_it = (step % config.log_every == 0 or step == total_steps or stop.requested
+                                 or (config.eval_every and step % config.eval_every == 0)
+                                 or (config.save_every and step % config.save_every == 0))
+                if result.check is not None and not host_needs_it:
+                    pending = (step, result, lr)  # settled at the next step, without waiting for the device
+                    continue
+                settle(result, scheduler)
+                record(step, result, lr)
 
                 pause_start = time.perf_counter()  # evaluation and checkpoints do not count as training speed
                 if config.eval_every and step % config.eval_every == 0:
