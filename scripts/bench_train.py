@@ -32,7 +32,7 @@ apart), and prints the median over step pairs of the ratio trainer / reference t
     python scripts/bench_train.py --model mini_llama3 --against-reference --threads 1 --clock process  # busy CPU
     python scripts/bench_train.py --model mini_llama3 --profile profile.txt   # kernels / operators of 5 steps
     python scripts/bench_train.py --model mini_llama3 --preset base --device cuda --dtype bf16 --seq 512 \\
-        --batch 32 --no-nonfinite-check    # what the trainer's per-step non-finite check costs (compare without)
+        --batch 32 --finite-check-in-step    # what waiting for the non-finite check in every step costs
 
 The `cpu256` preset (default) is each model's `tiny` preset widened to hidden 256, 4 layers and an 8k vocabulary
 (`perf.CPU_BENCH_OVERRIDES`; DeepSeek-V3 without its MTP module, which the reference lacks).
@@ -399,9 +399,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "non-Intel x86 CPUs, else torch's), oneDNN or torch's (MKL); the reference always runs "
                              "torch's")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--no-nonfinite-check", action="store_true",
-                        help="measurement only: skip the trainer's per-step non-finite loss check (its one wait for "
-                             "the device per step), to see what that wait costs on a GPU")
+    parser.add_argument("--finite-check-in-step", action="store_true",
+                        help="measurement only: the trainer waits for each step's non-finite loss flag inside the "
+                             "step, before its optimizer step (as with optimizers that cannot drop a step on the "
+                             "device), instead of reading it a step later; to see what that wait costs on a GPU")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="after the timed rounds, profile up to 5 steps (at most --steps - 1) of one more trainer "
                              "round (torch.profiler) and "
@@ -433,14 +434,14 @@ def main(argv: list[str] | None = None) -> dict:
         flush_denormals()  # the trainer's setting too (devices.py), before the peak's matmul starts torch's threads
 
     dtypes = args.dtype.split(",")
-    original_check = trainer_module.step_is_bad
-    if args.no_nonfinite_check:
-        trainer_module.step_is_bad = lambda check: False  # every step counts as finite, read or not
+    original_choice = trainer_module.skips_on_device
+    if args.finite_check_in_step:
+        trainer_module.skips_on_device = lambda accelerator, optimizer: False
     try:
         with force_cpu_matmul(None if args.cpu_matmul == "auto" else args.cpu_matmul):
             results = measure(args, device, dtypes)
     finally:
-        trainer_module.step_is_bad = original_check
+        trainer_module.skips_on_device = original_choice
     for result in results.values():
         print_result(result)
     if len(dtypes) == 2:  # fp32,bf16: round r of each ran back to back
@@ -518,7 +519,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
             "threads": torch.get_num_threads(), "clock": args.clock, "dtype": dtype, "batch": args.batch,
             "accumulation": args.accumulation, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
             "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
-            "nonfinite_check": not args.no_nonfinite_check,
+            "finite_check_in_step": args.finite_check_in_step,
             "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": m["rates"],
             "peak_memory_bytes": max(m["memory"]), "peak_memory_scope": memory_scope,
             "flops_per_token": stats.flops_per_token, "peak_flops": m["peak"],
@@ -543,7 +544,7 @@ def print_result(res: dict) -> None:
           f"{' x ' + str(res['accumulation']) if res['accumulation'] > 1 else ''} x {res['seq']}, "
           f"{res['rounds']} rounds x {res['steps']} steps"
           f"{', compiled' if res['compile'] else ''}{', grad checkpointing' if res['grad_checkpointing'] else ''}"
-          f"{'' if res['nonfinite_check'] else ', no non-finite check'}")
+          f"{', finite check in each step' if res['finite_check_in_step'] else ''}")
     rounds = " ".join(f"{r:,.0f}" for r in res["tokens_per_s_rounds"])
     print(f"  trainer     {res['tokens_per_s']:>10,.0f} tok/s   (rounds: {rounds})")
     if res["peak_memory_bytes"]:

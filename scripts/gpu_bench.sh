@@ -4,8 +4,8 @@
 #   1. the MoE models' `base` presets compiled (mini_deepseekv3 with a profile), bf16 autocast, sequence 512,
 #      through the real trainer (scripts/bench_train.py): their compiled layers used to break into several graphs
 #      on CUDA (grouped_mm's alignment check, the fla / causal-conv1d dispatch), no longer;
-#   2. mini_llama3 compiled, with a profile, then without the trainer's per-step non-finite check (what its wait
-#      costs);
+#   2. mini_llama3 compiled, with a profile (the trainer now never waits for the GPU inside a step), then waiting
+#      for the non-finite check in every step, as before (what one wait per step costs);
 #   3. the `base` presets of the three models eager, each against its transformers reference (interleaved, same
 #      process), with profiles;
 #   4. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
@@ -71,10 +71,11 @@ run mini_qwen3_next_compiled --model mini_qwen3_next --compile
 # torch.compile of the decoder layers (the loss stays chunked, outside the compiled region), with a profile of 5
 # steps: where the fastest configuration's step still goes
 run mini_llama3_compiled --model mini_llama3 --compile --profile "$OUT/mini_llama3_compiled.profile.txt"
-# What the trainer's one wait per step (its non-finite loss check; the loss's wait per output head is gone since the
-# last lease) costs where the host has the least slack: the same compiled run without it, i.e. with no wait at all.
-# No reference alongside: stepping one alternately would add a wait per step.
-run mini_llama3_compiled_no_check --model mini_llama3 --compile --no-nonfinite-check
+# What a wait per step costs where the host has the least slack: the same compiled run with the trainer waiting for
+# each step's non-finite flag inside the step, as it did until the last lease (then also once per output head, for
+# the loss's target rows; now it never waits: the flag is read a step later, the rows found on the host). No
+# reference alongside: stepping one alternately would add a wait per step.
+run mini_llama3_compiled_waits --model mini_llama3 --compile --finite-check-in-step
 # Each model eager against its transformers reference, stepped alternately in the same process
 for model in mini_llama3 mini_deepseekv3 mini_qwen3_next; do
     run "$model" --model "$model" --against-reference --profile "$OUT/$model.profile.txt"

@@ -149,18 +149,18 @@ def test_bench_train_smoke(tmp_path, capsys):
 def test_bench_train_times_the_training_loop_not_the_prefetch_thread(monkeypatch, tmp_path):
     """With batches built ahead in a thread (as on a GPU), the steps are still those of the training loop: as many
     timed steps per round as asked, each pairing with one reference step. Also `--profile` and
-    `--no-nonfinite-check` (the trainer's check is back in place afterwards)."""
+    `--finite-check-in-step` (the trainer's own choice is back in place afterwards)."""
     bench = load_script("bench_train")
     monkeypatch.setattr(bench.trainer_module, "prefetch_batches", lambda device: True)
     timers, run_round = [], bench.run_trainer_round
     monkeypatch.setattr(bench, "run_trainer_round", lambda *a, **k: timers.append(run_round(*a, **k)) or timers[-1])
-    check = bench.trainer_module.step_is_bad
+    choice = bench.trainer_module.skips_on_device
     res = bench.main(["--model", "mini_llama3", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "3",
-                      "--warmup", "1", "--against-reference", "--no-nonfinite-check",
+                      "--warmup", "1", "--against-reference", "--finite-check-in-step",
                       "--profile", str(tmp_path / "profile.txt")])
     assert [len(t.step_times) for t in timers] == [3, 3]  # the timed round, then the profiled one
     assert len(timers[0].between_times) == 3 and len(res["ratio_steps"]) == 3
-    assert not res["nonfinite_check"] and bench.trainer_module.step_is_bad is check
+    assert res["finite_check_in_step"] and bench.trainer_module.skips_on_device is choice
     assert "ProfilerStep" in (tmp_path / "profile.txt").read_text()
 
 

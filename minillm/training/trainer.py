@@ -19,12 +19,16 @@ Notable choices:
 - Data: `batches.GlobalBatches` makes the data of a step independent of world size and accumulation. Each batch
   goes to the device with `tensor_memo.to_device`, which keeps the host tensors as the device tensors' host copies:
   what the forward asks of its batch (the loss's target rows, padding, document starts, flash-attn's and fla's
-  varlen indices) is answered on the host, and the host's only wait per step is the non-finite check below.
+  varlen indices) is answered on the host: with the non-finite check below, a step makes the host wait for the
+  device nowhere (multi-process runs sum their target counts across ranks, one wait per step).
 - A non-finite loss on any rank skips the step on all ranks, the same way on every backend: no weight, optimizer
   state, scheduler or MoE-bias change; the step is counted (`skipped_steps`) and logged, and `max_bad_steps` in a
-  row stop the run with a clear message. Plain / DDP: the step's backward still runs (the flag is read once the last
-  backward is queued, so a GPU has that backward to run while the host waits), then its gradients are dropped, no
-  optimizer step. DeepSpeed steps the engine inside the last backward, so there the flag is read before it and the
+  row stop the run with a clear message. Plain / DDP with fused AdamW (the default): the optimizer drops the step on
+  the device (`found_inf`; the MoE bias update gets zero counts) and the host reads the step's finite flag one step
+  later, once the next step's work is queued (`settle`: then the scheduler steps, or the skip is counted and
+  logged; at log, evaluation and checkpoint steps at once), so the device never waits for the host's decision.
+  Other optimizers: the flag is read once the last backward is queued (a GPU has that backward to run while the
+  host waits), then the gradients are dropped, no optimizer step. DeepSpeed steps the engine inside the last backward, so there the flag is read before it and the
   last micro-batch back-propagates a NaN-scaled loss: the engine's own overflow check (ZeRO-1/2 in fp32 and bf16,
   ZeRO-3 in any precision, fp16 loss scaling) then discards the step, clears its gradients and counts it in the
   engine's `skipped_steps`, which the loop verifies. DeepSpeed setups that would apply NaN gradients instead (ZeRO-0
@@ -326,9 +330,9 @@ class FiniteCheck:
 
 
 def step_is_bad(check: FiniteCheck) -> bool:
-    """Whether some rank saw a non-finite loss in this step (then every rank drops it). The one point where the
-    host waits for the device in every step (`scripts/bench_train.py --no-nonfinite-check` measures what it
-    costs)."""
+    """Whether some rank saw a non-finite loss in this step (then every rank drops it). Read inside the step, a
+    wait for the device in every step, where the optimizer cannot drop the step itself (`skips_on_device`); else a
+    step later, by `settle` (`scripts/bench_train.py --finite-check-in-step` measures what the wait costs)."""
     if check.event is not None:
         check.event.synchronize()
     return check.host.item() < 1.0
