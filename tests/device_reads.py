@@ -3,9 +3,9 @@
 On a GPU the host waits for all queued work whenever it reads a value computed on the device (`item`, `bool`,
 `tolist`) or runs an op whose output size depends on the data (`nonzero`, `unique`, boolean indexing). On the CPU
 nothing waits, so `EmulatedDevice` tells the two memories apart itself: a tensor is "on the device" when it is
-marked so (a batch moved by `tensor_memo.to_device`, the model's parameters), when an op computed it from a device
-tensor, or when a factory op (`zeros`, `arange`) made it, as the model code's `device=` would on a GPU. It is host
-memory when the test made it, or when `tensor_memo` computed it from host copies. Each op that reads device memory
+marked so (a batch moved by `tensor_memo.to_device` or by `.to(device)`, the model's parameters), when an op
+computed it from a device tensor, or when a factory op (`zeros`, `arange`) made it, as the model code's `device=`
+would on a GPU. It is host memory when the test made it, or when `tensor_memo` computed it from host copies. Each op that reads device memory
 is recorded. tests/test_gpu.py counts the real waits on a GPU (CUDA's sync debug mode).
 """
 
@@ -57,6 +57,16 @@ class EmulatedDevice(TorchDispatchMode):
         monkeypatch.setattr(tensor_memo, "_on_host", host_side)
         real_tolist = torch.Tensor.tolist
         monkeypatch.setattr(torch.Tensor, "tolist", lambda t: self._note("tolist", [t]) or real_tolist(t))
+        real_to = torch.Tensor.to
+
+        def to(t, *args, **kwargs):  # `.to(device)` of host memory: a copy to the device, without a host copy
+            out = real_to(t, *args, **kwargs)
+            names_device = "device" in kwargs or any(isinstance(a, (str, torch.device, torch.Tensor)) for a in args)
+            if names_device and t not in self._device and not self._host_depth:
+                out = self._mark(out.clone() if out is t else out)
+            return out
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
 
     def _mark(self, t: torch.Tensor) -> torch.Tensor:
         self._device[t] = True

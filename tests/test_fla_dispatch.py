@@ -330,6 +330,25 @@ def test_a_trainer_batch_reaches_the_kernels_without_a_read_back(kernels, monkey
     assert device.reads == []
 
 
+def test_compiled_layers_flatten_packed_documents_once_per_forward(kernels, monkeypatch):
+    """With each decoder layer compiled (`--compile`), the flattened sequences are still found once per forward,
+    eagerly: traced into each layer's graph they would be found again in every layer, on the device (the memo and
+    the batch's host copy are out of a compiled graph's reach)."""
+    model = _deltanet_model(layers=2)
+    for layer in model.model.layers:
+        layer.compile(backend="eager")
+    found = []
+    real = fla_kernels._find_sequences
+    monkeypatch.setattr(fla_kernels, "_find_sequences", lambda starts: found.append(1) or real(starts))
+    ids = torch.randint(0, 128, (2, 15))
+    position_ids = torch.cat([torch.arange(6), torch.arange(9)])[None].expand(2, -1)
+    try:
+        model(input_ids=ids, labels=ids, position_ids=position_ids).loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(found) == 1
+
+
 def test_a_kernel_that_fails_or_computes_wrong_is_probed_once_and_left_for_the_torch_path(monkeypatch):
     """`fla_works` runs fla once per configuration against the torch rule: a stand-in that raises in its backward
     (as fla 0.6 does on Hopper with Triton < 3.7.1) or returns wrong values is refused with a warning, and the layer

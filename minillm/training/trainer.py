@@ -20,7 +20,8 @@ Notable choices:
   goes to the device with `tensor_memo.to_device`, which keeps the host tensors as the device tensors' host copies:
   what the forward asks of its batch (the loss's target rows, padding, document starts, flash-attn's and fla's
   varlen indices) is answered on the host: with the non-finite check below, a step makes the host wait for the
-  device nowhere (multi-process runs sum their target counts across ranks, one wait per step).
+  device nowhere (but: multi-process runs sum their target counts across ranks, one wait per step; fla's kernels
+  read their `cu_seqlens` back for packed batches).
 - A non-finite loss on any rank skips the step on all ranks, the same way on every backend: no weight, optimizer
   state, scheduler or MoE-bias change; the step is counted (`skipped_steps`) and logged, and `max_bad_steps` in a
   row stop the run with a clear message. Plain / DDP with fused AdamW (the default): the optimizer drops the step on

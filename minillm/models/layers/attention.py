@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from minillm.errors import UserError
 from minillm.models.layers.kernel_choice import KernelChoice
 from minillm.models.layers.math_attention import math_attention, math_attention_applies
-from minillm.models.layers.tensor_memo import per_tensor, to_device, with_host_copy
+from minillm.models.layers.tensor_memo import keep_host_copy, per_tensor, to_device, with_host_copy
 
 BACKENDS = ("sdpa", "flex", "flash", "math")
 
@@ -274,9 +274,9 @@ def prepare_attention(
         if no_past and (not padded or attention_mask.shape[-1] == key_len):
             packed = position_ids is not None and has_document_restarts(position_ids)
             if padded or packed:
-                if position_ids is None:  # (1, L): one document per row; made on the host, where it is known
-                    position_ids = torch.arange(query_len)[None]
-                    position_ids = position_ids if device is None else to_device(position_ids, device)
+                if position_ids is None:  # (1, L): one document per row, its values known on the host too
+                    position_ids = torch.arange(query_len, device=device)[None]
+                    keep_host_copy(position_ids, torch.arange(query_len)[None])
                 return PackedDocs(position_ids, attention_mask if padded else None, batch_size, device, packed)
             position_ids = None  # checked above: no restarts, nothing for build_attention_mask to read back again
     return build_attention_mask(query_len, key_len, attention_mask, position_ids, device)

@@ -71,8 +71,8 @@ def host_copy(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`t` on `device`. From host memory to a GPU the host does not wait (pinned memory, a non-blocking copy), and
-    `t` stays the result's host copy. A tensor already on a device is moved as `.to` moves it."""
+    """`t` on `device`, `t` kept as the result's host copy. From host memory to a CUDA GPU the host does not wait
+    (pinned memory, a non-blocking copy). A tensor already on a device is moved as `.to` moves it."""
     if not _is_host(t):
         return t.to(device)
     moved = _copy_from_host(t, torch.device(device))
@@ -83,8 +83,10 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 def _copy_from_host(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The copy itself (`host` when `device` is the host; tests that emulate a device on the CPU replace it)."""
-    if device.type == "cuda" and not host.is_pinned():
-        host = host.pin_memory()  # a copy from pageable memory would wait for the device's queued work
+    if device.type != "cuda":  # other devices: a plain copy (non-blocking copies from pageable memory are unsafe)
+        return host.to(device)
+    if not host.is_pinned():  # a copy from pageable memory would wait for the device's queued work
+        host = host.contiguous().pin_memory()  # (an expanded view cannot be pinned as it is)
     return host.to(device, non_blocking=True)
 
 
@@ -93,7 +95,8 @@ def _answer_to_device(answer, device: torch.device):
     if isinstance(answer, torch.Tensor):
         return to_device(answer, device)
     if isinstance(answer, tuple):
-        return tuple(_answer_to_device(part, device) for part in answer)
+        parts = [_answer_to_device(part, device) for part in answer]
+        return type(answer)(*parts) if hasattr(answer, "_fields") else tuple(parts)  # a NamedTuple stays one
     if dataclasses.is_dataclass(answer):
         moved = {f.name: _answer_to_device(getattr(answer, f.name), device) for f in dataclasses.fields(answer)}
         return dataclasses.replace(answer, **moved)

@@ -145,13 +145,16 @@ def conv_applies(x: torch.Tensor, prev: torch.Tensor | None) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@torch.compiler.disable
 def _sequences(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Boundaries of every sequence when the (B, L) rows are flattened to one row of B*L tokens.
 
     A sequence starts at each document start and at each row start. Returns `cu_seqlens` (N + 1,) int64, and for
     each row the index of its first and of its last sequence, (B,) each. Found once per `doc_starts` tensor
     (`per_tensor`): every Gated DeltaNet layer of a forward gets the same one. Found on the host when `doc_starts`
-    has a host copy (a trainer batch's); read from the device otherwise (the `nonzero` waits for it).
+    has a host copy (a trainer batch's); read from the device otherwise (the `nonzero` waits for it). Eager even
+    inside a compiled layer, where the memo and the host copy would be out of reach (a read per layer). fla's
+    kernels then read `cu_seqlens` back themselves, to size their grids: that wait is theirs.
     """
     return per_tensor(doc_starts, "sequences", _find_sequences)
 
