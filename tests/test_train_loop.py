@@ -694,6 +694,34 @@ def test_a_trainer_step_reads_nothing_back_but_the_finite_check(name, skip_on_de
     assert (result.check is not None) is skip_on_device
 
 
+def test_host_values_are_summed_across_ranks_on_the_host(monkeypatch):
+    """A step's target count is summed over ranks through a gloo group, never through the GPU backend (NCCL), which
+    would take it to the device, behind the previous step's queued work: the group is made once and reused. (One
+    gloo rank stands in here, its backend reported as NCCL.)"""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from train_helpers import free_port
+
+    from minillm.training import trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        made = []
+        new_group = dist.new_group
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or new_group(**kw))
+        accelerator = SimpleNamespace(num_processes=2)  # as if launched: the sum is taken
+        local = torch.tensor([7.0, 64.0], dtype=torch.float64)
+        for _ in range(2):
+            total = trainer._host_sum(accelerator, local)
+            assert total.tolist() == [7.0, 64.0] and total.device.type == "cpu" and total is not local
+        assert made == [{"backend": "gloo"}]
+    finally:
+        trainer._HOST_GROUPS.clear()
+        dist.destroy_process_group()
+
+
 def _log_every_step(tmp_path, config):
     from minillm.training import trainer
 

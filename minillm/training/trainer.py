@@ -20,8 +20,8 @@ Notable choices:
   goes to the device with `tensor_memo.to_device`, which keeps the host tensors as the device tensors' host copies:
   what the forward asks of its batch (the loss's target rows, padding, document starts, flash-attn's and fla's
   varlen indices) is answered on the host: with the non-finite check below, a step makes the host wait for the
-  device nowhere (but: multi-process runs sum their target counts across ranks, one wait per step; fla's kernels
-  read their `cu_seqlens` back for packed batches).
+  device nowhere (the step's target count is summed across ranks on the host, `_host_sum`; fla's kernels read
+  their `cu_seqlens` back for packed batches).
 - A non-finite loss on any rank skips the step on all ranks, the same way on every backend: no weight, optimizer
   state, scheduler or MoE-bias change; the step is counted (`skipped_steps`) and logged, and `max_bad_steps` in a
   row stop the run with a clear message. Plain / DDP with fused AdamW (the default): the optimizer drops the step on
@@ -285,6 +285,30 @@ def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
         else tensor
 
 
+_HOST_GROUPS: dict[int, object] = {}  # id of the default process group -> the gloo group for host values
+
+
+def _host_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a host (CPU) tensor, computed on the host. Through the GPU backend (NCCL) it would go
+    to the device and back, behind all the work queued there: a wait for the whole previous step at the start of
+    every step. So host values travel through a gloo group of all ranks, made the first time (every rank gets here
+    at the same step); when the default group is gloo already (CPUs), through that."""
+    if accelerator.num_processes == 1:
+        return tensor
+    import torch.distributed as dist
+
+    default = dist.group.WORLD
+    if dist.get_backend(default) == "gloo":
+        group = default
+    else:
+        group = _HOST_GROUPS.get(id(default))
+        if group is None:
+            group = _HOST_GROUPS[id(default)] = dist.new_group(backend="gloo")
+    total = tensor.clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
 def injected_nonfinite_steps(rank: int) -> set[int]:
     """Test-only: the steps whose last micro-batch loss this rank makes non-finite (+inf).
 
@@ -376,12 +400,12 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     queued (`FiniteCheck`); under DeepSpeed, whose engine steps inside the last backward, before it. With
     `skip_on_device` (see `skips_on_device`) it does not wait: the result carries the flag (`check`), the optimizer
     step drops the step on the device if need be, and the loop reads the flag a step later (`settle`). With several
-    processes the target count of the step's batch is summed across ranks first (a wait). The results stay on the
-    device (`StepResult`)."""
+    processes the target count of the step's batch is summed across ranks first, on the host (`_host_sum`). The
+    results stay on the device (`StepResult`)."""
     device = accelerator.device
     local = torch.tensor([sum(count_targets(b) for b in micro_batches),
                           sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64)
-    targets, tokens = (int(v) for v in _reduce_sum(accelerator, local).tolist())
+    targets, tokens = (int(v) for v in _host_sum(accelerator, local).tolist())
     if targets == 0:
         return StepResult(targets=0, tokens=tokens, skipped=True)
     # A fill on the device: `torch.tensor(value, device=cuda)` copies from pageable memory and waits for the GPU.
