@@ -311,10 +311,12 @@ def check_hf_export(
     return dst
 
 
-def compiled_layer_graphs(model: torch.nn.Module, ids: torch.Tensor) -> int:
+def compiled_layer_graphs(model: torch.nn.Module, ids: torch.Tensor, backward: bool = True, **inputs) -> int:
     """How many graphs the model's decoder layers trace into, each compiled as `--compile` does, over one bf16
-    forward + backward on `ids`' device (expert groups unpadded, as on a GPU). The tracer decides the graphs, so the
-    quick "eager" backend shows them. fla and causal-conv1d are asked for again afterwards."""
+    forward + backward on `ids`' device (expert groups unpadded, as on a GPU); the forward alone, without
+    gradients, with `backward=False`. `inputs`: more model inputs (`position_ids`, `attention_mask`). The tracer
+    decides the graphs, so the quick "eager" backend shows them. fla and causal-conv1d are asked for again
+    afterwards."""
     from torch._dynamo.utils import counters
 
     from minillm.models.layers import moe
@@ -327,8 +329,11 @@ def compiled_layer_graphs(model: torch.nn.Module, ids: torch.Tensor) -> int:
         for layer in model.model.layers:
             layer.compile(backend="eager")
         with moe.force_moe_group_sizes("exact"), torch.autocast(ids.device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+            if backward:
+                model(input_ids=ids, labels=ids, **inputs).loss.backward()
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False, **inputs)
         return counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from device_reads import EmulatedDevice
-from model_checks import random_ids
+from model_checks import compiled_layer_graphs, random_ids
 
 import minillm  # noqa: F401  (registers the Auto classes)
 from minillm.errors import UserError
@@ -232,6 +232,24 @@ class FlashStandIn:
         return out
 
 
+@torch.library.custom_op("minillm_tests::flash_varlen", mutates_args=())
+def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+              scale: float) -> torch.Tensor:
+    return FlashStandIn()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+
+
+@_flash_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
+def flash_as_custom_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                       softmax_scale=None, causal=False, **kwargs):
+    """The flash stand-in as a torch custom op (forward only), which a compiled graph holds as one node, as it holds
+    flash-attn's own kernels (registered as torch ops)."""
+    return _flash_op(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale)
+
+
 @pytest.mark.parametrize(
     "qk_dim,v_dim,scale", [(16, 16, None), (24, 16, 0.25), (12, 20, None)], ids=["gqa", "mla-dims", "odd-dims"]
 )
@@ -377,6 +395,37 @@ def test_llama_on_the_flex_path():
         with force_attention_backend("flex"):
             logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
     assert (logits[real] - expected[real]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name,kinds", [("mini_llama3", 1), ("mini_deepseekv3", 2), ("mini_qwen3_next", 2)])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "flash"])
+def test_compiled_layers_keep_one_graph_with_packed_documents(name, kinds, backend, monkeypatch):
+    """A packed and padded batch through decoder layers compiled as `--compile` does: one graph per layer kind on
+    every packed-attention path. The model chooses the kernel and builds its input (dense mask, block mask, varlen
+    index) before the layers run (`PackedDocs.prepare`); when each layer built it on first use, its builder and
+    flash-attn's lookup broke every layer's graph (two llama layers: 5 graphs; mini_qwen3_next: 6)."""
+    install_flash(monkeypatch, flash_as_custom_op)
+    model = tiny(name)
+    ids, pos, mask = packed_batch()
+    with force_attention_backend(backend):
+        assert compiled_layer_graphs(model, ids, backward=False, position_ids=pos, attention_mask=mask) == kinds
+
+
+def test_packed_attention_is_prepared_for_the_kernel_the_layers_take(monkeypatch):
+    """`prepare_attention` with the model's layout builds the input of the kernel the layers would choose, and only
+    that one; the layers then use it (one varlen index per forward, no lookup of flash-attn inside the layers)."""
+    flash = FlashStandIn()
+    install_flash(monkeypatch, flash)
+    _, pos, mask = packed_batch()
+    layout = attention.AttentionLayout(heads=4, kv_heads=2, qk_dim=16, v_dim=16)
+    for backend, form in (("flash", "varlen"), ("sdpa", "dense"), ("flex", "block")):
+        with force_attention_backend(backend):
+            docs = attention.prepare_attention(28, 28, mask, pos, None, 2, layout, torch.float32)
+        assert docs.backend == backend and list(docs._cache) == [form]
+    assert docs.flash is None
+    with force_attention_backend("flash"):
+        docs = attention.prepare_attention(28, 28, mask, pos, None, 2, layout, torch.float32)
+    assert docs.flash == (flash, True)
 
 
 def test_compiled_layers_on_the_flash_path(monkeypatch):

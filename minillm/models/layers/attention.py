@@ -174,13 +174,28 @@ def varlen_index(doc_ids: torch.Tensor, token_mask: torch.Tensor | None = None) 
     return VarlenIndex(cu_seqlens, max_seqlen, token_index)
 
 
+@dataclass(frozen=True)
+class AttentionLayout:
+    """A model's softmax-attention shape, all that (with the device, dtype and length) decides the kernel of a
+    packed batch: known before the layers run, so `prepare_attention` can build the kernel's input there."""
+
+    heads: int  # query heads
+    kv_heads: int  # key/value heads as the layers pass them to `sdpa_attention`
+    qk_dim: int  # query/key head dim
+    v_dim: int  # value head dim
+    dropout_p: float = 0.0  # attention dropout of this forward (0 in eval)
+
+
 class PackedDocs:
     """The documents of a batch without past (training, prefill): which tokens are real, which document each is in.
 
     `prepare_attention` builds it once per model forward; every layer hands it to `sdpa_attention`. Each path reads
-    the form it needs (`dense_mask()`, `varlen()`, `block_mask()`), built on first use and cached here, so once per
-    forward whatever the number of layers (the MTP block of mini_deepseekv3 reuses the trunk's). The builders run
-    eagerly even inside a compiled layer (`torch.compiler.disable`): they are data-dependent (nonzero, host ints).
+    the form it needs (`dense_mask()`, `varlen()`, `block_mask()`), cached here, so built once per forward whatever
+    the number of layers (the MTP block of mini_deepseekv3 reuses the trunk's). Given the model's
+    `AttentionLayout`, `prepare_attention` chooses the kernel and builds its form right away (`prepare`), outside
+    the layers: a layer compiled with `--compile` then reads it without leaving its graph. Without one, the form is
+    built on first use, eagerly even inside a compiled layer (`torch.compiler.disable`, a graph break): the
+    builders are data-dependent (nonzero, host ints).
     """
 
     def __init__(
@@ -203,49 +218,70 @@ class PackedDocs:
             lambda ids, mask: ids.masked_fill(mask == 0, -1), self.doc_ids, self.attention_mask)
         self.packed = has_document_restarts(position_ids) if packed is None else packed
         self._cache: dict[str, object] = {}
+        self.backend: str | None = None  # the kernel `prepare` chose for the layers (None: each layer chooses)
+        self.flash: tuple[Callable, bool] | None = None  # `flash_varlen_function()`, looked up by `prepare`
 
     @property
     def seq_len(self) -> int:
         return self.doc_ids.shape[1]
 
-    @torch.compiler.disable
+    def prepare(self, layout: AttentionLayout, dtype: torch.dtype) -> None:
+        """Choose the kernel for layers of `layout` whose inputs are `dtype` (autocast's dtype applies on top, as
+        in the layers) and build its form now, outside any compiled layer."""
+        device = self.doc_ids.device
+        self.backend = choose_packed_backend(device.type, compute_dtype(device.type, dtype), layout, self.seq_len)
+        if self.backend == "flash":
+            self.flash = flash_varlen_function()
+            self.varlen()
+        elif self.backend == "flex":
+            self.block_mask()
+        else:
+            self.dense_mask()
+
     def dense_mask(self) -> torch.Tensor | None:
         """The (B, 1, L, L) boolean block-diagonal causal mask of the SDPA path (None: plain causal is exact)."""
-        if "dense" not in self._cache:
-            length = self.seq_len
-            self._cache["dense"] = build_attention_mask(
-                length, length, self.attention_mask, self.position_ids, self.doc_ids.device,
-                padded=self.attention_mask is not None, packed=self.packed,
-            )
-        return self._cache["dense"]
+        return self._cache["dense"] if "dense" in self._cache else self._build_dense_mask()
 
-    @torch.compiler.disable
     def varlen(self) -> VarlenIndex:
         """Unpadding indices, `cu_seqlens` and `max_seqlen` for `flash_attn_varlen_func`: found on the host when
         the batch has a host copy (the trainer's), else read from the device (a `nonzero` and a host int, waits)."""
-        if "varlen" not in self._cache:
-            padded = self.token_mask is not None
-            self._cache["varlen"] = per_tensor(
-                self.documents, "varlen", lambda docs: varlen_index(docs, docs >= 0 if padded else None))
-        return self._cache["varlen"]
+        return self._cache["varlen"] if "varlen" in self._cache else self._build_varlen()
 
-    @torch.compiler.disable
     def block_mask(self):
         """flex_attention's document-causal `BlockMask`: q sees kv when kv <= q in the same document; padding keys
         carry document -1, which no real query has."""
-        if "block" not in self._cache:
-            from torch.nn.attention.flex_attention import create_block_mask
+        return self._cache["block"] if "block" in self._cache else self._build_block_mask()
 
-            doc = self.documents  # (B, L)
+    @torch.compiler.disable
+    def _build_dense_mask(self) -> torch.Tensor | None:
+        length = self.seq_len
+        self._cache["dense"] = build_attention_mask(
+            length, length, self.attention_mask, self.position_ids, self.doc_ids.device,
+            padded=self.attention_mask is not None, packed=self.packed,
+        )
+        return self._cache["dense"]
 
-            def document_causal(b, h, q_idx, kv_idx):
-                return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+    @torch.compiler.disable
+    def _build_varlen(self) -> VarlenIndex:
+        padded = self.token_mask is not None
+        self._cache["varlen"] = per_tensor(
+            self.documents, "varlen", lambda docs: varlen_index(docs, docs >= 0 if padded else None))
+        return self._cache["varlen"]
 
-            bsz, length = doc.shape
-            # Compiled on CUDA so the (L, L) mask is never materialised; eager on CPU (tests) to save compile time.
-            # (torch.compile(create_block_mask) is what torch recommends; its `_compile=True` flag is deprecated.)
-            make = _compiled_create_block_mask() if doc.is_cuda else create_block_mask
-            self._cache["block"] = make(document_causal, bsz, None, length, length, device=doc.device)
+    @torch.compiler.disable
+    def _build_block_mask(self):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        doc = self.documents  # (B, L)
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+        bsz, length = doc.shape
+        # Compiled on CUDA so the (L, L) mask is never materialised; eager on CPU (tests) to save compile time.
+        # (torch.compile(create_block_mask) is what torch recommends; its `_compile=True` flag is deprecated.)
+        make = _compiled_create_block_mask() if doc.is_cuda else create_block_mask
+        self._cache["block"] = make(document_causal, bsz, None, length, length, device=doc.device)
         return self._cache["block"]
 
 
@@ -259,11 +295,15 @@ def prepare_attention(
     position_ids: torch.Tensor | None = None,
     device: torch.device | None = None,
     batch_size: int = 1,
+    layout: AttentionLayout | None = None,
+    dtype: torch.dtype | None = None,
 ) -> AttentionMask:
     """What every layer's `sdpa_attention` takes for one forward; call it once per model forward.
 
     `PackedDocs` for a forward without past whose rows hold several documents or padding (the case that has a
     varlen/flex path on CUDA); otherwise `build_attention_mask` (a dense mask with a cache, None for plain causal).
+    With the model's `layout` and its activations' `dtype`, a `PackedDocs` comes with its kernel chosen and that
+    kernel's input built (`PackedDocs.prepare`), so compiled layers read it without a graph break.
     `position_ids` are the caller's, None when the model numbered the tokens itself: then they cannot restart, and
     nothing is read back from the device to find out (on a GPU such a read waits for all queued work, and
     pretraining, which passes neither positions nor a mask, would wait once per forward).
@@ -277,7 +317,10 @@ def prepare_attention(
                 if position_ids is None:  # (1, L): one document per row, its values known on the host too
                     position_ids = torch.arange(query_len, device=device)[None]
                     keep_host_copy(position_ids, torch.arange(query_len)[None])
-                return PackedDocs(position_ids, attention_mask if padded else None, batch_size, device, packed)
+                docs = PackedDocs(position_ids, attention_mask if padded else None, batch_size, device, packed)
+                if layout is not None and dtype is not None:
+                    docs.prepare(layout, dtype)
+                return docs
             position_ids = None  # checked above: no restarts, nothing for build_attention_mask to read back again
     return build_attention_mask(query_len, key_len, attention_mask, position_ids, device)
 
@@ -359,22 +402,29 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 def packed_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, kv_heads: int | None = None) -> str:
     """The path `sdpa_attention` takes for a `PackedDocs` mask with these tensors (see the module docstring);
     `kv_heads`: K/V's head count when known (grouped-query attention when it differs from q's)."""
+    layout = AttentionLayout(q.shape[1], q.shape[1] if kv_heads is None else kv_heads, q.shape[-1], v.shape[-1],
+                             dropout_p)
+    device_type = "cuda" if q.is_cuda else "cpu"  # only CUDA has other paths than SDPA's
+    return choose_packed_backend(device_type, compute_dtype(device_type, q.dtype), layout, q.shape[2])
+
+
+def choose_packed_backend(device_type: str, dtype: torch.dtype, layout: AttentionLayout, seq_len: int) -> str:
+    """The path for a `PackedDocs` batch of `seq_len` tokens through layers of `layout` computing in `dtype` on
+    `device_type` (see the module docstring)."""
     forced = _BACKEND_CHOICE.pinned()
     if forced is not None:
         return forced
-    if not q.is_cuda:
-        return "sdpa"
-    if compute_dtype("cuda", q.dtype) not in (torch.float16, torch.bfloat16):
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
     flash = flash_varlen_function()
     if (
         flash is not None
-        and flash_head_dim(q.shape[-1], v.shape[-1]) <= FLASH_MAX_HEAD_DIM
-        and (dropout_p == 0.0 or flash[1])
+        and flash_head_dim(layout.qk_dim, layout.v_dim) <= FLASH_MAX_HEAD_DIM
+        and (layout.dropout_p == 0.0 or flash[1])
     ):
         return "flash"
-    gqa_ragged = kv_heads is not None and kv_heads != q.shape[1] and q.shape[2] % FLEX_BLOCK_SIZE != 0
-    if dropout_p == 0.0 and not gqa_ragged and _compiled_flex_attention() is not None:
+    gqa_ragged = layout.kv_heads != layout.heads and seq_len % FLEX_BLOCK_SIZE != 0
+    if layout.dropout_p == 0.0 and not gqa_ragged and _compiled_flex_attention() is not None:
         return "flex"
     return "sdpa"
 
@@ -405,7 +455,10 @@ def flex_packed_attention(
 ) -> torch.Tensor:
     """Document-causal attention with compiled flex_attention: q (B, H, L, D), k (B, Hk, L, D), v (B, Hk, L, Dv)
     -> (B, L, H, Dv). No dropout (flex has none); CPU runs forward only (no CPU backward in torch)."""
-    flex = _compiled_flex_attention()
+    if torch.compiler.is_compiling():  # inside a compiled layer: the layer's graph compiles it
+        from torch.nn.attention.flex_attention import flex_attention as flex
+    else:
+        flex = _compiled_flex_attention()
     if flex is None:
         raise RuntimeError("this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)")
     out = flex(q, k, v, block_mask=docs.block_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -426,7 +479,7 @@ def flash_packed_attention(
     The real tokens are gathered into flash-attn's (T, heads, dim) layout, documents given by `cu_seqlens` (the same
     for queries and keys: no past); GQA is native (Hk divides H); head dims are padded to one (`flash_head_dim`).
     """
-    flash = flash_varlen_function()
+    flash = docs.flash or flash_varlen_function()  # looked up by `PackedDocs.prepare`, outside compiled layers
     if flash is None:
         # only reachable by forcing the backend (MINILLM_ATTENTION_BACKEND): automatic dispatch checks first
         raise UserError("attention backend 'flash': flash-attn is not installed (pip install 'minillm[gpu]' on a "
@@ -481,7 +534,7 @@ def sdpa_attention(
     """
     caller_mask = isinstance(mask, torch.Tensor)  # a caller's 4-D mask or one with a past (see dense_backend)
     if isinstance(mask, PackedDocs):
-        backend = packed_backend(q, v, dropout_p, k.shape[1])
+        backend = mask.backend or packed_backend(q, v, dropout_p, k.shape[1])  # chosen by `prepare`, if it ran
         if backend == "flash":
             return flash_packed_attention(q, k, v, mask, scale, dropout_p)
         if backend == "flex":

@@ -52,6 +52,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from minillm.models import decode as fast
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import (
+    AttentionLayout,
     AttentionMask,
     document_ids_from_position_ids,
     has_padding,
@@ -127,6 +128,12 @@ class MiniDeepSeekV3Attention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_b_proj = Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = Linear(heads * self.v_head_dim, hidden, bias=config.attention_bias)
+
+    def layout(self) -> AttentionLayout:
+        """What chooses this layer's kernel for a packed batch (`prepare_attention`): without a past, keys and
+        values are expanded to every head (`_attend_expanded`)."""
+        dropout = self.attention_dropout if self.training else 0.0
+        return AttentionLayout(self.num_heads, self.num_heads, self.qk_head_dim, self.v_head_dim, dropout)
 
     def forward(
         self,
@@ -420,7 +427,8 @@ class MiniDeepSeekV3Model(MiniDeepSeekV3PreTrainedModel):
         seq_len = inputs_embeds.shape[1]
         # Once per forward, shared by all layers and the MTP block: None, a dense mask (cache), or PackedDocs.
         mask = prepare_attention(
-            seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device, inputs_embeds.shape[0]
+            seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device, inputs_embeds.shape[0],
+            self.layers[0].self_attn.layout(), inputs_embeds.dtype,
         )
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]  # (1, L)

@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from minillm.models import decode as fast
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
-from minillm.models.layers.attention import AttentionMask, prepare_attention, sdpa_attention
+from minillm.models.layers.attention import AttentionLayout, AttentionMask, prepare_attention, sdpa_attention
 from minillm.models.layers.linear import Linear
 from minillm.models.layers.loss import LMHead, shift_targets
 from minillm.models.layers.mlp import SwiGLUMLP
@@ -51,6 +51,11 @@ class MiniLlama3Attention(nn.Module):
         self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def layout(self) -> AttentionLayout:
+        """What chooses this layer's kernel for a packed batch (`prepare_attention`)."""
+        dropout = self.attention_dropout if self.training else 0.0
+        return AttentionLayout(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim, dropout)
 
     def forward(
         self,
@@ -137,7 +142,8 @@ class MiniLlama3Model(MiniLlama3PreTrainedModel):
         seq_len = inputs_embeds.shape[1]
         # Once per forward, shared by all layers: None (causal), a dense mask (cache), or PackedDocs (packed/padded).
         mask = prepare_attention(
-            seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device, inputs_embeds.shape[0]
+            seq_len, past_len + seq_len, attention_mask, position_ids, inputs_embeds.device, inputs_embeds.shape[0],
+            self.layers[0].self_attn.layout(), inputs_embeds.dtype,
         )
         if position_ids is None:
             # (1, L): the positions after the cached ones

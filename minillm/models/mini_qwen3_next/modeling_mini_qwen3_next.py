@@ -37,6 +37,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from minillm.models import decode as fast
 from minillm.models.base import MiniLLMPreTrainedModel, mask_padding_labels
 from minillm.models.layers.attention import (
+    AttentionLayout,
     AttentionMask,
     has_document_restarts,
     has_padding,
@@ -76,6 +77,11 @@ class MiniQwen3NextAttention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, zero_centered=True)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, zero_centered=True)
+
+    def layout(self) -> AttentionLayout:
+        """What chooses this layer's kernel for a packed batch (`prepare_attention`)."""
+        dropout = self.attention_dropout if self.training else 0.0
+        return AttentionLayout(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim, dropout)
 
     def forward(
         self,
@@ -294,7 +300,9 @@ class MiniQwen3NextModel(MiniQwen3NextPreTrainedModel):
         mask = None
         if "full_attention" in self.config.layer_types:
             # Once per forward, shared by the attention layers: None, a dense mask (cache), or PackedDocs.
-            mask = prepare_attention(L, past_len + L, attention_mask, position_ids, device, B)
+            layout = next(layer.self_attn for layer in self.layers if layer.layer_type == "full_attention").layout()
+            mask = prepare_attention(L, past_len + L, attention_mask, position_ids, device, B, layout,
+                                     inputs_embeds.dtype)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + L, device=device)[None]  # (1, L)
         linear_mask = None
