@@ -10,7 +10,8 @@ What a query may see is decided once per model forward by `prepare_attention` an
 - `None`: nothing but causality applies; SDPA runs with `is_causal=True` (its fastest kernels);
 - a boolean mask (B or 1, 1, Lq, Lk) (True = may attend): padding or packing with a KV cache (generation);
 - `PackedDocs`: a forward without past (training, prefill) whose rows hold several documents or padding. It keeps
-  the document ids and builds, on first use and once for all layers, whatever form the chosen kernel needs.
+  the document ids and builds, once for all layers, whatever form the chosen kernel needs: given the model's
+  `AttentionLayout`, before the layers run (so compiled layers keep one graph), else on first use.
 
 Dispatch for `PackedDocs` (`sdpa_attention`; `force_attention_backend` overrides it, e.g. in tests):
 1. "flash": CUDA, fp16/bf16 (the tensors' dtype, or autocast's under mixed precision), `flash_attn` installed
