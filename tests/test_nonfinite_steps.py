@@ -227,3 +227,29 @@ def test_a_step_dropped_on_the_device_is_settled_a_step_later_with_the_same_run(
     assert weights.keys() == host_weights.keys()
     assert all(torch.equal(weights[k], host_weights[k]) for k in weights)
 
+
+@pytest.mark.slow
+def test_two_processes_settle_a_step_dropped_on_the_device_alike(shards, tmp_path):
+    """DDP (2 processes x accumulation 2) with the skip decided on the device and settled a step later (no log or
+    checkpoint at the bad step): +inf on rank 1 only at step 3. Both ranks drop it and count it, and the run's
+    logged losses are those of one process running the same steps (which test above matches bit for bit with the
+    steps decided on the host)."""
+    args = [*ARGS, "--data", str(shards), "--log-every", "4", "--save-every", "0", "--eval-every", "0"]
+    env = {NONFINITE_ENV: "3@1"}
+    result = accelerate_launch("cpu_multiprocess.yaml", "cli/main.py", [*args, "--output-dir", str(tmp_path / "ddp")],
+                               env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("step 3: non-finite loss, step skipped (1 in a row, 1 in all)") == 1, result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in rows if "skipped_steps" in r] == [(3, 1), (4, 1), (8, 1)]
+    mp = pytest.MonkeyPatch()
+    mp.setenv(NONFINITE_ENV, "3")  # one process: the whole batch, so the step is bad everywhere
+    try:
+        assert run_cli(*args, "--output-dir", str(tmp_path / "one")) == 0
+    finally:
+        mp.undo()
+    losses, single = logged_losses(tmp_path / "ddp"), logged_losses(tmp_path / "one")
+    assert sorted(losses) == sorted(single) == [4, 8]
+    for step, ref in single.items():
+        assert abs(losses[step] - ref) <= 1e-4 * abs(ref), (losses, single)
+
