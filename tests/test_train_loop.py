@@ -718,7 +718,7 @@ def test_host_values_are_summed_across_ranks_on_the_host(monkeypatch):
             assert total.tolist() == [7.0, 64.0] and total.device.type == "cpu" and total is not local
         assert made == [{"backend": "gloo"}]
     finally:
-        trainer._HOST_GROUPS.clear()
+        trainer._HOST_GROUP.clear()
         dist.destroy_process_group()
 
 

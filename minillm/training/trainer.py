@@ -285,7 +285,7 @@ def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
         else tensor
 
 
-_HOST_GROUPS: dict[int, object] = {}  # id of the default process group -> the gloo group for host values
+_HOST_GROUP: list = []  # [(the default process group, the gloo group made for host values beside it)]
 
 
 def _host_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -301,9 +301,9 @@ def _host_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
     if dist.get_backend(default) == "gloo":
         group = default
     else:
-        group = _HOST_GROUPS.get(id(default))
-        if group is None:
-            group = _HOST_GROUPS[id(default)] = dist.new_group(backend="gloo")
+        if not _HOST_GROUP or _HOST_GROUP[0][0] is not default:  # made for this default group (tests make several)
+            _HOST_GROUP[:] = [(default, dist.new_group(backend="gloo"))]
+        group = _HOST_GROUP[0][1]
     total = tensor.clone()
     dist.all_reduce(total, group=group)
     return total
