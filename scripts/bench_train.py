@@ -33,6 +33,7 @@ apart), and prints the median over step pairs of the ratio trainer / reference t
     python scripts/bench_train.py --model mini_llama3 --profile profile.txt   # kernels / operators of 5 steps
     python scripts/bench_train.py --model mini_llama3 --preset base --device cuda --dtype bf16 --seq 512 \\
         --batch 32 --finite-check-in-step    # what waiting for the non-finite check in every step costs
+    python scripts/bench_train.py --model mini_llama3 --packed-docs 4 --compile   # SFT-style packed, padded rows
 
 The `cpu256` preset (default) is each model's `tiny` preset widened to hidden 256, 4 layers and an 8k vocabulary
 (`perf.CPU_BENCH_OVERRIDES`; DeepSeek-V3 without its MTP module, which the reference lacks).
@@ -91,6 +92,37 @@ class RandomTokens(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.tokens[index]
         return {"input_ids": row, "labels": row}
+
+
+class PackedChats(torch.utils.data.Dataset):
+    """SFT-style rows (`--packed-docs N`): `seq_len` tokens of N random-length documents each (positions restart at
+    0 at every document), the first quarter of every document a prompt without targets (-100), and every fourth row
+    ending in padding (a quarter of the row, attention mask 0, no targets): what a packed SFT batch makes the model do
+    (block-diagonal attention: flash-attn's varlen kernel or flex_attention on CUDA, the dense mask elsewhere)."""
+
+    def __init__(self, vocab_size: int, seq_len: int, docs: int, rows: int = 512, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.rows = []
+        for index in range(rows):
+            ids = torch.randint(0, vocab_size, (seq_len,), generator=generator)
+            real = seq_len - (seq_len // 4 if index % 4 == 3 else 0)
+            cuts = torch.randperm(real - 1, generator=generator)[: docs - 1].add(1).sort().values.tolist()
+            bounds = [0, *cuts, real]
+            positions = torch.zeros(seq_len, dtype=torch.long)
+            labels = ids.clone()
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                positions[start:end] = torch.arange(end - start)
+                labels[start : start + (end - start) // 4] = -100  # the prompt
+            labels[real:] = -100
+            mask = torch.zeros(seq_len, dtype=torch.long)
+            mask[:real] = 1
+            self.rows.append({"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.rows[index]
 
 
 class StageTimer:
@@ -264,7 +296,10 @@ def build_trainer_run(args: argparse.Namespace, config: TrainConfig):
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, config.preset, **config.model_args)
-    data = RandomTokens(model.config.vocab_size, args.seq, seed=args.seed)
+    if args.packed_docs:
+        data = PackedChats(model.config.vocab_size, args.seq, args.packed_docs, seed=args.seed)
+    else:
+        data = RandomTokens(model.config.vocab_size, args.seq, seed=args.seed)
     return trainer_module.Run(model=model, tokenizer=None, train_data=data, sampler=Permutation(len(data), args.seed),
                               collate=stack_collate, model_name=args.model)
 
@@ -383,6 +418,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch.compile mode with --compile (trainer option); reduce-overhead = CUDA graphs")
     parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--data", default=None, help="pretraining shards to read instead of random tokens")
+    parser.add_argument("--packed-docs", type=perf.positive_int, default=None, metavar="N",
+                        help="SFT-style rows instead: N documents packed per row, prompts without targets, every "
+                             "fourth row padded (tokens/s and MFU count every token, padding included)")
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="with --data: the tokenizer the shards were built with (default: the one their "
                              "manifest names, else the shipped one)")
@@ -424,6 +462,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--compile-mode {args.compile_mode}: only with --compile")
     if args.against_reference and args.accumulation != 1:
         raise UserError("--against-reference compares single-batch steps; drop --accumulation")
+    if args.packed_docs and (args.against_reference or args.data):
+        raise UserError("--packed-docs makes its own rows, and the reference's bare step takes plain token rows: "
+                        "drop --against-reference and --data")
+    if args.packed_docs and args.packed_docs * 2 > args.seq:
+        raise UserError(f"--packed-docs {args.packed_docs}: at most {args.seq // 2} documents fit a row of --seq "
+                        f"{args.seq} (two tokens each at least)")
     if args.threads:
         torch.set_num_threads(args.threads)
     global CLOCK
@@ -519,7 +563,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
             "threads": torch.get_num_threads(), "clock": args.clock, "dtype": dtype, "batch": args.batch,
             "accumulation": args.accumulation, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
             "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
-            "finite_check_in_step": args.finite_check_in_step,
+            "finite_check_in_step": args.finite_check_in_step, "packed_docs": args.packed_docs,
             "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": m["rates"],
             "peak_memory_bytes": max(m["memory"]), "peak_memory_scope": memory_scope,
             "flops_per_token": stats.flops_per_token, "peak_flops": m["peak"],
@@ -540,11 +584,12 @@ def measure(args: argparse.Namespace, device: torch.device, dtypes: list[str]) -
 
 def print_result(res: dict) -> None:
     where = res["device_name"] if res["device"] != "cpu" else f"cpu, {res['threads']} threads, {res['clock']} clock"
+    packed = f", {res['packed_docs']} packed documents per row" if res.get("packed_docs") else ""
     print(f"{res['model']} ({res['preset']}), {where}, {res['dtype']}, batch {res['batch']}"
           f"{' x ' + str(res['accumulation']) if res['accumulation'] > 1 else ''} x {res['seq']}, "
           f"{res['rounds']} rounds x {res['steps']} steps"
           f"{', compiled' if res['compile'] else ''}{', grad checkpointing' if res['grad_checkpointing'] else ''}"
-          f"{', finite check in each step' if res['finite_check_in_step'] else ''}")
+          f"{', finite check in each step' if res['finite_check_in_step'] else ''}{packed}")
     rounds = " ".join(f"{r:,.0f}" for r in res["tokens_per_s_rounds"])
     print(f"  trainer     {res['tokens_per_s']:>10,.0f} tok/s   (rounds: {rounds})")
     if res["peak_memory_bytes"]:

@@ -11,7 +11,8 @@
 #   4. tests/test_gpu.py: the CUDA code paths against their references (models vs transformers, grouped_mm kernel,
 #      flex_attention for packed documents, the bf16 loss, one graph per compiled layer kind,
 #      flash-linear-attention's Gated DeltaNet kernels when installed);
-#   5. in the time left: mini_llama3 compiled at BIG_BATCH rows per step, mini_llama3 and mini_deepseekv3 with CUDA
+#   5. in the time left: mini_llama3 compiled at BIG_BATCH rows per step, mini_llama3 on SFT-shaped packed rows
+#      (eager and compiled), mini_llama3 and mini_deepseekv3 with CUDA
 #      graphs (`--compile-mode reduce-overhead`), mini_llama3 with the loss's eager softmax in chunks of 1,024
 #      tokens (what the fused kernel and larger chunks gain), and the packed-attention kernels (bench_attention.py;
 #      ATTENTION=0 skips them).
@@ -90,6 +91,12 @@ fi
 # 4x the rows per step: the per-step costs that do not grow with the batch (optimizer, launches, the host's wait)
 # spread over more tokens. The goal fixes the sequence length, not the batch.
 run mini_llama3_compiled_b$BIG_BATCH --model mini_llama3 --compile --batch "$BIG_BATCH"
+# SFT-shaped rows (4 packed documents per row, prompts without targets, a quarter of the rows padded), eager and
+# compiled: the packed-attention path (flash-attn varlen if installed, else flex), whose input the model now builds
+# before its layers (compiled layers kept one graph per layer kind only without packing) and whose questions about
+# the batch (padding, restarts, varlen index) are answered on the host copy instead of waiting for the GPU
+run mini_llama3_packed --model mini_llama3 --packed-docs 4
+run mini_llama3_packed_compiled --model mini_llama3 --packed-docs 4 --compile
 # CUDA graphs: the host's launches replayed in one call (mini_deepseekv3's step has about 7k operators)
 run mini_llama3_cudagraphs --model mini_llama3 --compile --compile-mode reduce-overhead
 run deepseekv3_cudagraphs --model mini_deepseekv3 --compile --compile-mode reduce-overhead

@@ -355,3 +355,24 @@ def test_scripts_fail_fast_from_the_command_line(script, argv, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_train_runs_sft_style_packed_rows(capsys):
+    """`--packed-docs N`: rows of N documents whose positions restart, prompts and padding without targets, every
+    fourth row padded; the trainer runs them (the model's packed-attention path) and the result says so. With the
+    reference, which takes plain token rows, it is refused in one line."""
+    bench = load_script("bench_train")
+    rows = bench.PackedChats(vocab_size=64, seq_len=32, docs=3, rows=8)
+    for index in range(8):
+        row = rows[index]
+        real = int(row["attention_mask"].sum())
+        assert real == (24 if index % 4 == 3 else 32)
+        assert int((row["position_ids"][:real] == 0).sum()) == 3 and (row["labels"][real:] == -100).all()
+        assert (row["labels"][:real] == -100).any() and (row["labels"][:real] != -100).any()
+    res = bench.main(["--model", "mini_llama3", "--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
+                      "--warmup", "1", "--packed-docs", "3"])
+    assert res["packed_docs"] == 3 and res["tokens_per_s"] > 0
+    assert "3 packed documents per row" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--packed-docs"):
+        bench.main(["--model", "mini_llama3", "--packed-docs", "3", "--against-reference"])
+
