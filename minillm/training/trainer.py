@@ -29,7 +29,8 @@ Notable choices:
   later, once the next step's work is queued (`settle`: then the scheduler steps, or the skip is counted and
   logged; at log, evaluation and checkpoint steps at once), so the device never waits for the host's decision.
   Other optimizers: the flag is read once the last backward is queued (a GPU has that backward to run while the
-  host waits), then the gradients are dropped, no optimizer step. DeepSpeed steps the engine inside the last backward, so there the flag is read before it and the
+  host waits), then the gradients are dropped, no optimizer step. DeepSpeed steps the engine inside the last
+  backward, so there the flag is read before it and the
   last micro-batch back-propagates a NaN-scaled loss: the engine's own overflow check (ZeRO-1/2 in fp32 and bf16,
   ZeRO-3 in any precision, fp16 loss scaling) then discards the step, clears its gradients and counts it in the
   engine's `skipped_steps`, which the loop verifies. DeepSpeed setups that would apply NaN gradients instead (ZeRO-0
@@ -395,11 +396,11 @@ def forward_backward(accelerator, model, micro_batches: list[dict[str, torch.Ten
     last micro-batch, synchronised across ranks). Does not step the optimizer (DeepSpeed's engine does, inside the
     last backward). `poison_last` (test-only fault injection) makes the last micro-batch's loss +inf.
 
-    The host waits for the device once per step here, in one process: for the non-finite check, which a skipped step
-    needs decided before anything is applied. It reads the flag of the last forward after the last backward has been
-    queued (`FiniteCheck`); under DeepSpeed, whose engine steps inside the last backward, before it. With
-    `skip_on_device` (see `skips_on_device`) it does not wait: the result carries the flag (`check`), the optimizer
-    step drops the step on the device if need be, and the loop reads the flag a step later (`settle`). With several
+    Without `skip_on_device` the host waits for the device once per step here: for the non-finite check, which a
+    skipped step needs decided before anything is applied. It reads the flag of the last forward after the last
+    backward has been queued (`FiniteCheck`); under DeepSpeed, whose engine steps inside the last backward, before
+    it. With `skip_on_device` (see `skips_on_device`) it does not wait: the result carries the flag (`check`), the
+    optimizer step drops the step on the device if need be, and the loop reads the flag a step later (`settle`). With several
     processes the target count of the step's batch is summed across ranks first, on the host (`_host_sum`). The
     results stay on the device (`StepResult`)."""
     device = accelerator.device
