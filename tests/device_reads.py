@@ -31,6 +31,21 @@ READS = {
 }
 
 
+def _bool_index(args, kwargs) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+
+
+# ops that wait only in some calls: indexing with a boolean mask (a `nonzero` inside), `repeat_interleave` of
+# tensor counts without `output_size`
+SIZED_BY_DATA = {
+    aten.index.Tensor: _bool_index,
+    aten.index_put.default: _bool_index,
+    aten.index_put_.default: _bool_index,
+    aten._index_put_impl_.default: _bool_index,
+    aten.repeat_interleave.Tensor: lambda args, kwargs: kwargs.get("output_size") is None,
+}
+
+
 class EmulatedDevice(TorchDispatchMode):
     """Inside `with EmulatedDevice(monkeypatch) as device:`, `device.reads` lists the ops that would wait on a GPU
     ("nonzero", "read", ...). `device.move(t)` is a trainer's copy of a host batch tensor to the device."""
@@ -96,6 +111,8 @@ class EmulatedDevice(TorchDispatchMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if func in READS:
             self._note(READS[func], inputs)
+        elif func in SIZED_BY_DATA and SIZED_BY_DATA[func](args, kwargs):
+            self._note(func.__name__.split(".")[0], inputs)
         out = func(*args, **kwargs)
         on_device = any(t in self._device for t in inputs) or (not inputs and self._host_depth == 0)
         if on_device:
