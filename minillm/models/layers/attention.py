@@ -213,7 +213,6 @@ class PackedDocs:
         self.position_ids = rows(position_ids)  # (B, L)
         self.attention_mask = None if attention_mask is None else rows(attention_mask)
         self.doc_ids = with_host_copy(document_ids_from_position_ids, self.position_ids)  # (B, L)
-        self.token_mask = None if self.attention_mask is None else self.attention_mask.bool()  # (B, L)
         # (B, L) the document ids with padding as -1: what the varlen and flex forms are built from
         self.documents = self.doc_ids if self.attention_mask is None else with_host_copy(
             lambda ids, mask: ids.masked_fill(mask == 0, -1), self.doc_ids, self.attention_mask)
@@ -264,7 +263,7 @@ class PackedDocs:
 
     @torch.compiler.disable
     def _build_varlen(self) -> VarlenIndex:
-        padded = self.token_mask is not None
+        padded = self.attention_mask is not None
         self._cache["varlen"] = per_tensor(
             self.documents, "varlen", lambda docs: varlen_index(docs, docs >= 0 if padded else None))
         return self._cache["varlen"]
