@@ -49,7 +49,7 @@ def tokenizer_train(
     check_tokenizer_out(out, overwrite)  # before hours of training, and never an unrelated directory
     if max_chars_per_file is not None and max_chars_per_file < 1:
         raise UserError(f"--max-chars-per-file must be >= 1, got {max_chars_per_file}")
-    sources = resolve_inputs(data)
+    sources = resolve_inputs(data, flag="--data")
     texts = iter_texts_for_training([s.name for s in sources], text_column, max_chars_per_file)
     first = next(texts, None)
     if first is None:

@@ -167,10 +167,12 @@ def _print_progress(progress) -> None:
     if progress.state != "finished" and progress.checkpoints:
         newest = progress.checkpoints[-1]
         step = progress.checkpoint_steps.get(newest)
-        if step is not None and step < progress.last_step:
-            again = (f"step {progress.last_step:,} runs" if progress.last_step == step + 1 else
-                     f"steps {step + 1:,} to {progress.last_step:,} run")
-            rows.append(("resumes at", f"step {step:,} (its checkpoint; {again} again)"))
+        if step is not None:
+            again = ""
+            if step < progress.last_step:
+                again = "; " + (f"step {progress.last_step:,} runs" if progress.last_step == step + 1 else
+                                f"steps {step + 1:,} to {progress.last_step:,} run") + " again"
+            rows.append(("resumes at", f"step {step:,} (its newest checkpoint{again})"))
     if (tokens := progress.latest("tokens_seen")) is not None:
         rows.append(("tokens seen", f"{tokens[1]:,.0f}"))
     if progress.records:

@@ -20,8 +20,21 @@ def test_unknown_recipe_key_names_it_and_suggests_the_closest(tmp_path):
         load_recipe(recipe)
     message = str(err.value)
     assert "'learning_rate'" in message and str(recipe) in message
-    recipe.write_text("model: mini_llama3\nmin_lr_: 1e-5\n")
-    with pytest.raises(UserError, match="did you mean 'min_lr'"):
+    assert "did you mean 'lr'" in message  # another trainer's name for it; by spelling it was 'decay_ratio'
+    for key, hint in (("min_lr_", "min_lr"), ("num_train_epochs", "epochs"), ("Learning-Rate", "lr"),
+                      ("grad_checkpointing", "gradient_checkpointing"), ("max_seq_length", "seq_len")):  # fmt: skip
+        recipe.write_text(f"model: mini_llama3\n{key}: 1\n")
+        with pytest.raises(UserError, match=f"unknown key '{key}' \\(did you mean '{hint}'\\?\\)"):
+            load_recipe(recipe)
+    recipe.write_text("model: mini_llama3\nbanana: 1\n")
+    with pytest.raises(UserError, match="unknown key 'banana'$"):  # nothing close: no guess
+        load_recipe(recipe)
+
+
+def test_a_recipe_that_is_not_yaml_says_where(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: mini_llama3\nlr: [0.1, 0.2\nepochs: 2\n")
+    with pytest.raises(UserError, match=r"not valid YAML: expected ',' or ']', but got ':' \(line 3, column 7\)$"):
         load_recipe(recipe)
 
 

@@ -143,6 +143,8 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, cap
         ([str(tmp_path / "config.json")], [], "expected one JSON row per line or one array of rows"),
         (["someone/some-dataset"], [], "someone/some-dataset: cannot reach the HuggingFace Hub"),
         ([str(d / "a.parquet")], ["--shard-tokens", "0"], "--shard-tokens 0: must be positive"),
+        ([str(d / "a.parquet")], ["--val-fraction", "0.01"], "too few documents (20) for a validation split: it "
+                                                             "needs at least 100 at this fraction"),
     ]
     for inputs, extra, message in cases:
         out = tmp_path / "out"
@@ -156,7 +158,7 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(corpus, tmp_path, cap
         assert message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert (
-        "pass a local path"
+        "pass a local file, directory or glob to --input"
         in run_cli_err(["data", "pretrain", "--input", "someone/x", "--out", str(out)], capsys)[1]
     )
     # the folders made for a nested --out go too when the build fails (bad rows are found while writing)
@@ -299,7 +301,7 @@ def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch
     from minillm.data.sources import resolve_inputs
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("minillm.data.sources.check_on_hub", lambda name: None)  # tests run offline
+    monkeypatch.setattr("minillm.data.sources.check_on_hub", lambda name, flag: None)  # tests run offline
     (tmp_path / "corpus").mkdir()
     with pytest.raises(UserError, match="corpus/train: no such file"):
         resolve_inputs(["corpus/train"])  # ./corpus exists: a typo for a local file, not a dataset "corpus/train"

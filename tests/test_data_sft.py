@@ -298,7 +298,7 @@ def test_val_fraction_holds_out_every_kth_conversation(tok, tmp_path, capsys, pa
     with pytest.raises(UserError, match="no 'val' split"):
         SFTDataset(tmp_path / "plain", split="val")
     code, err = run_cli_err(args[:-1 if pack else None] + ["--overwrite", "--val-fraction", "0.01"], capsys)
-    assert code == 2 and "too few conversations (40) for a validation split" in err
+    assert code == 2 and "too few conversations (40) for a validation split: it needs at least 100 at this" in err, err
 
 
 def _val_chats(data_dir):

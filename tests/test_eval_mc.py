@@ -504,6 +504,33 @@ def test_bad_input_is_one_line_exit_2_and_no_json(model_dirs, tmp_path, capsys, 
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 
 
+def test_an_unreachable_hub_is_one_line_at_once(model_dirs, tmp_path, capsys, monkeypatch):
+    """Online mode with the hub unreachable: one request fails, one line, exit 2. `load_dataset` would retry for
+    half a minute, logging every retry, before its error."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("load_dataset called")
+
+    monkeypatch.setattr(HfApi, "dataset_info", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", must_not_load)
+    out = tmp_path / "mc.json"
+    code, err = run_cli_err(["eval", "mc", "--model", str(model_dirs["random"]), "--data", "someone/exam", "--config",
+                             "logic", "--json", str(out), "--device", "cpu"], capsys)  # fmt: skip
+    err = err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "someone/exam: cannot reach the HuggingFace Hub (Name or service not known)" in err, err
+    assert "pass a local .csv, .jsonl, .json or .parquet file to --data" in err, err
+    assert not out.exists()
+
+
 def test_line_breaks_inside_fields_are_kept(tmp_path):
     """A quoted CSV field keeps its newline (a multi-line question, as MMLU's code questions), and U+2028 inside a
     field or a JSON string splits nothing (both used to be read with str.splitlines)."""

@@ -283,8 +283,13 @@ def test_info_of_a_run_says_where_it_stands(tmp_path, capsys, monkeypatch):
     assert code == 0
     text = " ".join(out.split())
     assert f"continue with: minillm pretrain --config {stopped / 'config.yaml'} --resume {stopped}" in text
-    assert "3 of 4 logged" in text and "step 2 (its checkpoint; step 3 runs again)" in text
+    assert "3 of 4 logged" in text and "step 2 (its newest checkpoint; step 3 runs again)" in text
     assert "step_00000002" in text and "total parameters" in text  # its newest checkpoint's sizes
+    metrics = (stopped / "metrics.jsonl").read_text()
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= 2))
+    text = " ".join((run_cli("info", str(stopped)), capsys.readouterr().out)[1].split())
+    assert "2 of 4 logged" in text and "│ resumes at │ step 2 (its newest checkpoint) │" in text  # stopped right after it
+    (stopped / "metrics.jsonl").write_text(metrics)
 
     code, out = run_cli("info", str(tmp_path)), capsys.readouterr().out  # the directory of runs: one row each
     assert code == 0

@@ -146,6 +146,9 @@ def test_tokenizer_out_is_never_an_unrelated_directory(tmp_path, capsys, monkeyp
             assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (out, err)
     code, err = run_cli_err([*train[:-1], "257", "--out", "tok"], capsys)  # bytes + <|endoftext|>: no merge
     assert code == 2 and "at least 258 tokens" in err, err
+    code, err = run_cli_err(["tokenizer", "train", "--data", "someone/some-dataset", "--out", "tok"], capsys)
+    assert code == 2 and "cannot reach the HuggingFace Hub" in err, err  # tests run offline
+    assert "glob to --data" in err and "--input" not in err, err  # the option this command has
     assert notes.read_text() == "keep me" and corpus.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "link", "mine"]  # no temporary left
     assert run_cli_err([*train, "--out", "tok"], capsys)[0] == 0

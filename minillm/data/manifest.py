@@ -162,6 +162,24 @@ def malformed_manifest_is_user_error(directory: str | Path) -> Iterator[None]:
                         "`minillm data ...`") from None
 
 
+def validation_picks(first: int, count: int, val_fraction: float) -> np.ndarray:
+    """Which of the items numbered `first` .. `first + count - 1` the validation split takes: bool (count,).
+
+    Every k-th item (k = 1 / val_fraction), spread evenly over the whole input: item i when floor((i + 1) * f) >
+    floor(i * f). Both data builders use it, so a held-out document or conversation is chosen the same way."""
+    index = np.arange(first, first + count)
+    return ((index + 1) * val_fraction).astype(np.int64) > (index * val_fraction).astype(np.int64)
+
+
+def too_few_for_validation(val_fraction: float, count: int, items: str) -> UserError:
+    """The error for a validation split that took none of `count` `items`: how many it needs at this fraction."""
+    needed = max(1, int(1 / val_fraction) - 1)
+    while not validation_picks(0, needed, val_fraction).any():  # the rule above, not 1 / f's rounding, decides
+        needed += 1
+    return UserError(f"--val-fraction {val_fraction}: too few {items} ({count:,}) for a validation split: it needs "
+                     f"at least {needed:,} at this fraction (give a larger one, or 0 for no split)")
+
+
 def check_file_tokens(path: Path, expected_tokens: int, dtype: np.dtype) -> None:
     """The file must hold exactly the number of tokens the manifest says (catches truncated copies)."""
     if not path.is_file():

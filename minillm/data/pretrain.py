@@ -37,6 +37,8 @@ from minillm.data.manifest import (
     malformed_manifest_is_user_error,
     read_manifest,
     token_dtype,
+    too_few_for_validation,
+    validation_picks,
     write_json,
 )
 from minillm.data.sources import Source, iter_text_batches, resolve_inputs
@@ -203,8 +205,7 @@ def build_pretrain_shards(
             n_chars += sum(len(t) for t in texts)
             encodings = backend.encode_batch(texts, add_special_tokens=False)
             # Split this batch's documents between train and val (every k-th document globally).
-            index = np.arange(doc_index, doc_index + len(encodings))
-            is_val = ((index + 1) * val_fraction).astype(np.int64) > (index * val_fraction).astype(np.int64)
+            is_val = validation_picks(doc_index, len(encodings), val_fraction)
             doc_index += len(encodings)
             for split, chosen in (("train", ~is_val), ("val", is_val)):
                 docs = (
@@ -235,9 +236,7 @@ def build_pretrain_shards(
                 f"{', '.join(s.name for s in sources)}: no documents found (column '{text_column}' is empty)"
             )
         if "val" in splits and splits["val"]["documents"] == 0:
-            raise UserError(
-                f"--val-fraction {val_fraction}: too few documents ({doc_index}) for a validation split"
-            )
+            raise too_few_for_validation(val_fraction, doc_index, "documents")
         manifest = {
             "format": PRETRAIN_FORMAT,
             "version": FORMAT_VERSION,

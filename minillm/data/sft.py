@@ -47,6 +47,8 @@ from minillm.data.manifest import (
     malformed_manifest_is_user_error,
     read_manifest,
     token_dtype,
+    too_few_for_validation,
+    validation_picks,
     write_json,
 )
 from minillm.data.packing import pack_best_fit_decreasing, padding_ratio
@@ -350,9 +352,9 @@ def build_sft_dataset(
         )
 
     index = np.arange(len(kept))
-    is_val = ((index + 1) * val_fraction).astype(np.int64) > (index * val_fraction).astype(np.int64)
-    if val_fraction > 0 and (not is_val.any() or is_val.all()):
-        raise UserError(f"--val-fraction {val_fraction}: too few conversations ({len(kept)}) for a validation split")
+    is_val = validation_picks(0, len(kept), val_fraction)
+    if val_fraction > 0 and not is_val.any():  # never all of them: below 1 the first item always trains
+        raise too_few_for_validation(val_fraction, len(kept), "conversations")
     train = [kept[i] for i in index[~is_val]]
     lengths = [len(ids) for ids, _ in train]
 

@@ -69,13 +69,16 @@ def under_local_directory(name: str) -> bool:
     return "/" in name and os.path.isdir(os.path.expanduser(head))
 
 
-def resolve_inputs(inputs: list[str] | str, kinds: tuple[str, ...] = TEXT_KINDS) -> list[Source]:
+def resolve_inputs(
+    inputs: list[str] | str, kinds: tuple[str, ...] = TEXT_KINDS, flag: str = "--input"
+) -> list[Source]:
     """Expand files, directories and globs (sorted) into sources of `kinds`; HF names pass through. A directory
-    contributes its files of those kinds; a file or glob match of another kind is an error naming it."""
+    contributes its files of those kinds; a file or glob match of another kind is an error naming it. `flag` is the
+    command's option for them, named in the errors."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
     if not inputs:
-        raise UserError("no input given (pass --input FILE, a glob, or a HuggingFace dataset name)")
+        raise UserError(f"no input given (pass {flag} FILE, a glob, or a HuggingFace dataset name)")
     sources: list[Source] = []
     for item in inputs:
         item = str(item)
@@ -97,7 +100,7 @@ def resolve_inputs(inputs: list[str] | str, kinds: tuple[str, ...] = TEXT_KINDS)
             and Path(item).suffix.lower() not in KIND_OF_SUFFIX
             and not under_local_directory(item)
         ):
-            check_on_hub(item)
+            check_on_hub(item, flag)
             sources.append(Source("hf", item))
         else:
             raise UserError(f"{item}: no such file")
@@ -172,30 +175,42 @@ def _hf_dataset(name: str):
         return datasets.load_dataset(repo, config or None, split="train", streaming=True)
     except Exception as err:  # connection errors come wrapped in many types; report the first line
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{name}: cannot load the HuggingFace dataset ({first}); offline? {_HUB_HINT}") from None
+        raise UserError(f"{name}: cannot load the HuggingFace dataset ({first}); offline? {hub_hint()}") from None
 
 
-_HUB_HINT = "download it (e.g. `hf download --repo-type dataset ...`) and pass a local path or glob to --input"
+def hub_hint(flag: str | None = None, local: str = "a local path or glob") -> str:
+    """What to do when a dataset cannot be read from the Hub: download it and give its local copy (to `flag`)."""
+    return f"download it (e.g. `hf download --repo-type dataset ...`) and pass {local} " + (
+        f"to {flag}" if flag else "instead"
+    )
 
 
-def check_on_hub(name: str) -> None:
+def hub_offline() -> bool:
+    """Whether the environment puts the Hub libraries in offline mode (they then read only their local caches)."""
+    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def check_on_hub(name: str, flag: str = "--input", local: str = "a local file, directory or glob") -> None:
     """`UserError` unless the dataset `name` (`owner/dataset[:config]`) can be read from the Hub: checked with
     one quick request when the inputs are resolved, before any work. `load_dataset` itself would retry an
-    unreachable Hub or a missing dataset for half a minute, logging every retry."""
+    unreachable Hub or a missing dataset for half a minute, logging every retry. The errors name `flag`, the
+    command's option for the data, and `local`, what it takes instead of a dataset name."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
     repo = name.partition(":")[0]
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"{name}: cannot reach the HuggingFace Hub (offline mode is set); {_HUB_HINT}")
+    if hub_offline():
+        raise UserError(f"{name}: cannot reach the HuggingFace Hub (offline mode is set); {hub_hint(flag, local)}")
     try:
         HfApi().dataset_info(repo, timeout=15)
     except RepositoryNotFoundError:
         raise UserError(f"{name}: no such dataset on the HuggingFace Hub (a private one needs `hf auth login`); "
-                        "for local data pass a file, directory or glob to --input") from None
+                        f"for local data pass {local} to {flag}") from None
     except Exception as err:  # connection and HTTP errors come in many types; report the first line
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{name}: cannot reach the HuggingFace Hub ({first}); offline? {_HUB_HINT}") from None
+        raise UserError(
+            f"{name}: cannot reach the HuggingFace Hub ({first}); offline? {hub_hint(flag, local)}"
+        ) from None
 
 
 def iter_text_batches(

@@ -188,6 +188,10 @@ def _load_hub_rows(name: str, config: str | None, split: str, option: str) -> li
     """Rows of a Hugging Face hub dataset through `datasets.load_dataset` (cached under ~/.cache/huggingface)."""
     import datasets
 
+    from minillm.data.sources import check_on_hub, hub_offline
+
+    if not hub_offline():  # offline mode reads the cache at once; online, an unreachable hub fails in one request
+        check_on_hub(name, option, local="a local .csv, .jsonl, .json or .parquet file")  # not half a minute of retries
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, unknown name/config/split: `datasets` raises many types

@@ -216,10 +216,58 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 # Recipes and overrides
 
 
+# Names other trainers give our fields (transformers' TrainingArguments, nanochat, the seed): the hint names ours.
+# Spelling alone would mislead here (`learning_rate` is closest to `decay_ratio`).
+KNOWN_SYNONYMS: dict[str, str] = {
+    "learning_rate": "lr",
+    "max_lr": "lr",
+    "min_learning_rate": "min_lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "device_batch_size": "micro_batch_size",
+    "total_batch_size": "global_batch_size",
+    "gradient_accumulation_steps": "global_batch_size",
+    "max_seq_length": "seq_len",
+    "max_seq_len": "seq_len",
+    "max_length": "seq_len",
+    "sequence_length": "seq_len",
+    "block_size": "seq_len",
+    "grad_clip": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm",
+    "save_steps": "save_every",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "save_total_limit": "keep_last",
+    "bf16": "precision",
+    "fp16": "precision",
+    "dtype": "precision",
+    "mixed_precision": "precision",
+    "torch_compile": "compile",
+    "resume_from_checkpoint": "resume",
+    "dataset": "data",
+    "data_path": "data",
+    "model_name_or_path": "model_path",
+    "model_name": "model",
+    "model_type": "model",
+    "arch": "model",
+}
+
+
 def closest_field(name: str) -> str:
-    """A ' (did you mean X?)' hint for an unknown option name, or '' when nothing is close."""
-    match = difflib.get_close_matches(name.replace("-", "_"), TrainConfig.field_names(), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    """A ' (did you mean X?)' hint for an unknown option name, or '' when nothing is close: another trainer's name
+    for one of our fields (`KNOWN_SYNONYMS`), else the nearest spelling."""
+    fields = TrainConfig.field_names()
+    match = difflib.get_close_matches(name.replace("-", "_").lower(), [*fields, *KNOWN_SYNONYMS], n=1, cutoff=0.6)
+    return f" (did you mean {KNOWN_SYNONYMS.get(match[0], match[0])!r}?)" if match else ""
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong in a YAML text and where, in one line ("found ... (line 3, column 7)")."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -240,7 +288,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise UserError(f"recipe {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise UserError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"recipe {path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe {path} must be a mapping of option names to values")
     known = set(TrainConfig.field_names())

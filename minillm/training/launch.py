@@ -24,6 +24,7 @@ from typing import IO, Any
 import yaml
 
 from minillm.errors import UserError
+from minillm.training.config import yaml_problem
 
 MAIN_SCRIPT = Path(__file__).resolve().parent.parent.parent / "cli" / "main.py"
 LAUNCHED_ENV = "MINILLM_LAUNCHED"
@@ -47,7 +48,7 @@ def read_launcher(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     except UnicodeDecodeError:
         raise UserError(f"--launcher {cfg_path}: not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise UserError(f"--launcher {cfg_path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"--launcher {cfg_path}: not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"--launcher {cfg_path}: expected an accelerate config mapping")
     check_launcher_fields(data, cfg_path)
