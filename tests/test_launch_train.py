@@ -119,3 +119,33 @@ def test_zero3_through_the_launcher_shortcut_exports_a_loadable_model(shards, tm
     # two processes sum the gradients in another order; Adam's first step (about lr x sign) amplifies it to ~1e-6
     assert relative_error(step_1, one_step_1) <= 1e-4
     assert relative_error(step_1, model.state_dict()) >= 1e-3  # not the final weights: step 2 moved on
+
+
+def test_ctrl_c_of_a_launcher_run_is_one_line_and_exit_130(shards, tmp_path):
+    """Ctrl-C reaches the whole process group: `minillm --launcher`, accelerate's launcher (torchrun's agent) and the
+    ranks. The agent's report of it (a 30-line traceback of its SignalException) came out with exit code 1."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "cli" / "main.py"), "pretrain", "--model", "mini_llama3", "--data", str(shards),
+           "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--max-steps", "100000",
+           "--save-every", "1", "--model-arg", "num_hidden_layers=1", "--launcher", "cpu_multiprocess.yaml",
+           "--output-dir", str(out)]  # fmt: skip
+    child = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "step_00000002").is_dir() and child.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+            time.sleep(0.5)
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGINT: the run goes on from its newest checkpoint")
+    assert (out / "checkpoints" / "step_00000002" / "trainer_state.json").is_file()

@@ -45,6 +45,7 @@ def test_a_run_being_written_by_another_process_is_not_overwritten_or_resumed(tm
     args = ["pretrain", "--model", "mini_llama3", "--max-steps", "2", "--save-every", "1", "--model-arg",
             "num_hidden_layers=1", "--output-dir", str(run_dir)]
     assert run_cli_err(args, capsys)[0] == 0
+    shutil.rmtree(run_dir / "final")  # a run still training has no final model
     before = sorted(p.name for p in run_dir.iterdir())
     lock = lock_run_dir(run_dir)
     for extra in (["--overwrite"], ["--resume", "latest"]):
@@ -763,7 +764,27 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     trainer.train(resumed)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005"]  # its own newest, kept
     (aside,) = tmp_path.glob("checkpoints.abandoned-*")
-    assert [p.name for p in aside.iterdir()] == ["step_00000006"]  # moved, not deleted
+    assert sorted(p.name for p in aside.iterdir()) == ["final", "step_00000006"]  # moved, not deleted
+    assert (tmp_path / "final" / "config.json").is_file()  # the branch's own, written when it finished
+
+
+def test_a_finished_run_has_nothing_to_resume(tmp_path, capsys):
+    """`--resume RUN` or `--resume latest` of a finished run trained its last steps again and replaced its final
+    model. Now refused in one line, naming the checkpoint that branches from it; `latest` without a directory
+    passes over finished runs."""
+    from cli_helpers import run_cli_err
+
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "--model", "mini_llama3", "--max-steps", "3", "--save-every", "2", "--model-arg",
+            "num_hidden_layers=1"]
+    assert run_cli_err([*args, "--output-dir", str(run_dir)], capsys)[0] == 0
+    final = (run_dir / "final" / "model.safetensors").read_bytes()
+    for extra in (["--resume", str(run_dir)], ["--output-dir", str(run_dir), "--resume", "latest"]):
+        code, err = run_cli_err([*args, *extra], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"the run {run_dir} has finished" in err and f"--resume {run_dir / 'checkpoints' / 'step_00000002'}" in err
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == final
+    assert not list(run_dir.glob("checkpoints.abandoned-*"))
 
 
 @pytest.mark.parametrize("rows, micro", [(1, 1), (3, 1), (5, 2), (7, 2), (4, 2), (0, 1)])

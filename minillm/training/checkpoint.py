@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
+FINAL = "final"  # the finished model of a run, written last
 
 
 def checkpoint_name(step: int) -> str:
@@ -111,11 +112,15 @@ def save_checkpoint(
 
 
 def set_aside_later_checkpoints(run_dir: Path, step: int) -> Path | None:
-    """Resuming from `step` abandons the checkpoints saved after it: they move to `checkpoints.abandoned-<time>/`
-    (never deleted), so that rotation (which keeps the highest steps) cannot delete the resumed run's new
-    checkpoints in their favour, and `--resume latest` never returns to the abandoned trajectory. Returns where
-    they went, or None when there were none. Main process only."""
+    """Resuming from `step` abandons the checkpoints saved after it, and the final model of a run that had
+    finished: they move to `checkpoints.abandoned-<time>/` (never deleted), so that rotation (which keeps the
+    highest steps) cannot delete the resumed run's new checkpoints in their favour, `--resume latest` never returns
+    to the abandoned trajectory, and until the branch finishes the run has no final model of another trajectory.
+    Returns where they went, or None when there was nothing to move. Main process only."""
     later = [c for c in list_checkpoints(run_dir) if int(c.name[len(PREFIX):]) > step]
+    final = Path(run_dir) / FINAL
+    if final.is_dir():
+        later.append(final)
     if not later:
         return None
     aside = Path(run_dir) / f"{CHECKPOINTS}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -139,23 +144,37 @@ def describe_launch(layout: dict[str, Any]) -> str:
 def find_resume_checkpoint(resume: str, run_dir: Path | None, candidates: list[Path]) -> Path:
     """The checkpoint directory for `--resume`.
 
-    `resume` is `latest` (the newest checkpoint of `run_dir` if given, else of the newest run in `candidates` that
-    has one) or a path to a checkpoint or to a run directory (its newest checkpoint).
+    `resume` is `latest` (the newest checkpoint of `run_dir` if given, else of the newest unfinished run in
+    `candidates` that has one) or a path to a checkpoint or to a run directory (its newest checkpoint). A finished
+    run (it wrote its `final/` model) has nothing to resume: `latest` or its directory is an error, as resuming would
+    train its last steps again and replace its model. One of its checkpoints, named, is a new branch from there
+    (`set_aside_later_checkpoints` moves the old trajectory's later checkpoints and model aside).
     """
-    if resume == "latest":
-        runs = [run_dir] if run_dir is not None else candidates
+    path = Path(resume)
+    if resume != "latest" and (path / STATE_FILE).is_file():
+        return path
+    if resume == "latest" and run_dir is None:
+        runs = [r for r in candidates if not finished_run(r)]
         best = [cks[-1] for r in runs if (cks := list_checkpoints(r))]
         if not best:
-            where = run_dir if run_dir is not None else "the runs directory"
-            raise UserError(f"--resume latest: no checkpoint to resume in {where}")
+            raise UserError("--resume latest: no checkpoint to resume in the runs directory (finished runs have "
+                            "nothing to resume)")
         return max(best, key=lambda p: p.stat().st_mtime)
-    path = Path(resume)
-    if (path / STATE_FILE).is_file():
-        return path
-    cks = list_checkpoints(path)
-    if cks:
-        return cks[-1]
-    raise UserError(f"--resume {resume}: not a checkpoint or a run directory with checkpoints")
+    run = run_dir if resume == "latest" else path
+    cks = list_checkpoints(run)
+    if not cks:
+        where = f"no checkpoint to resume in {run}" if resume == "latest" else (
+            "not a checkpoint or a run directory with checkpoints")
+        raise UserError(f"--resume {resume}: {where}")
+    if finished_run(run):
+        raise UserError(f"--resume {resume}: the run {run} has finished (its model is {run / 'final'}); nothing to "
+                        f"resume. To train again from one of its checkpoints, name it: --resume {cks[-1]}")
+    return cks[-1]
+
+
+def finished_run(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` wrote its final model (the last thing a run does)."""
+    return (Path(run_dir) / FINAL / "config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------

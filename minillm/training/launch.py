@@ -12,12 +12,16 @@ config and one level up (the repository root), so the shipped configs work from 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -210,7 +214,7 @@ def relaunch(launcher: str, argv: list[str]) -> int:
         env = {**os.environ, LAUNCHED_ENV: "1", ERROR_FILE_ENV: str(error_file)}
         if data.get("distributed_type") == "DEEPSPEED":
             env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-        with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE) as child:
+        with _interrupts_recorded() as interrupts, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE) as child:
             report = _pass_stderr_until_failure_report(child.stderr)
             code = child.wait()
         message = ranks_error(error_file) if code != 0 else None
@@ -219,9 +223,37 @@ def relaunch(launcher: str, argv: list[str]) -> int:
             # that means "bad input", instead of torchrun's report of a failed child (40 lines, a traceback)
             print(f"error: {message}", file=sys.stderr)
             return 2
+        stopped = _DEATH_SIGNAL.search(report)
+        if code != 0 and (interrupts or stopped):
+            # Ctrl-C (or a scheduler's signal) reached the launcher and the ranks: the ranks said what they did with
+            # the step; torchrun's report of it is a traceback of its own, not a failure of the run
+            number = int(stopped.group(1)) if stopped else signal.SIGINT
+            print(f"stopped by {signal.Signals(number).name}: the run goes on from its newest checkpoint "
+                  "(`minillm info RUN_DIR` gives the command)", file=sys.stderr)
+            return 128 + number
         sys.stderr.buffer.write(report)  # a crash: everything torchrun says about it
         sys.stderr.flush()
         return code
+
+
+# torch's elastic agent, told to stop ("... Received 2 death signal, shutting down workers")
+_DEATH_SIGNAL = re.compile(rb"Received (\d+) death signal")
+
+
+@contextlib.contextmanager
+def _interrupts_recorded() -> Iterator[list[int]]:
+    """While the launched command runs, Ctrl-C only notes itself here: the terminal sends it to the launcher and the
+    ranks as well (one process group), and they stop on it. Raising KeyboardInterrupt instead would leave at once,
+    while the ranks are still saying how they stopped, and close the pipe their messages come through."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.signal(signal.SIGINT, lambda number, frame: seen.append(number))
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # A log line of torch's elastic agent ("W1129 23:11:43.992000 15278 .../torch/distributed/elastic/...] Sending

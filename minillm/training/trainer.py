@@ -990,7 +990,8 @@ def _train(config: TrainConfig, eval_fn: EvalFn | None, run: Run | None, held: l
                       file=sys.stderr)
             aside = ckpt.set_aside_later_checkpoints(run_dir, start_step)
             if aside is not None:
-                accelerator.print(f"the checkpoints after step {start_step} were moved to {aside}")
+                moved = ", ".join(sorted(p.name for p in aside.iterdir()))
+                accelerator.print(f"what the run held after step {start_step} ({moved}) was moved to {aside}")
         accelerator.wait_for_everyone()
 
     # on a GPU the next steps are collated ahead in a background thread, in pinned memory
