@@ -24,6 +24,12 @@ from minillm.errors import UserError
 
 DEFAULT_RUNS_ROOT = Path(os.environ.get("MINILLM_RUNS", "runs"))
 STAGES = ("sft", "pretrain")  # search order: a chat model (SFT) is preferred over a base model
+FINAL = "final"  # in a run directory: the finished model, written last
+
+
+def finished_run(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` has finished: it wrote its final model (the last thing a run does)."""
+    return (Path(run_dir) / FINAL / "config.json").is_file()
 
 
 RUN_LOCK = ".lock"  # in a run directory: locked by the process training into it
@@ -103,8 +109,8 @@ def finished_runs(stage: str, root: Path | None = None) -> list[Path]:
     base = root or DEFAULT_RUNS_ROOT
     if not base.is_dir():
         return []
-    runs = [p for p in base.glob(f"{stage}_*") if (p / "final" / "config.json").is_file()]
-    return sorted(runs, key=lambda p: (p / "final" / "config.json").stat().st_mtime)
+    runs = [p for p in base.glob(f"{stage}_*") if finished_run(p)]
+    return sorted(runs, key=lambda p: (p / FINAL / "config.json").stat().st_mtime)
 
 
 def latest_model(stages: tuple[str, ...] = STAGES, root: Path | None = None) -> Path | None:
@@ -148,8 +154,8 @@ def resolve_model_dir(path: str | Path | None, option: str | None = "--model", r
     if is_checkpoint(p):
         raise UserError(f"{where}: a checkpoint saved by an older minillm (no config.json); resume its run to finish "
                         "it, then use the run's final/")
-    if (p / "final" / "config.json").is_file():
-        return p / "final"
+    if finished_run(p):
+        return p / FINAL
     checkpoints = list_checkpoints(p)
     if checkpoints:
         raise UserError(f"{where}: the run has not finished (no final/); pass one of its checkpoints, the newest "
@@ -306,7 +312,7 @@ def run_progress(run_dir: str | Path) -> RunProgress | None:
     holder_pid = lock_holder(run_dir)
     if holder_pid is not None:
         state = "training"
-    elif (run_dir / "final" / "config.json").is_file():
+    elif finished_run(run_dir):
         state = "finished"
     else:
         state = "stopped"

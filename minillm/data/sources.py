@@ -178,7 +178,10 @@ def _hf_dataset(name: str):
         raise UserError(f"{name}: cannot load the HuggingFace dataset ({first}); offline? {hub_hint()}") from None
 
 
-def hub_hint(flag: str | None = None, local: str = "a local path or glob") -> str:
+LOCAL_DATA = "a local file, directory or glob"  # what the data commands take instead of a Hub dataset name
+
+
+def hub_hint(flag: str | None = None, local: str = LOCAL_DATA) -> str:
     """What to do when a dataset cannot be read from the Hub: download it and give its local copy (to `flag`)."""
     return f"download it (e.g. `hf download --repo-type dataset ...`) and pass {local} " + (
         f"to {flag}" if flag else "instead"
@@ -190,7 +193,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-def check_on_hub(name: str, flag: str = "--input", local: str = "a local file, directory or glob") -> None:
+def check_on_hub(name: str, flag: str = "--input", local: str = LOCAL_DATA) -> None:
     """`UserError` unless the dataset `name` (`owner/dataset[:config]`) can be read from the Hub: checked with
     one quick request when the inputs are resolved, before any work. `load_dataset` itself would retry an
     unreachable Hub or a missing dataset for half a minute, logging every retry. The errors name `flag`, the

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from minillm.errors import UserError
 from minillm.paths import apply_umask
+from minillm.runs import FINAL, finished_run
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
-FINAL = "final"  # the finished model of a run, written last
 
 
 def checkpoint_name(step: int) -> str:
@@ -167,14 +167,9 @@ def find_resume_checkpoint(resume: str, run_dir: Path | None, candidates: list[P
             "not a checkpoint or a run directory with checkpoints")
         raise UserError(f"--resume {resume}: {where}")
     if finished_run(run):
-        raise UserError(f"--resume {resume}: the run {run} has finished (its model is {run / 'final'}); nothing to "
+        raise UserError(f"--resume {resume}: the run {run} has finished (its model is {run / FINAL}); nothing to "
                         f"resume. To train again from one of its checkpoints, name it: --resume {cks[-1]}")
     return cks[-1]
-
-
-def finished_run(run_dir: Path) -> bool:
-    """Whether the run in `run_dir` wrote its final model (the last thing a run does)."""
-    return (Path(run_dir) / FINAL / "config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -809,7 +809,7 @@ def save_final_model(accelerator, model, tokenizer, run_dir: Path) -> Path:
 
     Training-only modules are dropped (`export_config`).
     """
-    final = run_dir / "final"
+    final = run_dir / runs.FINAL
     tmp = run_dir / ".tmp-final"
     unwrapped = accelerator.unwrap_model(model)
     ep = expert_parallel.model_expert_parallel(unwrapped)
